@@ -1,0 +1,41 @@
+# One command to set up and run each thing; everything installs into .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-stamp
+
+.PHONY: demo test lint build bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.22" "typer>=0.12" "rich>=13" "huggingface_hub>=0.23" \
+		"pytest>=8" "ruff>=0.6" "mypy>=1.10" "matplotlib>=3.6"
+	touch $(STAMP)
+
+build: $(STAMP)
+	$(VENV)/bin/maturin develop --release --quiet
+
+demo: build
+	rm -rf demo-out
+	$(VENV)/bin/modelkin example demo-out/family
+	$(VENV)/bin/modelkin kinship demo-out/family/math-a demo-out/family/math-b --base demo-out/family/base
+	$(VENV)/bin/modelkin matrix demo-out/family/math-a demo-out/family/math-b demo-out/family/code \
+		demo-out/family/math-code --base demo-out/family/base --metric pcc --plot demo-out/kinship.png
+	$(VENV)/bin/merge_cal demo-out/family/math-a demo-out/family/code demo-out/family/base "pcc cs ed"
+
+lint: $(STAMP)
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/mypy
+
+test: build
+	cargo test --workspace --quiet
+	$(VENV)/bin/python -m pytest -q tests
+
+bench: build
+	$(VENV)/bin/python benches/bench_kinship.py
+
+clean:
+	rm -rf $(VENV) target demo-out

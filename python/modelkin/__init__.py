@@ -1,0 +1,34 @@
+"""modelkin: exact, streaming model kinship for fine-tuned LLMs."""
+
+from ._core import __version__
+from .errors import (
+    DtypeError,
+    InvalidModelError,
+    MissingTensorError,
+    ModelkinError,
+    ModelReferenceError,
+    NonFiniteError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
+from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
+from .resolve import resolve
+
+__all__ = [
+    "METRICS",
+    "DtypeError",
+    "InvalidModelError",
+    "KinshipMatrix",
+    "KinshipResult",
+    "MissingTensorError",
+    "ModelReferenceError",
+    "ModelkinError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "TensorKinship",
+    "UnsupportedFormatError",
+    "__version__",
+    "kinship",
+    "kinship_matrix",
+    "resolve",
+]

@@ -1,0 +1,199 @@
+"""The `modelkin` command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import ModelkinError
+from .kinship import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
+from .progress import PassProgress
+
+app = typer.Typer(
+    name="modelkin", help="Measure how related fine-tuned models are (model kinship).",
+    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+)
+out = Console()
+
+
+class Metric(str, Enum):
+    pcc = "pcc"
+    cs = "cs"
+    ed = "ed"
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+BaseOpt = Annotated[str, typer.Option("--base", "-b", help="The common base model (dir, file or org/name).")]
+MetricOpt = Annotated[
+    list[Metric] | None, typer.Option("--metric", "-m", help="Metric to report; repeat for several. Default: all.")
+]
+SplitOpt = Annotated[bool, typer.Option("--split", help="Average per-tensor metrics, weighted by size.")]
+LowOpt = Annotated[bool, typer.Option("--low-precision", help="Quantise deltas to int8 first, as the original tool.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+DeviceOpt = Annotated[Device | None, typer.Option("--device", help="Compute with torch on this device.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", "-j", min=0, help="Worker threads (0: all cores).")]
+SkipOpt = Annotated[bool, typer.Option("--skip-nonfinite", help="Leave out tensors holding NaN/Inf.")]
+OfflineOpt = Annotated[bool, typer.Option("--offline", help="Resolve Hub ids from the local cache only.")]
+PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG picture of the result.")]
+
+
+def _metrics(metric: list[Metric] | None) -> list[str]:
+    return [m.value for m in metric] if metric else list(METRICS)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.6g}"
+
+
+@app.command("kinship")
+def kinship_command(
+    model_a: Annotated[str, typer.Argument(help="First fine-tune.")],
+    model_b: Annotated[str, typer.Argument(help="Second fine-tune.")],
+    base: BaseOpt,
+    metric: MetricOpt = None,
+    split: SplitOpt = False,
+    low_precision: LowOpt = False,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Break the result down by tensor.")] = False,
+    as_json: JsonOpt = False,
+    plot: PlotOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = 0,
+    skip_nonfinite: SkipOpt = False,
+    offline: OfflineOpt = False,
+) -> None:
+    """Kinship of two fine-tunes of one base: pcc, cs and ed of their deltas."""
+    with PassProgress("kinship") as progress:
+        result = kinship(
+            model_a, model_b, base=base, metrics=_metrics(metric), split=split, low_precision=low_precision,
+            per_tensor=per_tensor or plot is not None, device=device.value if device else None,
+            threads=threads, skip_nonfinite=skip_nonfinite, offline=offline, progress=progress,
+        )
+    _warn_skipped(result.skipped)
+    if plot is not None:
+        from .plot import plot_layers
+
+        assert result.per_tensor is not None
+        plot_layers(result.per_tensor, f"{Path(model_a).name} vs {Path(model_b).name}", plot)
+        print(f"wrote {plot}", file=sys.stderr)
+    if as_json:
+        data = result.to_dict()
+        if not per_tensor:
+            data.pop("per_tensor", None)
+        print(json.dumps(data, indent=2))
+        return
+    _print_kinship(result, per_tensor)
+
+
+def _print_kinship(result: KinshipResult, per_tensor: bool) -> None:
+    table = Table(title=f"kinship of {result.models[0]} and {result.models[1]} (base {result.base})")
+    table.add_column("metric")
+    table.add_column(f"value ({result.mode})", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, _fmt(value))
+    out.print(table)
+    out.print(f"{result.n:,} elements in {result.tensors} tensors")
+    if per_tensor and result.per_tensor:
+        detail = Table(title="per tensor (lowest pcc first)")
+        for column in ("tensor", "n", "pcc", "cs", "ed"):
+            detail.add_column(column, justify="left" if column == "tensor" else "right")
+        ranked = sorted(result.per_tensor, key=lambda t: (math.isnan(t.pcc), t.pcc))
+        for t in ranked:
+            detail.add_row(t.name, f"{t.n:,}", _fmt(t.pcc), _fmt(t.cs), _fmt(t.ed))
+        out.print(detail)
+
+
+@app.command("matrix")
+def matrix_command(
+    models: Annotated[list[str], typer.Argument(help="Two or more fine-tunes.")],
+    base: BaseOpt,
+    metric: MetricOpt = None,
+    split: SplitOpt = False,
+    low_precision: LowOpt = False,
+    as_json: JsonOpt = False,
+    plot: PlotOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = 0,
+    skip_nonfinite: SkipOpt = False,
+    offline: OfflineOpt = False,
+) -> None:
+    """N x N kinship of several fine-tunes of one base, from one pass over the files."""
+    with PassProgress("matrix") as progress:
+        result = kinship_matrix(
+            models, base=base, metric=_metrics(metric), split=split, low_precision=low_precision,
+            device=device.value if device else None, threads=threads, skip_nonfinite=skip_nonfinite,
+            offline=offline, progress=progress,
+        )
+    _warn_skipped(result.skipped)
+    if plot is not None:
+        from .plot import plot_matrix
+
+        plot_matrix(result, plot)
+        print(f"wrote {plot}", file=sys.stderr)
+    if as_json:
+        data = result.to_dict()
+        print(json.dumps({k: data[k] for k in ("models", "base", "metrics")}, indent=2))
+        return
+    _print_matrix(result)
+
+
+def _print_matrix(result: KinshipMatrix) -> None:
+    labels = [Path(n).name or n for n in result.names]
+    for name, values in result.metrics.items():
+        table = Table(title=f"{name} ({result.mode}), base {result.base}")
+        table.add_column("")
+        for label in labels:
+            table.add_column(label, justify="right")
+        for label, row in zip(labels, values):
+            table.add_row(label, *(_fmt(v) for v in row))
+        out.print(table)
+
+
+@app.command("example")
+def example_command(
+    directory: Annotated[Path, typer.Argument(help="Where to write the example family.")],
+) -> None:
+    """Write the bundled example family (a tiny Llama-shaped base and four fine-tunes)."""
+    from .example import write_example_family
+
+    for name, path in write_example_family(directory).items():
+        print(f"{name}: {path}")
+
+
+def _warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
+    for name, reason in skipped:
+        print(f"skipped tensor '{name}': {reason}", file=sys.stderr)
+
+
+def run_cli(command: click.Command, args: list[str] | None = None) -> int:
+    """Runs a click/typer command, turning every expected failure into one line and exit code 2."""
+    try:
+        result = command.main(args=args, standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return done.exit_code
+    except click.ClickException as error:
+        error.show()
+        return 2
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ModelkinError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+def main() -> None:
+    sys.exit(run_cli(typer.main.get_command(app)))

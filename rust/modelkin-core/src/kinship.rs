@@ -1,0 +1,533 @@
+//! One streaming pass over a base model and k fine-tunes: per-tensor moments of every delta.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use rayon::prelude::*;
+
+use crate::dtype::FloatDtype;
+use crate::error::{Error, Result};
+use crate::kernel;
+use crate::model::{Model, TensorEntry};
+use crate::stats::{split_matrix, Metric, Mode, Moments};
+
+/// Elements per work item: large enough to amortise scheduling, small enough that k+1 decoded
+/// buffers of it stay in a core's L2 cache.
+const CHUNK: usize = 16 * 1024;
+
+const LM_HEAD: &str = "lm_head.weight";
+const EMBED_SUFFIX: &str = "embed_tokens.weight";
+
+/// Knobs of a kinship pass.
+#[derive(Debug, Clone, Default)]
+pub struct PassOptions {
+    /// Quantise deltas to int8 like the original tool's `--low-precision`; the scale is taken over
+    /// the whole delta vector (`Full`) or per tensor (`Split`).
+    pub low_precision: Option<Mode>,
+    /// Leave out tensors holding NaN/Inf instead of failing.
+    pub skip_nonfinite: bool,
+    /// Leave out tensors that a fine-tune lacks instead of failing (the original tool's behaviour).
+    pub skip_missing: bool,
+    /// With tied embeddings (no `lm_head.weight` stored), count the embedding a second time as
+    /// `lm_head.weight`, as `model.state_dict()` does in the original tool.
+    pub count_tied_embeddings_twice: bool,
+    /// Worker threads; 0 uses every core.
+    pub threads: usize,
+}
+
+/// Shared between the pass and whoever watches it: bytes processed, and a stop flag.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+    cancelled: AtomicBool,
+}
+
+impl Progress {
+    /// Bytes of tensor data processed so far.
+    pub fn done(&self) -> u64 {
+        self.done.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of tensor data the pass will process (known once it has planned).
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Asks the pass to stop at the next chunk; it then returns [`Error::Cancelled`].
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The moments of one tensor's deltas (after the vocabulary row cut).
+#[derive(Debug, Clone)]
+pub struct TensorStats {
+    /// Tensor name, as in the base model.
+    pub name: String,
+    /// Shape after the row cut.
+    pub shape: Vec<usize>,
+    /// Moments of the k deltas.
+    pub moments: Moments,
+}
+
+/// A tensor left out of the pass, and why.
+#[derive(Debug, Clone)]
+pub struct SkippedTensor {
+    /// Tensor name.
+    pub name: String,
+    /// One line saying why.
+    pub reason: String,
+}
+
+/// Everything one pass measured: per-tensor moments and their merge.
+#[derive(Debug, Clone)]
+pub struct KinshipReport {
+    /// Number of fine-tunes.
+    pub k: usize,
+    /// Per-tensor statistics, in reading order.
+    pub tensors: Vec<TensorStats>,
+    /// Tensors left out.
+    pub skipped: Vec<SkippedTensor>,
+    /// Moments of the concatenated deltas.
+    pub total: Moments,
+}
+
+impl KinshipReport {
+    /// Builds a report from per-tensor statistics (merging them in order, so the result does not
+    /// depend on thread scheduling).
+    pub fn new(k: usize, tensors: Vec<TensorStats>, skipped: Vec<SkippedTensor>) -> Self {
+        let mut total = Moments::empty(k);
+        for t in &tensors {
+            total.merge(&t.moments);
+        }
+        KinshipReport {
+            k,
+            tensors,
+            skipped,
+            total,
+        }
+    }
+
+    /// The k×k matrix of a metric, row-major.
+    pub fn matrix(&self, metric: Metric, mode: Mode) -> Vec<f64> {
+        match mode {
+            Mode::Full => self.total.matrix(metric),
+            Mode::Split => split_matrix(self.tensors.iter().map(|t| &t.moments), self.k, metric),
+        }
+    }
+}
+
+/// Models opened together: the base first, then the fine-tunes.
+#[derive(Debug)]
+pub struct Family {
+    /// The base at index 0, then the fine-tunes.
+    pub models: Vec<Model>,
+}
+
+impl Family {
+    /// Groups a base and its fine-tunes, refusing the same model twice.
+    pub fn new(base: Model, fine_tunes: Vec<Model>) -> Result<Self> {
+        if fine_tunes.is_empty() {
+            return Err(Error::InvalidArgument(
+                "at least one model besides the base is needed".to_string(),
+            ));
+        }
+        let models: Vec<Model> = std::iter::once(base).chain(fine_tunes).collect();
+        let canonical: Vec<_> = models
+            .iter()
+            .map(|m| std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone()))
+            .collect();
+        for (i, a) in canonical.iter().enumerate() {
+            if canonical[..i].contains(a) {
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the same model is given twice; all models must be different",
+                    models[i].path.display()
+                )));
+            }
+        }
+        Ok(Family { models })
+    }
+
+    /// Number of fine-tunes.
+    pub fn k(&self) -> usize {
+        self.models.len() - 1
+    }
+
+    /// Widens `out.len()` elements of a source tensor, starting at element `first`.
+    pub fn read_f64(&self, source: &Source, first: usize, out: &mut [f64]) {
+        self.models[source.model].read_f64(&source.entry, source.dtype, first, out);
+    }
+
+    /// The file holding a source tensor.
+    pub fn file_of(&self, source: &Source) -> &Path {
+        self.models[source.model].file_of(&source.entry)
+    }
+}
+
+/// Where one model's copy of a planned tensor lives.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Index into [`Family::models`].
+    pub model: usize,
+    /// Location of the data.
+    pub entry: TensorEntry,
+    /// Storage format.
+    pub dtype: FloatDtype,
+}
+
+/// A tensor every model has, with the shape all deltas share after the vocabulary row cut.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    /// Name in the base model.
+    pub name: String,
+    /// Shape after the row cut (a prefix of each stored tensor).
+    pub shape: Vec<usize>,
+    /// Elements after the row cut.
+    pub numel: usize,
+    /// The base first, then the fine-tunes.
+    pub sources: Vec<Source>,
+}
+
+impl PlannedTensor {
+    fn bytes(&self) -> u64 {
+        self.sources
+            .iter()
+            .map(|s| (self.numel * s.dtype.size()) as u64)
+            .sum()
+    }
+}
+
+/// The tensors a pass visits, in reading order, and those it leaves out.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Tensors to measure.
+    pub tensors: Vec<PlannedTensor>,
+    /// Tensors left out (missing from a fine-tune, with `skip_missing`).
+    pub skipped: Vec<SkippedTensor>,
+}
+
+enum ChunkOutcome {
+    Moments(Moments),
+    MaxAbs(Vec<f64>),
+    /// Index into `sources` of the model whose values are not finite.
+    NonFinite(usize),
+}
+
+/// Measures the deltas of every model in `models` against `base` in one pass over the files.
+pub fn kinship_pass(
+    family: &Family,
+    plan: &Plan,
+    options: &PassOptions,
+    progress: &Progress,
+) -> Result<KinshipReport> {
+    let mut skipped = plan.skipped.clone();
+    let plan = &plan.tensors;
+    let passes = if options.low_precision.is_some() {
+        2
+    } else {
+        1
+    };
+    progress.total.store(
+        passes * plan.iter().map(PlannedTensor::bytes).sum::<u64>(),
+        Ordering::Relaxed,
+    );
+
+    let run = || -> Result<KinshipReport> {
+        let scales = match options.low_precision {
+            Some(scope) => Some(quantisation_scales(family, plan, scope, progress)?),
+            None => None,
+        };
+        let mut tensors = Vec::with_capacity(plan.len());
+        for (t, tensor) in plan.iter().enumerate() {
+            let outcome = match scales.as_ref().map(|s| &s[t]) {
+                // Pass one already found NaN/Inf here; don't read it again.
+                Some(Err(culprit)) => Err(*culprit),
+                Some(Ok(scale)) => tensor_moments(family, tensor, Some(scale), progress)?,
+                None => tensor_moments(family, tensor, None, progress)?,
+            };
+            release(family, tensor);
+            match outcome {
+                Ok(moments) => tensors.push(TensorStats {
+                    name: tensor.name.clone(),
+                    shape: tensor.shape.clone(),
+                    moments,
+                }),
+                Err(culprit) => {
+                    let path = family.file_of(&tensor.sources[culprit]).to_path_buf();
+                    if !options.skip_nonfinite {
+                        return Err(Error::NonFinite {
+                            path,
+                            tensor: tensor.name.clone(),
+                        });
+                    }
+                    skipped.push(SkippedTensor {
+                        name: tensor.name.clone(),
+                        reason: format!("NaN or Inf values in {}", path.display()),
+                    });
+                }
+            }
+        }
+        Ok(KinshipReport::new(family.k(), tensors, skipped))
+    };
+    if options.threads == 0 {
+        run()
+    } else {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads)
+            .build()
+            .map_err(|e| {
+                Error::InvalidArgument(format!("cannot start {} threads: {e}", options.threads))
+            })?
+            .install(run)
+    }
+}
+
+/// The number of rows every tensor is cut to: the base's vocabulary size.
+fn vocab_rows(base: &Model) -> Option<usize> {
+    let names = base.tensor_names();
+    let name = names
+        .iter()
+        .find(|n| **n == LM_HEAD)
+        .or_else(|| names.iter().find(|n| n.ends_with(EMBED_SUFFIX)))?;
+    base.tensor(name).and_then(|e| e.shape.first().copied())
+}
+
+fn cut_shape(shape: &[usize], rows: Option<usize>) -> Vec<usize> {
+    let mut shape = shape.to_vec();
+    if let (Some(first), Some(rows)) = (shape.first_mut(), rows) {
+        *first = (*first).min(rows);
+    }
+    shape
+}
+
+/// Decides which tensors a pass visits and where each model's copy lives.
+pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
+    let base = &family.models[0];
+    let rows = vocab_rows(base);
+    let mut names: Vec<(String, &str)> = base
+        .tensor_names()
+        .into_iter()
+        .map(|n| (n.to_string(), n))
+        .collect();
+    if options.count_tied_embeddings_twice && base.tensor(LM_HEAD).is_none() {
+        if let Some(embed) = base
+            .tensor_names()
+            .into_iter()
+            .find(|n| n.ends_with(EMBED_SUFFIX))
+        {
+            names.push((LM_HEAD.to_string(), embed));
+        }
+    }
+    let mut tensors = Vec::with_capacity(names.len());
+    let mut skipped = Vec::new();
+    'tensors: for (name, stored_as) in names {
+        let entry = base.tensor(stored_as).expect("name comes from the base");
+        let shape = cut_shape(&entry.shape, rows);
+        let mut sources = vec![Source {
+            model: 0,
+            entry: entry.clone(),
+            dtype: base.float_dtype(stored_as, entry)?,
+        }];
+        for (index, model) in family.models.iter().enumerate().skip(1) {
+            // An aliased tied embedding reads the fine-tune's own lm_head when it stores one.
+            let found = model
+                .tensor(&name)
+                .map(|e| (&name[..], e))
+                .or_else(|| model.tensor(stored_as).map(|e| (stored_as, e)));
+            let Some((found_name, entry)) = found else {
+                if options.skip_missing {
+                    skipped.push(SkippedTensor {
+                        name: name.clone(),
+                        reason: format!("missing from {}", model.path.display()),
+                    });
+                    continue 'tensors;
+                }
+                return Err(Error::MissingTensor {
+                    path: model.path.clone(),
+                    tensor: name,
+                });
+            };
+            let model_shape = cut_shape(&entry.shape, rows);
+            if model_shape != shape {
+                return Err(Error::ShapeMismatch {
+                    path: model.file_of(entry).to_path_buf(),
+                    tensor: name,
+                    expected: shape,
+                    found: model_shape,
+                });
+            }
+            sources.push(Source {
+                model: index,
+                entry: entry.clone(),
+                dtype: model.float_dtype(found_name, entry)?,
+            });
+        }
+        let numel = shape.iter().product();
+        tensors.push(PlannedTensor {
+            name,
+            shape,
+            numel,
+            sources,
+        });
+    }
+    Ok(Plan { tensors, skipped })
+}
+
+/// Decodes one chunk of every source into `buffer` (base first) and turns the fine-tunes' rows into
+/// deltas. Returns the index of a source with NaN/Inf, if any.
+fn load_deltas(
+    family: &Family,
+    tensor: &PlannedTensor,
+    first: usize,
+    len: usize,
+    buffer: &mut [f64],
+) -> Option<usize> {
+    let (base, deltas) = buffer.split_at_mut(CHUNK);
+    let base = &mut base[..len];
+    family.read_f64(&tensor.sources[0], first, base);
+    for (i, s) in tensor.sources[1..].iter().enumerate() {
+        let delta = &mut deltas[i * CHUNK..i * CHUNK + len];
+        family.read_f64(s, first, delta);
+        kernel::subtract(delta, base);
+        // A finite f32/f64 sum of finite widened values cannot overflow, so this catches NaN/Inf.
+        if !kernel::sum(delta).is_finite() {
+            return Some(if kernel::sum(base).is_finite() {
+                i + 1
+            } else {
+                0
+            });
+        }
+    }
+    None
+}
+
+fn par_chunks<'a, F>(
+    tensor: &'a PlannedTensor,
+    progress: &'a Progress,
+    work: F,
+) -> Result<Vec<ChunkOutcome>>
+where
+    F: Fn(&mut [f64], usize, usize) -> ChunkOutcome + Sync + Send,
+{
+    let k = tensor.sources.len() - 1;
+    let chunks = tensor.numel.div_ceil(CHUNK);
+    let bytes_per_element: u64 = tensor.sources.iter().map(|s| s.dtype.size() as u64).sum();
+    (0..chunks)
+        .into_par_iter()
+        .map_init(
+            || vec![0.0f64; (k + 1) * CHUNK],
+            |buffer, c| {
+                progress.check()?;
+                let first = c * CHUNK;
+                let len = CHUNK.min(tensor.numel - first);
+                let outcome = work(buffer, first, len);
+                progress
+                    .done
+                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                Ok(outcome)
+            },
+        )
+        .collect()
+}
+
+/// Per tensor, per fine-tune: the quantisation scale (max |delta| over the scope), or the index
+/// of the source holding NaN/Inf.
+type Scales = std::result::Result<Vec<f64>, usize>;
+
+fn quantisation_scales(
+    family: &Family,
+    plan: &[PlannedTensor],
+    scope: Mode,
+    progress: &Progress,
+) -> Result<Vec<Scales>> {
+    let mut scales = Vec::with_capacity(plan.len());
+    for tensor in plan {
+        let k = tensor.sources.len() - 1;
+        let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
+            if let Some(culprit) = load_deltas(family, tensor, first, len, buffer) {
+                return ChunkOutcome::NonFinite(culprit);
+            }
+            ChunkOutcome::MaxAbs(
+                (0..k)
+                    .map(|i| kernel::max_abs(&buffer[(i + 1) * CHUNK..(i + 1) * CHUNK + len]))
+                    .collect(),
+            )
+        })?;
+        release(family, tensor);
+        let mut max = Ok(vec![0.0f64; k]);
+        for outcome in outcomes {
+            match (outcome, &mut max) {
+                (ChunkOutcome::MaxAbs(m), Ok(max)) => {
+                    max.iter_mut().zip(m).for_each(|(a, b)| *a = a.max(b))
+                }
+                (ChunkOutcome::NonFinite(culprit), Ok(_)) => max = Err(culprit),
+                _ => {}
+            }
+        }
+        scales.push(max);
+    }
+    if scope == Mode::Full {
+        let k = plan.first().map_or(0, |t| t.sources.len() - 1);
+        // Tensors with NaN/Inf are reported or skipped later; they take no part in the scale.
+        let global: Vec<f64> = (0..k)
+            .map(|i| scales.iter().flatten().map(|s| s[i]).fold(0.0, f64::max))
+            .collect();
+        for s in scales.iter_mut().flatten() {
+            s.clone_from(&global);
+        }
+    }
+    Ok(scales)
+}
+
+/// The tensor's moments, or the index of the source holding NaN/Inf.
+fn tensor_moments(
+    family: &Family,
+    tensor: &PlannedTensor,
+    scales: Option<&[f64]>,
+    progress: &Progress,
+) -> Result<std::result::Result<Moments, usize>> {
+    let k = tensor.sources.len() - 1;
+    let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
+        if let Some(culprit) = load_deltas(family, tensor, first, len, buffer) {
+            return ChunkOutcome::NonFinite(culprit);
+        }
+        let mut means = vec![0.0; k];
+        let mut deltas: Vec<&mut [f64]> = buffer[CHUNK..]
+            .chunks_mut(CHUNK)
+            .map(|d| &mut d[..len])
+            .collect();
+        for (i, delta) in deltas.iter_mut().enumerate() {
+            if let Some(scales) = scales {
+                kernel::quantize_int8(delta, scales[i]);
+            }
+            means[i] = kernel::sum(delta) / len as f64;
+            kernel::subtract_scalar(delta, means[i]);
+        }
+        let centred: Vec<&[f64]> = deltas.iter().map(|d| &**d).collect();
+        ChunkOutcome::Moments(Moments::from_centred(&centred, &means))
+    })?;
+    let mut moments = Moments::empty(k);
+    for outcome in outcomes {
+        match outcome {
+            ChunkOutcome::Moments(m) => moments.merge(&m),
+            ChunkOutcome::NonFinite(culprit) => return Ok(Err(culprit)),
+            ChunkOutcome::MaxAbs(_) => unreachable!("the moments pass yields no maxima"),
+        }
+    }
+    Ok(Ok(moments))
+}
+
+fn release(family: &Family, tensor: &PlannedTensor) {
+    for s in &tensor.sources {
+        family.models[s.model].shards[s.entry.shard].release(s.entry.start, s.entry.end);
+    }
+}

@@ -1,0 +1,16 @@
+//! `modelkin._core`: the thin PyO3 layer over modelkin-core. Heavy work runs with the GIL released.
+
+mod errors;
+mod kinship;
+mod progress;
+
+use pyo3::prelude::*;
+
+#[pymodule(gil_used = false)]
+fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    module.add_class::<kinship::KinshipPlan>()?;
+    module.add_class::<kinship::KinshipStats>()?;
+    errors::register(module)?;
+    Ok(())
+}
