@@ -7,9 +7,8 @@ import math
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,8 +18,11 @@ from .kinship import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_mat
 from .progress import PassProgress
 
 app = typer.Typer(
-    name="modelkin", help="Measure how related fine-tuned models are (model kinship).",
-    add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+    name="modelkin",
+    help="Measure how related fine-tuned models are (model kinship).",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
 )
 out = Console()
 
@@ -77,9 +79,18 @@ def kinship_command(
     """Kinship of two fine-tunes of one base: pcc, cs and ed of their deltas."""
     with PassProgress("kinship") as progress:
         result = kinship(
-            model_a, model_b, base=base, metrics=_metrics(metric), split=split, low_precision=low_precision,
-            per_tensor=per_tensor or plot is not None, device=device.value if device else None,
-            threads=threads, skip_nonfinite=skip_nonfinite, offline=offline, progress=progress,
+            model_a,
+            model_b,
+            base=base,
+            metrics=_metrics(metric),
+            split=split,
+            low_precision=low_precision,
+            per_tensor=per_tensor or plot is not None,
+            device=device.value if device else None,
+            threads=threads,
+            skip_nonfinite=skip_nonfinite,
+            offline=offline,
+            progress=progress,
         )
     _warn_skipped(result.skipped)
     if plot is not None:
@@ -132,9 +143,16 @@ def matrix_command(
     """N x N kinship of several fine-tunes of one base, from one pass over the files."""
     with PassProgress("matrix") as progress:
         result = kinship_matrix(
-            models, base=base, metric=_metrics(metric), split=split, low_precision=low_precision,
-            device=device.value if device else None, threads=threads, skip_nonfinite=skip_nonfinite,
-            offline=offline, progress=progress,
+            models,
+            base=base,
+            metric=_metrics(metric),
+            split=split,
+            low_precision=low_precision,
+            device=device.value if device else None,
+            threads=threads,
+            skip_nonfinite=skip_nonfinite,
+            offline=offline,
+            progress=progress,
         )
     _warn_skipped(result.skipped)
     if plot is not None:
@@ -156,7 +174,7 @@ def _print_matrix(result: KinshipMatrix) -> None:
         table.add_column("")
         for label in labels:
             table.add_column(label, justify="right")
-        for label, row in zip(labels, values):
+        for label, row in zip(labels, values, strict=True):
             table.add_row(label, *(_fmt(v) for v in row))
         out.print(table)
 
@@ -177,16 +195,20 @@ def _warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
         print(f"skipped tensor '{name}': {reason}", file=sys.stderr)
 
 
-def run_cli(command: click.Command, args: list[str] | None = None) -> int:
-    """Runs a click/typer command, turning every expected failure into one line and exit code 2."""
+# Recent typer vendors its own click; take the base class from typer so either layout works.
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def run_cli(command: Any, args: list[str] | None = None) -> int:
+    """Runs a typer command, turning every expected failure into one line and exit code 2."""
     try:
         result = command.main(args=args, standalone_mode=False)
-    except click.exceptions.Exit as done:
-        return done.exit_code
-    except click.ClickException as error:
-        error.show()
+    except typer.Exit as done:
+        return int(done.exit_code)
+    except _ClickException as error:
+        error.show()  # type: ignore[attr-defined]
         return 2
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
         return 130
     except (ModelkinError, OSError, ValueError) as error:

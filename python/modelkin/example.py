@@ -48,9 +48,15 @@ def _shapes() -> dict[str, tuple[int, ...]]:
 
 def _config(vocab: int) -> dict[str, object]:
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
-        "num_key_value_heads": 1, "vocab_size": vocab, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
 

@@ -32,8 +32,13 @@ class TensorKinship:
     ed: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n, "pcc": _json_float(self.pcc),
-                "cs": _json_float(self.cs), "ed": _json_float(self.ed)}
+        return {
+            "name": self.name,
+            "n": self.n,
+            "pcc": _json_float(self.pcc),
+            "cs": _json_float(self.cs),
+            "ed": _json_float(self.ed),
+        }
 
 
 @dataclass(frozen=True)
@@ -140,16 +145,16 @@ def measure(
         raise ModelReferenceError(f"{repeated}: the same model is given twice; all models must be different")
     paths = [str(resolve(m, offline=offline)) for m in texts]
     plan = KinshipPlan(
-        paths[-1], paths[:-1], skip_missing=skip_missing,
+        paths[-1],
+        paths[:-1],
+        skip_missing=skip_missing,
         count_tied_embeddings_twice=count_tied_embeddings_twice,
     )
     if device is not None:
         from .torch_backend import run_torch
 
-        return run_torch(plan, device, low_precision=low_precision, skip_nonfinite=skip_nonfinite,
-                         progress=progress)
-    return plan.run(low_precision=low_precision, skip_nonfinite=skip_nonfinite, threads=threads,
-                    progress=progress)
+        return run_torch(plan, device, low_precision=low_precision, skip_nonfinite=skip_nonfinite, progress=progress)
+    return plan.run(low_precision=low_precision, skip_nonfinite=skip_nonfinite, threads=threads, progress=progress)
 
 
 def kinship(
@@ -175,8 +180,14 @@ def kinship(
     names = _metric_list(metrics)
     mode: Literal["full", "split"] = "split" if split else "full"
     stats = measure(
-        [model_a, model_b], base, low_precision=mode if low_precision else None, device=device,
-        threads=threads, skip_nonfinite=skip_nonfinite, offline=offline, progress=progress,
+        [model_a, model_b],
+        base,
+        low_precision=mode if low_precision else None,
+        device=device,
+        threads=threads,
+        skip_nonfinite=skip_nonfinite,
+        offline=offline,
+        progress=progress,
     )
     values = {m: float(stats.matrix(m, mode)[0, 1]) for m in names}
     breakdown = None
@@ -184,11 +195,16 @@ def kinship(
         columns = {m: stats.per_tensor(m)[:, 0, 1] for m in METRICS}
         breakdown = tuple(
             TensorKinship(name, n, float(columns["pcc"][i]), float(columns["cs"][i]), float(columns["ed"][i]))
-            for i, (name, n) in enumerate(zip(stats.tensor_names, stats.tensor_elements))
+            for i, (name, n) in enumerate(zip(stats.tensor_names, stats.tensor_elements, strict=True))
         )
     return KinshipResult(
-        models=(os.fspath(model_a), os.fspath(model_b)), base=os.fspath(base), mode=mode, metrics=values,
-        n=stats.elements, tensors=len(stats.tensor_names), per_tensor=breakdown,
+        models=(os.fspath(model_a), os.fspath(model_b)),
+        base=os.fspath(base),
+        mode=mode,
+        metrics=values,
+        n=stats.elements,
+        tensors=len(stats.tensor_names),
+        per_tensor=breakdown,
         skipped=tuple(stats.skipped),
     )
 
@@ -206,17 +222,27 @@ def kinship_matrix(
     offline: bool = False,
     progress: ProgressCallback | None = None,
 ) -> KinshipMatrix:
-    """The N×N kinship of ``models`` (fine-tunes of ``base``), every pair from one pass."""
+    """The N x N kinship of ``models`` (fine-tunes of ``base``), every pair from one pass."""
     names = _metric_list(metric)
     if len(models) < 2:
         raise ValueError("a kinship matrix needs at least two models")
     mode: Literal["full", "split"] = "split" if split else "full"
     stats = measure(
-        models, base, low_precision=mode if low_precision else None, device=device, threads=threads,
-        skip_nonfinite=skip_nonfinite, offline=offline, progress=progress,
+        models,
+        base,
+        low_precision=mode if low_precision else None,
+        device=device,
+        threads=threads,
+        skip_nonfinite=skip_nonfinite,
+        offline=offline,
+        progress=progress,
     )
     return KinshipMatrix(
-        names=tuple(os.fspath(m) for m in models), base=os.fspath(base), mode=mode,
-        metrics={m: stats.matrix(m, mode) for m in names}, n=stats.elements,
-        tensors=len(stats.tensor_names), skipped=tuple(stats.skipped),
+        names=tuple(os.fspath(m) for m in models),
+        base=os.fspath(base),
+        mode=mode,
+        metrics={m: stats.matrix(m, mode) for m in names},
+        n=stats.elements,
+        tensors=len(stats.tensor_names),
+        skipped=tuple(stats.skipped),
     )

@@ -38,8 +38,11 @@ def merge_cal(
     requested = [m for m in re.split(r"[\s,]+", metrics.strip()) if m]
     mode = "split" if split_calculation else "full"
     stats = measure(
-        [model_1, model_2], model_base, low_precision=mode if low_precision else None,
-        skip_missing=True, count_tied_embeddings_twice=True,
+        [model_1, model_2],
+        model_base,
+        low_precision=mode if low_precision else None,
+        skip_missing=True,
+        count_tied_embeddings_twice=True,
     )
     for name, reason in stats.skipped:
         print(f"WARNING: Key {name} not found in one of the models ({reason}); skipped", file=sys.stderr)

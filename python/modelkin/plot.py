@@ -33,10 +33,11 @@ def plot_matrix(result: KinshipMatrix, path: str | Path) -> Path:
     plt = _pyplot()
     labels = [Path(n).name or n for n in result.names]
     fig, axes = plt.subplots(1, len(result.metrics), figsize=(4.8 * len(result.metrics), 4.4), squeeze=False)
-    for ax, (metric, values) in zip(axes[0], result.metrics.items()):
+    for ax, (metric, values) in zip(axes[0], result.metrics.items(), strict=True):
         bounded = metric != "ed"
-        image = ax.imshow(values, cmap="viridis" if bounded else "magma_r",
-                          vmin=-1 if bounded else None, vmax=1 if bounded else None)
+        image = ax.imshow(
+            values, cmap="viridis" if bounded else "magma_r", vmin=-1 if bounded else None, vmax=1 if bounded else None
+        )
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
         ax.set_yticks(range(len(labels)), labels)
         ax.set_title(f"{_LABELS[metric]} ({result.mode})")

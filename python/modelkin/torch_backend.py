@@ -5,10 +5,13 @@ can take the pass. Results go through the same Rust merge and metric code as the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._core import KinshipPlan, KinshipStats, Moments
+from ._core import KinshipPlan, KinshipStats
 from .errors import ModelkinError, NonFiniteError
+
+if TYPE_CHECKING:
+    from ._core import Moments
 
 # Elements per block: bounds device memory at (k + 1) float64 copies of this many values.
 BLOCK = 1 << 22
@@ -79,7 +82,7 @@ def run_torch(
     for t, (name, _, numel) in enumerate(tensors):
         tensor_blocks: list[Moments] = []
         for first in range(0, numel, BLOCK):
-            deltas = bad.get(t, None)
+            deltas = bad.get(t)
             if deltas is None:
                 deltas = load(t, first, min(BLOCK, numel - first))
             if isinstance(deltas, int):
@@ -104,8 +107,6 @@ def run_torch(
                     shift = means[i] - means[j]
                     value = ((centred[i] - centred[j]) ** 2).sum() + count * shift * shift
                     sqdist[i, j] = sqdist[j, i] = value
-            tensor_blocks.append(
-                (t, count, means.cpu().numpy(), comoment.cpu().numpy(), sqdist.cpu().numpy())
-            )
+            tensor_blocks.append((t, count, means.cpu().numpy(), comoment.cpu().numpy(), sqdist.cpu().numpy()))
         blocks.extend(tensor_blocks)
     return plan.report(blocks, skipped)
