@@ -1,0 +1,202 @@
+"""Kinship pass benchmarks: medians and ratios against baselines measured in the same run.
+
+    python benches/bench_kinship.py [--params 1e9] [--matrix-params 2.5e8] [--repeats 3]
+
+Generates a Llama-shaped bf16 family (base + fine-tunes) under bench-data/, then measures:
+  floor   reading every input byte once from the page cache on all cores (rust example read_floor)
+  modelkin  `modelkin.kinship` (the Rust pass), and its peak anonymous RSS
+  torch   a float64 torch streaming loop (safetensors safe_open + .double()), when torch is installed
+  matrix  `kinship_matrix` over 8 fine-tunes against a single pair's pass, on a smaller family
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "python"))
+
+from modelkin.safetensors_io import bf16_bits  # noqa: E402
+
+
+def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:
+    """A Llama-like layout (hidden h, 3.5h MLP, 32k vocab) with about ``params`` parameters."""
+    vocab = 32000
+    for hidden in range(256, 8192, 128):
+        layers = max(2, round((params - 2 * vocab * hidden) / (12.5 * hidden * hidden)))
+        if 12.5 * hidden * hidden * layers + 2 * vocab * hidden >= params * 0.97 and layers <= 4 * hidden // 128:
+            break
+    inter = int(hidden * 3.5)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (hidden,),
+            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.k_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.v_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{p}.post_attention_layernorm.weight": (hidden,),
+            f"{p}.mlp.gate_proj.weight": (inter, hidden),
+            f"{p}.mlp.up_proj.weight": (inter, hidden),
+            f"{p}.mlp.down_proj.weight": (hidden, inter),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    return shapes
+
+
+def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, base_seed: int | None) -> None:
+    """Writes one bf16 safetensors file tensor by tensor (bounded memory): the base's values
+    (from ``base_seed``) plus, for a fine-tune, a delta from ``seed``."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape)) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for t, (name, shape) in enumerate(shapes.items()):
+            base = np.random.default_rng((base_seed if base_seed is not None else seed, t))
+            values = base.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+            if base_seed is not None:
+                task = np.random.default_rng((1000, t)).standard_normal(shape, dtype=np.float32)
+                own = np.random.default_rng((seed, t)).standard_normal(shape, dtype=np.float32)
+                values += np.float32(0.001) * task + np.float32(0.002) * own
+            out.write(bf16_bits(values).tobytes())
+
+
+def family(directory: Path, params: float, fine_tunes: int) -> tuple[Path, list[Path]]:
+    shapes = llama_shapes(params)
+    directory.mkdir(parents=True, exist_ok=True)
+    base = directory / "base.safetensors"
+    paths = [directory / f"ft{i}.safetensors" for i in range(fine_tunes)]
+    for seed, path in enumerate([base, *paths]):
+        if not path.exists():
+            print(f"  generating {path} ...", file=sys.stderr, flush=True)
+            tmp = path.with_suffix(".tmp")
+            write_streamed(tmp, shapes, seed, None if path == base else 0)
+            tmp.rename(path)
+    return base, paths
+
+
+def warm(paths: list[Path]) -> None:
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def floor_seconds(paths: list[Path], repeats: int) -> float:
+    exe = ROOT / "target" / "release" / "examples" / "read_floor"
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "read_floor"], cwd=ROOT, check=True)
+    runs = [float(subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, check=True).stdout.split()[1])
+            for _ in range(repeats)]
+    return statistics.median(runs)
+
+
+def peak_anon_rss_mb(code: str) -> float:
+    """Runs ``code`` in a fresh interpreter and samples its RssAnon every 5 ms."""
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    peak = 0
+    def sample() -> None:
+        nonlocal peak
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak = max(peak, int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.005)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    proc.wait()
+    thread.join()
+    return peak / 1024
+
+
+TORCH_LOOP = textwrap.dedent("""
+    import torch
+    from safetensors import safe_open
+    def torch_kinship(a, b, z):
+        n = sa = sb = saa = sbb = sab = sd = 0.0
+        with safe_open(a, "pt") as fa, safe_open(b, "pt") as fb, safe_open(z, "pt") as fz:
+            for name in fz.keys():
+                base = fz.get_tensor(name).double()
+                da = fa.get_tensor(name).double() - base
+                db = fb.get_tensor(name).double() - base
+                n += da.numel(); sa += da.sum().item(); sb += db.sum().item()
+                saa += (da * da).sum().item(); sbb += (db * db).sum().item(); sab += (da * db).sum().item()
+                sd += ((da - db) ** 2).sum().item()
+        cov = sab / n - sa / n * sb / n
+        return cov / ((saa / n - (sa / n) ** 2) * (sbb / n - (sb / n) ** 2)) ** 0.5
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=1e9, help="parameters per model of the pair family")
+    parser.add_argument("--matrix-params", type=float, default=2.5e8, help="parameters per model, matrix family")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    args = parser.parse_args()
+
+    import modelkin
+
+    print(f"# pair family: ~{args.params:.3g} parameters per model, bf16", flush=True)
+    base, fts = family(args.data / f"pair-{args.params:.0e}", args.params, 2)
+    files = [base, *fts]
+    warm(files)
+    size_gb = sum(p.stat().st_size for p in files) / 1e9
+    floor = floor_seconds(files, args.repeats)
+    ours = median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), args.repeats)
+    print(f"input bytes                 {size_gb:8.2f} GB")
+    print(f"floor (read every byte)     {floor:8.3f} s   {size_gb / floor:6.2f} GB/s")
+    print(f"modelkin kinship            {ours:8.3f} s   {size_gb / ours:6.2f} GB/s   ratio to floor {ours / floor:5.2f}x")
+    code = f"import modelkin; modelkin.kinship({str(fts[0])!r}, {str(fts[1])!r}, base={str(base)!r})"
+    print(f"peak anonymous RSS          {peak_anon_rss_mb(code):8.1f} MB  (whole Python process)")
+    print(f"peak anonymous RSS, import  {peak_anon_rss_mb('import modelkin'):8.1f} MB  (python + numpy + modelkin)")
+    try:
+        namespace: dict[str, object] = {}
+        exec(TORCH_LOOP, namespace)
+        torch_fn = namespace["torch_kinship"]
+        torch_time = median_time(lambda: torch_fn(str(fts[0]), str(fts[1]), str(base)), 1)  # type: ignore[operator]
+        print(f"torch float64 loop          {torch_time:8.3f} s   modelkin is {torch_time / ours:6.1f}x faster")
+    except ImportError as error:
+        print(f"torch float64 loop          skipped ({error}; install torch and safetensors to compare)")
+
+    print(f"\n# matrix family: ~{args.matrix_params:.3g} parameters per model, 8 fine-tunes", flush=True)
+    base, fts = family(args.data / f"matrix-{args.matrix_params:.0e}", args.matrix_params, 8)
+    warm([base, *fts])
+    pair = median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), args.repeats)
+    matrix = median_time(lambda: modelkin.kinship_matrix(fts, base=base), args.repeats)
+    print(f"one pair                    {pair:8.3f} s")
+    print(f"8x8 matrix (28 pairs)       {matrix:8.3f} s   ratio to one pair {matrix / pair:5.2f}x  (28 pair passes: 28x)")
+
+
+if __name__ == "__main__":
+    main()
