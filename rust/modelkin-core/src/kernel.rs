@@ -22,23 +22,25 @@ pub fn sum(x: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// Σ x², the diagonal of the co-moment matrix.
+/// Σ (x − m)², a diagonal entry of the co-moment matrix.
 #[multiversion(targets = "simd")]
-pub fn sum_squares(x: &[f64]) -> f64 {
+pub fn centred_sum_squares(x: &[f64], m: f64) -> f64 {
     let mut acc = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
-    let tail: f64 = chunks.remainder().iter().map(|v| v * v).sum();
+    let tail: f64 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
     for c in chunks {
         for l in 0..LANES {
-            acc[l] += c[l] * c[l];
+            let d = c[l] - m;
+            acc[l] += d * d;
         }
     }
     acc.iter().sum::<f64>() + tail
 }
 
-/// (Σ x·y, Σ (x−y)²) in one sweep over both slices.
+/// (Σ (x − mx)(y − my), Σ ((x − mx) − (y − my))²) in one sweep over both slices: the centred
+/// co-moment and the centred squared distance, without a separate centring pass.
 #[multiversion(targets = "simd")]
-pub fn dot_and_squared_distance(x: &[f64], y: &[f64]) -> (f64, f64) {
+pub fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
     debug_assert_eq!(x.len(), y.len());
     let mut dot = [0.0f64; LANES];
     let mut dist = [0.0f64; LANES];
@@ -46,13 +48,15 @@ pub fn dot_and_squared_distance(x: &[f64], y: &[f64]) -> (f64, f64) {
     let yc = y.chunks_exact(LANES);
     let (mut dot_tail, mut dist_tail) = (0.0, 0.0);
     for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
+        let (a, b) = (a - mx, b - my);
         dot_tail += a * b;
         dist_tail += (a - b) * (a - b);
     }
     for (a, b) in xc.zip(yc) {
         for l in 0..LANES {
-            dot[l] += a[l] * b[l];
-            let d = a[l] - b[l];
+            let (u, v) = (a[l] - mx, b[l] - my);
+            dot[l] += u * v;
+            let d = u - v;
             dist[l] += d * d;
         }
     }
@@ -62,20 +66,24 @@ pub fn dot_and_squared_distance(x: &[f64], y: &[f64]) -> (f64, f64) {
     )
 }
 
-/// x ← x − y.
+/// x ← x − y, returning Σ x (after the subtraction).
 #[multiversion(targets = "simd")]
-pub fn subtract(x: &mut [f64], y: &[f64]) {
-    for (a, b) in x.iter_mut().zip(y) {
+pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut xc = x.chunks_exact_mut(LANES);
+    let mut yc = y.chunks_exact(LANES);
+    for (a, b) in (&mut xc).zip(&mut yc) {
+        for l in 0..LANES {
+            a[l] -= b[l];
+            acc[l] += a[l];
+        }
+    }
+    let mut tail = 0.0;
+    for (a, b) in xc.into_remainder().iter_mut().zip(yc.remainder()) {
         *a -= b;
+        tail += *a;
     }
-}
-
-/// x ← x − c.
-#[multiversion(targets = "simd")]
-pub fn subtract_scalar(x: &mut [f64], c: f64) {
-    for a in x.iter_mut() {
-        *a -= c;
-    }
+    acc.iter().sum::<f64>() + tail
 }
 
 /// max |x| (NaN propagates as NaN).
@@ -127,11 +135,17 @@ mod tests {
         let y: Vec<f64> = (0..37).map(|i| (i as f64 * 0.11).cos()).collect();
         let naive_dot: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         let naive_dist: f64 = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum();
-        let (dot, dist) = dot_and_squared_distance(&x, &y);
+        let (dot, dist) = centred_dot_and_squared_distance(&x, &y, 0.0, 0.0);
         assert!((dot - naive_dot).abs() < 1e-12);
         assert!((dist - naive_dist).abs() < 1e-12);
         assert!((sum(&x) - x.iter().sum::<f64>()).abs() < 1e-12);
-        assert!((sum_squares(&x) - x.iter().map(|v| v * v).sum::<f64>()).abs() < 1e-12);
+        let m = 0.25;
+        let naive_centred: f64 = x.iter().map(|v| (v - m) * (v - m)).sum();
+        assert!((centred_sum_squares(&x, m) - naive_centred).abs() < 1e-12);
+        let mut z = x.clone();
+        let total = subtract_and_sum(&mut z, &y);
+        assert!((total - (x.iter().sum::<f64>() - y.iter().sum::<f64>())).abs() < 1e-12);
+        assert_eq!(z[36], x[36] - y[36]);
         assert_eq!(max_abs(&[1.0, -3.0, 2.0]), 3.0);
         assert!(max_abs(&[1.0, f64::NAN, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).is_nan());
     }

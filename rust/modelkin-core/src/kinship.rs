@@ -383,31 +383,33 @@ pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
 }
 
 /// Decodes one chunk of every source into `buffer` (base first) and turns the fine-tunes' rows into
-/// deltas. Returns the index of a source with NaN/Inf, if any.
+/// deltas, returning each delta's sum, or the index of a source with NaN/Inf.
 fn load_deltas(
     family: &Family,
     tensor: &PlannedTensor,
     first: usize,
     len: usize,
     buffer: &mut [f64],
-) -> Option<usize> {
+) -> std::result::Result<Vec<f64>, usize> {
     let (base, deltas) = buffer.split_at_mut(CHUNK);
     let base = &mut base[..len];
     family.read_f64(&tensor.sources[0], first, base);
+    let mut sums = Vec::with_capacity(tensor.sources.len() - 1);
     for (i, s) in tensor.sources[1..].iter().enumerate() {
         let delta = &mut deltas[i * CHUNK..i * CHUNK + len];
         family.read_f64(s, first, delta);
-        kernel::subtract(delta, base);
-        // A finite f32/f64 sum of finite widened values cannot overflow, so this catches NaN/Inf.
-        if !kernel::sum(delta).is_finite() {
-            return Some(if kernel::sum(base).is_finite() {
+        let sum = kernel::subtract_and_sum(delta, base);
+        // A sum of finite widened f32 values cannot overflow f64, so this catches NaN/Inf.
+        if !sum.is_finite() {
+            return Err(if kernel::sum(base).is_finite() {
                 i + 1
             } else {
                 0
             });
         }
+        sums.push(sum);
     }
-    None
+    Ok(sums)
 }
 
 fn par_chunks<'a, F>(
@@ -453,7 +455,7 @@ fn quantisation_scales(
     for tensor in plan {
         let k = tensor.sources.len() - 1;
         let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
-            if let Some(culprit) = load_deltas(family, tensor, first, len, buffer) {
+            if let Err(culprit) = load_deltas(family, tensor, first, len, buffer) {
                 return ChunkOutcome::NonFinite(culprit);
             }
             ChunkOutcome::MaxAbs(
@@ -497,23 +499,27 @@ fn tensor_moments(
 ) -> Result<std::result::Result<Moments, usize>> {
     let k = tensor.sources.len() - 1;
     let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
-        if let Some(culprit) = load_deltas(family, tensor, first, len, buffer) {
-            return ChunkOutcome::NonFinite(culprit);
-        }
-        let mut means = vec![0.0; k];
+        let sums = match load_deltas(family, tensor, first, len, buffer) {
+            Ok(sums) => sums,
+            Err(culprit) => return ChunkOutcome::NonFinite(culprit),
+        };
         let mut deltas: Vec<&mut [f64]> = buffer[CHUNK..]
             .chunks_mut(CHUNK)
             .map(|d| &mut d[..len])
             .collect();
-        for (i, delta) in deltas.iter_mut().enumerate() {
-            if let Some(scales) = scales {
-                kernel::quantize_int8(delta, scales[i]);
-            }
-            means[i] = kernel::sum(delta) / len as f64;
-            kernel::subtract_scalar(delta, means[i]);
-        }
-        let centred: Vec<&[f64]> = deltas.iter().map(|d| &**d).collect();
-        ChunkOutcome::Moments(Moments::from_centred(&centred, &means))
+        let means: Vec<f64> = match scales {
+            Some(scales) => deltas
+                .iter_mut()
+                .zip(scales)
+                .map(|(delta, &scale)| {
+                    kernel::quantize_int8(delta, scale);
+                    kernel::sum(delta) / len as f64
+                })
+                .collect(),
+            None => sums.iter().map(|s| s / len as f64).collect(),
+        };
+        let deltas: Vec<&[f64]> = deltas.into_iter().map(|d| &*d).collect();
+        ChunkOutcome::Moments(Moments::from_chunk(&deltas, &means))
     })?;
     let mut moments = Moments::empty(k);
     for outcome in outcomes {

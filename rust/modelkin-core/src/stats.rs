@@ -67,19 +67,21 @@ impl Moments {
         self.mean.len()
     }
 
-    /// Statistics of one chunk from its already centred vectors (`means` are the removed means).
-    pub(crate) fn from_centred(centred: &[&[f64]], means: &[f64]) -> Self {
-        let k = centred.len();
-        let n = centred.first().map_or(0, |c| c.len());
+    /// Statistics of one chunk of k vectors whose means are already known.
+    pub(crate) fn from_chunk(vectors: &[&[f64]], means: &[f64]) -> Self {
+        let k = vectors.len();
+        let n = vectors.first().map_or(0, |c| c.len());
         let mut moments = Moments {
             n: n as u64,
             mean: means.to_vec(),
             ..Moments::empty(k)
         };
         for i in 0..k {
-            moments.comoment[i * k + i] = crate::kernel::sum_squares(centred[i]);
+            moments.comoment[i * k + i] = crate::kernel::centred_sum_squares(vectors[i], means[i]);
             for j in i + 1..k {
-                let (dot, dist) = crate::kernel::dot_and_squared_distance(centred[i], centred[j]);
+                let (dot, dist) = crate::kernel::centred_dot_and_squared_distance(
+                    vectors[i], vectors[j], means[i], means[j],
+                );
                 // Centring shifted xᵢ − xⱼ by a constant; add that shift's share back exactly.
                 let shift = means[i] - means[j];
                 let dist = dist + n as f64 * shift * shift;
@@ -185,13 +187,8 @@ mod tests {
             .iter()
             .map(|v| v.iter().sum::<f64>() / v.len() as f64)
             .collect();
-        let centred: Vec<Vec<f64>> = vectors
-            .iter()
-            .zip(&means)
-            .map(|(v, m)| v.iter().map(|x| x - m).collect())
-            .collect();
-        let refs: Vec<&[f64]> = centred.iter().map(|v| v.as_slice()).collect();
-        Moments::from_centred(&refs, &means)
+        let refs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
+        Moments::from_chunk(&refs, &means)
     }
 
     #[test]

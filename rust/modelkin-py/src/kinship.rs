@@ -32,6 +32,16 @@ fn parse_mode(name: &str) -> PyResult<Mode> {
     }
 }
 
+/// Moments of one block of one tensor, as the torch path hands them over:
+/// (tensor index, n, means[k], comoment[k, k], sqdist[k, k]).
+type MomentBlock<'py> = (
+    usize,
+    u64,
+    PyReadonlyArray1<'py, f64>,
+    PyReadonlyArray2<'py, f64>,
+    PyReadonlyArray2<'py, f64>,
+);
+
 /// A base and its fine-tunes, opened and matched tensor by tensor, ready for a pass.
 #[pyclass(module = "modelkin._core", frozen)]
 pub struct KinshipPlan {
@@ -188,13 +198,7 @@ impl KinshipPlan {
     /// in the order given. Tensors named in `skipped` are left out with their reason.
     fn report(
         &self,
-        blocks: Vec<(
-            usize,
-            u64,
-            PyReadonlyArray1<'_, f64>,
-            PyReadonlyArray2<'_, f64>,
-            PyReadonlyArray2<'_, f64>,
-        )>,
+        blocks: Vec<MomentBlock<'_>>,
         skipped: Vec<(String, String)>,
     ) -> PyResult<KinshipStats> {
         let k = self.family.k();
