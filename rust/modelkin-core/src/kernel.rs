@@ -86,6 +86,51 @@ pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// For the deltas a = x − z and b = y − z of one chunk:
+/// [Σa, Σb, Σa², Σb², Σab, Σ(a − b)²], in a single sweep that never stores the deltas.
+/// The common two-model case; sums are raw but only over one chunk, and chunks are merged centred.
+#[multiversion(targets = "simd")]
+pub fn pair_delta_sums(x: &[f64], y: &[f64], z: &[f64]) -> [f64; 6] {
+    let mut acc = [[0.0f64; LANES]; 6];
+    let (xc, yc, zc) = (
+        x.chunks_exact(LANES),
+        y.chunks_exact(LANES),
+        z.chunks_exact(LANES),
+    );
+    let mut tail = [0.0f64; 6];
+    for ((x, y), z) in xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .zip(zc.remainder())
+    {
+        accumulate_pair(&mut tail, x - z, y - z);
+    }
+    for ((x, y), z) in xc.zip(yc).zip(zc) {
+        for l in 0..LANES {
+            let (a, b) = (x[l] - z[l], y[l] - z[l]);
+            let d = a - b;
+            acc[0][l] += a;
+            acc[1][l] += b;
+            acc[2][l] += a * a;
+            acc[3][l] += b * b;
+            acc[4][l] += a * b;
+            acc[5][l] += d * d;
+        }
+    }
+    std::array::from_fn(|s| acc[s].iter().sum::<f64>() + tail[s])
+}
+
+#[inline(always)]
+fn accumulate_pair(acc: &mut [f64; 6], a: f64, b: f64) {
+    acc[0] += a;
+    acc[1] += b;
+    acc[2] += a * a;
+    acc[3] += b * b;
+    acc[4] += a * b;
+    acc[5] += (a - b) * (a - b);
+}
+
 /// max |x| (NaN propagates as NaN).
 #[multiversion(targets = "simd")]
 pub fn max_abs(x: &[f64]) -> f64 {
@@ -146,6 +191,17 @@ mod tests {
         let total = subtract_and_sum(&mut z, &y);
         assert!((total - (x.iter().sum::<f64>() - y.iter().sum::<f64>())).abs() < 1e-12);
         assert_eq!(z[36], x[36] - y[36]);
+        let w: Vec<f64> = (0..37).map(|i| i as f64 * 1e-3).collect();
+        let sums = pair_delta_sums(&x, &y, &w);
+        let (a, b): (Vec<f64>, Vec<f64>) = x
+            .iter()
+            .zip(&y)
+            .zip(&w)
+            .map(|((x, y), w)| (x - w, y - w))
+            .unzip();
+        let (dot, dist) = centred_dot_and_squared_distance(&a, &b, 0.0, 0.0);
+        assert!((sums[0] - a.iter().sum::<f64>()).abs() < 1e-12);
+        assert!((sums[4] - dot).abs() < 1e-12 && (sums[5] - dist).abs() < 1e-12);
         assert_eq!(max_abs(&[1.0, -3.0, 2.0]), 3.0);
         assert!(max_abs(&[1.0, f64::NAN, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]).is_nan());
     }

@@ -499,6 +499,9 @@ fn tensor_moments(
 ) -> Result<std::result::Result<Moments, usize>> {
     let k = tensor.sources.len() - 1;
     let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
+        if k == 2 && scales.is_none() {
+            return pair_chunk(family, tensor, first, len, buffer);
+        }
         let sums = match load_deltas(family, tensor, first, len, buffer) {
             Ok(sums) => sums,
             Err(culprit) => return ChunkOutcome::NonFinite(culprit),
@@ -530,6 +533,35 @@ fn tensor_moments(
         }
     }
     Ok(Ok(moments))
+}
+
+/// The two-model chunk without quantisation: decode, then one fused sweep (the hot path of
+/// `modelkin kinship`).
+fn pair_chunk(
+    family: &Family,
+    tensor: &PlannedTensor,
+    first: usize,
+    len: usize,
+    buffer: &mut [f64],
+) -> ChunkOutcome {
+    let (z, rest) = buffer.split_at_mut(CHUNK);
+    let (x, y) = rest.split_at_mut(CHUNK);
+    let (z, x, y) = (&mut z[..len], &mut x[..len], &mut y[..len]);
+    family.read_f64(&tensor.sources[0], first, z);
+    family.read_f64(&tensor.sources[1], first, x);
+    family.read_f64(&tensor.sources[2], first, y);
+    let sums = kernel::pair_delta_sums(x, y, z);
+    if sums.iter().all(|s| s.is_finite()) {
+        return ChunkOutcome::Moments(Moments::from_pair_sums(len, sums));
+    }
+    let culprit = if !kernel::sum(z).is_finite() {
+        0
+    } else if !kernel::sum(x).is_finite() {
+        1
+    } else {
+        2
+    };
+    ChunkOutcome::NonFinite(culprit)
 }
 
 fn release(family: &Family, tensor: &PlannedTensor) {

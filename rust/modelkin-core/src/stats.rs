@@ -94,6 +94,21 @@ impl Moments {
         moments
     }
 
+    /// Statistics of one chunk of two vectors from their raw sums
+    /// [Σa, Σb, Σa², Σb², Σab, Σ(a − b)²] (see [`crate::kernel::pair_delta_sums`]).
+    pub(crate) fn from_pair_sums(n: usize, sums: [f64; 6]) -> Self {
+        let [sa, sb, saa, sbb, sab, sdd] = sums;
+        let (ma, mb) = (sa / n as f64, sb / n as f64);
+        let cab = sab - sa * mb;
+        Moments {
+            n: n as u64,
+            mean: vec![ma, mb],
+            // Clamped: rounding must not make a variance negative.
+            comoment: vec![(saa - sa * ma).max(0.0), cab, cab, (sbb - sb * mb).max(0.0)],
+            sqdist: vec![0.0, sdd, sdd, 0.0],
+        }
+    }
+
     /// Adds another sample of the same k vectors (Chan's parallel update).
     pub fn merge(&mut self, other: &Moments) {
         if other.n == 0 {
