@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import struct
 import subprocess
@@ -69,7 +68,7 @@ def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, ba
     text += b" " * ((8 - len(text) % 8) % 8)
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(text)) + text)
-        for t, (name, shape) in enumerate(shapes.items()):
+        for t, shape in enumerate(shapes.values()):
             base = np.random.default_rng((base_seed if base_seed is not None else seed, t))
             values = base.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
             if base_seed is not None:
@@ -112,8 +111,10 @@ def median_time(fn, repeats: int) -> float:
 def floor_seconds(paths: list[Path], repeats: int) -> float:
     exe = ROOT / "target" / "release" / "examples" / "read_floor"
     subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "read_floor"], cwd=ROOT, check=True)
-    runs = [float(subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, check=True).stdout.split()[1])
-            for _ in range(repeats)]
+    runs = [
+        float(subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, check=True).stdout.split()[1])
+        for _ in range(repeats)
+    ]
     return statistics.median(runs)
 
 
@@ -121,6 +122,7 @@ def peak_anon_rss_mb(code: str) -> float:
     """Runs ``code`` in a fresh interpreter and samples its RssAnon every 5 ms."""
     proc = subprocess.Popen([sys.executable, "-c", code])
     peak = 0
+
     def sample() -> None:
         nonlocal peak
         status = Path(f"/proc/{proc.pid}/status")
@@ -132,6 +134,7 @@ def peak_anon_rss_mb(code: str) -> float:
             except OSError:
                 pass
             time.sleep(0.005)
+
     thread = threading.Thread(target=sample)
     thread.start()
     proc.wait()
@@ -176,7 +179,9 @@ def main() -> None:
     ours = median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), args.repeats)
     print(f"input bytes                 {size_gb:8.2f} GB")
     print(f"floor (read every byte)     {floor:8.3f} s   {size_gb / floor:6.2f} GB/s")
-    print(f"modelkin kinship            {ours:8.3f} s   {size_gb / ours:6.2f} GB/s   ratio to floor {ours / floor:5.2f}x")
+    print(
+        f"modelkin kinship            {ours:8.3f} s   {size_gb / ours:6.2f} GB/s   ratio to floor {ours / floor:5.2f}x"
+    )
     code = f"import modelkin; modelkin.kinship({str(fts[0])!r}, {str(fts[1])!r}, base={str(base)!r})"
     print(f"peak anonymous RSS          {peak_anon_rss_mb(code):8.1f} MB  (whole Python process)")
     print(f"peak anonymous RSS, import  {peak_anon_rss_mb('import modelkin'):8.1f} MB  (python + numpy + modelkin)")
@@ -195,7 +200,9 @@ def main() -> None:
     pair = median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), args.repeats)
     matrix = median_time(lambda: modelkin.kinship_matrix(fts, base=base), args.repeats)
     print(f"one pair                    {pair:8.3f} s")
-    print(f"8x8 matrix (28 pairs)       {matrix:8.3f} s   ratio to one pair {matrix / pair:5.2f}x  (28 pair passes: 28x)")
+    print(
+        f"8x8 matrix (28 pairs)       {matrix:8.3f} s   ratio to one pair {matrix / pair:5.2f}x  (28 pair passes: 28x)"
+    )
 
 
 if __name__ == "__main__":

@@ -412,6 +412,10 @@ fn load_deltas(
     Ok(sums)
 }
 
+thread_local! {
+    static CHUNK_BUFFER: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 fn par_chunks<'a, F>(
     tensor: &'a PlannedTensor,
     progress: &'a Progress,
@@ -425,19 +429,21 @@ where
     let bytes_per_element: u64 = tensor.sources.iter().map(|s| s.dtype.size() as u64).sum();
     (0..chunks)
         .into_par_iter()
-        .map_init(
-            || vec![0.0f64; (k + 1) * CHUNK],
-            |buffer, c| {
-                progress.check()?;
-                let first = c * CHUNK;
-                let len = CHUNK.min(tensor.numel - first);
-                let outcome = work(buffer, first, len);
-                progress
-                    .done
-                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-                Ok(outcome)
-            },
-        )
+        .map(|c| {
+            progress.check()?;
+            let first = c * CHUNK;
+            let len = CHUNK.min(tensor.numel - first);
+            // One buffer per worker thread for the whole pass: allocating per job would map and
+            // fault in fresh zero pages over and over.
+            let outcome = CHUNK_BUFFER.with_borrow_mut(|buffer| {
+                buffer.resize(buffer.len().max((k + 1) * CHUNK), 0.0);
+                work(&mut buffer[..(k + 1) * CHUNK], first, len)
+            });
+            progress
+                .done
+                .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+            Ok(outcome)
+        })
         .collect()
 }
 
