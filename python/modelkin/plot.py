@@ -44,7 +44,9 @@ def plot_matrix(result: KinshipMatrix, path: str | Path) -> Path:
         for i in range(len(labels)):
             for j in range(len(labels)):
                 text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.3g}"
-                ax.text(j, i, text, ha="center", va="center", color="white", fontsize=8)
+                # Dark text on the bright end of the colour map, light text elsewhere.
+                bright = image.norm(values[i, j]) > 0.6
+                ax.text(j, i, text, ha="center", va="center", color="black" if bright else "white", fontsize=8)
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.suptitle(f"Model kinship against {Path(result.base).name or result.base}")
     fig.tight_layout()
