@@ -3,6 +3,10 @@
 //! Tensor data inside a safetensors file starts wherever the header ends, so it is read as
 //! little-endian bytes and never reinterpreted in place (no alignment is assumed).
 
+// Staging copies raw file bytes into native words, which is only right on little-endian CPUs.
+#[cfg(target_endian = "big")]
+compile_error!("modelkin reads little-endian safetensors data on little-endian targets only");
+
 use std::sync::LazyLock;
 
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -76,37 +80,60 @@ pub fn decode(dtype: FloatDtype, bytes: &[u8], out: &mut [f64]) {
     }
 }
 
-#[multiversion(targets = "simd")]
+/// Elements staged per step: the staging array stays in L1.
+const STAGE: usize = 1024;
+
+/// Copies little-endian words out of possibly unaligned bytes into an aligned buffer. A plain
+/// memcpy, so the widening loops that follow read aligned words and vectorise.
+pub(crate) fn stage<T: bytemuck::Pod>(bytes: &[u8], staging: &mut [T]) {
+    bytemuck::cast_slice_mut::<T, u8>(staging).copy_from_slice(bytes);
+}
+
 fn decode_f64(bytes: &[u8], out: &mut [f64]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-        *o = f64::from_le_bytes(b.try_into().expect("8-byte chunk"));
-    }
+    stage(bytes, out);
 }
 
-#[multiversion(targets = "simd")]
 fn decode_f32(bytes: &[u8], out: &mut [f64]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f64::from(f32::from_le_bytes(b.try_into().expect("4-byte chunk")));
+    let mut staging = [0f32; STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 4)) {
+        let staging = &mut staging[..out.len()];
+        stage(bytes, staging);
+        widen_f32(staging, out);
     }
 }
 
 #[multiversion(targets = "simd")]
+fn widen_f32(values: &[f32], out: &mut [f64]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = f64::from(v);
+    }
+}
+
 fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        let bits = u16::from_le_bytes([b[0], b[1]]);
-        *o = f64::from(f32::from_bits(u32::from(bits) << 16));
+    let mut staging = [0u16; STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
+        let staging = &mut staging[..out.len()];
+        stage(bytes, staging);
+        widen_bf16(staging, out);
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn widen_bf16(bits: &[u16], out: &mut [f64]) {
+    // bf16 is the upper half of an f32: shifting the bits up widens it exactly.
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = f64::from(f32::from_bits(u32::from(b) << 16));
     }
 }
 
 fn decode_f16(bytes: &[u8], out: &mut [f64]) {
-    // half's slice conversion uses F16C/NEON when the CPU has them; it needs aligned u16s.
-    let mut bits = [0u16; 1024];
-    for (out, bytes) in out.chunks_mut(bits.len()).zip(bytes.chunks(bits.len() * 2)) {
-        let bits = &mut bits[..out.len()];
-        for (w, b) in bits.iter_mut().zip(bytes.chunks_exact(2)) {
-            *w = u16::from_le_bytes([b[0], b[1]]);
-        }
-        bits.reinterpret_cast::<half::f16>()
+    // half's slice conversion uses F16C/NEON when the CPU has them.
+    let mut staging = [0u16; STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
+        let staging = &mut staging[..out.len()];
+        stage(bytes, staging);
+        staging
+            .reinterpret_cast::<half::f16>()
             .convert_to_f64_slice(out);
     }
 }

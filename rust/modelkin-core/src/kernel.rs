@@ -91,6 +91,32 @@ pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
 /// The common two-model case; sums are raw but only over one chunk, and chunks are merged centred.
 #[multiversion(targets = "simd")]
 pub fn pair_delta_sums(x: &[f64], y: &[f64], z: &[f64]) -> [f64; 6] {
+    pair_sums_widened(x, y, z, |v| v)
+}
+
+/// [`pair_delta_sums`] over stored bf16 words, widened in registers: no f64 buffers to write and
+/// read back, which is what bounds the two-model pass.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub fn pair_delta_sums_bf16(x: &[u16], y: &[u16], z: &[u16]) -> [f64; 6] {
+    pair_sums_widened(x, y, z, |b| f64::from(f32::from_bits(u32::from(b) << 16)))
+}
+
+/// [`pair_delta_sums`] over stored f32 values, widened in registers.
+#[multiversion(targets(
+    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "aarch64+neon"
+))]
+pub fn pair_delta_sums_f32(x: &[f32], y: &[f32], z: &[f32]) -> [f64; 6] {
+    pair_sums_widened(x, y, z, f64::from)
+}
+
+#[inline(always)]
+fn pair_sums_widened<T: Copy>(x: &[T], y: &[T], z: &[T], widen: impl Fn(T) -> f64) -> [f64; 6] {
     let mut acc = [[0.0f64; LANES]; 6];
     let (xc, yc, zc) = (
         x.chunks_exact(LANES),
@@ -98,17 +124,19 @@ pub fn pair_delta_sums(x: &[f64], y: &[f64], z: &[f64]) -> [f64; 6] {
         z.chunks_exact(LANES),
     );
     let mut tail = [0.0f64; 6];
-    for ((x, y), z) in xc
+    for ((&x, &y), &z) in xc
         .remainder()
         .iter()
         .zip(yc.remainder())
         .zip(zc.remainder())
     {
-        accumulate_pair(&mut tail, x - z, y - z);
+        let z = widen(z);
+        accumulate_pair(&mut tail, widen(x) - z, widen(y) - z);
     }
     for ((x, y), z) in xc.zip(yc).zip(zc) {
         for l in 0..LANES {
-            let (a, b) = (x[l] - z[l], y[l] - z[l]);
+            let w = widen(z[l]);
+            let (a, b) = (widen(x[l]) - w, widen(y[l]) - w);
             let d = a - b;
             acc[0][l] += a;
             acc[1][l] += b;

@@ -167,6 +167,11 @@ impl Family {
         self.models[source.model].read_f64(&source.entry, source.dtype, first, out);
     }
 
+    /// The stored bytes of `count` elements of a source tensor, starting at element `first`.
+    pub fn raw_bytes(&self, source: &Source, first: usize, count: usize) -> &[u8] {
+        self.models[source.model].raw_bytes(&source.entry, source.dtype, first, count)
+    }
+
     /// The file holding a source tensor.
     pub fn file_of(&self, source: &Source) -> &Path {
         self.models[source.model].file_of(&source.entry)
@@ -550,24 +555,76 @@ fn pair_chunk(
     len: usize,
     buffer: &mut [f64],
 ) -> ChunkOutcome {
-    let (z, rest) = buffer.split_at_mut(CHUNK);
-    let (x, y) = rest.split_at_mut(CHUNK);
-    let (z, x, y) = (&mut z[..len], &mut x[..len], &mut y[..len]);
-    family.read_f64(&tensor.sources[0], first, z);
-    family.read_f64(&tensor.sources[1], first, x);
-    family.read_f64(&tensor.sources[2], first, y);
-    let sums = kernel::pair_delta_sums(x, y, z);
+    let dtypes: Vec<FloatDtype> = tensor.sources.iter().map(|s| s.dtype).collect();
+    let sums = match dtypes[..] {
+        [FloatDtype::BF16, FloatDtype::BF16, FloatDtype::BF16] => {
+            staged_pair_sums::<u16>(family, tensor, first, len, kernel::pair_delta_sums_bf16)
+        }
+        [FloatDtype::F32, FloatDtype::F32, FloatDtype::F32] => {
+            staged_pair_sums::<f32>(family, tensor, first, len, kernel::pair_delta_sums_f32)
+        }
+        _ => {
+            let (z, rest) = buffer.split_at_mut(CHUNK);
+            let (x, y) = rest.split_at_mut(CHUNK);
+            let (z, x, y) = (&mut z[..len], &mut x[..len], &mut y[..len]);
+            family.read_f64(&tensor.sources[0], first, z);
+            family.read_f64(&tensor.sources[1], first, x);
+            family.read_f64(&tensor.sources[2], first, y);
+            kernel::pair_delta_sums(x, y, z)
+        }
+    };
     if sums.iter().all(|s| s.is_finite()) {
         return ChunkOutcome::Moments(Moments::from_pair_sums(len, sums));
     }
-    let culprit = if !kernel::sum(z).is_finite() {
-        0
-    } else if !kernel::sum(x).is_finite() {
-        1
-    } else {
-        2
-    };
-    ChunkOutcome::NonFinite(culprit)
+    ChunkOutcome::NonFinite(nonfinite_source(family, tensor, first, len, buffer))
+}
+
+/// A fused pair kernel: raw sums of (x − z, y − z) over stored words.
+type PairSums<T> = fn(&[T], &[T], &[T]) -> [f64; 6];
+
+/// Words staged per step of the fused pair path: three of them stay in L1.
+const PAIR_STAGE: usize = 2048;
+
+/// Raw pair sums of one chunk whose three sources share a dtype stored as `T` words: the bytes are
+/// copied into aligned staging arrays and widened inside `sums`.
+fn staged_pair_sums<T: bytemuck::Pod + Default>(
+    family: &Family,
+    tensor: &PlannedTensor,
+    first: usize,
+    len: usize,
+    sums: PairSums<T>,
+) -> [f64; 6] {
+    let mut staging = [[T::default(); PAIR_STAGE]; 3];
+    let mut total = [0.0f64; 6];
+    for start in (first..first + len).step_by(PAIR_STAGE) {
+        let count = PAIR_STAGE.min(first + len - start);
+        for (stage, source) in staging.iter_mut().zip(&tensor.sources) {
+            crate::dtype::stage(family.raw_bytes(source, start, count), &mut stage[..count]);
+        }
+        let [z, x, y] = &staging;
+        let part = sums(&x[..count], &y[..count], &z[..count]);
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+    total
+}
+
+/// Which source of a chunk holds NaN/Inf (the base when it does, since it spoils every delta).
+fn nonfinite_source(
+    family: &Family,
+    tensor: &PlannedTensor,
+    first: usize,
+    len: usize,
+    buffer: &mut [f64],
+) -> usize {
+    let values = &mut buffer[..len];
+    tensor
+        .sources
+        .iter()
+        .position(|source| {
+            family.read_f64(source, first, values);
+            !kernel::sum(values).is_finite()
+        })
+        .unwrap_or(0)
 }
 
 fn release(family: &Family, tensor: &PlannedTensor) {

@@ -192,6 +192,18 @@ impl Model {
         })
     }
 
+    /// The stored bytes of `count` elements starting at element `first` of a tensor.
+    pub fn raw_bytes(
+        &self,
+        entry: &TensorEntry,
+        dtype: FloatDtype,
+        first: usize,
+        count: usize,
+    ) -> &[u8] {
+        let start = entry.start + first * dtype.size();
+        self.shards[entry.shard].bytes(start, start + count * dtype.size())
+    }
+
     /// Widens `count` elements starting at element `first` of a tensor into `out`.
     pub fn read_f64(&self, entry: &TensorEntry, dtype: FloatDtype, first: usize, out: &mut [f64]) {
         let size = dtype.size();
