@@ -3,6 +3,9 @@
 //! Moments are kept centred (means and co-moments, merged with Chan et al.'s pairwise update)
 //! because raw sums lose the Pearson correlation to cancellation when a delta has a large mean.
 
+/// Elements per block of the all-pairs sweep: k blocks of f64 fit in a core's L1 cache.
+const PAIR_BLOCK: usize = 512;
+
 /// A kinship metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
@@ -76,19 +79,29 @@ impl Moments {
             mean: means.to_vec(),
             ..Moments::empty(k)
         };
+        // Sweep the chunk in L1-sized blocks so each model's block is loaded from L2 once and then
+        // reused by all of its k − 1 pairs; sweeping whole chunks pair by pair is L2-bound.
+        for start in (0..n).step_by(PAIR_BLOCK) {
+            let end = (start + PAIR_BLOCK).min(n);
+            for i in 0..k {
+                let x = &vectors[i][start..end];
+                moments.comoment[i * k + i] += crate::kernel::centred_sum_squares(x, means[i]);
+                for j in i + 1..k {
+                    let y = &vectors[j][start..end];
+                    let (dot, dist) =
+                        crate::kernel::centred_dot_and_squared_distance(x, y, means[i], means[j]);
+                    moments.comoment[i * k + j] += dot;
+                    moments.sqdist[i * k + j] += dist;
+                }
+            }
+        }
         for i in 0..k {
-            moments.comoment[i * k + i] = crate::kernel::centred_sum_squares(vectors[i], means[i]);
             for j in i + 1..k {
-                let (dot, dist) = crate::kernel::centred_dot_and_squared_distance(
-                    vectors[i], vectors[j], means[i], means[j],
-                );
                 // Centring shifted xᵢ − xⱼ by a constant; add that shift's share back exactly.
                 let shift = means[i] - means[j];
-                let dist = dist + n as f64 * shift * shift;
-                moments.comoment[i * k + j] = dot;
-                moments.comoment[j * k + i] = dot;
-                moments.sqdist[i * k + j] = dist;
-                moments.sqdist[j * k + i] = dist;
+                moments.sqdist[i * k + j] += n as f64 * shift * shift;
+                moments.comoment[j * k + i] = moments.comoment[i * k + j];
+                moments.sqdist[j * k + i] = moments.sqdist[i * k + j];
             }
         }
         moments
