@@ -25,6 +25,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 out = Console()
+INTERRUPTED = 130
 
 
 class Metric(str, Enum):
@@ -210,10 +211,12 @@ def run_cli(command: Any, args: list[str] | None = None) -> int:
         return 2
     except (typer.Abort, KeyboardInterrupt):
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except (ModelkinError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if result == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code
+        print("interrupted", file=sys.stderr)
     return result if isinstance(result, int) else 0
 
 
