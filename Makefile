@@ -24,11 +24,12 @@ demo: build
 		demo-out/family/math-code --base demo-out/family/base --metric pcc --plot demo-out/kinship.png
 	$(VENV)/bin/merge_cal demo-out/family/math-a demo-out/family/code demo-out/family/base "pcc cs ed"
 
-lint: $(STAMP)
+lint: build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
 	$(VENV)/bin/mypy
+	$(VENV)/bin/python -m mypy.stubtest modelkin._core
 
 test: build
 	cargo test --workspace --quiet

@@ -2,6 +2,21 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self, final
+
+__all__ = [
+    "DtypeError",
+    "InvalidModelError",
+    "KinshipPlan",
+    "KinshipStats",
+    "MissingTensorError",
+    "ModelReferenceError",
+    "ModelkinError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "UnsupportedFormatError",
+    "__version__",
+]
 
 __version__: str
 
@@ -14,8 +29,9 @@ class DtypeError(ModelkinError): ...
 class NonFiniteError(ModelkinError): ...
 class ModelReferenceError(ModelkinError): ...
 
-Moments = tuple[int, int, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
+_MomentBlock = tuple[int, int, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
+@final
 class KinshipStats:
     @property
     def k(self) -> int: ...
@@ -32,15 +48,16 @@ class KinshipStats:
     def matrix(self, metric: str, mode: str) -> npt.NDArray[np.float64]: ...
     def per_tensor(self, metric: str) -> npt.NDArray[np.float64]: ...
 
+@final
 class KinshipPlan:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         base: str,
         models: Sequence[str],
         *,
         skip_missing: bool = False,
         count_tied_embeddings_twice: bool = False,
-    ) -> None: ...
+    ) -> Self: ...
     @property
     def k(self) -> int: ...
     @property
@@ -59,4 +76,4 @@ class KinshipPlan:
         threads: int = 0,
         progress: Callable[[int, int], object] | None = None,
     ) -> KinshipStats: ...
-    def report(self, blocks: Sequence[Moments], skipped: Sequence[tuple[str, str]]) -> KinshipStats: ...
+    def report(self, blocks: Sequence[_MomentBlock], skipped: Sequence[tuple[str, str]]) -> KinshipStats: ...

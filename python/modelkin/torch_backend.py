@@ -11,7 +11,7 @@ from ._core import KinshipPlan, KinshipStats
 from .errors import ModelkinError, NonFiniteError
 
 if TYPE_CHECKING:
-    from ._core import Moments
+    from ._core import _MomentBlock
 
 # Elements per block: bounds device memory at (k + 1) float64 copies of this many values.
 BLOCK = 1 << 22
@@ -77,10 +77,10 @@ def run_torch(
             overall = torch.stack(good).amax(dim=0) if good else torch.zeros(k, dtype=torch.float64, device=dev)
             scales = dict.fromkeys(scales, overall)
 
-    blocks: list[Moments] = []
+    blocks: list[_MomentBlock] = []
     skipped: list[tuple[str, str]] = []
     for t, (name, _, numel) in enumerate(tensors):
-        tensor_blocks: list[Moments] = []
+        tensor_blocks: list[_MomentBlock] = []
         for first in range(0, numel, BLOCK):
             deltas = bad.get(t)
             if deltas is None:
