@@ -17,7 +17,7 @@ import pytest
 from modelkin.safetensors_io import Dtype, save_model, stored_values
 
 HIDDEN = 24
-VOCAB = 40
+VOCAB = 64
 
 
 def llama_shapes(layers: int = 2, vocab: int = VOCAB, tied: bool = False) -> dict[str, tuple[int, ...]]:

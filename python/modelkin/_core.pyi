@@ -1,4 +1,5 @@
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +17,8 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedFormatError",
     "__version__",
+    "model_tensors",
+    "run_merge",
 ]
 
 __version__: str
@@ -77,3 +80,6 @@ class KinshipPlan:
         progress: Callable[[int, int], object] | None = None,
     ) -> KinshipStats: ...
     def report(self, blocks: Sequence[_MomentBlock], skipped: Sequence[tuple[str, str]]) -> KinshipStats: ...
+
+def model_tensors(path: str) -> list[tuple[str, list[int], str]]: ...
+def run_merge(job: str, *, progress: Callable[[int, int], object] | None = None) -> dict[str, Any]: ...

@@ -180,6 +180,57 @@ def _print_matrix(result: KinshipMatrix) -> None:
         out.print(table)
 
 
+@app.command("merge")
+def merge_command(
+    recipe: Annotated[Path, typer.Argument(help="A mergekit YAML recipe.")],
+    out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random methods (dare_*).")] = 0,
+    threads: ThreadsOpt = 0,
+    out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB.")] = "5GB",
+    offline: OfflineOpt = False,
+) -> None:
+    """Merge models with a mergekit YAML recipe; the parents' kinship is recorded in modelkin.json."""
+    from .merge import merge
+
+    with PassProgress("merge") as progress:
+        result = merge(
+            recipe,
+            out,
+            overwrite=overwrite,
+            seed=seed,
+            threads=threads,
+            out_shard_size=out_shard_size,
+            offline=offline,
+            progress=progress,
+        )
+    print(f"wrote {result.path} ({result.method}, {result.bytes_written / 1e6:.1f} MB of tensors)")
+    if result.kinship is not None and len(result.parents) > 1:
+        print(f"parents' pcc against the base: {result.kinship['pcc']}")
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the supported merge methods and their parameters."""
+    from .merge_config import METHODS, PLANNED
+
+    table = Table(title="merge methods (mergekit 0.1.5 definitions)")
+    for column in ("method", "what it does", "base", "global parameters", "per-model parameters"):
+        table.add_column(column)
+    for spec in METHODS.values():
+        global_params = [*spec.required_global, *(f"{k}={v}" for k, v in spec.global_defaults.items())]
+        model_params = [*spec.required_tensor, *(f"{k}={v}" for k, v in spec.tensor_defaults.items())]
+        table.add_row(
+            spec.name,
+            spec.summary,
+            "yes" if spec.needs_base else "no",
+            ", ".join(global_params),
+            ", ".join(model_params),
+        )
+    out.print(table)
+    out.print(f"planned: {', '.join(PLANNED)}")
+
+
 @app.command("example")
 def example_command(
     directory: Annotated[Path, typer.Argument(help="Where to write the example family.")],

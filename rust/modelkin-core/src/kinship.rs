@@ -38,8 +38,8 @@ pub struct PassOptions {
 /// Shared between the pass and whoever watches it: bytes processed, and a stop flag.
 #[derive(Debug, Default)]
 pub struct Progress {
-    done: AtomicU64,
-    total: AtomicU64,
+    pub(crate) done: AtomicU64,
+    pub(crate) total: AtomicU64,
     cancelled: AtomicBool,
 }
 
@@ -59,7 +59,7 @@ impl Progress {
         self.cancelled.store(true, Ordering::Relaxed);
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         if self.cancelled.load(Ordering::Relaxed) {
             Err(Error::Cancelled)
         } else {
@@ -297,7 +297,7 @@ pub fn kinship_pass(
 }
 
 /// The number of rows every tensor is cut to: the base's vocabulary size.
-fn vocab_rows(base: &Model) -> Option<usize> {
+pub(crate) fn vocab_rows(base: &Model) -> Option<usize> {
     let names = base.tensor_names();
     let name = names
         .iter()
@@ -306,7 +306,7 @@ fn vocab_rows(base: &Model) -> Option<usize> {
     base.tensor(name).and_then(|e| e.shape.first().copied())
 }
 
-fn cut_shape(shape: &[usize], rows: Option<usize>) -> Vec<usize> {
+pub(crate) fn cut_shape(shape: &[usize], rows: Option<usize>) -> Vec<usize> {
     let mut shape = shape.to_vec();
     if let (Some(first), Some(rows)) = (shape.first_mut(), rows) {
         *first = (*first).min(rows);

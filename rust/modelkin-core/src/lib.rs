@@ -6,16 +6,20 @@
 #![deny(missing_docs)]
 
 pub mod dtype;
+pub mod encode;
 pub mod error;
 pub mod kernel;
 pub mod kinship;
+pub mod merge;
 pub mod model;
 pub mod stats;
+pub mod writer;
 
 pub use error::{Error, Result};
 pub use kinship::{
     kinship_pass, plan, Family, KinshipReport, PassOptions, Plan, PlannedTensor, Progress,
     SkippedTensor, Source, TensorStats,
 };
+pub use merge::{run_merge, MergeJob, MergeReport, Method};
 pub use model::Model;
 pub use stats::{Metric, Mode, Moments};

@@ -324,3 +324,21 @@ impl KinshipStats {
             .into_any())
     }
 }
+
+/// (name, shape, dtype) of every tensor of a model, in storage order.
+#[pyfunction]
+pub fn model_tensors(py: Python<'_>, path: String) -> PyResult<Vec<(String, Vec<usize>, String)>> {
+    let model = py.detach(|| Model::open(&path)).map_err(to_py)?;
+    Ok(model
+        .tensor_names()
+        .into_iter()
+        .map(|name| {
+            let entry = model.tensor(name).expect("listed name");
+            (
+                name.to_string(),
+                entry.shape.clone(),
+                format!("{:?}", entry.dtype),
+            )
+        })
+        .collect())
+}

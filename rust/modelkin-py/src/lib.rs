@@ -2,6 +2,7 @@
 
 mod errors;
 mod kinship;
+mod merge;
 mod progress;
 
 use pyo3::prelude::*;
@@ -11,6 +12,8 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("__version__", env!("CARGO_PKG_VERSION"))?;
     module.add_class::<kinship::KinshipPlan>()?;
     module.add_class::<kinship::KinshipStats>()?;
+    module.add_function(wrap_pyfunction!(merge::run_merge, module)?)?;
+    module.add_function(wrap_pyfunction!(kinship::model_tensors, module)?)?;
     errors::register(module)?;
     Ok(())
 }

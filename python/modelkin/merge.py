@@ -1,0 +1,246 @@
+"""Merging models from a mergekit recipe: the Rust engine writes the tensors, this module resolves
+the recipe and lays out the output directory (atomically: a temp directory renamed into place)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from ._core import model_tensors, run_merge
+from .merge_config import METHODS, MergeConfig, ModelEntry, RecipeError, layer_of, load_config, lookup, out_dtype_name
+from .resolve import resolve
+
+TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
+    r"chat_template.*|generation_config\.json)$"
+)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """Where a merge was written and the provenance recorded beside it."""
+
+    path: Path
+    method: str
+    parents: tuple[str, ...]
+    base: str | None
+    kinship: dict[str, list[list[float | None]]] | None
+    bytes_written: int
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB', '500M', '1.5G' or a byte count."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"invalid size {text!r} (examples: 2GB, 500MB)")
+    scale = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[match[2].upper()]
+    return int(float(match[1]) * scale)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _model_dir(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    target = out.resolve()
+    for path in inputs:
+        model = path.resolve()
+        if target == model or (model.is_dir() and model in target.parents):
+            raise RecipeError(f"{out}: the output must not be (inside) an input model {model}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise RecipeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
+
+
+def _recipes(
+    config: MergeConfig, paths: dict[str, Path], base_ref: str | None, inputs: list[ModelEntry], layers: int
+) -> list[dict[str, Any]]:
+    source_ref = base_ref if base_ref is not None else inputs[0].model
+    index = {ref: i for i, ref in enumerate(paths)}
+    method = config.method
+    tensors = []
+    for name, shape, _ in model_tensors(str(paths[source_ref])):
+        del shape
+        entries = []
+        for entry in inputs:
+            density = float(lookup(config, entry, "density", name, layers, method.tensor_defaults.get("density", 1.0)))
+            if not 0 < density <= 1:
+                raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside (0, 1]")
+            param = {
+                "model": index[entry.model],
+                "tensor": name,
+                "weight": float(lookup(config, entry, "weight", name, layers, 1.0)),
+                "density": density,
+                "gamma": float(lookup(config, entry, "gamma", name, layers, method.tensor_defaults.get("gamma", 0.0))),
+            }
+            entries.append(param)
+        tensors.append(
+            {
+                "name": name,
+                "base_tensor": name if base_ref is not None else None,
+                "inputs": entries,
+                "t": float(lookup(config, None, "t", name, layers, 0.0)),
+            }
+        )
+    return tensors
+
+
+def merge(
+    recipe: str | os.PathLike[str] | Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    seed: int = 0,
+    threads: int = 0,
+    out_shard_size: str | int = "5GB",
+    offline: bool = False,
+    progress: Callable[[int, int], object] | None = None,
+) -> MergeResult:
+    """Runs a mergekit recipe (a YAML path or a dict with the same keys) into directory ``out``."""
+    config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
+    out_path = Path(out)
+    refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
+    paths = {ref: resolve(ref, offline=offline) for ref in refs}
+    _check_output(out_path, list(paths.values()), overwrite)
+    method = config.method
+    base_ref = config.base_model if (method.needs_base or method.name != "linear") else None
+    if method.name == "passthrough":
+        base_ref = None
+    inputs = [m for m in config.models if m.model != base_ref]
+    base_config = _read_json(_model_dir(paths[base_ref or inputs[0].model]) / "config.json")
+    layers = int((base_config or {}).get("num_hidden_layers") or 0)
+    if not layers:
+        found = [layer_of(n) for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
+        layers = max((x for x in found if x is not None), default=0) + 1
+    options = {k: lookup(config, None, k, "", layers, v) for k, v in method.global_defaults.items()}
+    out_dtype = out_dtype_name(config, base_config)
+    parent = out_path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.modelkin-", dir=parent))
+    try:
+        job = {
+            "models": [str(paths[ref]) for ref in paths],
+            "base": list(paths).index(base_ref) if base_ref is not None else None,
+            "method": method.name,
+            "normalize": bool(options.get("normalize", False)),
+            "rescale": bool(options.get("rescale", False)),
+            "lambda": float(options.get("lambda", 1.0)),
+            "seed": seed,
+            "out_dtype": out_dtype,
+            "out_dir": str(staging),
+            "max_shard_bytes": parse_size(out_shard_size),
+            "threads": threads,
+            "tensors": _recipes(config, paths, base_ref, inputs, layers),
+        }
+        report = run_merge(json.dumps(job), progress=progress)
+        kinship = report["kinship"]
+        if kinship is not None:
+            kinship = {k: [[None if v != v else v for v in row] for row in m] for k, m in kinship.items()}
+        parents = tuple(m.model for m in inputs)
+        _write_metadata(staging, config, paths, base_ref, inputs, out_dtype, base_config, options, kinship, parents)
+        _publish(staging, out_path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return MergeResult(out_path, method.name, parents, base_ref, kinship, int(report["bytes_written"]))
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Renames the finished staging directory into place; an old OUT is removed only after."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.modelkin-old-{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+def _write_metadata(
+    staging: Path,
+    config: MergeConfig,
+    paths: dict[str, Path],
+    base_ref: str | None,
+    inputs: list[ModelEntry],
+    out_dtype: str,
+    base_config: dict[str, Any] | None,
+    options: dict[str, Any],
+    kinship: dict[str, list[list[float | None]]] | None,
+    parents: tuple[str, ...],
+) -> None:
+    torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+    if base_config is not None:
+        (staging / "config.json").write_text(json.dumps({**base_config, "torch_dtype": torch_dtype}, indent=2))
+    tokenizer_ref = config.tokenizer_source if config.tokenizer_source not in (None, "base") else base_ref
+    tokenizer_dir = _model_dir(paths.get(tokenizer_ref or inputs[0].model) or resolve(str(tokenizer_ref)))
+    for file in tokenizer_dir.iterdir():
+        if file.is_file() and TOKENIZER_FILES.match(file.name):
+            shutil.copyfile(file, staging / file.name)
+    (staging / "mergekit_config.yml").write_text(config.text)
+    provenance = {
+        "parents": list(parents),
+        "base": base_ref,
+        "method": config.method.name,
+        "parameters": {
+            "global": dict(config.parameters),
+            "resolved_defaults": options,
+            "models": {m.model: dict(m.parameters) for m in config.models},
+        },
+        "kinship": kinship,
+        "modelkin_version": __version__,
+    }
+    (staging / "modelkin.json").write_text(json.dumps(provenance, indent=2, default=str))
+    (staging / "README.md").write_text(_model_card(config, base_ref, parents, kinship))
+
+
+def _model_card(
+    config: MergeConfig, base: str | None, parents: tuple[str, ...], kinship: dict[str, list[list[float | None]]] | None
+) -> str:
+    front = ["---", "base_model:"] + [f"- {p}" for p in ([base] if base else []) + list(parents)]
+    front += ["library_name: transformers", "tags:", "- mergekit", "- merge", "- modelkin", "---", ""]
+    body = [
+        f"# {Path(config.raw.get('name') or 'merged model').name}",
+        "",
+        f"A merge made with modelkin using **{config.method.name}** ({METHODS[config.method.name].summary}).",
+        "",
+    ]
+    if base:
+        body += [f"Base model: `{base}`", ""]
+    body += ["Parents:", *[f"- `{p}`" for p in parents], ""]
+    if kinship is not None:
+        body += [
+            "## Kinship of the parents",
+            "",
+            "Similarity of the parents' deltas against the base (measured while merging).",
+            "",
+            "| model A | model B | pcc | cs | ed |",
+            "|---|---|---|---|---|",
+        ]
+        for i, a in enumerate(parents):
+            for j in range(i + 1, len(parents)):
+                cells = []
+                for metric in ("pcc", "cs", "ed"):
+                    v = kinship[metric][i][j]
+                    cells.append("n/a" if v is None else f"{v:.4f}")
+                body.append(f"| `{a}` | `{parents[j]}` | " + " | ".join(cells) + " |")
+        body.append("")
+    body += ["## Configuration", "", "```yaml", config.text.rstrip(), "```", ""]
+    return "\n".join(front + body)

@@ -1,0 +1,307 @@
+"""mergekit YAML recipes: parsed with PyYAML, validated into typed objects, parameters resolved per
+tensor with mergekit's lookup order (per-model > global), gradients and filters."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ModelkinError
+
+
+class RecipeError(ModelkinError, ValueError):
+    """A merge recipe is invalid; the message names the key and, for YAML, the line."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    needs_base: bool
+    global_defaults: Mapping[str, object]
+    required_global: tuple[str, ...] = ()
+    tensor_defaults: Mapping[str, object] = field(default_factory=dict)
+    required_tensor: tuple[str, ...] = ()
+
+
+def _gta(name: str, summary: str, normalize: bool, rescale: bool, **extra: object) -> MethodSpec:
+    return MethodSpec(
+        name,
+        summary,
+        True,
+        {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
+        tensor_defaults={"density": 1.0, **extra},
+        required_tensor=("weight",),
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "linear",
+            "weighted average of the models (model soup)",
+            False,
+            {"normalize": True},
+            required_tensor=("weight",),
+        ),
+        _gta("task_arithmetic", "base + weighted sum of task vectors", False, False),
+        _gta("ties", "top-k magnitude pruning + sign election", True, False),
+        _gta("dare_ties", "random pruning with L1 rescale + sign election", False, True),
+        _gta("dare_linear", "random pruning with L1 rescale", False, True),
+        _gta("breadcrumbs", "drop the largest gamma and the smallest entries", False, False, gamma=0.01),
+        _gta("breadcrumbs_ties", "breadcrumbs + sign election", False, False, gamma=0.01),
+        MethodSpec("slerp", "spherical interpolation; base_model is t=0", True, {}, required_global=("t",)),
+        MethodSpec(
+            "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
+        ),
+        MethodSpec("passthrough", "copy one model's tensors", False, {}),
+    )
+}
+# Methods of mergekit 0.1.5 that a later version of modelkin will add.
+PLANNED = ("nuslerp", "multislerp", "karcher", "della", "della_linear", "sce")
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_DTYPES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    parameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    method: MethodSpec
+    models: tuple[ModelEntry, ...]
+    base_model: str | None
+    parameters: Mapping[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    text: str
+    raw: Mapping[str, Any]
+
+
+class _Lines:
+    """Maps key paths of the parsed YAML to line numbers, for messages."""
+
+    def __init__(self, text: str | None) -> None:
+        self._root = yaml.compose(text) if text else None
+
+    def line(self, path: Sequence[str | int]) -> str:
+        node = self._root
+        found = node
+        for key in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == key), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+            else:
+                node = None
+            if node is None:
+                break
+            found = node
+        return f" (line {found.start_mark.line + 1})" if found is not None else ""
+
+
+def _where(path: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
+
+
+def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
+    """Reads a mergekit YAML file (or a dict with the same keys) and validates it."""
+    if isinstance(recipe, Mapping):
+        raw: Any = dict(recipe)
+        text = yaml.safe_dump(raw, sort_keys=False)
+        lines = _Lines(None)
+        source = "recipe"
+    else:
+        source = str(recipe)
+        text = Path(recipe).read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise RecipeError(f"{source}:{where} invalid YAML: {problem}") from error
+        lines = _Lines(text)
+
+    def fail(path: Sequence[str | int], message: str) -> RecipeError:
+        return RecipeError(f"{source}: {_where(path)}{lines.line(path)}: {message}")
+
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{source}: a merge recipe is a mapping with merge_method and models")
+    known = {
+        "merge_method",
+        "models",
+        "slices",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "tokenizer",
+        "chat_template",
+        "name",
+    }
+    for key in raw:
+        if key not in known:
+            raise fail([key], f"unknown key (known: {', '.join(sorted(known))})")
+    method_name = raw.get("merge_method")
+    if method_name not in METHODS:
+        hint = " (planned, not supported yet)" if method_name in PLANNED else ""
+        raise fail(["merge_method"], f"unknown merge_method {method_name!r}{hint}; supported: {', '.join(METHODS)}")
+    method = METHODS[method_name]
+    if "slices" in raw:
+        raise fail(["slices"], "slices (layer ranges, frankenmerges) are not supported yet; use models:")
+    if raw.get("tokenizer_source") == "union":
+        raise fail(["tokenizer_source"], "tokenizer_source: union is not supported yet (use base or a model)")
+    if "tokenizer" in raw:
+        raise fail(["tokenizer"], "the tokenizer: section is not supported yet (use tokenizer_source)")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise fail(["models"], "a non-empty list of models is required")
+    models = []
+    for i, entry in enumerate(models_raw):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+            raise fail(["models", i], "each entry needs a 'model' string")
+        if "+" in entry["model"]:
+            raise fail(["models", i, "model"], "LoRA references (model+lora) are not supported")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, Mapping):
+            raise fail(["models", i, "parameters"], "parameters must be a mapping")
+        models.append(ModelEntry(entry["model"], dict(params)))
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise fail(["base_model"], "base_model must be a model reference")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise fail(["parameters"], "parameters must be a mapping")
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None and raw[key] not in _DTYPES:
+            raise fail([key], f"unsupported dtype {raw[key]!r} (float32, float16, bfloat16)")
+    config = MergeConfig(
+        method=method,
+        models=tuple(models),
+        base_model=base,
+        parameters=dict(parameters),
+        dtype=raw.get("dtype"),
+        out_dtype=raw.get("out_dtype"),
+        tokenizer_source=raw.get("tokenizer_source"),
+        text=text,
+        raw=raw,
+    )
+    _check_method(config, fail)
+    return config
+
+
+def _check_method(config: MergeConfig, fail: Any) -> None:
+    method = config.method
+    names = [m.model for m in config.models]
+    others = [m for m in names if m != config.base_model]
+    if method.needs_base and config.base_model is None:
+        raise fail(["base_model"], f"{method.name} needs a base_model")
+    if method.name == "slerp" and (len(config.models) != 2 or config.base_model not in names):
+        raise fail(["models"], "slerp needs exactly two models, one of them the base_model")
+    if method.name == "model_stock" and len(others) + 1 < 3:
+        raise fail(["models"], "model_stock needs at least three models counting the base")
+    if method.name == "passthrough" and len(config.models) != 1:
+        raise fail(["models"], "passthrough with models: takes exactly one model")
+    for key in method.required_global:
+        if key not in config.parameters:
+            raise fail(["parameters"], f"{method.name} needs the parameter '{key}'")
+    for i, entry in enumerate(config.models):
+        if entry.model == config.base_model and method.name != "linear":
+            continue
+        for key in method.required_tensor:
+            if key not in entry.parameters and key not in config.parameters:
+                raise fail(["models", i], f"{method.name} needs '{key}' for {entry.model}")
+        for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
+            for key, value in params.items():
+                _check_value(fail, [*scope, key], key, value)
+
+
+def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None:
+    values = _all_numbers(value)
+    if isinstance(value, list) and not value:
+        raise fail(path, "an empty list is not a valid parameter value (a gradient needs at least one number)")
+    if key == "density":
+        for v in values:
+            if not 0 < v <= 1:
+                raise fail(path, f"density {v} is outside (0, 1]")
+
+
+def _all_numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list):
+        return [v for item in value for v in _all_numbers(item.get("value") if isinstance(item, Mapping) else item)]
+    return []
+
+
+def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None) -> str:
+    """The safetensors dtype of the output: out_dtype, else dtype, else the base's torch_dtype."""
+    for name in (config.out_dtype, config.dtype, (base_config or {}).get("torch_dtype")):
+        if isinstance(name, str) and name in _DTYPES:
+            return _DTYPES[name]
+    return "BF16"
+
+
+def layer_of(tensor: str) -> int | None:
+    match = _LAYER.search(tensor)
+    return int(match[1]) if match else None
+
+
+def evaluate(value: Any, tensor: str, layers: int) -> Any:
+    """A parameter's value for one tensor: filters pick the first matching entry (a filter-less
+    entry is the fallback), lists of numbers are gradients over the layers."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for item in value:
+            pattern = item.get("filter")
+            if pattern is None or pattern in tensor:
+                return evaluate(item.get("value"), tensor, layers)
+        return None
+    if isinstance(value, list) and value:
+        layer = layer_of(tensor)
+        if layer is None or len(value) == 1:
+            return value[0]
+        t = layer / max(1, layers - 1)
+        scaled = t * (len(value) - 1)
+        low = min(math.floor(scaled), len(value) - 1)
+        high = min(low + 1, len(value) - 1)
+        frac = scaled - low
+        return value[low] * (1 - frac) + value[high] * frac
+    return value
+
+
+def lookup(
+    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, layers: int, default: object = None
+) -> Any:
+    """mergekit's order: the model's own parameters, then the global ones, then the default."""
+    for params in ((entry.parameters if entry else {}), config.parameters):
+        if key in params:
+            value = evaluate(params[key], tensor, layers)
+            if value is not None:
+                return value
+    return default

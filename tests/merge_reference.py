@@ -1,0 +1,114 @@
+"""Independent float64 references of the merge methods, written from mergekit's definitions
+(DESIGN.md section 3) with numpy on whole tensors, plus a minimal safetensors reader."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+Array = np.ndarray
+
+
+def read_safetensors(directory: Path) -> dict[str, Array]:
+    """Every tensor of a model directory, widened to float64 (numpy only)."""
+    out: dict[str, Array] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        data = file.read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        body = data[8 + length :]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            raw = body[start:end]
+            if info["dtype"] == "BF16":
+                values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
+            else:
+                values = np.frombuffer(raw, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[info["dtype"]])
+            out[name] = values.astype(np.float64).reshape(info["shape"])
+    return out
+
+
+def kth_magnitude_mask(delta: Array, keep: int) -> Array:
+    """Top-``keep`` |delta| (ranked in float32); every entry tied with the k-th largest is kept."""
+    magnitude = np.abs(delta.astype(np.float32)).ravel()
+    threshold = np.sort(magnitude)[::-1][keep - 1]
+    return (magnitude >= threshold).reshape(delta.shape)
+
+
+def breadcrumbs_mask(delta: Array, density: float, gamma: float) -> Array:
+    n = delta.size
+    target, top = int(density * n), int(gamma * n)
+    bottom = n - target - top
+    if bottom < 0:
+        top += bottom
+        bottom = 0
+    if top <= 0:
+        return np.zeros(delta.shape, dtype=bool)
+    magnitude = np.abs(delta.astype(np.float32)).ravel()
+    ordered = np.sort(magnitude)
+    low, high = ordered[bottom], ordered[n - top]
+    return ((magnitude >= low) & (magnitude < high)).reshape(delta.shape)
+
+
+def f32_delta(x: Array, z: Array) -> Array:
+    return x.astype(np.float32) - z.astype(np.float32)
+
+
+def task_vector_merge(
+    base: Array,
+    models: list[Array],
+    weights: list[float],
+    *,
+    masks: list[Array] | None,
+    consensus: bool,
+    normalize: bool,
+    lam: float = 1.0,
+) -> Array:
+    deltas = [x - base for x in models]
+    if masks is not None:
+        deltas = [d * m for d, m in zip(deltas, masks, strict=True)]
+    weighted = np.stack([w * d for w, d in zip(weights, deltas, strict=True)])
+    w = np.array(weights).reshape((-1,) + (1,) * base.ndim) * np.ones_like(weighted)
+    if consensus:
+        majority = np.where(weighted.sum(axis=0) >= 0, 1.0, -1.0)
+        keep = np.sign(weighted) == majority
+        mixed = (weighted * keep).sum(axis=0)
+        divisor = (w * keep).sum(axis=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(axis=0)
+        divisor = w.sum(axis=0)
+        divisor[np.abs(divisor) < 1e-8] = 1
+    if normalize:
+        mixed = mixed / divisor
+    return base + lam * mixed
+
+
+def slerp(t: float, v0: Array, v1: Array) -> Array:
+    def unit(v: Array) -> Array:
+        norm = np.linalg.norm(v)
+        return v / norm if norm > 1e-8 else v
+
+    dot = float(np.sum(unit(v0) * unit(v1)))
+    if abs(dot) > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = np.arccos(dot)
+    return np.sin(theta - theta * t) / np.sin(theta) * v0 + np.sin(theta * t) / np.sin(theta) * v1
+
+
+def model_stock(base: Array, models: list[Array]) -> Array:
+    offsets = [(x - base).ravel() for x in models]
+    cosines = []
+    for i in range(len(offsets)):
+        for j in range(i + 1, len(offsets)):
+            norms = max(np.linalg.norm(offsets[i]) * np.linalg.norm(offsets[j]), 1e-6)
+            cosines.append(np.clip(offsets[i] @ offsets[j] / norms, -1, 1))
+    cos = float(np.mean(cosines))
+    n = len(models)
+    t = n * cos / (1 + (n - 1) * cos)
+    return t * (sum(models) / n) + (1 - t) * base

@@ -1,0 +1,349 @@
+"""Merges: every method against the independent float64 reference, the output layout and its
+provenance, determinism, and bad recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from merge_reference import (
+    breadcrumbs_mask,
+    f32_delta,
+    kth_magnitude_mask,
+    model_stock,
+    read_safetensors,
+    slerp,
+    task_vector_merge,
+)
+
+import modelkin
+from conftest import run_cli, tree_digest
+from modelkin.merge import merge
+from modelkin.merge_config import evaluate
+
+
+@pytest.fixture
+def fam(family_factory):
+    return family_factory(n=3, dtype="BF16", shards=2, extra_vocab=(0, 4, 0))
+
+
+def inputs(fam):
+    """Stored values of base and fine-tunes, fine-tunes cut to the base's vocabulary."""
+    base = fam.base_values
+    models = [{k: v[: base[k].shape[0]] if v.ndim else v for k, v in m.items()} for m in fam.values[1:]]
+    return base, models
+
+
+def write_recipe(tmp_path: Path, recipe: dict) -> Path:
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def check_close(out: dict, expected: dict) -> None:
+    """Output (float32) equals the reference rounded to float32, up to 1 ulp on rare elements."""
+    assert set(out) == set(expected)
+    total = mismatched = 0
+    for name, reference in expected.items():
+        got = out[name].astype(np.float32)
+        want = reference.astype(np.float32)
+        assert got.shape == want.shape, name
+        ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+        assert ulps.max() <= 1, f"{name}: {ulps.max()} ulps apart"
+        mismatched += int((ulps > 0).sum())
+        total += ulps.size
+    assert mismatched <= total * 1e-3, f"{mismatched} of {total} elements differ by 1 ulp"
+
+
+def run_recipe(tmp_path, fam, method, model_params, parameters=None, base=True, **kwargs):
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, model_params, strict=True)],
+        "merge_method": method,
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    if base:
+        recipe["base_model"] = str(fam.base)
+    if parameters:
+        recipe["parameters"] = parameters
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "out"
+    result = merge(write_recipe(tmp_path, recipe), out, **kwargs)
+    return result, read_safetensors(out)
+
+
+WEIGHTS = [0.5, 0.3, 0.8]
+
+
+def test_linear(tmp_path, fam):
+    result, out = run_recipe(tmp_path, fam, "linear", [{"weight": w} for w in WEIGHTS], base=False)
+    _, models = inputs(fam)
+    expected = {k: sum(w * m[k] for w, m in zip(WEIGHTS, models, strict=True)) / sum(WEIGHTS) for k in models[0]}
+    check_close(out, expected)
+    assert result.kinship is None
+
+
+def test_task_arithmetic_with_lambda(tmp_path, fam):
+    _, out = run_recipe(tmp_path, fam, "task_arithmetic", [{"weight": w} for w in WEIGHTS], {"lambda": 0.7})
+    base, models = inputs(fam)
+    expected = {
+        k: task_vector_merge(
+            base[k], [m[k] for m in models], WEIGHTS, masks=None, consensus=False, normalize=False, lam=0.7
+        )
+        for k in base
+    }
+    check_close(out, expected)
+
+
+def test_ties(tmp_path, fam):
+    densities = [0.5, 0.3, 0.9]
+    params = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities, strict=True)]
+    _, out = run_recipe(tmp_path, fam, "ties", params)
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        masks = [
+            kth_magnitude_mask(f32_delta(m[k], base[k]), int(d * base[k].size))
+            if d < 1
+            else np.ones(base[k].shape, bool)
+            for m, d in zip(models, densities, strict=True)
+        ]
+        expected[k] = task_vector_merge(
+            base[k], [m[k] for m in models], WEIGHTS, masks=masks, consensus=True, normalize=True
+        )
+    check_close(out, expected)
+
+
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_breadcrumbs(tmp_path, fam, method):
+    params = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in WEIGHTS]
+    _, out = run_recipe(tmp_path, fam, method, params)
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        masks = [breadcrumbs_mask(f32_delta(m[k], base[k]), 0.6, 0.05) for m in models]
+        expected[k] = task_vector_merge(
+            base[k],
+            [m[k] for m in models],
+            WEIGHTS,
+            masks=masks,
+            consensus=method == "breadcrumbs_ties",
+            normalize=False,
+        )
+    check_close(out, expected)
+
+
+def test_dare_at_density_one_is_task_arithmetic(tmp_path, fam):
+    params = [{"weight": w, "density": 1.0} for w in WEIGHTS]
+    _, dare = run_recipe(tmp_path / "a", fam, "dare_linear", params)
+    _, plain = run_recipe(tmp_path / "b", fam, "task_arithmetic", [{"weight": w} for w in WEIGHTS])
+    for k in dare:
+        np.testing.assert_array_equal(dare[k], plain[k])
+
+
+def test_dare_keeps_the_density_and_the_l1_norm(tmp_path):
+    from modelkin.safetensors_io import save_file
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, (256, 256))
+    tuned = base + rng.normal(0, 0.01, base.shape)
+    save_file(tmp_path / "base.safetensors", {"w": base}, "F32")
+    save_file(tmp_path / "ft.safetensors", {"w": tuned}, "F32")
+    recipe = {
+        "models": [{"model": str(tmp_path / "ft.safetensors"), "parameters": {"weight": 1.0, "density": 0.5}}],
+        "merge_method": "dare_linear",
+        "base_model": str(tmp_path / "base.safetensors"),
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", seed=3)
+    merged = read_safetensors(tmp_path / "out")["w"] - base.astype(np.float32)
+    delta = tuned.astype(np.float32).astype(np.float64) - base.astype(np.float32)
+    assert (merged != 0).mean() == pytest.approx(0.5, abs=0.01)
+    assert np.abs(merged).sum() == pytest.approx(np.abs(delta).sum(), rel=1e-3)
+
+
+def test_dare_ties_is_reproducible_and_independent_of_threads(tmp_path, fam):
+    params = [{"weight": w, "density": 0.4} for w in WEIGHTS]
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
+        "merge_method": "dare_ties",
+        "base_model": str(fam.base),
+        "out_dtype": "bfloat16",
+    }
+    path = write_recipe(tmp_path, recipe)
+    merge(path, tmp_path / "one", seed=7, threads=1)
+    merge(path, tmp_path / "two", seed=7, threads=2)
+    merge(path, tmp_path / "other", seed=8, threads=2)
+    one = (tmp_path / "one" / "model.safetensors").read_bytes()
+    assert one == (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert one != (tmp_path / "other" / "model.safetensors").read_bytes()
+
+
+def test_slerp_with_gradient(tmp_path, family_factory):
+    fam = family_factory(n=1, dtype="BF16")
+    recipe = {
+        "models": [{"model": str(fam.base)}, {"model": str(fam.models[0])}],
+        "merge_method": "slerp",
+        "base_model": str(fam.base),
+        "parameters": {"t": [0.0, 0.5, 1.0]},
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, other = fam.base_values, fam.values[1]
+    for k in base:
+        t = evaluate([0.0, 0.5, 1.0], k, 2)
+        check_close({k: out[k]}, {k: slerp(t, base[k], other[k])})
+
+
+def test_model_stock(tmp_path, fam):
+    _, out = run_recipe(tmp_path, fam, "model_stock", [{}, {}, {}])
+    base, models = inputs(fam)
+    check_close(out, {k: model_stock(base[k], [m[k] for m in models]) for k in base})
+
+
+def test_passthrough_copies(tmp_path, family_factory):
+    fam = family_factory(n=1, dtype="F32")
+    recipe = {"models": [{"model": str(fam.models[0])}], "merge_method": "passthrough", "out_dtype": "float32"}
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    for k, v in fam.values[1].items():
+        np.testing.assert_array_equal(out[k], v)
+
+
+def test_filters_and_gradients_resolve_per_tensor():
+    value = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.3}, {"value": 0.7}]
+    assert evaluate(value, "model.layers.0.self_attn.q_proj.weight", 3) == 0.0
+    assert evaluate(value, "model.layers.1.self_attn.q_proj.weight", 3) == 0.5
+    assert evaluate(value, "model.layers.1.mlp.up_proj.weight", 3) == 0.3
+    assert evaluate(value, "model.norm.weight", 3) == 0.7
+    assert evaluate([0.2, 0.8], "lm_head.weight", 3) == 0.2
+
+
+def test_output_layout_and_provenance(tmp_path, fam):
+    (fam.base / "tokenizer.json").write_text("{}")
+    (fam.base / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "torch_dtype": "float32"}))
+    params = [{"weight": w, "density": 0.5} for w in WEIGHTS]
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
+        "merge_method": "ties",
+        "base_model": str(fam.base),
+        "out_dtype": "bfloat16",
+    }
+    out = tmp_path / "merged"
+    result = merge(write_recipe(tmp_path, recipe), out, out_shard_size=5_000)
+    files = {p.name for p in out.iterdir()}
+    assert {
+        "model.safetensors.index.json",
+        "config.json",
+        "tokenizer.json",
+        "mergekit_config.yml",
+        "README.md",
+        "modelkin.json",
+    } <= files
+    shards = sorted(p for p in files if p.endswith(".safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    provenance = json.loads((out / "modelkin.json").read_text())
+    assert set(provenance) == {"parents", "base", "method", "parameters", "kinship", "modelkin_version"}
+    assert provenance["parents"] == [str(m) for m in fam.models]
+    expected = modelkin.kinship_matrix(fam.models, base=fam.base)
+    for metric in ("pcc", "cs", "ed"):
+        np.testing.assert_allclose(np.array(provenance["kinship"][metric]), expected[metric], rtol=1e-9)
+    assert result.kinship == provenance["kinship"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nbase_model:") and "| pcc |" in card and "merge_method: ties" in card
+    # the merged model is itself a readable model
+    assert modelkin.kinship(out, fam.models[0], base=fam.base).n > 0
+
+
+def test_cli_merge_and_methods(tmp_path, fam):
+    params = [{"weight": w} for w in WEIGHTS]
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam.base),
+    }
+    path = write_recipe(tmp_path, recipe)
+    before = tree_digest(fam.root)
+    proc = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert str(tmp_path / "out") in proc.stdout
+    assert tree_digest(fam.root) == before
+    again = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert run_cli("merge", str(path), str(tmp_path / "out"), "--overwrite").returncode == 0
+    methods = run_cli("methods")
+    assert methods.returncode == 0 and "dare_ties" in methods.stdout and "slerp" in methods.stdout
+
+
+BAD_RECIPES = [
+    ({"merge_method": "frobnicate"}, "supported: linear"),
+    ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "exactly two models"),
+    ({"merge_method": "model_stock", "models": "two"}, "three models"),
+    ({"merge_method": "ties", "density": 1.5}, "outside (0, 1]"),
+    ({"merge_method": "ties", "density": 0.0}, "outside (0, 1]"),
+    ({"merge_method": "ties", "weight": []}, "empty list"),
+]
+
+
+@pytest.mark.parametrize(("change", "needle"), BAD_RECIPES)
+def test_bad_recipes(tmp_path, fam, change, needle):
+    models = fam.models[:2] if change.get("models") == "two" else fam.models
+    params: dict = {"weight": change.get("weight", 1.0)}
+    if "density" in change:
+        params["density"] = change["density"]
+    recipe = {
+        "models": [{"model": str(m), "parameters": params} for m in models],
+        "merge_method": change["merge_method"],
+        "base_model": str(fam.base),
+        "parameters": change.get("parameters", {}),
+    }
+    if change["merge_method"] == "model_stock":
+        recipe["models"] = [{"model": str(fam.base)}, {"model": str(models[0])}]
+    path = write_recipe(tmp_path, recipe)
+    proc = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert needle in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yml"
+    path.write_text("models:\n  - model: a\nmerge_method: [ties\n")
+    proc = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert proc.returncode == 2 and "line" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_inside_an_input_is_refused(tmp_path, fam):
+    recipe = {
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in fam.models],
+        "merge_method": "linear",
+    }
+    proc = run_cli("merge", str(write_recipe(tmp_path, recipe)), str(fam.models[0] / "merged"))
+    assert proc.returncode == 2 and "inside" in proc.stderr
+
+
+def test_missing_tensor_and_shape_mismatch(tmp_path, family_factory):
+    from modelkin.safetensors_io import save_file
+
+    save_file(tmp_path / "base.safetensors", {"a": np.zeros((4, 4)), "b": np.zeros(4)}, "F32")
+    save_file(tmp_path / "ft1.safetensors", {"a": np.ones((4, 4)), "b": np.ones(4)}, "F32")
+    save_file(tmp_path / "ft2.safetensors", {"a": np.ones((4, 4))}, "F32")
+    save_file(tmp_path / "ft3.safetensors", {"a": np.ones((4, 5)), "b": np.ones(4)}, "F32")
+    for other, needle in (("ft2", "'b' is missing"), ("ft3", "shape")):
+        recipe = {
+            "models": [
+                {"model": str(tmp_path / f"{m}.safetensors"), "parameters": {"weight": 1.0}} for m in ("ft1", other)
+            ],
+            "merge_method": "task_arithmetic",
+            "base_model": str(tmp_path / "base.safetensors"),
+        }
+        proc = run_cli("merge", str(write_recipe(tmp_path, recipe)), str(tmp_path / f"out-{other}"))
+        assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
+        assert not (tmp_path / f"out-{other}").exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temp dir left behind"
