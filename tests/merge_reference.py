@@ -112,3 +112,21 @@ def model_stock(base: Array, models: list[Array]) -> Array:
     n = len(models)
     t = n * cos / (1 + (n - 1) * cos)
     return t * (sum(models) / n) + (1 - t) * base
+
+
+def sce(base: Array, models: list[Array], select_topk: float) -> Array:
+    tvs = np.stack([x - base for x in models])
+    if select_topk < 1:
+        var = tvs.var(axis=0).astype(np.float32).ravel()
+        k = int(np.count_nonzero(var) * select_topk)
+        if k == 0:
+            mask = np.zeros(var.shape, bool)
+        else:
+            mask = var >= np.sort(var)[::-1][k - 1]
+        tvs = tvs * mask.reshape(base.shape)
+    majority = np.where(tvs.sum(axis=0) >= 0, 1.0, -1.0)
+    erase = np.sign(tvs) == majority
+    energy = (tvs**2).reshape(len(models), -1).mean(axis=1)
+    weights = np.ones(len(models)) / len(models) if abs(energy.sum()) < 1e-6 else energy / energy.sum()
+    w = weights.reshape((-1,) + (1,) * base.ndim) * erase
+    return base + (tvs * w).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-6)

@@ -15,6 +15,7 @@ from merge_reference import (
     kth_magnitude_mask,
     model_stock,
     read_safetensors,
+    sce,
     slerp,
     task_vector_merge,
 )
@@ -205,6 +206,37 @@ def test_model_stock(tmp_path, fam):
     check_close(out, {k: model_stock(base[k], [m[k] for m in models]) for k in base})
 
 
+@pytest.mark.parametrize("topk", [1.0, 0.5])
+def test_sce(tmp_path, fam, topk):
+    _, out = run_recipe(tmp_path, fam, "sce", [{}, {}, {}], {"select_topk": topk})
+    base, models = inputs(fam)
+    check_close(out, {k: sce(base[k], [m[k] for m in models], topk) for k in base})
+
+
+def test_della_prunes_by_rank_within_rows(tmp_path):
+    from modelkin.safetensors_io import save_file
+
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 1, (64, 512))
+    tuned = base + rng.normal(0, 0.01, base.shape)
+    save_file(tmp_path / "base.safetensors", {"w": base}, "F32")
+    save_file(tmp_path / "ft.safetensors", {"w": tuned}, "F32")
+    for method in ("della_linear", "della"):
+        recipe = {"models": [{"model": str(tmp_path / "ft.safetensors"),
+                              "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.2}}],
+                  "merge_method": method, "base_model": str(tmp_path / "base.safetensors"), "out_dtype": "float32"}
+        merge(write_recipe(tmp_path, recipe), tmp_path / method, seed=5)
+        merged = read_safetensors(tmp_path / method)["w"] - base.astype(np.float32)
+        delta = tuned.astype(np.float32).astype(np.float64) - base.astype(np.float32)
+        kept = merged != 0
+        assert kept.mean() == pytest.approx(0.5, abs=0.01)
+        # keep probability rises from density - epsilon (smallest in a row) to density + epsilon
+        ranks = np.argsort(np.argsort(np.abs(delta), axis=1), axis=1)
+        assert kept[ranks < 128].mean() == pytest.approx(0.35, abs=0.02)
+        assert kept[ranks >= 384].mean() == pytest.approx(0.65, abs=0.02)
+        assert np.abs(merged).sum() == pytest.approx(np.abs(delta).sum(), rel=1e-3)
+
+
 def test_passthrough_copies(tmp_path, family_factory):
     fam = family_factory(n=1, dtype="F32")
     recipe = {"models": [{"model": str(fam.models[0])}], "merge_method": "passthrough", "out_dtype": "float32"}
@@ -287,6 +319,8 @@ BAD_RECIPES = [
     ({"merge_method": "ties", "density": 1.5}, "outside (0, 1]"),
     ({"merge_method": "ties", "density": 0.0}, "outside (0, 1]"),
     ({"merge_method": "ties", "weight": []}, "empty list"),
+    ({"merge_method": "della_linear", "density": 0.1}, "density ± epsilon"),
+    ({"merge_method": "karcher"}, "not supported yet"),
 ]
 
 
@@ -302,6 +336,9 @@ def test_bad_recipes(tmp_path, fam, change, needle):
         "base_model": str(fam.base),
         "parameters": change.get("parameters", {}),
     }
+    if change["merge_method"] == "della_linear":
+        for m in recipe["models"]:
+            m["parameters"]["epsilon"] = 0.15
     if change["merge_method"] == "model_stock":
         recipe["models"] = [{"model": str(fam.base)}, {"model": str(models[0])}]
     path = write_recipe(tmp_path, recipe)

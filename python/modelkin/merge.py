@@ -84,12 +84,18 @@ def _recipes(
             density = float(lookup(config, entry, "density", name, layers, method.tensor_defaults.get("density", 1.0)))
             if not 0 < density <= 1:
                 raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside (0, 1]")
+            epsilon = float(lookup(config, entry, "epsilon", name, layers, method.tensor_defaults.get("epsilon", 0.0)))
+            if method.name.startswith("della") and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+                raise RecipeError(
+                    f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
+                )
             param = {
                 "model": index[entry.model],
                 "tensor": name,
                 "weight": float(lookup(config, entry, "weight", name, layers, 1.0)),
                 "density": density,
                 "gamma": float(lookup(config, entry, "gamma", name, layers, method.tensor_defaults.get("gamma", 0.0))),
+                "epsilon": epsilon,
             }
             entries.append(param)
         tensors.append(
@@ -98,6 +104,7 @@ def _recipes(
                 "base_tensor": name if base_ref is not None else None,
                 "inputs": entries,
                 "t": float(lookup(config, None, "t", name, layers, 0.0)),
+                "select_topk": float(lookup(config, None, "select_topk", name, layers, 1.0)),
             }
         )
     return tensors

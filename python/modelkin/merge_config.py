@@ -57,6 +57,10 @@ METHODS: dict[str, MethodSpec] = {
         _gta("dare_linear", "random pruning with L1 rescale", False, True),
         _gta("breadcrumbs", "drop the largest gamma and the smallest entries", False, False, gamma=0.01),
         _gta("breadcrumbs_ties", "breadcrumbs + sign election", False, False, gamma=0.01),
+        _gta("della", "magnitude-ranked random pruning per row + sign election", True, True, epsilon=0.15),
+        _gta("della_linear", "magnitude-ranked random pruning per row", False, True, epsilon=0.15),
+        MethodSpec("sce", "select high-variance entries, energy weights, sign election", True,
+                   {"select_topk": 1.0, "int8_mask": False}),
         MethodSpec("slerp", "spherical interpolation; base_model is t=0", True, {}, required_global=("t",)),
         MethodSpec(
             "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
@@ -65,7 +69,7 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 # Methods of mergekit 0.1.5 that a later version of modelkin will add.
-PLANNED = ("nuslerp", "multislerp", "karcher", "della", "della_linear", "sce")
+PLANNED = ("nuslerp", "multislerp", "karcher")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _DTYPES = {

@@ -1,0 +1,205 @@
+//! The output pass: each block of an output tensor is combined from the decoded inputs, encoded
+//! to the output dtype and written in order; the parents' kinship moments come from the same read.
+
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+
+use super::statistics::{keep_mask, variance_bits, TensorStatistics};
+use super::{read_block, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
+use crate::encode::encode;
+use crate::error::Result;
+use crate::kinship::Progress;
+use crate::stats::Moments;
+use crate::writer::ShardedWriter;
+
+/// Merges and writes one tensor; returns the moments of the parents' deltas against the base
+/// (for kinship) when there is a base.
+pub(super) fn write_tensor(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    writer: &mut ShardedWriter,
+    progress: &Progress,
+) -> Result<Option<Moments>> {
+    let n = tensor.numel;
+    let blocks: Vec<usize> = (0..n.div_ceil(tensor.block)).collect();
+    let bytes_per_element: u64 = tensor
+        .base
+        .iter()
+        .chain(&tensor.inputs)
+        .map(|s| s.dtype.size() as u64)
+        .sum();
+    let mut moments = tensor
+        .base
+        .as_ref()
+        .map(|_| Moments::empty(tensor.inputs.len()));
+    for batch in blocks.chunks(BLOCKS_IN_FLIGHT) {
+        let outputs: Vec<(Vec<u8>, Option<Moments>)> = batch
+            .par_iter()
+            .map(|&b| {
+                progress.check()?;
+                let first = b * tensor.block;
+                let len = tensor.block.min(n - first);
+                let out = merge_block(job, index, tensor, stats, first, len);
+                progress
+                    .done
+                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                Ok(out)
+            })
+            .collect::<Result<_>>()?;
+        for (bytes, block_moments) in outputs {
+            writer.write(&bytes)?;
+            if let (Some(total), Some(block)) = (moments.as_mut(), block_moments) {
+                total.merge(&block);
+            }
+        }
+    }
+    Ok(moments)
+}
+
+fn merge_block(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    first: usize,
+    len: usize,
+) -> (Vec<u8>, Option<Moments>) {
+    let sources: Vec<&Source> = tensor.inputs.iter().collect();
+    let inputs = read_block(&sources, first, len);
+    let base = tensor
+        .base
+        .as_ref()
+        .map(|s| read_block(&[s], first, len).remove(0));
+    let mut merged = vec![0.0f64; len];
+    match (job.method, &base) {
+        (Method::Linear, _) => {
+            let weights = &stats.weights;
+            let total: f64 = weights.iter().sum();
+            for (e, out) in merged.iter_mut().enumerate() {
+                let sum: f64 = inputs.iter().zip(weights).map(|(x, w)| w * x[e]).sum();
+                *out = if job.normalize { sum / total } else { sum };
+            }
+        }
+        (Method::Slerp | Method::ModelStock, Some(z)) => {
+            let (s0, s1) = stats.mix;
+            let count = inputs.len() as f64;
+            for (e, out) in merged.iter_mut().enumerate() {
+                let other = if job.method == Method::Slerp {
+                    inputs[0][e]
+                } else {
+                    inputs.iter().map(|x| x[e]).sum::<f64>() / count
+                };
+                *out = s0 * z[e] + s1 * other;
+            }
+        }
+        (Method::Sce, Some(z)) => sce_block(stats, &inputs, z, &mut merged),
+        (method, Some(z)) if method.task_vectors() => {
+            task_vector_block(job, index, tensor, stats, &inputs, z, first, &mut merged)
+        }
+        _ => merged.copy_from_slice(&inputs[0]),
+    }
+    let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
+    encode(job.out_dtype, &merged, &mut bytes);
+    let moments = base.as_ref().map(|z| {
+        let mut deltas = inputs;
+        let means: Vec<f64> = deltas
+            .iter_mut()
+            .map(|d| crate::kernel::subtract_and_sum(d, z) / len as f64)
+            .collect();
+        let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
+        Moments::from_chunk(&views, &means)
+    });
+    (bytes, moments)
+}
+
+/// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
+/// (majority = sign of their sum, +1 on a tie; zeros never vote), normalised, times lambda.
+#[allow(clippy::too_many_arguments)]
+fn task_vector_block(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    inputs: &[Vec<f64>],
+    z: &[f64],
+    first: usize,
+    merged: &mut [f64],
+) {
+    let weights = &stats.weights;
+    let masks: Vec<Option<Vec<bool>>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| keep_mask(job, index, i, stats.keep[i], x, z, first, tensor.row))
+        .collect();
+    let mut contributions = vec![0.0f64; inputs.len()];
+    for (e, out) in merged.iter_mut().enumerate() {
+        for (i, c) in contributions.iter_mut().enumerate() {
+            let kept = masks[i].as_ref().is_none_or(|m| m[e]);
+            *c = if kept {
+                weights[i] * (inputs[i][e] - z[e]) * stats.scale[i]
+            } else {
+                0.0
+            };
+        }
+        let (mixed, divisor) = if job.method.sign_consensus() {
+            let majority = if contributions.iter().sum::<f64>() >= 0.0 {
+                1.0
+            } else {
+                -1.0
+            };
+            let (mut mixed, mut divisor) = (0.0, 0.0);
+            for (c, w) in contributions.iter().zip(weights) {
+                if *c != 0.0 && c.signum() == majority {
+                    mixed += c;
+                    divisor += w;
+                }
+            }
+            (mixed, if divisor == 0.0 { 1.0 } else { divisor })
+        } else {
+            let divisor: f64 = weights.iter().sum();
+            (
+                contributions.iter().sum::<f64>(),
+                if divisor.abs() < 1e-8 { 1.0 } else { divisor },
+            )
+        };
+        let mixed = if job.normalize {
+            mixed / divisor
+        } else {
+            mixed
+        };
+        *out = z[e] + mixed * job.lambda;
+    }
+}
+
+/// SCE: selected entries (high variance across task vectors), energy weights, sign election on the
+/// unweighted task vectors, divided by the surviving weights (at least 1e-6).
+fn sce_block(stats: &TensorStatistics, inputs: &[Vec<f64>], z: &[f64], merged: &mut [f64]) {
+    let mut views: Vec<&[f64]> = vec![z];
+    views.extend(inputs.iter().map(Vec::as_slice));
+    for (e, out) in merged.iter_mut().enumerate() {
+        let selected = stats
+            .variance_floor
+            .is_none_or(|floor| variance_bits(&views, e) >= floor);
+        if !selected {
+            *out = z[e];
+            continue;
+        }
+        let deltas = inputs.iter().map(|x| x[e] - z[e]);
+        let majority = if deltas.clone().sum::<f64>() >= 0.0 {
+            1.0
+        } else {
+            -1.0
+        };
+        let (mut mixed, mut divisor) = (0.0, 0.0);
+        for (d, w) in deltas.zip(&stats.weights) {
+            if d != 0.0 && d.signum() == majority {
+                mixed += d * w;
+                divisor += w;
+            }
+        }
+        *out = z[e] + mixed / f64::max(divisor, 1e-6);
+    }
+}

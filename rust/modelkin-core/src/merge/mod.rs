@@ -1,0 +1,408 @@
+//! Merging models tensor by tensor, with mergekit's method definitions, in bounded memory.
+//!
+//! Every output tensor is computed in row blocks. A method that needs a whole-tensor statistic
+//! (a magnitude threshold, an L1 norm, a norm or cosine) takes it in a first streamed pass over
+//! that tensor; nothing holds a model's tensor decoded in full. The parents' deltas against the
+//! base are measured for kinship while the output pass reads them.
+
+mod combine;
+mod statistics;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use serde::Deserialize;
+
+use crate::dtype::FloatDtype;
+use crate::encode::OutDtype;
+use crate::error::{Error, Result};
+use crate::kinship::{cut_shape, KinshipReport, Progress, TensorStats};
+use crate::model::{Model, TensorEntry};
+use crate::writer::{OutputTensor, ShardedWriter};
+
+use statistics::TensorStatistics;
+
+/// Elements per row block of the merge.
+const BLOCK: usize = 1 << 16;
+/// Blocks computed in parallel before their bytes are written in order.
+const BLOCKS_IN_FLIGHT: usize = 32;
+
+/// A merge method, named as in mergekit's YAML.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Weighted average of the models (a model soup).
+    Linear,
+    /// Base plus the weighted sum of task vectors.
+    TaskArithmetic,
+    /// Task arithmetic with top-k magnitude pruning and sign election.
+    Ties,
+    /// Random (Bernoulli) pruning with L1 rescaling and sign election.
+    DareTies,
+    /// Random (Bernoulli) pruning with L1 rescaling.
+    DareLinear,
+    /// Drops the largest `gamma` and the smallest entries of each task vector.
+    Breadcrumbs,
+    /// Breadcrumbs with sign election.
+    BreadcrumbsTies,
+    /// Spherical interpolation between the base (t = 0) and one other model.
+    Slerp,
+    /// Model Stock: interpolation towards the average by the task vectors' mean cosine.
+    ModelStock,
+    /// DELLA: magnitude-ranked random pruning per row, L1 rescale, sign election.
+    Della,
+    /// DELLA without sign election.
+    DellaLinear,
+    /// SCE: select high-variance entries, weight task vectors by their energy, sign election.
+    Sce,
+    /// Copies one model's tensor.
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sparsification {
+    Magnitude,
+    Random,
+    MagnitudeOutliers,
+    DellaMagprune,
+}
+
+impl Method {
+    fn sparsification(self) -> Option<Sparsification> {
+        match self {
+            Method::Ties => Some(Sparsification::Magnitude),
+            Method::DareTies | Method::DareLinear => Some(Sparsification::Random),
+            Method::Breadcrumbs | Method::BreadcrumbsTies => {
+                Some(Sparsification::MagnitudeOutliers)
+            }
+            Method::Della | Method::DellaLinear => Some(Sparsification::DellaMagprune),
+            _ => None,
+        }
+    }
+
+    fn sign_consensus(self) -> bool {
+        matches!(
+            self,
+            Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della
+        )
+    }
+
+    fn task_vectors(self) -> bool {
+        matches!(
+            self,
+            Method::TaskArithmetic
+                | Method::Ties
+                | Method::DareTies
+                | Method::DareLinear
+                | Method::Breadcrumbs
+                | Method::BreadcrumbsTies
+                | Method::Della
+                | Method::DellaLinear
+        )
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One model's contribution to one output tensor, with its resolved parameters.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MergeInput {
+    /// Index into [`MergeJob::models`].
+    pub model: usize,
+    /// Tensor name in that model.
+    pub tensor: String,
+    /// `weight` parameter.
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// `density` parameter.
+    #[serde(default = "one")]
+    pub density: f64,
+    /// `gamma` parameter (breadcrumbs).
+    #[serde(default)]
+    pub gamma: f64,
+    /// `epsilon` parameter (della).
+    #[serde(default)]
+    pub epsilon: f64,
+}
+
+/// How one output tensor is made.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TensorRecipe {
+    /// Output tensor name.
+    pub name: String,
+    /// The base model's tensor name, for methods that use a base.
+    pub base_tensor: Option<String>,
+    /// The merged models, in the config's order (the base excluded).
+    pub inputs: Vec<MergeInput>,
+    /// `t` parameter (slerp).
+    #[serde(default)]
+    pub t: f64,
+    /// `select_topk` parameter (sce).
+    #[serde(default = "one")]
+    pub select_topk: f64,
+}
+
+/// A whole merge, as the Python layer resolves it from a mergekit YAML.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MergeJob {
+    /// Local paths of every model the recipe names.
+    pub models: Vec<PathBuf>,
+    /// Index of the base model, if any.
+    pub base: Option<usize>,
+    /// The method.
+    pub method: Method,
+    /// Divide by the sum of (masked) weights.
+    pub normalize: bool,
+    /// Rescale pruned task vectors to keep their L1 norm (DARE).
+    pub rescale: bool,
+    /// Scale of the mixed task vector.
+    pub lambda: f64,
+    /// Seed of the random methods.
+    pub seed: u64,
+    /// Output dtype.
+    pub out_dtype: OutDtype,
+    /// Directory the shards are written into (it must exist).
+    pub out_dir: PathBuf,
+    /// Largest shard size in bytes.
+    pub max_shard_bytes: u64,
+    /// Worker threads; 0 uses every core.
+    pub threads: usize,
+    /// The output tensors, in writing order.
+    pub tensors: Vec<TensorRecipe>,
+}
+
+/// What a merge produced besides its files.
+#[derive(Debug)]
+pub struct MergeReport {
+    /// The parents' kinship against the base (none without a base).
+    pub kinship: Option<KinshipReport>,
+    /// Bytes of tensor data written.
+    pub bytes_written: u64,
+}
+
+#[derive(Clone)]
+struct Source<'m> {
+    model: &'m Model,
+    entry: &'m TensorEntry,
+    dtype: FloatDtype,
+}
+
+impl Source<'_> {
+    fn read(&self, first: usize, out: &mut [f64]) {
+        self.model.read_f64(self.entry, self.dtype, first, out);
+    }
+}
+
+struct Resolved<'m> {
+    recipe: &'m TensorRecipe,
+    base: Option<Source<'m>>,
+    inputs: Vec<Source<'m>>,
+    shape: Vec<usize>,
+    numel: usize,
+    /// Elements per row (a 1-D tensor is one row), for methods that rank within rows.
+    row: usize,
+    /// Elements per block: whole rows when the method ranks within rows.
+    block: usize,
+}
+
+/// Runs a merge job: reads every input tensor once for the output (plus one streamed statistics
+/// pass where the method needs it) and writes the shards into `job.out_dir`.
+pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
+    let models = job
+        .models
+        .iter()
+        .map(Model::open)
+        .collect::<Result<Vec<_>>>()?;
+    let run = || merge_models(job, &models, progress);
+    if job.threads == 0 {
+        run()
+    } else {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(job.threads)
+            .build()
+            .map_err(|e| {
+                Error::InvalidArgument(format!("cannot start {} threads: {e}", job.threads))
+            })?
+            .install(run)
+    }
+}
+
+fn source<'m>(
+    models: &'m [Model],
+    index: usize,
+    name: &str,
+    rows: Option<usize>,
+    shape: Option<&[usize]>,
+) -> Result<(Source<'m>, Vec<usize>)> {
+    let model = models
+        .get(index)
+        .ok_or_else(|| Error::InvalidArgument(format!("model index {index} out of range")))?;
+    let entry = model.tensor(name).ok_or_else(|| Error::MissingTensor {
+        path: model.path.clone(),
+        tensor: name.to_string(),
+    })?;
+    let cut = cut_shape(&entry.shape, rows);
+    if let Some(expected) = shape {
+        if cut != expected {
+            return Err(Error::ShapeMismatch {
+                path: model.file_of(entry).to_path_buf(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: cut,
+            });
+        }
+    }
+    Ok((
+        Source {
+            model,
+            entry,
+            dtype: model.float_dtype(name, entry)?,
+        },
+        cut,
+    ))
+}
+
+fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m>>> {
+    job.tensors
+        .iter()
+        .map(|recipe| {
+            // The base's shape is the output's; fine-tunes with extra vocabulary rows are cut to it.
+            let (base, mut shape) = match (job.base, &recipe.base_tensor) {
+                (Some(b), Some(name)) => {
+                    let (s, shape) = source(models, b, name, None, None)?;
+                    (Some(s), Some(shape))
+                }
+                _ => (None, None),
+            };
+            let mut inputs = Vec::with_capacity(recipe.inputs.len());
+            for input in &recipe.inputs {
+                let rows = shape.as_ref().and_then(|s| s.first().copied());
+                let (s, cut) = source(models, input.model, &input.tensor, rows, shape.as_deref())?;
+                shape.get_or_insert(cut);
+                inputs.push(s);
+            }
+            let shape = shape.ok_or_else(|| {
+                Error::InvalidArgument(format!("tensor '{}' has no inputs", recipe.name))
+            })?;
+            let numel: usize = shape.iter().product();
+            let row = if shape.len() < 2 {
+                numel.max(1)
+            } else {
+                (numel / shape[0].max(1)).max(1)
+            };
+            let block = match job.method.sparsification() {
+                Some(Sparsification::DellaMagprune) => row * (BLOCK / row).max(1),
+                _ => BLOCK,
+            };
+            Ok(Resolved {
+                recipe,
+                base,
+                inputs,
+                shape,
+                numel,
+                row,
+                block,
+            })
+        })
+        .collect()
+}
+
+fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result<MergeReport> {
+    let resolved = resolve(job, models)?;
+    let outputs: Vec<OutputTensor> = resolved
+        .iter()
+        .map(|r| OutputTensor {
+            name: r.recipe.name.clone(),
+            shape: r.shape.clone(),
+            dtype: job.out_dtype,
+        })
+        .collect();
+    let total: u64 = resolved
+        .iter()
+        .map(|r| read_bytes(r) * (1 + statistics_passes(job)))
+        .sum();
+    progress.total.store(total, Ordering::Relaxed);
+    let mut writer = ShardedWriter::create(&job.out_dir, &outputs, job.max_shard_bytes)?;
+    let mut kinship = Vec::new();
+    let mut bytes_written = 0u64;
+    for (index, tensor) in resolved.iter().enumerate() {
+        let statistics = TensorStatistics::measure(job, index, tensor, progress)?;
+        writer.begin_tensor(index)?;
+        let moments =
+            combine::write_tensor(job, index, tensor, &statistics, &mut writer, progress)?;
+        bytes_written += (tensor.numel * job.out_dtype.size()) as u64;
+        if let Some(moments) = moments {
+            kinship.push(TensorStats {
+                name: tensor.recipe.name.clone(),
+                shape: tensor.shape.clone(),
+                moments,
+            });
+        }
+        for s in tensor.base.iter().chain(&tensor.inputs) {
+            s.model.shards[s.entry.shard].release(s.entry.start, s.entry.end);
+        }
+    }
+    writer.finish()?;
+    let parents = resolved.first().map_or(0, |r| r.inputs.len());
+    let kinship = (!kinship.is_empty()).then(|| KinshipReport::new(parents, kinship, Vec::new()));
+    Ok(MergeReport {
+        kinship,
+        bytes_written,
+    })
+}
+
+fn read_bytes(tensor: &Resolved) -> u64 {
+    tensor
+        .base
+        .iter()
+        .chain(&tensor.inputs)
+        .map(|s| (tensor.numel * s.dtype.size()) as u64)
+        .sum()
+}
+
+/// Extra full reads of the tensor the method's statistics take (for the progress total).
+fn statistics_passes(job: &MergeJob) -> u64 {
+    match job.method.sparsification() {
+        Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2,
+        Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
+        _ if job.method == Method::Sce => 3,
+        _ if matches!(job.method, Method::Slerp | Method::ModelStock) => 1,
+        _ => 0,
+    }
+}
+
+fn no_base(job: &MergeJob) -> Error {
+    Error::InvalidArgument(format!("merge method {:?} needs a base_model", job.method))
+}
+
+/// A reproducible uniform in [0, 1) for (seed, tensor, input, element), independent of threads.
+fn uniform(seed: u64, tensor: usize, input: usize, element: usize) -> f64 {
+    let stream = splitmix64(splitmix64(seed ^ splitmix64(tensor as u64)) ^ input as u64);
+    (splitmix64(stream.wrapping_add(element as u64)) >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// |x − z| rounded to f32, as bits: the magnitude mergekit ranks by (it works in float32).
+fn magnitude_bits(x: f64, z: f64) -> u32 {
+    ((x as f32) - (z as f32)).abs().to_bits()
+}
+
+/// Decodes elements `first..first + len` of every source.
+fn read_block(sources: &[&Source], first: usize, len: usize) -> Vec<Vec<f64>> {
+    sources
+        .iter()
+        .map(|s| {
+            let mut values = vec![0.0; len];
+            s.read(first, &mut values);
+            values
+        })
+        .collect()
+}

@@ -1,0 +1,493 @@
+//! Whole-tensor statistics a method needs before its output pass, each taken in a streamed pass:
+//! magnitude thresholds (radix select), L1 norms of pruned task vectors, norms and cosines.
+
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+
+use super::{
+    magnitude_bits, no_base, read_block, uniform, MergeJob, Method, Resolved, Source,
+    Sparsification,
+};
+use crate::error::{Error, Result};
+use crate::kinship::Progress;
+
+/// Per-input pruning rule of one tensor.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Keep {
+    All,
+    None,
+    /// |δ| (as f32 bits) within [low, high).
+    Range {
+        low: u32,
+        high: u32,
+    },
+    /// Bernoulli(density) from the counter-based generator.
+    Random {
+        density: f64,
+    },
+    /// Bernoulli with a probability rising with the magnitude's rank within its row (DELLA).
+    Della {
+        density: f64,
+        epsilon: f64,
+    },
+}
+
+/// What the output pass of one tensor needs to know.
+pub(super) struct TensorStatistics {
+    pub keep: Vec<Keep>,
+    /// Per-input factor applied to kept entries (the L1 rescale of DARE and DELLA).
+    pub scale: Vec<f64>,
+    /// (s0, s1): output = s0·base + s1·other (slerp), or (1 − t, t) for model stock.
+    pub mix: (f64, f64),
+    /// SCE: entries whose variance across task vectors is at least this (f32 bits) are kept.
+    pub variance_floor: Option<u32>,
+    /// SCE: per-input weights from the task vectors' energy.
+    pub weights: Vec<f64>,
+}
+
+/// Which entries of a block of one input survive pruning; `None` keeps all.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn keep_mask(
+    job: &MergeJob,
+    tensor_index: usize,
+    input: usize,
+    keep: Keep,
+    x: &[f64],
+    z: &[f64],
+    first: usize,
+    row: usize,
+) -> Option<Vec<bool>> {
+    let len = x.len();
+    match keep {
+        Keep::All => None,
+        Keep::None => Some(vec![false; len]),
+        Keep::Range { low, high } => Some(
+            x.iter()
+                .zip(z)
+                .map(|(x, z)| {
+                    let bits = magnitude_bits(*x, *z);
+                    bits >= low && bits < high
+                })
+                .collect(),
+        ),
+        Keep::Random { density } => Some(
+            (0..len)
+                .map(|e| uniform(job.seed, tensor_index, input, first + e) < density)
+                .collect(),
+        ),
+        Keep::Della { density, epsilon } => {
+            let mut mask = vec![false; len];
+            let mut order: Vec<usize> = Vec::with_capacity(row);
+            for start in (0..len).step_by(row) {
+                let end = (start + row).min(len);
+                let magnitudes: Vec<u32> =
+                    (start..end).map(|e| magnitude_bits(x[e], z[e])).collect();
+                order.clear();
+                order.extend(0..end - start);
+                order.sort_by_key(|&e| (magnitudes[e], e));
+                let span = (end - start).saturating_sub(1).max(1) as f64;
+                for (rank, &e) in order.iter().enumerate() {
+                    let p = (density - epsilon) + rank as f64 / span * 2.0 * epsilon;
+                    mask[start + e] = uniform(job.seed, tensor_index, input, first + start + e) < p;
+                }
+            }
+            Some(mask)
+        }
+    }
+}
+
+impl TensorStatistics {
+    pub(super) fn measure(
+        job: &MergeJob,
+        index: usize,
+        tensor: &Resolved,
+        progress: &Progress,
+    ) -> Result<Self> {
+        let k = tensor.inputs.len();
+        let mut stats = TensorStatistics {
+            keep: vec![Keep::All; k],
+            scale: vec![1.0; k],
+            mix: (0.0, 1.0),
+            variance_floor: None,
+            weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
+        };
+        let n = tensor.numel;
+        if let Some(sparsification) = job.method.sparsification() {
+            let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+            for (i, input) in tensor.recipe.inputs.iter().enumerate() {
+                if input.density >= 1.0 {
+                    continue;
+                }
+                let pair = [base, &tensor.inputs[i]];
+                let magnitude = |v: &[&[f64]], e: usize| magnitude_bits(v[1][e], v[0][e]);
+                stats.keep[i] = match sparsification {
+                    Sparsification::Magnitude => {
+                        let keep = (input.density * n as f64) as usize;
+                        if keep == 0 {
+                            return Err(Error::InvalidArgument(format!(
+                                "tensor '{}': density {} keeps no element of {n}",
+                                tensor.recipe.name, input.density
+                            )));
+                        }
+                        let [low] = order_statistics(
+                            &pair,
+                            tensor.block,
+                            n,
+                            [n - keep],
+                            progress,
+                            magnitude,
+                        )?;
+                        Keep::Range {
+                            low,
+                            high: u32::MAX,
+                        }
+                    }
+                    Sparsification::MagnitudeOutliers => {
+                        let target = (input.density * n as f64) as i64;
+                        let mut top = (input.gamma * n as f64) as i64;
+                        let mut bottom = n as i64 - target - top;
+                        if bottom < 0 {
+                            top += bottom;
+                            bottom = 0;
+                        }
+                        if top <= 0 {
+                            // mergekit keeps `indices[n_bot:-n_top]`, an empty slice when n_top is 0.
+                            Keep::None
+                        } else {
+                            let ranks = [bottom as usize, n - top as usize];
+                            let [low, high] = order_statistics(
+                                &pair,
+                                tensor.block,
+                                n,
+                                ranks,
+                                progress,
+                                magnitude,
+                            )?;
+                            Keep::Range { low, high }
+                        }
+                    }
+                    Sparsification::Random => Keep::Random {
+                        density: input.density,
+                    },
+                    Sparsification::DellaMagprune => {
+                        if input.density - input.epsilon <= 0.0
+                            || input.density + input.epsilon >= 1.0
+                        {
+                            return Err(Error::InvalidArgument(format!(
+                                "tensor '{}': della needs density ± epsilon inside (0, 1), got {} ± {}",
+                                tensor.recipe.name, input.density, input.epsilon
+                            )));
+                        }
+                        Keep::Della {
+                            density: input.density,
+                            epsilon: input.epsilon,
+                        }
+                    }
+                };
+                if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. })
+                {
+                    stats.scale[i] = l1_rescale(job, index, i, stats.keep[i], tensor, progress)?;
+                }
+            }
+        }
+        match job.method {
+            Method::Slerp => {
+                let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+                let [aa, bb, ab] = sums_over(
+                    &[base, &tensor.inputs[0]],
+                    tensor.block,
+                    n,
+                    progress,
+                    |_, v| {
+                        let (a, b) = (v[0], v[1]);
+                        [
+                            a.iter().map(|x| x * x).sum(),
+                            b.iter().map(|x| x * x).sum(),
+                            a.iter().zip(b).map(|(x, y)| x * y).sum(),
+                        ]
+                    },
+                )?;
+                stats.mix = slerp_factors(tensor.recipe.t, aa, bb, ab);
+            }
+            Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
+            Method::Sce => sce_statistics(job, tensor, &mut stats, progress)?,
+            _ => {}
+        }
+        Ok(stats)
+    }
+}
+
+/// mergekit's slerp factors (s0 for the base, s1 for the other); lerp when nearly colinear.
+fn slerp_factors(t: f64, aa: f64, bb: f64, ab: f64) -> (f64, f64) {
+    const DOT_THRESHOLD: f64 = 0.9995;
+    const EPS: f64 = 1e-8;
+    let norm = |sq: f64| if sq.sqrt() > EPS { sq.sqrt() } else { 1.0 };
+    let dot = ab / (norm(aa) * norm(bb));
+    if dot.abs() > DOT_THRESHOLD {
+        return (1.0 - t, t);
+    }
+    let theta = dot.acos();
+    let sin_theta = theta.sin();
+    let theta_t = theta * t;
+    (
+        (theta - theta_t).sin() / sin_theta,
+        theta_t.sin() / sin_theta,
+    )
+}
+
+/// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors.
+fn model_stock_factors(
+    job: &MergeJob,
+    tensor: &Resolved,
+    progress: &Progress,
+) -> Result<(f64, f64)> {
+    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let k = tensor.inputs.len();
+    let mut all: Vec<&Source> = vec![base];
+    all.extend(&tensor.inputs);
+    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
+    let products = sums_over_vec(
+        &all,
+        tensor.block,
+        tensor.numel,
+        pairs.len(),
+        progress,
+        |_, v, out| {
+            for (p, &(i, j)) in pairs.iter().enumerate() {
+                out[p] = v[0]
+                    .iter()
+                    .zip(v[i + 1])
+                    .zip(v[j + 1])
+                    .map(|((z, x), y)| (x - z) * (y - z))
+                    .sum();
+            }
+        },
+    )?;
+    let product = |i: usize, j: usize| {
+        products[pairs
+            .iter()
+            .position(|&p| p == (i.min(j), i.max(j)))
+            .expect("pair")]
+    };
+    let mut cosines = Vec::new();
+    for i in 0..k {
+        for j in i + 1..k {
+            let norms = (product(i, i).sqrt() * product(j, j).sqrt()).max(1e-6);
+            cosines.push((product(i, j) / norms).clamp(-1.0, 1.0));
+        }
+    }
+    let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    let count = k as f64;
+    let t = count * cos / (1.0 + (count - 1.0) * cos);
+    Ok((1.0 - t, t))
+}
+
+/// Population variance across the task vectors at one element, as f32 bits (mergekit's ranking).
+pub(super) fn variance_bits(v: &[&[f64]], e: usize) -> u32 {
+    let k = (v.len() - 1) as f64;
+    let deltas = v[1..].iter().map(|x| x[e] - v[0][e]);
+    let mean = deltas.clone().sum::<f64>() / k;
+    let variance = deltas.map(|d| (d - mean) * (d - mean)).sum::<f64>() / k;
+    (variance as f32).to_bits()
+}
+
+/// SCE: the variance threshold of `select_topk`, then weights ∝ mean squared (selected) task vector.
+fn sce_statistics(
+    job: &MergeJob,
+    tensor: &Resolved,
+    stats: &mut TensorStatistics,
+    progress: &Progress,
+) -> Result<()> {
+    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let k = tensor.inputs.len();
+    let n = tensor.numel;
+    let mut all: Vec<&Source> = vec![base];
+    all.extend(&tensor.inputs);
+    let topk = tensor.recipe.select_topk;
+    if topk <= 0.0 {
+        stats.variance_floor = Some(u32::MAX);
+    } else if topk < 1.0 {
+        let [zeros] = sums_over(&all, tensor.block, n, progress, |_, v| {
+            [(0..v[0].len())
+                .filter(|&e| variance_bits(v, e) == 0)
+                .count() as f64]
+        })?;
+        let selected = ((n - zeros as usize) as f64 * topk) as usize;
+        stats.variance_floor = Some(if selected == 0 {
+            u32::MAX
+        } else {
+            let [floor] = order_statistics(
+                &all,
+                tensor.block,
+                n,
+                [n - selected],
+                progress,
+                variance_bits,
+            )?;
+            floor
+        });
+    }
+    let floor = stats.variance_floor;
+    let energy = sums_over_vec(&all, tensor.block, n, k, progress, |_, v, out| {
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = (0..v[0].len())
+                .filter(|&e| floor.is_none_or(|f| variance_bits(v, e) >= f))
+                .map(|e| (v[i + 1][e] - v[0][e]).powi(2))
+                .sum();
+        }
+    })?;
+    let means: Vec<f64> = energy.iter().map(|s| s / n as f64).collect();
+    let total: f64 = means.iter().sum();
+    stats.weights = if total.abs() < 1e-6 {
+        vec![1.0 / k as f64; k]
+    } else {
+        means.iter().map(|m| m / total).collect()
+    };
+    Ok(())
+}
+
+/// The L1 rescale of a randomly pruned task vector: ‖δ‖₁ / ‖δ·mask‖₁, or 1 when either is
+/// below mergekit's 1e-7.
+fn l1_rescale(
+    job: &MergeJob,
+    index: usize,
+    input: usize,
+    keep: Keep,
+    tensor: &Resolved,
+    progress: &Progress,
+) -> Result<f64> {
+    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let [before, after] = sums_over(
+        &[base, &tensor.inputs[input]],
+        tensor.block,
+        tensor.numel,
+        progress,
+        |first, v| {
+            let mask = keep_mask(job, index, input, keep, v[1], v[0], first, tensor.row);
+            let mut sums = [0.0, 0.0];
+            for (e, (z, x)) in v[0].iter().zip(v[1]).enumerate() {
+                let magnitude = (x - z).abs();
+                sums[0] += magnitude;
+                if mask.as_ref().is_none_or(|m| m[e]) {
+                    sums[1] += magnitude;
+                }
+            }
+            sums
+        },
+    )?;
+    Ok(if before < 1e-7 || after < 1e-7 {
+        1.0
+    } else {
+        before / after
+    })
+}
+
+/// Sums computed block by block over the decoded sources, merged in block order.
+fn sums_over<const S: usize>(
+    sources: &[&Source],
+    block: usize,
+    n: usize,
+    progress: &Progress,
+    block_sums: impl Fn(usize, &[&[f64]]) -> [f64; S] + Sync,
+) -> Result<[f64; S]> {
+    let parts = sums_over_vec(sources, block, n, S, progress, |first, v, out| {
+        out.copy_from_slice(&block_sums(first, v))
+    })?;
+    Ok(std::array::from_fn(|i| parts[i]))
+}
+
+fn sums_over_vec(
+    sources: &[&Source],
+    block: usize,
+    n: usize,
+    width: usize,
+    progress: &Progress,
+    block_sums: impl Fn(usize, &[&[f64]], &mut [f64]) + Sync,
+) -> Result<Vec<f64>> {
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let parts: Vec<Vec<f64>> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            progress.check()?;
+            let first = b * block;
+            let len = block.min(n - first);
+            let buffers = read_block(sources, first, len);
+            let views: Vec<&[f64]> = buffers.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0.0; width];
+            block_sums(first, &views, &mut out);
+            progress
+                .done
+                .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+            Ok(out)
+        })
+        .collect::<Result<_>>()?;
+    let mut total = vec![0.0; width];
+    for part in parts {
+        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
+    }
+    Ok(total)
+}
+
+/// Exact order statistics of a per-element key (non-negative f32 bits) computed from the decoded
+/// sources: for each 0-based ascending `rank`, the key at that rank. Two streamed histogram passes
+/// (radix select on the upper, then the lower 16 bits) keep memory bounded.
+fn order_statistics<const R: usize>(
+    sources: &[&Source],
+    block: usize,
+    n: usize,
+    ranks: [usize; R],
+    progress: &Progress,
+    key: impl Fn(&[&[f64]], usize) -> u32 + Sync,
+) -> Result<[u32; R]> {
+    let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Result<Vec<u64>> {
+        let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+        (0..n.div_ceil(block))
+            .into_par_iter()
+            .map(|b| {
+                progress.check()?;
+                let first = b * block;
+                let len = block.min(n - first);
+                let buffers = read_block(sources, first, len);
+                let views: Vec<&[f64]> = buffers.iter().map(Vec::as_slice).collect();
+                let mut counts = vec![0u64; 1 << 16];
+                for e in 0..len {
+                    if let Some(bin) = select(key(&views, e)) {
+                        counts[bin] += 1;
+                    }
+                }
+                progress
+                    .done
+                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                Ok(counts)
+            })
+            .try_reduce(
+                || vec![0u64; 1 << 16],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    Ok(a)
+                },
+            )
+    };
+    let locate = |counts: &[u64], rank: u64| -> (usize, u64) {
+        let mut seen = 0u64;
+        for (bin, &c) in counts.iter().enumerate() {
+            if seen + c > rank {
+                return (bin, rank - seen);
+            }
+            seen += c;
+        }
+        (counts.len() - 1, 0)
+    };
+    let high = histogram(&|bits| Some((bits >> 16) as usize))?;
+    let mut out = [0u32; R];
+    for (slot, &rank) in out.iter_mut().zip(&ranks) {
+        let rank = rank.min(n.saturating_sub(1)) as u64;
+        let (top, within) = locate(&high, rank);
+        let low =
+            histogram(&|bits| ((bits >> 16) as usize == top).then_some((bits & 0xFFFF) as usize))?;
+        let (bottom, _) = locate(&low, within);
+        *slot = ((top as u32) << 16) | bottom as u32;
+    }
+    Ok(out)
+}
