@@ -119,10 +119,7 @@ def sce(base: Array, models: list[Array], select_topk: float) -> Array:
     if select_topk < 1:
         var = tvs.var(axis=0).astype(np.float32).ravel()
         k = int(np.count_nonzero(var) * select_topk)
-        if k == 0:
-            mask = np.zeros(var.shape, bool)
-        else:
-            mask = var >= np.sort(var)[::-1][k - 1]
+        mask = np.zeros(var.shape, bool) if k == 0 else var >= np.sort(var)[::-1][k - 1]
         tvs = tvs * mask.reshape(base.shape)
     majority = np.where(tvs.sum(axis=0) >= 0, 1.0, -1.0)
     erase = np.sign(tvs) == majority

@@ -222,9 +222,17 @@ def test_della_prunes_by_rank_within_rows(tmp_path):
     save_file(tmp_path / "base.safetensors", {"w": base}, "F32")
     save_file(tmp_path / "ft.safetensors", {"w": tuned}, "F32")
     for method in ("della_linear", "della"):
-        recipe = {"models": [{"model": str(tmp_path / "ft.safetensors"),
-                              "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.2}}],
-                  "merge_method": method, "base_model": str(tmp_path / "base.safetensors"), "out_dtype": "float32"}
+        recipe = {
+            "models": [
+                {
+                    "model": str(tmp_path / "ft.safetensors"),
+                    "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.2},
+                }
+            ],
+            "merge_method": method,
+            "base_model": str(tmp_path / "base.safetensors"),
+            "out_dtype": "float32",
+        }
         merge(write_recipe(tmp_path, recipe), tmp_path / method, seed=5)
         merged = read_safetensors(tmp_path / method)["w"] - base.astype(np.float32)
         delta = tuned.astype(np.float32).astype(np.float64) - base.astype(np.float32)

@@ -85,7 +85,8 @@ def _recipes(
             if not 0 < density <= 1:
                 raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside (0, 1]")
             epsilon = float(lookup(config, entry, "epsilon", name, layers, method.tensor_defaults.get("epsilon", 0.0)))
-            if method.name.startswith("della") and density < 1 and not (0 < density - epsilon and density + epsilon < 1):
+            della = method.name.startswith("della") and density < 1
+            if della and not (density - epsilon > 0 and density + epsilon < 1):
                 raise RecipeError(
                     f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
                 )

@@ -59,8 +59,12 @@ METHODS: dict[str, MethodSpec] = {
         _gta("breadcrumbs_ties", "breadcrumbs + sign election", False, False, gamma=0.01),
         _gta("della", "magnitude-ranked random pruning per row + sign election", True, True, epsilon=0.15),
         _gta("della_linear", "magnitude-ranked random pruning per row", False, True, epsilon=0.15),
-        MethodSpec("sce", "select high-variance entries, energy weights, sign election", True,
-                   {"select_topk": 1.0, "int8_mask": False}),
+        MethodSpec(
+            "sce",
+            "select high-variance entries, energy weights, sign election",
+            True,
+            {"select_topk": 1.0, "int8_mask": False},
+        ),
         MethodSpec("slerp", "spherical interpolation; base_model is t=0", True, {}, required_global=("t",)),
         MethodSpec(
             "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
