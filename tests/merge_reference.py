@@ -33,26 +33,40 @@ def read_safetensors(directory: Path) -> dict[str, Array]:
     return out
 
 
+def _at_least(values: Array, rank: int) -> Array:
+    """Mask of ascending ranks >= ``rank``; entries tied with the boundary value go all in or all
+    out, whichever side holds most of them (modelkin's documented tie rule)."""
+    ordered = np.sort(values)
+    value = ordered[rank]
+    below, equal = int((values < value).sum()), int((values == value).sum())
+    inside = below + equal - rank
+    return values >= value if 2 * inside >= equal else values > value
+
+
+def _below(values: Array, rank: int) -> Array:
+    """Mask of ascending ranks < ``rank``, with the same tie rule."""
+    if rank >= values.size:
+        return np.ones(values.shape, dtype=bool)
+    value = np.sort(values)[rank]
+    below, equal = int((values < value).sum()), int((values == value).sum())
+    inside = rank - below
+    return values <= value if 2 * inside >= equal else values < value
+
+
 def kth_magnitude_mask(delta: Array, keep: int) -> Array:
-    """Top-``keep`` |delta| (ranked in float32); every entry tied with the k-th largest is kept."""
+    """Top-``keep`` |delta| (ranked in float32)."""
     magnitude = np.abs(delta.astype(np.float32)).ravel()
-    threshold = np.sort(magnitude)[::-1][keep - 1]
-    return (magnitude >= threshold).reshape(delta.shape)
+    keep = min(max(1, keep), magnitude.size)
+    return _at_least(magnitude, magnitude.size - keep).reshape(delta.shape)
 
 
 def breadcrumbs_mask(delta: Array, density: float, gamma: float) -> Array:
+    """mergekit 0.1.5: ascending magnitude ranks [n_bot, n_bot + target) survive."""
     n = delta.size
     target, top = int(density * n), int(gamma * n)
-    bottom = n - target - top
-    if bottom < 0:
-        top += bottom
-        bottom = 0
-    if top <= 0:
-        return np.zeros(delta.shape, dtype=bool)
+    bottom = max(0, n - target - top)
     magnitude = np.abs(delta.astype(np.float32)).ravel()
-    ordered = np.sort(magnitude)
-    low, high = ordered[bottom], ordered[n - top]
-    return ((magnitude >= low) & (magnitude < high)).reshape(delta.shape)
+    return (_at_least(magnitude, bottom) & _below(magnitude, bottom + target)).reshape(delta.shape)
 
 
 def f32_delta(x: Array, z: Array) -> Array:
@@ -119,7 +133,7 @@ def sce(base: Array, models: list[Array], select_topk: float) -> Array:
     if select_topk < 1:
         var = tvs.var(axis=0).astype(np.float32).ravel()
         k = int(np.count_nonzero(var) * select_topk)
-        mask = np.zeros(var.shape, bool) if k == 0 else var >= np.sort(var)[::-1][k - 1]
+        mask = np.zeros(var.shape, bool) if k == 0 else _at_least(var, var.size - k)
         tvs = tvs * mask.reshape(base.shape)
     majority = np.where(tvs.sum(axis=0) >= 0, 1.0, -1.0)
     erase = np.sign(tvs) == majority

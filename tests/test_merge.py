@@ -63,7 +63,7 @@ def run_recipe(tmp_path, fam, method, model_params, parameters=None, base=True, 
     recipe = {
         "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, model_params, strict=True)],
         "merge_method": method,
-        "dtype": "float32",
+        "dtype": "float64",
         "out_dtype": "float32",
     }
     if base:

@@ -153,6 +153,9 @@ def merge(
             "lambda": float(options.get("lambda", 1.0)),
             "seed": seed,
             "out_dtype": out_dtype,
+            # dtype: float32 reproduces mergekit's float32 arithmetic bit for bit; anything else
+            # (float64, half types, or no dtype) computes exactly in float64.
+            "compute": "float32" if config.dtype in ("float32", "fp32") else "float64",
             "out_dir": str(staging),
             "max_shard_bytes": parse_size(out_shard_size),
             "threads": threads,
@@ -194,7 +197,7 @@ def _write_metadata(
     kinship: dict[str, list[list[float | None]]] | None,
     parents: tuple[str, ...],
 ) -> None:
-    torch_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+    torch_dtype = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
     if base_config is not None:
         (staging / "config.json").write_text(json.dumps({**base_config, "torch_dtype": torch_dtype}, indent=2))
     tokenizer_ref = config.tokenizer_source if config.tokenizer_source not in (None, "base") else base_ref

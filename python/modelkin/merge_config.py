@@ -77,6 +77,8 @@ PLANNED = ("nuslerp", "multislerp", "karcher")
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _DTYPES = {
+    "float64": "F64",
+    "fp64": "F64",
     "float32": "F32",
     "fp32": "F32",
     "float16": "F16",
@@ -192,7 +194,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
             entry = {"model": entry}
         if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
             raise fail(["models", i], "each entry needs a 'model' string")
-        if "+" in entry["model"]:
+        if "+" in entry["model"] and not Path(entry["model"]).exists():
             raise fail(["models", i, "model"], "LoRA references (model+lora) are not supported")
         params = entry.get("parameters") or {}
         if not isinstance(params, Mapping):
@@ -206,7 +208,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         raise fail(["parameters"], "parameters must be a mapping")
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in _DTYPES:
-            raise fail([key], f"unsupported dtype {raw[key]!r} (float32, float16, bfloat16)")
+            raise fail([key], f"unsupported dtype {raw[key]!r} (float64, float32, float16, bfloat16)")
     config = MergeConfig(
         method=method,
         models=tuple(models),

@@ -24,9 +24,8 @@ fn main() -> std::io::Result<()> {
             .map(|block| {
                 let words = block.chunks_exact(8);
                 let tail = words.remainder().iter().map(|&b| u64::from(b)).sum::<u64>();
-                words.fold(tail, |acc, w| {
-                    acc.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")))
-                })
+                words
+                    .fold(tail, |acc, w| acc.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes"))))
             })
             .reduce(|| 0, |a, b| a ^ b);
     }

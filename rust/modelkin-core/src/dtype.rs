@@ -132,9 +132,7 @@ fn decode_f16(bytes: &[u8], out: &mut [f64]) {
     for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
         let staging = &mut staging[..out.len()];
         stage(bytes, staging);
-        staging
-            .reinterpret_cast::<half::f16>()
-            .convert_to_f64_slice(out);
+        staging.reinterpret_cast::<half::f16>().convert_to_f64_slice(out);
     }
 }
 
@@ -190,30 +188,18 @@ mod tests {
     #[test]
     fn half_formats_widen_exactly() {
         let values = [1.0f32, -2.5, 3.140625, 0.0, 65504.0];
-        let f16: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-            .collect();
-        let bf16: Vec<u8> = values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-            .collect();
+        let f16: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        let bf16: Vec<u8> = values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
         let mut out = vec![0.0; values.len()];
         decode(FloatDtype::F16, &f16, &mut out);
         assert_eq!(
             out,
-            values
-                .iter()
-                .map(|&v| f64::from(half::f16::from_f32(v).to_f32()))
-                .collect::<Vec<_>>()
+            values.iter().map(|&v| f64::from(half::f16::from_f32(v).to_f32())).collect::<Vec<_>>()
         );
         decode(FloatDtype::BF16, &bf16, &mut out);
         assert_eq!(
             out,
-            values
-                .iter()
-                .map(|&v| f64::from(half::bf16::from_f32(v).to_f32()))
-                .collect::<Vec<_>>()
+            values.iter().map(|&v| f64::from(half::bf16::from_f32(v).to_f32())).collect::<Vec<_>>()
         );
     }
 }

@@ -5,6 +5,8 @@ use serde::Deserialize;
 /// The dtype merged tensors are written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum OutDtype {
+    /// IEEE binary64.
+    F64,
     /// IEEE binary32.
     F32,
     /// IEEE binary16.
@@ -17,6 +19,7 @@ impl OutDtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
+            OutDtype::F64 => 8,
             OutDtype::F32 => 4,
             OutDtype::F16 | OutDtype::BF16 => 2,
         }
@@ -25,6 +28,7 @@ impl OutDtype {
     /// The name safetensors headers use.
     pub fn name(self) -> &'static str {
         match self {
+            OutDtype::F64 => "F64",
             OutDtype::F32 => "F32",
             OutDtype::F16 => "F16",
             OutDtype::BF16 => "BF16",
@@ -41,11 +45,8 @@ fn to_f32_round_to_odd(v: f64) -> f32 {
     if !v.is_finite() || f64::from(nearest) == v {
         return nearest;
     }
-    let toward_zero = if f64::from(nearest).abs() > v.abs() {
-        f32::from_bits(nearest.to_bits() - 1)
-    } else {
-        nearest
-    };
+    let toward_zero =
+        if f64::from(nearest).abs() > v.abs() { f32::from_bits(nearest.to_bits() - 1) } else { nearest };
     f32::from_bits(toward_zero.to_bits() | 1)
 }
 
@@ -61,12 +62,11 @@ fn f32_to_bf16_bits(v: f32) -> u16 {
 pub fn encode(dtype: OutDtype, values: &[f64], out: &mut Vec<u8>) {
     out.reserve(values.len() * dtype.size());
     match dtype {
-        OutDtype::F32 => values
+        OutDtype::F64 => values.iter().for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
+        OutDtype::F32 => values.iter().for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
+        OutDtype::BF16 => values
             .iter()
-            .for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
-        OutDtype::BF16 => values.iter().for_each(|&v| {
-            out.extend_from_slice(&f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes())
-        }),
+            .for_each(|&v| out.extend_from_slice(&f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes())),
         OutDtype::F16 => values.iter().for_each(|&v| {
             out.extend_from_slice(&half::f16::from_f32(to_f32_round_to_odd(v)).to_le_bytes());
         }),

@@ -83,16 +83,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub(crate) fn invalid_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::InvalidFile {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::InvalidFile { path: path.into(), reason: reason.into() }
     }
 }

@@ -9,11 +9,7 @@ use multiversion::multiversion;
 const LANES: usize = 8;
 
 /// Σ x.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn sum(x: &[f64]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -27,11 +23,7 @@ pub fn sum(x: &[f64]) -> f64 {
 }
 
 /// Σ (x − m)², a diagonal entry of the co-moment matrix.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn centred_sum_squares(x: &[f64], m: f64) -> f64 {
     let mut acc = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
@@ -80,10 +72,7 @@ fn centred_dot_and_squared_distance_portable(x: &[f64], y: &[f64], mx: f64, my: 
             dist[l] += d * d;
         }
     }
-    (
-        dot.iter().sum::<f64>() + dot_tail,
-        dist.iter().sum::<f64>() + dist_tail,
-    )
+    (dot.iter().sum::<f64>() + dot_tail, dist.iter().sum::<f64>() + dist_tail)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -100,20 +89,11 @@ mod avx2 {
 
     /// See [`super::centred_dot_and_squared_distance`]; two 4-lane accumulators per sum.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn centred_dot_and_squared_distance(
-        x: &[f64],
-        y: &[f64],
-        mx: f64,
-        my: f64,
-    ) -> (f64, f64) {
+    pub(super) fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
         let n = x.len().min(y.len());
         let (mxv, myv) = (_mm256_set1_pd(mx), _mm256_set1_pd(my));
-        let (mut dot0, mut dot1, mut dist0, mut dist1) = (
-            _mm256_setzero_pd(),
-            _mm256_setzero_pd(),
-            _mm256_setzero_pd(),
-            _mm256_setzero_pd(),
-        );
+        let (mut dot0, mut dot1, mut dist0, mut dist1) =
+            (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
         let mut i = 0;
         while i + 8 <= n {
             // SAFETY: i + 8 <= n, so both 4-wide loads at i and i + 4 are in bounds.
@@ -144,11 +124,7 @@ mod avx2 {
 }
 
 /// x ← x − y, returning Σ x (after the subtraction).
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let mut xc = x.chunks_exact_mut(LANES);
@@ -170,32 +146,20 @@ pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
 /// For the deltas a = x − z and b = y − z of one chunk:
 /// [Σa, Σb, Σa², Σb², Σab, Σ(a − b)²], in a single sweep that never stores the deltas.
 /// The common two-model case; sums are raw but only over one chunk, and chunks are merged centred.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn pair_delta_sums(x: &[f64], y: &[f64], z: &[f64]) -> [f64; 6] {
     pair_sums_widened(x, y, z, |v| v)
 }
 
 /// [`pair_delta_sums`] over stored bf16 words, widened in registers: no f64 buffers to write and
 /// read back, which is what bounds the two-model pass.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn pair_delta_sums_bf16(x: &[u16], y: &[u16], z: &[u16]) -> [f64; 6] {
     pair_sums_widened(x, y, z, |b| f64::from(f32::from_bits(u32::from(b) << 16)))
 }
 
 /// [`pair_delta_sums`] over stored f32 values, widened in registers.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn pair_delta_sums_f32(x: &[f32], y: &[f32], z: &[f32]) -> [f64; 6] {
     pair_sums_widened(x, y, z, f64::from)
 }
@@ -203,18 +167,9 @@ pub fn pair_delta_sums_f32(x: &[f32], y: &[f32], z: &[f32]) -> [f64; 6] {
 #[inline(always)]
 fn pair_sums_widened<T: Copy>(x: &[T], y: &[T], z: &[T], widen: impl Fn(T) -> f64) -> [f64; 6] {
     let mut acc = [[0.0f64; LANES]; 6];
-    let (xc, yc, zc) = (
-        x.chunks_exact(LANES),
-        y.chunks_exact(LANES),
-        z.chunks_exact(LANES),
-    );
+    let (xc, yc, zc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), z.chunks_exact(LANES));
     let mut tail = [0.0f64; 6];
-    for ((&x, &y), &z) in xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .zip(zc.remainder())
-    {
+    for ((&x, &y), &z) in xc.remainder().iter().zip(yc.remainder()).zip(zc.remainder()) {
         let z = widen(z);
         accumulate_pair(&mut tail, widen(x) - z, widen(y) - z);
     }
@@ -250,21 +205,13 @@ fn accumulate_pair(acc: &mut [f64; 6], a: f64, b: f64) {
 }
 
 /// max |x| (NaN propagates as NaN).
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn max_abs(x: &[f64]) -> f64 {
     let mut acc = [0.0f64; LANES];
     let chunks = x.chunks_exact(LANES);
     let mut tail = 0.0f64;
     for v in chunks.remainder() {
-        tail = if v.is_nan() {
-            f64::NAN
-        } else {
-            tail.max(v.abs())
-        };
+        tail = if v.is_nan() { f64::NAN } else { tail.max(v.abs()) };
     }
     for c in chunks {
         for l in 0..LANES {
@@ -273,26 +220,14 @@ pub fn max_abs(x: &[f64]) -> f64 {
             acc[l] = if a > acc[l] || a.is_nan() { a } else { acc[l] };
         }
     }
-    acc.iter().fold(tail, |m, &v| {
-        if v.is_nan() || m.is_nan() {
-            f64::NAN
-        } else {
-            m.max(v)
-        }
-    })
+    acc.iter().fold(tail, |m, &v| if v.is_nan() || m.is_nan() { f64::NAN } else { m.max(v) })
 }
 
 /// The original kinship tool's int8 quantisation: round(127·x/max), ties to even, clamped to ±127.
-#[multiversion(targets(
-    "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
-    "x86_64+avx2+fma",
-    "aarch64+neon"
-))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn quantize_int8(x: &mut [f64], max_abs: f64) {
     for v in x.iter_mut() {
-        *v = (127.0 * (*v / max_abs))
-            .round_ties_even()
-            .clamp(-127.0, 127.0);
+        *v = (127.0 * (*v / max_abs)).round_ties_even().clamp(-127.0, 127.0);
     }
 }
 
@@ -322,12 +257,7 @@ mod tests {
         assert_eq!(z[36], x[36] - y[36]);
         let w: Vec<f64> = (0..37).map(|i| i as f64 * 1e-3).collect();
         let sums = pair_delta_sums(&x, &y, &w);
-        let (a, b): (Vec<f64>, Vec<f64>) = x
-            .iter()
-            .zip(&y)
-            .zip(&w)
-            .map(|((x, y), w)| (x - w, y - w))
-            .unzip();
+        let (a, b): (Vec<f64>, Vec<f64>) = x.iter().zip(&y).zip(&w).map(|((x, y), w)| (x - w, y - w)).unzip();
         let (dot, dist) = centred_dot_and_squared_distance(&a, &b, 0.0, 0.0);
         assert!((sums[0] - a.iter().sum::<f64>()).abs() < 1e-12);
         assert!((sums[4] - dot).abs() < 1e-12 && (sums[5] - dist).abs() < 1e-12);

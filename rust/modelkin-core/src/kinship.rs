@@ -109,12 +109,7 @@ impl KinshipReport {
         for t in &tensors {
             total.merge(&t.moments);
         }
-        KinshipReport {
-            k,
-            tensors,
-            skipped,
-            total,
-        }
+        KinshipReport { k, tensors, skipped, total }
     }
 
     /// The k×k matrix of a metric, row-major.
@@ -137,9 +132,7 @@ impl Family {
     /// Groups a base and its fine-tunes, refusing the same model twice.
     pub fn new(base: Model, fine_tunes: Vec<Model>) -> Result<Self> {
         if fine_tunes.is_empty() {
-            return Err(Error::InvalidArgument(
-                "at least one model besides the base is needed".to_string(),
-            ));
+            return Err(Error::InvalidArgument("at least one model besides the base is needed".to_string()));
         }
         let models: Vec<Model> = std::iter::once(base).chain(fine_tunes).collect();
         let canonical: Vec<_> = models
@@ -204,10 +197,7 @@ pub struct PlannedTensor {
 
 impl PlannedTensor {
     fn bytes(&self) -> u64 {
-        self.sources
-            .iter()
-            .map(|s| (self.numel * s.dtype.size()) as u64)
-            .sum()
+        self.sources.iter().map(|s| (self.numel * s.dtype.size()) as u64).sum()
     }
 }
 
@@ -236,15 +226,8 @@ pub fn kinship_pass(
 ) -> Result<KinshipReport> {
     let mut skipped = plan.skipped.clone();
     let plan = &plan.tensors;
-    let passes = if options.low_precision.is_some() {
-        2
-    } else {
-        1
-    };
-    progress.total.store(
-        passes * plan.iter().map(PlannedTensor::bytes).sum::<u64>(),
-        Ordering::Relaxed,
-    );
+    let passes = if options.low_precision.is_some() { 2 } else { 1 };
+    progress.total.store(passes * plan.iter().map(PlannedTensor::bytes).sum::<u64>(), Ordering::Relaxed);
 
     let run = || -> Result<KinshipReport> {
         let scales = match options.low_precision {
@@ -269,10 +252,7 @@ pub fn kinship_pass(
                 Err(culprit) => {
                     let path = family.file_of(&tensor.sources[culprit]).to_path_buf();
                     if !options.skip_nonfinite {
-                        return Err(Error::NonFinite {
-                            path,
-                            tensor: tensor.name.clone(),
-                        });
+                        return Err(Error::NonFinite { path, tensor: tensor.name.clone() });
                     }
                     skipped.push(SkippedTensor {
                         name: tensor.name.clone(),
@@ -289,9 +269,7 @@ pub fn kinship_pass(
         rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads)
             .build()
-            .map_err(|e| {
-                Error::InvalidArgument(format!("cannot start {} threads: {e}", options.threads))
-            })?
+            .map_err(|e| Error::InvalidArgument(format!("cannot start {} threads: {e}", options.threads)))?
             .install(run)
     }
 }
@@ -299,10 +277,8 @@ pub fn kinship_pass(
 /// The number of rows every tensor is cut to: the base's vocabulary size.
 pub(crate) fn vocab_rows(base: &Model) -> Option<usize> {
     let names = base.tensor_names();
-    let name = names
-        .iter()
-        .find(|n| **n == LM_HEAD)
-        .or_else(|| names.iter().find(|n| n.ends_with(EMBED_SUFFIX)))?;
+    let name =
+        names.iter().find(|n| **n == LM_HEAD).or_else(|| names.iter().find(|n| n.ends_with(EMBED_SUFFIX)))?;
     base.tensor(name).and_then(|e| e.shape.first().copied())
 }
 
@@ -318,17 +294,10 @@ pub(crate) fn cut_shape(shape: &[usize], rows: Option<usize>) -> Vec<usize> {
 pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
     let base = &family.models[0];
     let rows = vocab_rows(base);
-    let mut names: Vec<(String, &str)> = base
-        .tensor_names()
-        .into_iter()
-        .map(|n| (n.to_string(), n))
-        .collect();
+    let mut names: Vec<(String, &str)> =
+        base.tensor_names().into_iter().map(|n| (n.to_string(), n)).collect();
     if options.count_tied_embeddings_twice && base.tensor(LM_HEAD).is_none() {
-        if let Some(embed) = base
-            .tensor_names()
-            .into_iter()
-            .find(|n| n.ends_with(EMBED_SUFFIX))
-        {
+        if let Some(embed) = base.tensor_names().into_iter().find(|n| n.ends_with(EMBED_SUFFIX)) {
             names.push((LM_HEAD.to_string(), embed));
         }
     }
@@ -337,11 +306,8 @@ pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
     'tensors: for (name, stored_as) in names {
         let entry = base.tensor(stored_as).expect("name comes from the base");
         let shape = cut_shape(&entry.shape, rows);
-        let mut sources = vec![Source {
-            model: 0,
-            entry: entry.clone(),
-            dtype: base.float_dtype(stored_as, entry)?,
-        }];
+        let mut sources =
+            vec![Source { model: 0, entry: entry.clone(), dtype: base.float_dtype(stored_as, entry)? }];
         for (index, model) in family.models.iter().enumerate().skip(1) {
             // An aliased tied embedding reads the fine-tune's own lm_head when it stores one.
             let found = model
@@ -356,10 +322,7 @@ pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
                     });
                     continue 'tensors;
                 }
-                return Err(Error::MissingTensor {
-                    path: model.path.clone(),
-                    tensor: name,
-                });
+                return Err(Error::MissingTensor { path: model.path.clone(), tensor: name });
             };
             let model_shape = cut_shape(&entry.shape, rows);
             if model_shape != shape {
@@ -377,12 +340,7 @@ pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
             });
         }
         let numel = shape.iter().product();
-        tensors.push(PlannedTensor {
-            name,
-            shape,
-            numel,
-            sources,
-        });
+        tensors.push(PlannedTensor { name, shape, numel, sources });
     }
     Ok(Plan { tensors, skipped })
 }
@@ -406,11 +364,7 @@ fn load_deltas(
         let sum = kernel::subtract_and_sum(delta, base);
         // A sum of finite widened f32 values cannot overflow f64, so this catches NaN/Inf.
         if !sum.is_finite() {
-            return Err(if kernel::sum(base).is_finite() {
-                i + 1
-            } else {
-                0
-            });
+            return Err(if kernel::sum(base).is_finite() { i + 1 } else { 0 });
         }
         sums.push(sum);
     }
@@ -421,11 +375,7 @@ thread_local! {
     static CHUNK_BUFFER: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn par_chunks<'a, F>(
-    tensor: &'a PlannedTensor,
-    progress: &'a Progress,
-    work: F,
-) -> Result<Vec<ChunkOutcome>>
+fn par_chunks<'a, F>(tensor: &'a PlannedTensor, progress: &'a Progress, work: F) -> Result<Vec<ChunkOutcome>>
 where
     F: Fn(&mut [f64], usize, usize) -> ChunkOutcome + Sync + Send,
 {
@@ -444,9 +394,7 @@ where
                 buffer.resize(buffer.len().max((k + 1) * CHUNK), 0.0);
                 work(&mut buffer[..(k + 1) * CHUNK], first, len)
             });
-            progress
-                .done
-                .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+            progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
             Ok(outcome)
         })
         .collect()
@@ -470,18 +418,14 @@ fn quantisation_scales(
                 return ChunkOutcome::NonFinite(culprit);
             }
             ChunkOutcome::MaxAbs(
-                (0..k)
-                    .map(|i| kernel::max_abs(&buffer[(i + 1) * CHUNK..(i + 1) * CHUNK + len]))
-                    .collect(),
+                (0..k).map(|i| kernel::max_abs(&buffer[(i + 1) * CHUNK..(i + 1) * CHUNK + len])).collect(),
             )
         })?;
         release(family, tensor);
         let mut max = Ok(vec![0.0f64; k]);
         for outcome in outcomes {
             match (outcome, &mut max) {
-                (ChunkOutcome::MaxAbs(m), Ok(max)) => {
-                    max.iter_mut().zip(m).for_each(|(a, b)| *a = a.max(b))
-                }
+                (ChunkOutcome::MaxAbs(m), Ok(max)) => max.iter_mut().zip(m).for_each(|(a, b)| *a = a.max(b)),
                 (ChunkOutcome::NonFinite(culprit), Ok(_)) => max = Err(culprit),
                 _ => {}
             }
@@ -491,9 +435,8 @@ fn quantisation_scales(
     if scope == Mode::Full {
         let k = plan.first().map_or(0, |t| t.sources.len() - 1);
         // Tensors with NaN/Inf are reported or skipped later; they take no part in the scale.
-        let global: Vec<f64> = (0..k)
-            .map(|i| scales.iter().flatten().map(|s| s[i]).fold(0.0, f64::max))
-            .collect();
+        let global: Vec<f64> =
+            (0..k).map(|i| scales.iter().flatten().map(|s| s[i]).fold(0.0, f64::max)).collect();
         for s in scales.iter_mut().flatten() {
             s.clone_from(&global);
         }
@@ -517,10 +460,7 @@ fn tensor_moments(
             Ok(sums) => sums,
             Err(culprit) => return ChunkOutcome::NonFinite(culprit),
         };
-        let mut deltas: Vec<&mut [f64]> = buffer[CHUNK..]
-            .chunks_mut(CHUNK)
-            .map(|d| &mut d[..len])
-            .collect();
+        let mut deltas: Vec<&mut [f64]> = buffer[CHUNK..].chunks_mut(CHUNK).map(|d| &mut d[..len]).collect();
         let means: Vec<f64> = match scales {
             Some(scales) => deltas
                 .iter_mut()

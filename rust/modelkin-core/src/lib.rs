@@ -17,9 +17,9 @@ pub mod writer;
 
 pub use error::{Error, Result};
 pub use kinship::{
-    kinship_pass, plan, Family, KinshipReport, PassOptions, Plan, PlannedTensor, Progress,
-    SkippedTensor, Source, TensorStats,
+    kinship_pass, plan, Family, KinshipReport, PassOptions, Plan, PlannedTensor, Progress, SkippedTensor,
+    Source, TensorStats,
 };
-pub use merge::{run_merge, MergeJob, MergeReport, Method};
+pub use merge::{run_merge, Compute, MergeJob, MergeReport, Method};
 pub use model::Model;
 pub use stats::{Metric, Mode, Moments};

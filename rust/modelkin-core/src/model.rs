@@ -67,13 +67,7 @@ impl Shard {
                 (name, entry)
             })
             .collect();
-        Ok((
-            Shard {
-                path: path.to_path_buf(),
-                mmap,
-            },
-            tensors,
-        ))
+        Ok((Shard { path: path.to_path_buf(), mmap }, tensors))
     }
 
     /// The bytes `start..end` of the file.
@@ -87,10 +81,8 @@ impl Shard {
         if end > start {
             // SAFETY: the map is a read-only file mapping, so dropped pages are re-read from the
             // file on the next access and no borrowed slice ever observes different data.
-            let _ = unsafe {
-                self.mmap
-                    .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start)
-            };
+            let _ =
+                unsafe { self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         }
     }
 }
@@ -109,9 +101,7 @@ fn header_error(error: &safetensors::SafeTensorError, file_len: usize) -> String
         E::InvalidOffset(name) => {
             format!("tensor '{name}': data offsets overlap, leave gaps or run out of bounds")
         }
-        E::TensorInvalidInfo => {
-            "a tensor's byte size does not match its shape and dtype".to_string()
-        }
+        E::TensorInvalidInfo => "a tensor's byte size does not match its shape and dtype".to_string(),
         other => other.to_string(),
     }
 }
@@ -131,11 +121,7 @@ impl Model {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let metadata = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-        let files = if metadata.is_dir() {
-            shard_files(path)?
-        } else {
-            vec![single_file(path)?]
-        };
+        let files = if metadata.is_dir() { shard_files(path)? } else { vec![single_file(path)?] };
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = HashMap::new();
         for (file, listed) in files {
@@ -151,18 +137,12 @@ impl Model {
             if let Some(missing) = listed.iter().flatten().find(|n| !tensors.contains_key(*n)) {
                 return Err(Error::invalid_file(
                     &shard.path,
-                    format!(
-                        "tensor '{missing}' is listed in {INDEX_FILE} but not stored in this shard"
-                    ),
+                    format!("tensor '{missing}' is listed in {INDEX_FILE} but not stored in this shard"),
                 ));
             }
             shards.push(shard);
         }
-        Ok(Model {
-            path: path.to_path_buf(),
-            shards,
-            tensors,
-        })
+        Ok(Model { path: path.to_path_buf(), shards, tensors })
     }
 
     /// Looks a tensor up by name.
@@ -193,13 +173,7 @@ impl Model {
     }
 
     /// The stored bytes of `count` elements starting at element `first` of a tensor.
-    pub fn raw_bytes(
-        &self,
-        entry: &TensorEntry,
-        dtype: FloatDtype,
-        first: usize,
-        count: usize,
-    ) -> &[u8] {
+    pub fn raw_bytes(&self, entry: &TensorEntry, dtype: FloatDtype, first: usize, count: usize) -> &[u8] {
         let start = entry.start + first * dtype.size();
         self.shards[entry.shard].bytes(start, start + count * dtype.size())
     }
@@ -208,11 +182,7 @@ impl Model {
     pub fn read_f64(&self, entry: &TensorEntry, dtype: FloatDtype, first: usize, out: &mut [f64]) {
         let size = dtype.size();
         let start = entry.start + first * size;
-        crate::dtype::decode(
-            dtype,
-            self.shards[entry.shard].bytes(start, start + out.len() * size),
-            out,
-        );
+        crate::dtype::decode(dtype, self.shards[entry.shard].bytes(start, start + out.len() * size), out);
     }
 
     /// Total bytes of all shard files.
@@ -287,9 +257,9 @@ fn index_shards(dir: &Path, index: &Path) -> Result<Vec<ShardPlan>> {
         .ok_or_else(|| Error::invalid_file(index, "no 'weight_map' object"))?;
     let mut by_file: Vec<ShardPlan> = Vec::new();
     for (tensor, file) in weight_map {
-        let file = file.as_str().ok_or_else(|| {
-            Error::invalid_file(index, format!("tensor '{tensor}' maps to a non-string"))
-        })?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| Error::invalid_file(index, format!("tensor '{tensor}' maps to a non-string")))?;
         let path = dir.join(file);
         match by_file.iter_mut().find(|(p, _)| *p == path) {
             Some((_, names)) => names.get_or_insert_with(Vec::new).push(tensor.clone()),
@@ -299,17 +269,10 @@ fn index_shards(dir: &Path, index: &Path) -> Result<Vec<ShardPlan>> {
     by_file.sort_by(|a, b| a.0.cmp(&b.0));
     for (path, names) in &by_file {
         if !path.is_file() {
-            let first = names
-                .as_ref()
-                .and_then(|n| n.first())
-                .map(String::as_str)
-                .unwrap_or("?");
+            let first = names.as_ref().and_then(|n| n.first()).map(String::as_str).unwrap_or("?");
             return Err(Error::invalid_file(
                 index,
-                format!(
-                    "shard {} (holding tensor '{first}') does not exist",
-                    path.display()
-                ),
+                format!("shard {} (holding tensor '{first}') does not exist", path.display()),
             ));
         }
     }

@@ -57,12 +57,7 @@ pub struct Moments {
 impl Moments {
     /// The statistics of k empty vectors.
     pub fn empty(k: usize) -> Self {
-        Moments {
-            n: 0,
-            mean: vec![0.0; k],
-            comoment: vec![0.0; k * k],
-            sqdist: vec![0.0; k * k],
-        }
+        Moments { n: 0, mean: vec![0.0; k], comoment: vec![0.0; k * k], sqdist: vec![0.0; k * k] }
     }
 
     /// Number of vectors.
@@ -74,11 +69,7 @@ impl Moments {
     pub(crate) fn from_chunk(vectors: &[&[f64]], means: &[f64]) -> Self {
         let k = vectors.len();
         let n = vectors.first().map_or(0, |c| c.len());
-        let mut moments = Moments {
-            n: n as u64,
-            mean: means.to_vec(),
-            ..Moments::empty(k)
-        };
+        let mut moments = Moments { n: n as u64, mean: means.to_vec(), ..Moments::empty(k) };
         // Sweep the chunk in L1-sized blocks so each model's block is loaded from L2 once and then
         // reused by all of its k − 1 pairs; sweeping whole chunks pair by pair is L2-bound.
         for start in (0..n).step_by(PAIR_BLOCK) {
@@ -157,10 +148,9 @@ impl Moments {
     pub fn metric(&self, metric: Metric, i: usize, j: usize) -> f64 {
         let k = self.k();
         match metric {
-            Metric::Pcc => ratio(
-                self.comoment[i * k + j],
-                self.comoment[i * k + i] * self.comoment[j * k + j],
-            ),
+            Metric::Pcc => {
+                ratio(self.comoment[i * k + j], self.comoment[i * k + i] * self.comoment[j * k + j])
+            }
             Metric::Cs => ratio(self.inner(i, j), self.inner(i, i) * self.inner(j, j)),
             Metric::Ed => self.sqdist[i * k + j].sqrt(),
         }
@@ -169,9 +159,7 @@ impl Moments {
     /// The k×k matrix of one metric.
     pub fn matrix(&self, metric: Metric) -> Vec<f64> {
         let k = self.k();
-        (0..k * k)
-            .map(|idx| self.metric(metric, idx / k, idx % k))
-            .collect()
+        (0..k * k).map(|idx| self.metric(metric, idx / k, idx % k)).collect()
     }
 }
 
@@ -199,11 +187,7 @@ pub fn split_matrix<'a>(
             }
         }
     }
-    weighted
-        .iter()
-        .zip(&weights)
-        .map(|(w, n)| if *n > 0.0 { w / n } else { f64::NAN })
-        .collect()
+    weighted.iter().zip(&weights).map(|(w, n)| if *n > 0.0 { w / n } else { f64::NAN }).collect()
 }
 
 #[cfg(test)]
@@ -211,10 +195,7 @@ mod tests {
     use super::*;
 
     fn moments_of(vectors: &[Vec<f64>]) -> Moments {
-        let means: Vec<f64> = vectors
-            .iter()
-            .map(|v| v.iter().sum::<f64>() / v.len() as f64)
-            .collect();
+        let means: Vec<f64> = vectors.iter().map(|v| v.iter().sum::<f64>() / v.len() as f64).collect();
         let refs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
         Moments::from_chunk(&refs, &means)
     }
@@ -228,17 +209,9 @@ mod tests {
         merged.merge(&moments_of(&[a[37..].to_vec(), b[37..].to_vec()]));
         for m in Metric::ALL {
             let (x, y) = (whole.metric(m, 0, 1), merged.metric(m, 0, 1));
-            assert!(
-                (x - y).abs() <= 1e-12 * x.abs().max(1.0),
-                "{m:?}: {x} vs {y}"
-            );
+            assert!((x - y).abs() <= 1e-12 * x.abs().max(1.0), "{m:?}: {x} vs {y}");
         }
-        let ed: f64 = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
+        let ed: f64 = a.iter().zip(&b).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
         assert!((merged.metric(Metric::Ed, 0, 1) - ed).abs() < 1e-9);
     }
 

@@ -41,11 +41,7 @@ pub struct ShardedWriter {
 impl ShardedWriter {
     /// Plans the shards (a new one starts when `max_shard_bytes` would be exceeded) and writes
     /// the index file when there is more than one shard.
-    pub fn create(
-        directory: &Path,
-        tensors: &[OutputTensor],
-        max_shard_bytes: u64,
-    ) -> Result<Self> {
+    pub fn create(directory: &Path, tensors: &[OutputTensor], max_shard_bytes: u64) -> Result<Self> {
         let mut groups: Vec<Vec<&OutputTensor>> = vec![Vec::new()];
         let mut size = 0u64;
         for t in tensors {
@@ -85,32 +81,20 @@ impl ShardedWriter {
         }
         if count > 1 {
             let total: u64 = tensors.iter().map(OutputTensor::bytes).sum();
-            let weight_map: serde_json::Map<String, Value> = tensors
-                .iter()
-                .zip(&shard_of)
-                .map(|(t, s)| (t.name.clone(), json!(s)))
-                .collect();
+            let weight_map: serde_json::Map<String, Value> =
+                tensors.iter().zip(&shard_of).map(|(t, s)| (t.name.clone(), json!(s))).collect();
             let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let path = directory.join("model.safetensors.index.json");
             std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON"))
                 .map_err(|e| Error::io(&path, e))?;
         }
-        Ok(ShardedWriter {
-            directory: directory.to_path_buf(),
-            shard_of,
-            headers,
-            current: None,
-        })
+        Ok(ShardedWriter { directory: directory.to_path_buf(), shard_of, headers, current: None })
     }
 
     /// Starts tensor number `index` (tensors must come in the declared order).
     pub fn begin_tensor(&mut self, index: usize) -> Result<()> {
         let shard = self.shard_of[index].clone();
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|(name, _)| *name == shard)
-        {
+        if self.current.as_ref().is_some_and(|(name, _)| *name == shard) {
             return Ok(());
         }
         self.close_current()?;
@@ -119,8 +103,7 @@ impl ShardedWriter {
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let mut header = serde_json::to_vec(&self.headers[&shard]).expect("JSON");
         header.resize(header.len().div_ceil(8) * 8, b' ');
-        out.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(|e| Error::io(&path, e))?;
+        out.write_all(&(header.len() as u64).to_le_bytes()).map_err(|e| Error::io(&path, e))?;
         out.write_all(&header).map_err(|e| Error::io(&path, e))?;
         self.current = Some((shard, out));
         Ok(())
@@ -129,16 +112,13 @@ impl ShardedWriter {
     /// Appends bytes of the current tensor.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let (name, out) = self.current.as_mut().expect("begin_tensor first");
-        out.write_all(bytes)
-            .map_err(|e| Error::io(self.directory.join(&*name), e))
+        out.write_all(bytes).map_err(|e| Error::io(self.directory.join(&*name), e))
     }
 
     fn close_current(&mut self) -> Result<()> {
         if let Some((name, out)) = self.current.take() {
             let path = self.directory.join(name);
-            let file = out
-                .into_inner()
-                .map_err(|e| Error::io(&path, e.into_error()))?;
+            let file = out.into_inner().map_err(|e| Error::io(&path, e.into_error()))?;
             file.sync_all().map_err(|e| Error::io(&path, e))?;
         }
         Ok(())

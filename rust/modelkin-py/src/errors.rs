@@ -3,17 +3,10 @@
 use std::io::ErrorKind;
 
 use modelkin_core::Error;
-use pyo3::exceptions::{
-    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError,
-};
+use pyo3::exceptions::{PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
 use pyo3::prelude::*;
 
-pyo3::create_exception!(
-    modelkin,
-    ModelkinError,
-    PyException,
-    "Base class of every modelkin error."
-);
+pyo3::create_exception!(modelkin, ModelkinError, PyException, "Base class of every modelkin error.");
 pyo3::create_exception!(
     modelkin,
     InvalidModelError,
@@ -44,12 +37,7 @@ pyo3::create_exception!(
     ModelkinError,
     "A tensor is stored in a dtype modelkin cannot decode."
 );
-pyo3::create_exception!(
-    modelkin,
-    NonFiniteError,
-    ModelkinError,
-    "A tensor holds NaN or infinite values."
-);
+pyo3::create_exception!(modelkin, NonFiniteError, ModelkinError, "A tensor holds NaN or infinite values.");
 pyo3::create_exception!(
     modelkin,
     ModelReferenceError,
@@ -82,10 +70,7 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = module.py();
     module.add("ModelkinError", py.get_type::<ModelkinError>())?;
     module.add("InvalidModelError", py.get_type::<InvalidModelError>())?;
-    module.add(
-        "UnsupportedFormatError",
-        py.get_type::<UnsupportedFormatError>(),
-    )?;
+    module.add("UnsupportedFormatError", py.get_type::<UnsupportedFormatError>())?;
     module.add("MissingTensorError", py.get_type::<MissingTensorError>())?;
     module.add("ShapeMismatchError", py.get_type::<ShapeMismatchError>())?;
     module.add("DtypeError", py.get_type::<DtypeError>())?;

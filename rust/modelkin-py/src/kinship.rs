@@ -17,30 +17,21 @@ fn parse_metric(name: &str) -> PyResult<Metric> {
     Metric::ALL
         .into_iter()
         .find(|m| m.name() == name)
-        .ok_or_else(|| {
-            PyValueError::new_err(format!("unknown metric '{name}' (choose from pcc, cs, ed)"))
-        })
+        .ok_or_else(|| PyValueError::new_err(format!("unknown metric '{name}' (choose from pcc, cs, ed)")))
 }
 
 fn parse_mode(name: &str) -> PyResult<Mode> {
     match name {
         "full" => Ok(Mode::Full),
         "split" => Ok(Mode::Split),
-        _ => Err(PyValueError::new_err(format!(
-            "unknown mode '{name}' (choose full or split)"
-        ))),
+        _ => Err(PyValueError::new_err(format!("unknown mode '{name}' (choose full or split)"))),
     }
 }
 
 /// Moments of one block of one tensor, as the torch path hands them over:
 /// (tensor index, n, means[k], comoment[k, k], sqdist[k, k]).
-type MomentBlock<'py> = (
-    usize,
-    u64,
-    PyReadonlyArray1<'py, f64>,
-    PyReadonlyArray2<'py, f64>,
-    PyReadonlyArray2<'py, f64>,
-);
+type MomentBlock<'py> =
+    (usize, u64, PyReadonlyArray1<'py, f64>, PyReadonlyArray2<'py, f64>, PyReadonlyArray2<'py, f64>);
 
 /// A base and its fine-tunes, opened and matched tensor by tensor, ready for a pass.
 #[pyclass(module = "modelkin._core", frozen)]
@@ -61,24 +52,13 @@ impl KinshipPlan {
         skip_missing: bool,
         count_tied_embeddings_twice: bool,
     ) -> PyResult<Self> {
-        let options = PassOptions {
-            skip_missing,
-            count_tied_embeddings_twice,
-            ..PassOptions::default()
-        };
+        let options = PassOptions { skip_missing, count_tied_embeddings_twice, ..PassOptions::default() };
         py.detach(|| {
             let base = Model::open(&base)?;
-            let models = models
-                .iter()
-                .map(Model::open)
-                .collect::<modelkin_core::Result<Vec<_>>>()?;
+            let models = models.iter().map(Model::open).collect::<modelkin_core::Result<Vec<_>>>()?;
             let family = Family::new(base, models)?;
             let plan = plan(&family, &options)?;
-            Ok(KinshipPlan {
-                family: Arc::new(family),
-                plan,
-                options,
-            })
+            Ok(KinshipPlan { family: Arc::new(family), plan, options })
         })
         .map_err(to_py)
     }
@@ -92,21 +72,13 @@ impl KinshipPlan {
     /// (name, shape after the row cut, element count) of every tensor the pass visits.
     #[getter]
     fn tensors(&self) -> Vec<(String, Vec<usize>, usize)> {
-        self.plan
-            .tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.shape.clone(), t.numel))
-            .collect()
+        self.plan.tensors.iter().map(|t| (t.name.clone(), t.shape.clone(), t.numel)).collect()
     }
 
     /// (name, reason) of tensors left out while planning.
     #[getter]
     fn skipped(&self) -> Vec<(String, String)> {
-        self.plan
-            .skipped
-            .iter()
-            .map(|s| (s.name.clone(), s.reason.clone()))
-            .collect()
+        self.plan.skipped.iter().map(|s| (s.name.clone(), s.reason.clone())).collect()
     }
 
     /// Total bytes of tensor data one pass reads.
@@ -115,11 +87,7 @@ impl KinshipPlan {
         self.plan
             .tensors
             .iter()
-            .flat_map(|t| {
-                t.sources
-                    .iter()
-                    .map(move |s| (t.numel * s.dtype.size()) as u64)
-            })
+            .flat_map(|t| t.sources.iter().map(move |s| (t.numel * s.dtype.size()) as u64))
             .sum()
     }
 
@@ -138,14 +106,9 @@ impl KinshipPlan {
             .tensors
             .get(tensor)
             .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
-        let source = planned
-            .sources
-            .get(source)
-            .ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
-        if first
-            .checked_add(count)
-            .is_none_or(|end| end > planned.numel)
-        {
+        let source =
+            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        if first.checked_add(count).is_none_or(|end| end > planned.numel) {
             return Err(PyIndexError::new_err(format!(
                 "elements {first}..{} past the end of '{}'",
                 first + count,
@@ -164,10 +127,8 @@ impl KinshipPlan {
             .tensors
             .get(tensor)
             .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
-        let source = planned
-            .sources
-            .get(source)
-            .ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        let source =
+            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
         Ok(self.family.file_of(source).display().to_string())
     }
 
@@ -187,34 +148,27 @@ impl KinshipPlan {
             threads,
             ..self.options.clone()
         };
-        let report = run_watched(py, progress.as_ref(), |p| {
-            kinship_pass(&self.family, &self.plan, &options, p)
-        })?;
+        let report =
+            run_watched(py, progress.as_ref(), |p| kinship_pass(&self.family, &self.plan, &options, p))?;
         Ok(KinshipStats { report })
     }
 
     /// Builds a result from moments computed elsewhere (the torch path). Each block is
     /// (tensor index, n, means[k], comoment[k, k], sqdist[k, k]); blocks of one tensor are merged
     /// in the order given. Tensors named in `skipped` are left out with their reason.
-    fn report(
-        &self,
-        blocks: Vec<MomentBlock<'_>>,
-        skipped: Vec<(String, String)>,
-    ) -> PyResult<KinshipStats> {
+    fn report(&self, blocks: Vec<MomentBlock<'_>>, skipped: Vec<(String, String)>) -> PyResult<KinshipStats> {
         let k = self.family.k();
         let mut merged: Vec<Option<Moments>> = vec![None; self.plan.tensors.len()];
         for (tensor, n, mean, comoment, sqdist) in blocks {
-            let slot = merged
-                .get_mut(tensor)
-                .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
+            let slot =
+                merged.get_mut(tensor).ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
             let block = Moments {
                 n,
                 mean: mean.as_slice()?.to_vec(),
                 comoment: comoment.as_slice()?.to_vec(),
                 sqdist: sqdist.as_slice()?.to_vec(),
             };
-            if block.mean.len() != k || block.comoment.len() != k * k || block.sqdist.len() != k * k
-            {
+            if block.mean.len() != k || block.comoment.len() != k * k || block.sqdist.len() != k * k {
                 return Err(PyValueError::new_err(format!(
                     "moments must have shapes ({k},), ({k}, {k}), ({k}, {k})"
                 )));
@@ -234,14 +188,8 @@ impl KinshipPlan {
             })
             .collect();
         let mut all_skipped = self.plan.skipped.clone();
-        all_skipped.extend(
-            skipped
-                .into_iter()
-                .map(|(name, reason)| SkippedTensor { name, reason }),
-        );
-        Ok(KinshipStats {
-            report: KinshipReport::new(k, tensors, all_skipped),
-        })
+        all_skipped.extend(skipped.into_iter().map(|(name, reason)| SkippedTensor { name, reason }));
+        Ok(KinshipStats { report: KinshipReport::new(k, tensors, all_skipped) })
     }
 }
 
@@ -274,11 +222,7 @@ impl KinshipStats {
     /// Shapes of the measured tensors after the row cut.
     #[getter]
     fn tensor_shapes(&self) -> Vec<Vec<usize>> {
-        self.report
-            .tensors
-            .iter()
-            .map(|t| t.shape.clone())
-            .collect()
+        self.report.tensors.iter().map(|t| t.shape.clone()).collect()
     }
 
     /// Element counts of the measured tensors.
@@ -290,20 +234,11 @@ impl KinshipStats {
     /// (name, reason) of tensors left out.
     #[getter]
     fn skipped(&self) -> Vec<(String, String)> {
-        self.report
-            .skipped
-            .iter()
-            .map(|s| (s.name.clone(), s.reason.clone()))
-            .collect()
+        self.report.skipped.iter().map(|s| (s.name.clone(), s.reason.clone())).collect()
     }
 
     /// The k×k matrix of one metric ("pcc", "cs", "ed") in "full" or "split" mode.
-    fn matrix<'py>(
-        &self,
-        py: Python<'py>,
-        metric: &str,
-        mode: &str,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    fn matrix<'py>(&self, py: Python<'py>, metric: &str, mode: &str) -> PyResult<Bound<'py, PyAny>> {
         let k = self.report.k;
         let values = self.report.matrix(parse_metric(metric)?, parse_mode(mode)?);
         Ok(PyArray1::from_vec(py, values).reshape([k, k])?.into_any())
@@ -313,15 +248,8 @@ impl KinshipStats {
     fn per_tensor<'py>(&self, py: Python<'py>, metric: &str) -> PyResult<Bound<'py, PyAny>> {
         let metric = parse_metric(metric)?;
         let k = self.report.k;
-        let values: Vec<f64> = self
-            .report
-            .tensors
-            .iter()
-            .flat_map(|t| t.moments.matrix(metric))
-            .collect();
-        Ok(PyArray1::from_vec(py, values)
-            .reshape([self.report.tensors.len(), k, k])?
-            .into_any())
+        let values: Vec<f64> = self.report.tensors.iter().flat_map(|t| t.moments.matrix(metric)).collect();
+        Ok(PyArray1::from_vec(py, values).reshape([self.report.tensors.len(), k, k])?.into_any())
     }
 }
 
@@ -334,11 +262,7 @@ pub fn model_tensors(py: Python<'_>, path: String) -> PyResult<Vec<(String, Vec<
         .into_iter()
         .map(|name| {
             let entry = model.tensor(name).expect("listed name");
-            (
-                name.to_string(),
-                entry.shape.clone(),
-                format!("{:?}", entry.dtype),
-            )
+            (name.to_string(), entry.shape.clone(), format!("{:?}", entry.dtype))
         })
         .collect())
 }

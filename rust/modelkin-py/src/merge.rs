@@ -15,9 +15,8 @@ pub fn run_merge<'py>(
     job: &str,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let job: MergeJob = serde_json::from_str(job).map_err(|e| {
-        crate::errors::to_py(Error::InvalidArgument(format!("invalid merge job: {e}")))
-    })?;
+    let job: MergeJob = serde_json::from_str(job)
+        .map_err(|e| crate::errors::to_py(Error::InvalidArgument(format!("invalid merge job: {e}"))))?;
     let report = run_watched(py, progress.as_ref(), |p| core_run_merge(&job, p))?;
     let out = PyDict::new(py);
     out.set_item("bytes_written", report.bytes_written)?;

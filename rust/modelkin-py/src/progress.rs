@@ -30,9 +30,7 @@ pub fn run_watched<T: Send>(
                 worker.is_finished()
             });
             let interrupted = py.check_signals().and_then(|()| match on_progress {
-                Some(callback) => callback
-                    .call1((progress.done(), progress.total()))
-                    .map(drop),
+                Some(callback) => callback.call1((progress.done(), progress.total())).map(drop),
                 None => Ok(()),
             });
             if let Err(error) = interrupted {

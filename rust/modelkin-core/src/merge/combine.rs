@@ -25,16 +25,9 @@ pub(super) fn write_tensor(
 ) -> Result<Option<Moments>> {
     let n = tensor.numel;
     let blocks: Vec<usize> = (0..n.div_ceil(tensor.block)).collect();
-    let bytes_per_element: u64 = tensor
-        .base
-        .iter()
-        .chain(&tensor.inputs)
-        .map(|s| s.dtype.size() as u64)
-        .sum();
-    let mut moments = tensor
-        .base
-        .as_ref()
-        .map(|_| Moments::empty(tensor.inputs.len()));
+    let bytes_per_element: u64 =
+        tensor.base.iter().chain(&tensor.inputs).map(|s| s.dtype.size() as u64).sum();
+    let mut moments = tensor.base.as_ref().map(|_| Moments::empty(tensor.inputs.len()));
     for batch in blocks.chunks(BLOCKS_IN_FLIGHT) {
         let outputs: Vec<(Vec<u8>, Option<Moments>)> = batch
             .par_iter()
@@ -43,9 +36,7 @@ pub(super) fn write_tensor(
                 let first = b * tensor.block;
                 let len = tensor.block.min(n - first);
                 let out = merge_block(job, index, tensor, stats, first, len);
-                progress
-                    .done
-                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                 Ok(out)
             })
             .collect::<Result<_>>()?;
@@ -69,30 +60,32 @@ fn merge_block(
 ) -> (Vec<u8>, Option<Moments>) {
     let sources: Vec<&Source> = tensor.inputs.iter().collect();
     let inputs = read_block(&sources, first, len);
-    let base = tensor
-        .base
-        .as_ref()
-        .map(|s| read_block(&[s], first, len).remove(0));
+    let base = tensor.base.as_ref().map(|s| read_block(&[s], first, len).remove(0));
     let mut merged = vec![0.0f64; len];
+    // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
+    // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
+    let r = job.compute.rounding();
     match (job.method, &base) {
         (Method::Linear, _) => {
-            let weights = &stats.weights;
-            let total: f64 = weights.iter().sum();
+            let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
+            let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
             for (e, out) in merged.iter_mut().enumerate() {
-                let sum: f64 = inputs.iter().zip(weights).map(|(x, w)| w * x[e]).sum();
-                *out = if job.normalize { sum / total } else { sum };
+                // mergekit accumulates with addcmul_, a fused multiply-add: the product of two
+                // f32 values is exact in f64, so only the sum is rounded.
+                let sum = inputs.iter().zip(&weights).fold(0.0, |acc, (x, w)| r(acc + w * r(x[e])));
+                *out = if job.normalize { r(sum / total) } else { sum };
             }
         }
         (Method::Slerp | Method::ModelStock, Some(z)) => {
-            let (s0, s1) = stats.mix;
+            let (s0, s1) = (r(stats.mix.0), r(stats.mix.1));
             let count = inputs.len() as f64;
             for (e, out) in merged.iter_mut().enumerate() {
                 let other = if job.method == Method::Slerp {
-                    inputs[0][e]
+                    r(inputs[0][e])
                 } else {
-                    inputs.iter().map(|x| x[e]).sum::<f64>() / count
+                    r(inputs.iter().fold(0.0, |acc, x| r(acc + r(x[e]))) / count)
                 };
-                *out = s0 * z[e] + s1 * other;
+                *out = r(r(s0 * r(z[e])) + r(s1 * other));
             }
         }
         (Method::Sce, Some(z)) => sce_block(stats, &inputs, z, &mut merged),
@@ -105,10 +98,8 @@ fn merge_block(
     encode(job.out_dtype, &merged, &mut bytes);
     let moments = base.as_ref().map(|z| {
         let mut deltas = inputs;
-        let means: Vec<f64> = deltas
-            .iter_mut()
-            .map(|d| crate::kernel::subtract_and_sum(d, z) / len as f64)
-            .collect();
+        let means: Vec<f64> =
+            deltas.iter_mut().map(|d| crate::kernel::subtract_and_sum(d, z) / len as f64).collect();
         let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
         Moments::from_chunk(&views, &means)
     });
@@ -134,43 +125,37 @@ fn task_vector_block(
         .enumerate()
         .map(|(i, x)| keep_mask(job, index, i, stats.keep[i], x, z, first, tensor.row))
         .collect();
+    let r = job.compute.rounding();
+    let weights: Vec<f64> = weights.iter().map(|&w| r(w)).collect();
+    let scales: Vec<f64> = stats.scale.iter().map(|&s| r(s)).collect();
+    let lambda = r(job.lambda);
     let mut contributions = vec![0.0f64; inputs.len()];
     for (e, out) in merged.iter_mut().enumerate() {
+        let base = r(z[e]);
         for (i, c) in contributions.iter_mut().enumerate() {
             let kept = masks[i].as_ref().is_none_or(|m| m[e]);
-            *c = if kept {
-                weights[i] * (inputs[i][e] - z[e]) * stats.scale[i]
-            } else {
-                0.0
-            };
+            let delta = if kept { r(r(r(inputs[i][e]) - base) * scales[i]) } else { 0.0 };
+            *c = r(weights[i] * delta);
         }
         let (mixed, divisor) = if job.method.sign_consensus() {
-            let majority = if contributions.iter().sum::<f64>() >= 0.0 {
-                1.0
-            } else {
-                -1.0
-            };
+            let majority =
+                if contributions.iter().fold(0.0, |acc, &c| r(acc + c)) >= 0.0 { 1.0 } else { -1.0 };
             let (mut mixed, mut divisor) = (0.0, 0.0);
-            for (c, w) in contributions.iter().zip(weights) {
+            for (c, w) in contributions.iter().zip(&weights) {
                 if *c != 0.0 && c.signum() == majority {
-                    mixed += c;
-                    divisor += w;
+                    mixed = r(mixed + c);
+                    divisor = r(divisor + w);
                 }
             }
             (mixed, if divisor == 0.0 { 1.0 } else { divisor })
         } else {
-            let divisor: f64 = weights.iter().sum();
-            (
-                contributions.iter().sum::<f64>(),
-                if divisor.abs() < 1e-8 { 1.0 } else { divisor },
-            )
+            let divisor = weights.iter().fold(0.0, |acc, &w| r(acc + w));
+            let mixed = contributions.iter().fold(0.0, |acc, &c| r(acc + c));
+            (mixed, if divisor.abs() < 1e-8 { 1.0 } else { divisor })
         };
-        let mixed = if job.normalize {
-            mixed / divisor
-        } else {
-            mixed
-        };
-        *out = z[e] + mixed * job.lambda;
+        let mixed = if job.normalize { r(mixed / divisor) } else { mixed };
+        let mixed = if lambda == 1.0 { mixed } else { r(mixed * lambda) };
+        *out = r(base + mixed);
     }
 }
 
@@ -180,19 +165,13 @@ fn sce_block(stats: &TensorStatistics, inputs: &[Vec<f64>], z: &[f64], merged: &
     let mut views: Vec<&[f64]> = vec![z];
     views.extend(inputs.iter().map(Vec::as_slice));
     for (e, out) in merged.iter_mut().enumerate() {
-        let selected = stats
-            .variance_floor
-            .is_none_or(|floor| variance_bits(&views, e) >= floor);
+        let selected = stats.variance_floor.is_none_or(|floor| variance_bits(&views, e) >= floor);
         if !selected {
             *out = z[e];
             continue;
         }
         let deltas = inputs.iter().map(|x| x[e] - z[e]);
-        let majority = if deltas.clone().sum::<f64>() >= 0.0 {
-            1.0
-        } else {
-            -1.0
-        };
+        let majority = if deltas.clone().sum::<f64>() >= 0.0 { 1.0 } else { -1.0 };
         let (mut mixed, mut divisor) = (0.0, 0.0);
         for (d, w) in deltas.zip(&stats.weights) {
             if d != 0.0 && d.signum() == majority {

@@ -72,19 +72,14 @@ impl Method {
         match self {
             Method::Ties => Some(Sparsification::Magnitude),
             Method::DareTies | Method::DareLinear => Some(Sparsification::Random),
-            Method::Breadcrumbs | Method::BreadcrumbsTies => {
-                Some(Sparsification::MagnitudeOutliers)
-            }
+            Method::Breadcrumbs | Method::BreadcrumbsTies => Some(Sparsification::MagnitudeOutliers),
             Method::Della | Method::DellaLinear => Some(Sparsification::DellaMagprune),
             _ => None,
         }
     }
 
     fn sign_consensus(self) -> bool {
-        matches!(
-            self,
-            Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della
-        )
+        matches!(self, Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della)
     }
 
     fn task_vectors(self) -> bool {
@@ -144,6 +139,31 @@ pub struct TensorRecipe {
     pub select_topk: f64,
 }
 
+/// The precision merged values are computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compute {
+    /// Exact float64 arithmetic (the default).
+    Float64,
+    /// Every operation rounded to float32 in mergekit's order, as mergekit's `dtype: float32`.
+    Float32,
+}
+
+impl Compute {
+    /// Rounds an f64 result to this precision. For +, −, ×, ÷ of f32 operands, rounding the f64
+    /// result to f32 gives exactly the f32 operation's result (f64 has more than 2·24 + 2 bits).
+    pub fn rounding(self) -> fn(f64) -> f64 {
+        match self {
+            Compute::Float64 => |v| v,
+            Compute::Float32 => |v| f64::from(v as f32),
+        }
+    }
+}
+
+fn float64() -> Compute {
+    Compute::Float64
+}
+
 /// A whole merge, as the Python layer resolves it from a mergekit YAML.
 #[derive(Debug, Clone, Deserialize)]
 pub struct MergeJob {
@@ -163,6 +183,9 @@ pub struct MergeJob {
     pub seed: u64,
     /// Output dtype.
     pub out_dtype: OutDtype,
+    /// Arithmetic precision.
+    #[serde(default = "float64")]
+    pub compute: Compute,
     /// Directory the shards are written into (it must exist).
     pub out_dir: PathBuf,
     /// Largest shard size in bytes.
@@ -210,11 +233,7 @@ struct Resolved<'m> {
 /// Runs a merge job: reads every input tensor once for the output (plus one streamed statistics
 /// pass where the method needs it) and writes the shards into `job.out_dir`.
 pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
-    let models = job
-        .models
-        .iter()
-        .map(Model::open)
-        .collect::<Result<Vec<_>>>()?;
+    let models = job.models.iter().map(Model::open).collect::<Result<Vec<_>>>()?;
     let run = || merge_models(job, &models, progress);
     if job.threads == 0 {
         run()
@@ -222,9 +241,7 @@ pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
         rayon::ThreadPoolBuilder::new()
             .num_threads(job.threads)
             .build()
-            .map_err(|e| {
-                Error::InvalidArgument(format!("cannot start {} threads: {e}", job.threads))
-            })?
+            .map_err(|e| Error::InvalidArgument(format!("cannot start {} threads: {e}", job.threads)))?
             .install(run)
     }
 }
@@ -239,10 +256,9 @@ fn source<'m>(
     let model = models
         .get(index)
         .ok_or_else(|| Error::InvalidArgument(format!("model index {index} out of range")))?;
-    let entry = model.tensor(name).ok_or_else(|| Error::MissingTensor {
-        path: model.path.clone(),
-        tensor: name.to_string(),
-    })?;
+    let entry = model
+        .tensor(name)
+        .ok_or_else(|| Error::MissingTensor { path: model.path.clone(), tensor: name.to_string() })?;
     let cut = cut_shape(&entry.shape, rows);
     if let Some(expected) = shape {
         if cut != expected {
@@ -254,14 +270,7 @@ fn source<'m>(
             });
         }
     }
-    Ok((
-        Source {
-            model,
-            entry,
-            dtype: model.float_dtype(name, entry)?,
-        },
-        cut,
-    ))
+    Ok((Source { model, entry, dtype: model.float_dtype(name, entry)? }, cut))
 }
 
 fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m>>> {
@@ -283,28 +292,15 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
                 shape.get_or_insert(cut);
                 inputs.push(s);
             }
-            let shape = shape.ok_or_else(|| {
-                Error::InvalidArgument(format!("tensor '{}' has no inputs", recipe.name))
-            })?;
+            let shape = shape
+                .ok_or_else(|| Error::InvalidArgument(format!("tensor '{}' has no inputs", recipe.name)))?;
             let numel: usize = shape.iter().product();
-            let row = if shape.len() < 2 {
-                numel.max(1)
-            } else {
-                (numel / shape[0].max(1)).max(1)
-            };
+            let row = if shape.len() < 2 { numel.max(1) } else { (numel / shape[0].max(1)).max(1) };
             let block = match job.method.sparsification() {
                 Some(Sparsification::DellaMagprune) => row * (BLOCK / row).max(1),
                 _ => BLOCK,
             };
-            Ok(Resolved {
-                recipe,
-                base,
-                inputs,
-                shape,
-                numel,
-                row,
-                block,
-            })
+            Ok(Resolved { recipe, base, inputs, shape, numel, row, block })
         })
         .collect()
 }
@@ -313,16 +309,9 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
     let resolved = resolve(job, models)?;
     let outputs: Vec<OutputTensor> = resolved
         .iter()
-        .map(|r| OutputTensor {
-            name: r.recipe.name.clone(),
-            shape: r.shape.clone(),
-            dtype: job.out_dtype,
-        })
+        .map(|r| OutputTensor { name: r.recipe.name.clone(), shape: r.shape.clone(), dtype: job.out_dtype })
         .collect();
-    let total: u64 = resolved
-        .iter()
-        .map(|r| read_bytes(r) * (1 + statistics_passes(job)))
-        .sum();
+    let total: u64 = resolved.iter().map(|r| read_bytes(r) * (1 + statistics_passes(job))).sum();
     progress.total.store(total, Ordering::Relaxed);
     let mut writer = ShardedWriter::create(&job.out_dir, &outputs, job.max_shard_bytes)?;
     let mut kinship = Vec::new();
@@ -330,8 +319,7 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
     for (index, tensor) in resolved.iter().enumerate() {
         let statistics = TensorStatistics::measure(job, index, tensor, progress)?;
         writer.begin_tensor(index)?;
-        let moments =
-            combine::write_tensor(job, index, tensor, &statistics, &mut writer, progress)?;
+        let moments = combine::write_tensor(job, index, tensor, &statistics, &mut writer, progress)?;
         bytes_written += (tensor.numel * job.out_dtype.size()) as u64;
         if let Some(moments) = moments {
             kinship.push(TensorStats {
@@ -347,19 +335,11 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
     writer.finish()?;
     let parents = resolved.first().map_or(0, |r| r.inputs.len());
     let kinship = (!kinship.is_empty()).then(|| KinshipReport::new(parents, kinship, Vec::new()));
-    Ok(MergeReport {
-        kinship,
-        bytes_written,
-    })
+    Ok(MergeReport { kinship, bytes_written })
 }
 
 fn read_bytes(tensor: &Resolved) -> u64 {
-    tensor
-        .base
-        .iter()
-        .chain(&tensor.inputs)
-        .map(|s| (tensor.numel * s.dtype.size()) as u64)
-        .sum()
+    tensor.base.iter().chain(&tensor.inputs).map(|s| (tensor.numel * s.dtype.size()) as u64).sum()
 }
 
 /// Extra full reads of the tensor the method's statistics take (for the progress total).

@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::{
-    magnitude_bits, no_base, read_block, uniform, MergeJob, Method, Resolved, Source,
-    Sparsification,
+    magnitude_bits, no_base, read_block, uniform, MergeJob, Method, Resolved, Source, Sparsification,
 };
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
@@ -71,18 +70,15 @@ pub(super) fn keep_mask(
                 })
                 .collect(),
         ),
-        Keep::Random { density } => Some(
-            (0..len)
-                .map(|e| uniform(job.seed, tensor_index, input, first + e) < density)
-                .collect(),
-        ),
+        Keep::Random { density } => {
+            Some((0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect())
+        }
         Keep::Della { density, epsilon } => {
             let mut mask = vec![false; len];
             let mut order: Vec<usize> = Vec::with_capacity(row);
             for start in (0..len).step_by(row) {
                 let end = (start + row).min(len);
-                let magnitudes: Vec<u32> =
-                    (start..end).map(|e| magnitude_bits(x[e], z[e])).collect();
+                let magnitudes: Vec<u32> = (start..end).map(|e| magnitude_bits(x[e], z[e])).collect();
                 order.clear();
                 order.extend(0..end - start);
                 order.sort_by_key(|&e| (magnitudes[e], e));
@@ -123,70 +119,43 @@ impl TensorStatistics {
                 let magnitude = |v: &[&[f64]], e: usize| magnitude_bits(v[1][e], v[0][e]);
                 stats.keep[i] = match sparsification {
                     Sparsification::Magnitude => {
-                        let keep = (input.density * n as f64) as usize;
-                        if keep == 0 {
-                            return Err(Error::InvalidArgument(format!(
-                                "tensor '{}': density {} keeps no element of {n}",
-                                tensor.recipe.name, input.density
-                            )));
-                        }
-                        let [low] = order_statistics(
-                            &pair,
-                            tensor.block,
-                            n,
-                            [n - keep],
-                            progress,
-                            magnitude,
-                        )?;
-                        Keep::Range {
-                            low,
-                            high: u32::MAX,
-                        }
+                        // mergekit keeps at least one element of a non-empty tensor.
+                        let keep = ((input.density * n as f64) as usize).max(1).min(n);
+                        let [low] =
+                            order_statistics(&pair, tensor.block, n, [n - keep], progress, magnitude)?;
+                        Keep::Range { low: low.keep_from(), high: u32::MAX }
                     }
                     Sparsification::MagnitudeOutliers => {
-                        let target = (input.density * n as f64) as i64;
-                        let mut top = (input.gamma * n as f64) as i64;
-                        let mut bottom = n as i64 - target - top;
-                        if bottom < 0 {
-                            top += bottom;
-                            bottom = 0;
-                        }
-                        if top <= 0 {
-                            // mergekit keeps `indices[n_bot:-n_top]`, an empty slice when n_top is 0.
+                        // mergekit 0.1.5 keeps ascending ranks [n_bot, n_bot + target), with
+                        // n_bot = max(0, n − target − n_top).
+                        let target = ((input.density * n as f64) as usize).min(n);
+                        let top = (input.gamma * n as f64) as usize;
+                        let bottom = n.saturating_sub(target + top);
+                        if target == 0 {
                             Keep::None
+                        } else if bottom + target >= n {
+                            let [low] =
+                                order_statistics(&pair, tensor.block, n, [bottom], progress, magnitude)?;
+                            Keep::Range { low: low.keep_from(), high: u32::MAX }
                         } else {
-                            let ranks = [bottom as usize, n - top as usize];
-                            let [low, high] = order_statistics(
-                                &pair,
-                                tensor.block,
-                                n,
-                                ranks,
-                                progress,
-                                magnitude,
-                            )?;
-                            Keep::Range { low, high }
+                            let ranks = [bottom, bottom + target];
+                            let [low, high] =
+                                order_statistics(&pair, tensor.block, n, ranks, progress, magnitude)?;
+                            Keep::Range { low: low.keep_from(), high: high.drop_from() }
                         }
                     }
-                    Sparsification::Random => Keep::Random {
-                        density: input.density,
-                    },
+                    Sparsification::Random => Keep::Random { density: input.density },
                     Sparsification::DellaMagprune => {
-                        if input.density - input.epsilon <= 0.0
-                            || input.density + input.epsilon >= 1.0
-                        {
+                        if input.density - input.epsilon <= 0.0 || input.density + input.epsilon >= 1.0 {
                             return Err(Error::InvalidArgument(format!(
                                 "tensor '{}': della needs density ± epsilon inside (0, 1), got {} ± {}",
                                 tensor.recipe.name, input.density, input.epsilon
                             )));
                         }
-                        Keep::Della {
-                            density: input.density,
-                            epsilon: input.epsilon,
-                        }
+                        Keep::Della { density: input.density, epsilon: input.epsilon }
                     }
                 };
-                if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. })
-                {
+                if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. }) {
                     stats.scale[i] = l1_rescale(job, index, i, stats.keep[i], tensor, progress)?;
                 }
             }
@@ -194,20 +163,15 @@ impl TensorStatistics {
         match job.method {
             Method::Slerp => {
                 let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
-                let [aa, bb, ab] = sums_over(
-                    &[base, &tensor.inputs[0]],
-                    tensor.block,
-                    n,
-                    progress,
-                    |_, v| {
+                let [aa, bb, ab] =
+                    sums_over(&[base, &tensor.inputs[0]], tensor.block, n, progress, |_, v| {
                         let (a, b) = (v[0], v[1]);
                         [
                             a.iter().map(|x| x * x).sum(),
                             b.iter().map(|x| x * x).sum(),
                             a.iter().zip(b).map(|(x, y)| x * y).sum(),
                         ]
-                    },
-                )?;
+                    })?;
                 stats.mix = slerp_factors(tensor.recipe.t, aa, bb, ab);
             }
             Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
@@ -230,46 +194,23 @@ fn slerp_factors(t: f64, aa: f64, bb: f64, ab: f64) -> (f64, f64) {
     let theta = dot.acos();
     let sin_theta = theta.sin();
     let theta_t = theta * t;
-    (
-        (theta - theta_t).sin() / sin_theta,
-        theta_t.sin() / sin_theta,
-    )
+    ((theta - theta_t).sin() / sin_theta, theta_t.sin() / sin_theta)
 }
 
 /// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors.
-fn model_stock_factors(
-    job: &MergeJob,
-    tensor: &Resolved,
-    progress: &Progress,
-) -> Result<(f64, f64)> {
+fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(f64, f64)> {
     let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
     let k = tensor.inputs.len();
     let mut all: Vec<&Source> = vec![base];
     all.extend(&tensor.inputs);
     let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
-    let products = sums_over_vec(
-        &all,
-        tensor.block,
-        tensor.numel,
-        pairs.len(),
-        progress,
-        |_, v, out| {
-            for (p, &(i, j)) in pairs.iter().enumerate() {
-                out[p] = v[0]
-                    .iter()
-                    .zip(v[i + 1])
-                    .zip(v[j + 1])
-                    .map(|((z, x), y)| (x - z) * (y - z))
-                    .sum();
-            }
-        },
-    )?;
-    let product = |i: usize, j: usize| {
-        products[pairs
-            .iter()
-            .position(|&p| p == (i.min(j), i.max(j)))
-            .expect("pair")]
-    };
+    let products = sums_over_vec(&all, tensor.block, tensor.numel, pairs.len(), progress, |_, v, out| {
+        for (p, &(i, j)) in pairs.iter().enumerate() {
+            out[p] = v[0].iter().zip(v[i + 1]).zip(v[j + 1]).map(|((z, x), y)| (x - z) * (y - z)).sum();
+        }
+    })?;
+    let product =
+        |i: usize, j: usize| products[pairs.iter().position(|&p| p == (i.min(j), i.max(j))).expect("pair")];
     let mut cosines = Vec::new();
     for i in 0..k {
         for j in i + 1..k {
@@ -309,23 +250,14 @@ fn sce_statistics(
         stats.variance_floor = Some(u32::MAX);
     } else if topk < 1.0 {
         let [zeros] = sums_over(&all, tensor.block, n, progress, |_, v| {
-            [(0..v[0].len())
-                .filter(|&e| variance_bits(v, e) == 0)
-                .count() as f64]
+            [(0..v[0].len()).filter(|&e| variance_bits(v, e) == 0).count() as f64]
         })?;
         let selected = ((n - zeros as usize) as f64 * topk) as usize;
         stats.variance_floor = Some(if selected == 0 {
             u32::MAX
         } else {
-            let [floor] = order_statistics(
-                &all,
-                tensor.block,
-                n,
-                [n - selected],
-                progress,
-                variance_bits,
-            )?;
-            floor
+            let [floor] = order_statistics(&all, tensor.block, n, [n - selected], progress, variance_bits)?;
+            floor.keep_from()
         });
     }
     let floor = stats.variance_floor;
@@ -339,11 +271,8 @@ fn sce_statistics(
     })?;
     let means: Vec<f64> = energy.iter().map(|s| s / n as f64).collect();
     let total: f64 = means.iter().sum();
-    stats.weights = if total.abs() < 1e-6 {
-        vec![1.0 / k as f64; k]
-    } else {
-        means.iter().map(|m| m / total).collect()
-    };
+    stats.weights =
+        if total.abs() < 1e-6 { vec![1.0 / k as f64; k] } else { means.iter().map(|m| m / total).collect() };
     Ok(())
 }
 
@@ -358,12 +287,8 @@ fn l1_rescale(
     progress: &Progress,
 ) -> Result<f64> {
     let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
-    let [before, after] = sums_over(
-        &[base, &tensor.inputs[input]],
-        tensor.block,
-        tensor.numel,
-        progress,
-        |first, v| {
+    let [before, after] =
+        sums_over(&[base, &tensor.inputs[input]], tensor.block, tensor.numel, progress, |first, v| {
             let mask = keep_mask(job, index, input, keep, v[1], v[0], first, tensor.row);
             let mut sums = [0.0, 0.0];
             for (e, (z, x)) in v[0].iter().zip(v[1]).enumerate() {
@@ -374,13 +299,8 @@ fn l1_rescale(
                 }
             }
             sums
-        },
-    )?;
-    Ok(if before < 1e-7 || after < 1e-7 {
-        1.0
-    } else {
-        before / after
-    })
+        })?;
+    Ok(if before < 1e-7 || after < 1e-7 { 1.0 } else { before / after })
 }
 
 /// Sums computed block by block over the decoded sources, merged in block order.
@@ -416,9 +336,7 @@ fn sums_over_vec(
             let views: Vec<&[f64]> = buffers.iter().map(Vec::as_slice).collect();
             let mut out = vec![0.0; width];
             block_sums(first, &views, &mut out);
-            progress
-                .done
-                .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+            progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
             Ok(out)
         })
         .collect::<Result<_>>()?;
@@ -427,6 +345,43 @@ fn sums_over_vec(
         total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
     }
     Ok(total)
+}
+
+/// The value at an order-statistic rank, with the counts that place the rank inside its ties.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Boundary {
+    /// The key (f32 bits) at the rank.
+    value: u32,
+    /// Elements with a smaller key.
+    below: u64,
+    /// Elements with exactly this key.
+    equal: u64,
+    /// The 0-based ascending rank asked for.
+    rank: u64,
+}
+
+impl Boundary {
+    /// The smallest key to keep when keeping ascending ranks ≥ `rank`. Ties at the boundary go
+    /// all in or all out, whichever side holds most of them: mergekit breaks them by the
+    /// (arbitrary) order of an unstable sort, and all-or-nothing minimises the expected mismatch.
+    fn keep_from(self) -> u32 {
+        let inside = self.below + self.equal - self.rank;
+        if 2 * inside >= self.equal {
+            self.value
+        } else {
+            self.value + 1
+        }
+    }
+
+    /// The first key to drop when keeping ascending ranks < `rank` (ties as in `keep_from`).
+    fn drop_from(self) -> u32 {
+        let inside = self.rank - self.below;
+        if 2 * inside >= self.equal {
+            self.value + 1
+        } else {
+            self.value
+        }
+    }
 }
 
 /// Exact order statistics of a per-element key (non-negative f32 bits) computed from the decoded
@@ -439,7 +394,7 @@ fn order_statistics<const R: usize>(
     ranks: [usize; R],
     progress: &Progress,
     key: impl Fn(&[&[f64]], usize) -> u32 + Sync,
-) -> Result<[u32; R]> {
+) -> Result<[Boundary; R]> {
     let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Result<Vec<u64>> {
         let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
         (0..n.div_ceil(block))
@@ -456,9 +411,7 @@ fn order_statistics<const R: usize>(
                         counts[bin] += 1;
                     }
                 }
-                progress
-                    .done
-                    .fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                 Ok(counts)
             })
             .try_reduce(
@@ -469,25 +422,30 @@ fn order_statistics<const R: usize>(
                 },
             )
     };
+    // (bin, elements in lower bins) of the bin holding `rank`.
     let locate = |counts: &[u64], rank: u64| -> (usize, u64) {
         let mut seen = 0u64;
         for (bin, &c) in counts.iter().enumerate() {
             if seen + c > rank {
-                return (bin, rank - seen);
+                return (bin, seen);
             }
             seen += c;
         }
-        (counts.len() - 1, 0)
+        (counts.len() - 1, seen)
     };
     let high = histogram(&|bits| Some((bits >> 16) as usize))?;
-    let mut out = [0u32; R];
+    let mut out = [Boundary { value: 0, below: 0, equal: 0, rank: 0 }; R];
     for (slot, &rank) in out.iter_mut().zip(&ranks) {
         let rank = rank.min(n.saturating_sub(1)) as u64;
-        let (top, within) = locate(&high, rank);
-        let low =
-            histogram(&|bits| ((bits >> 16) as usize == top).then_some((bits & 0xFFFF) as usize))?;
-        let (bottom, _) = locate(&low, within);
-        *slot = ((top as u32) << 16) | bottom as u32;
+        let (top, below_top) = locate(&high, rank);
+        let low = histogram(&|bits| ((bits >> 16) as usize == top).then_some((bits & 0xFFFF) as usize))?;
+        let (bottom, below_bottom) = locate(&low, rank - below_top);
+        *slot = Boundary {
+            value: ((top as u32) << 16) | bottom as u32,
+            below: below_top + below_bottom,
+            equal: low[bottom],
+            rank,
+        };
     }
     Ok(out)
 }

@@ -1,0 +1,188 @@
+"""Merge benchmark and mergekit compatibility, measured in the same run.
+
+    python benches/bench_merge.py [--params 2.65e8] [--mergekit PATH/TO/mergekit-yaml]
+
+Generates a Llama-shaped bf16 family (base + 3 fine-tunes, with config.json) under bench-data/,
+runs the same TIES recipe with modelkin and (when found) mergekit on the CPU, and prints wall time,
+peak RSS and the speed ratio. Then, on a small family, it runs several methods with both tools
+(`dtype: float32`, `out_dtype: bfloat16`) and prints the share of bit-identical elements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "benches"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from bench_kinship import family, llama_shapes  # noqa: E402
+from merge_reference import read_safetensors  # noqa: E402
+
+
+def llama_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
+    vocab, hidden = shapes["model.embed_tokens.weight"]
+    layers = sum(1 for n in shapes if n.endswith("input_layernorm.weight"))
+    inter = shapes["model.layers.0.mlp.up_proj.weight"][0]
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+
+
+def model_dirs(directory: Path, params: float) -> tuple[Path, list[Path]]:
+    """The bench family as model directories (a file + config.json each), as mergekit needs."""
+    base_file, files = family(directory, params, 3)
+    config = llama_config(llama_shapes(params))
+    dirs = []
+    for file in [base_file, *files]:
+        d = directory / file.stem
+        d.mkdir(exist_ok=True)
+        target = d / "model.safetensors"
+        if not target.exists():
+            target.symlink_to(file.resolve())
+        (d / "config.json").write_text(json.dumps(config))
+        dirs.append(d)
+    return dirs[0], dirs[1:]
+
+
+def run_measured(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB, anonymous + file) of a command, sampled every 10 ms."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = [0, 0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("RssAnon:"):
+                        peak[0] = max(peak[0], int(line.split()[1]))
+                    if line.startswith("VmRSS:"):
+                        peak[1] = max(peak[1], int(line.split()[1]))
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    _, err = proc.communicate()
+    thread.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed: {err[-2000:]}")
+    return time.perf_counter() - start, peak[0] / 1024
+
+
+def recipe(method: str, base: Path, models: list[Path], params: list[dict]) -> dict:
+    return {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(models, params, strict=True)]
+        + ([{"model": str(base)}] if method == "slerp" else []),
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        **({"parameters": {"t": 0.3}} if method == "slerp" else {}),
+    }
+
+
+def identical_share(ours: Path, theirs: Path) -> tuple[float, int]:
+    a, b = read_safetensors(ours), read_safetensors(theirs)
+    same = total = worst = 0
+    for name, y in b.items():
+        x = a[name]
+
+        # bf16 values as ordered integers: adjacent representable values differ by 1
+        def ordered(v: np.ndarray) -> np.ndarray:
+            bits = v.astype(np.float32).view(np.int32).astype(np.int64) >> 16
+            return np.where(bits < 0, -(bits & 0x7FFF), bits)
+
+        ulps = np.abs(ordered(x) - ordered(y))
+        same += int((ulps == 0).sum())
+        total += ulps.size
+        worst = max(worst, int(ulps.max()))
+    return same / total, worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=float, default=2.65e8)
+    parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable")
+    parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    parser.add_argument("--keep", action="store_true", help="keep the outputs for inspection")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.data if args.data.exists() else None))
+    ours_cmd = [sys.executable, "-c", "import sys, modelkin.merge as m; m.merge(sys.argv[1], sys.argv[2])"]
+
+    print(f"# TIES of 3 fine-tunes, ~{args.params:.3g} parameters per model, bf16", flush=True)
+    base, models = model_dirs(args.data / f"merge-{int(args.params)}", args.params)
+    ties = recipe("ties", base, models, [{"weight": w, "density": d} for w, d in ((1.0, 0.5), (0.6, 0.7), (0.5, 0.9))])
+    path = work / "ties.yml"
+    path.write_text(json.dumps(ties))
+    for p in [base, *models]:
+        (p / "model.safetensors").read_bytes()
+    ours_time, ours_rss = run_measured([*ours_cmd, str(path), str(work / "ours")])
+    print(f"modelkin    {ours_time:8.2f} s   peak anonymous RSS {ours_rss:8.1f} MB")
+    if args.mergekit:
+        theirs_time, theirs_rss = run_measured([args.mergekit, str(path), str(work / "theirs"), "--no-copy-tokenizer"])
+        print(f"mergekit    {theirs_time:8.2f} s   peak anonymous RSS {theirs_rss:8.1f} MB")
+        print(f"speed-up    {theirs_time / ours_time:8.1f}x")
+        share, worst = identical_share(work / "ours", work / "theirs")
+        print(f"identical   {share * 100:8.4f}% of elements, max {worst} bf16 ulp apart (ties at thresholds differ)")
+    else:
+        print("mergekit    not found (pass --mergekit or install mergekit==0.1.5 in a separate venv)")
+
+    if args.mergekit:
+        print("\n# compatibility per method (small bf16 family)", flush=True)
+        small_base, small = model_dirs(args.data / "merge-small", 2e6)
+        cases = {
+            "linear": [{"weight": w} for w in (1.0, 0.6, 0.5)],
+            "task_arithmetic": [{"weight": w} for w in (1.0, 0.6, 0.5)],
+            "slerp": [{}],
+            "model_stock": [{}, {}, {}],
+            "ties": [{"weight": w, "density": 0.5} for w in (1.0, 0.6, 0.5)],
+            "breadcrumbs": [{"weight": w, "density": 0.8, "gamma": 0.02} for w in (1.0, 0.6, 0.5)],
+            "dare_linear": [{"weight": w, "density": 1.0} for w in (1.0, 0.6, 0.5)],
+        }
+        for method, params in cases.items():
+            chosen = small[: len(params)]
+            spec = recipe(method, small_base, chosen, params)
+            if method == "linear":
+                spec.pop("base_model")
+            file = work / f"{method}.yml"
+            file.write_text(json.dumps(spec))
+            subprocess.run([*ours_cmd, str(file), str(work / f"ours-{method}")], check=True)
+            subprocess.run(
+                [args.mergekit, str(file), str(work / f"theirs-{method}"), "--no-copy-tokenizer"],
+                check=True,
+                capture_output=True,
+            )
+            share, worst = identical_share(work / f"ours-{method}", work / f"theirs-{method}")
+            print(f"{method:16s} {share * 100:8.4f}% identical, max {worst} ulp apart")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"kept {work}")
+
+
+if __name__ == "__main__":
+    main()
