@@ -141,3 +141,51 @@ def sce(base: Array, models: list[Array], select_topk: float) -> Array:
     weights = np.ones(len(models)) / len(models) if abs(energy.sum()) < 1e-6 else energy / energy.sum()
     w = weights.reshape((-1,) + (1,) * base.ndim) * erase
     return base + (tvs * w).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-6)
+
+
+def nuslerp(t: float, v0: Array, v1: Array) -> Array:
+    a, b = v0.ravel(), v1.ravel()
+    ua, ub = a / max(np.linalg.norm(a), 1e-7), b / max(np.linalg.norm(b), 1e-7)
+    cos = np.clip(ua @ ub, -1, 1)
+    if 1 - cos**2 <= 1e-16:
+        return (1 - t) * v0 + t * v1
+    theta = np.arccos(cos)
+    return (np.sin((1 - t) * theta) * v0 + np.sin(t * theta) * v1) / np.sin(theta)
+
+
+def multislerp(vectors: list[Array], weights: list[float], eps: float = 1e-8) -> Array:
+    flat = np.stack([v.ravel() for v in vectors])
+    w = np.array(weights) / np.sum(weights)
+    norms = np.linalg.norm(flat, axis=1, keepdims=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean = mean / np.linalg.norm(mean)
+    dots = units @ mean
+    tangent = ((units - dots[:, None] * mean) * w[:, None]).sum(0)
+    tangent_norm = np.linalg.norm(tangent) + eps
+    result = mean * np.cos(tangent_norm) + tangent * (np.sin(tangent_norm) / tangent_norm)
+    return (result * (norms[:, 0] * w).sum()).reshape(vectors[0].shape)
+
+
+def karcher(tensors: list[Array], max_iter: int = 10, tol: float = 1e-5) -> Array:
+    alphas = [1 / len(tensors)] * len(tensors)
+    norms = [np.linalg.norm(t) for t in tensors]
+    units = [t / n if n else np.zeros_like(t) for t, n in zip(tensors, norms, strict=True)]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    a = [1 / len(valid)] * len(valid)
+    mean = sum(ai * units[i] for ai, i in zip(a, valid, strict=True))
+    mean = mean / np.linalg.norm(mean)
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for ai, i in zip(a, valid, strict=True):
+            dot = np.clip(np.sum(mean * units[i]), -1, 1)
+            theta = np.arccos(dot)
+            if theta < tol:
+                continue
+            tangent += ai * (theta / np.sin(theta)) * (units[i] - dot * mean)
+        tn = np.linalg.norm(tangent)
+        if tn < tol:
+            break
+        mean = np.cos(tn) * mean + np.sin(tn) * tangent / tn
+        mean = mean / np.linalg.norm(mean)
+    return sum(al * n for al, n in zip(alphas, norms, strict=True)) * mean

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import yaml
 from merge_reference import (
+    karcher,
+    multislerp,
+    nuslerp,
     breadcrumbs_mask,
     f32_delta,
     kth_magnitude_mask,
@@ -245,6 +248,48 @@ def test_della_prunes_by_rank_within_rows(tmp_path):
         assert np.abs(merged).sum() == pytest.approx(np.abs(delta).sum(), rel=1e-3)
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp(tmp_path, fam, with_base):
+    params = [{"weight": 0.3}, {"weight": 0.9}]
+    recipe = {"models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models[:2], params, strict=True)],
+              "merge_method": "nuslerp", "out_dtype": "float32"}
+    if with_base:
+        recipe["base_model"] = str(fam.base)
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        z = base[k] if with_base else 0.0
+        expected[k] = z + nuslerp(0.75, models[0][k] - z, models[1][k] - z)
+    check_close(out, expected)
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_multislerp(tmp_path, fam, with_base):
+    params = [{"weight": w} for w in WEIGHTS]
+    recipe = {"models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
+              "merge_method": "multislerp", "out_dtype": "float32"}
+    if with_base:
+        recipe["base_model"] = str(fam.base)
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        z = base[k] if with_base else 0.0
+        expected[k] = z + multislerp([m[k] - z for m in models], WEIGHTS)
+    check_close(out, expected)
+
+
+def test_karcher(tmp_path, fam):
+    recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "out_dtype": "float32"}
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    _, models = inputs(fam)
+    check_close(out, {k: karcher([m[k] for m in models]) for k in models[0]})
+
+
 def test_passthrough_copies(tmp_path, family_factory):
     fam = family_factory(n=1, dtype="F32")
     recipe = {"models": [{"model": str(fam.models[0])}], "merge_method": "passthrough", "out_dtype": "float32"}
@@ -328,7 +373,7 @@ BAD_RECIPES = [
     ({"merge_method": "ties", "density": 0.0}, "outside (0, 1]"),
     ({"merge_method": "ties", "weight": []}, "empty list"),
     ({"merge_method": "della_linear", "density": 0.1}, "density ± epsilon"),
-    ({"merge_method": "karcher"}, "not supported yet"),
+    ({"merge_method": "frankenmerge"}, "unknown merge_method"),
 ]
 
 

@@ -228,7 +228,8 @@ def methods_command() -> None:
             ", ".join(model_params),
         )
     out.print(table)
-    out.print(f"planned: {', '.join(PLANNED)}")
+    if PLANNED:
+        out.print(f"planned: {', '.join(PLANNED)}")
 
 
 @app.command("example")

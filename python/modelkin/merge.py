@@ -129,9 +129,9 @@ def merge(
     paths = {ref: resolve(ref, offline=offline) for ref in refs}
     _check_output(out_path, list(paths.values()), overwrite)
     method = config.method
-    base_ref = config.base_model if (method.needs_base or method.name != "linear") else None
-    if method.name == "passthrough":
-        base_ref = None
+    # linear, karcher and passthrough ignore base_model (as in mergekit); nuslerp and multislerp
+    # work on task vectors when one is given.
+    base_ref = None if method.name in ("linear", "karcher", "passthrough") else config.base_model
     inputs = [m for m in config.models if m.model != base_ref]
     base_config = _read_json(_model_dir(paths[base_ref or inputs[0].model]) / "config.json")
     layers = int((base_config or {}).get("num_hidden_layers") or 0)
@@ -159,6 +159,12 @@ def merge(
             "out_dir": str(staging),
             "max_shard_bytes": parse_size(out_shard_size),
             "threads": threads,
+            "spherical": {
+                "normalize_weights": bool(options.get("normalize_weights", True)),
+                "eps": float(options.get("eps", 1e-8)),
+                "max_iter": int(options.get("max_iter", 10)),
+                "tol": float(options.get("tol", 1e-5)),
+            },
             "tensors": _recipes(config, paths, base_ref, inputs, layers),
         }
         report = run_merge(json.dumps(job), progress=progress)

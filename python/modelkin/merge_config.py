@@ -69,11 +69,17 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
         ),
+        MethodSpec("nuslerp", "slerp of two models (or task vectors); t from their weights", False,
+                   {"nuslerp_flatten": True, "nuslerp_row_wise": False}, required_tensor=("weight",)),
+        MethodSpec("multislerp", "barycentric interpolation of several models on the hypersphere", False,
+                   {"normalize_weights": True, "eps": 1e-8}, required_tensor=("weight",)),
+        MethodSpec("karcher", "Riemannian (Karcher) mean of the models' directions", False,
+                   {"max_iter": 10, "tol": 1e-5}),
         MethodSpec("passthrough", "copy one model's tensors", False, {}),
     )
 }
 # Methods of mergekit 0.1.5 that a later version of modelkin will add.
-PLANNED = ("nuslerp", "multislerp", "karcher")
+PLANNED: tuple[str, ...] = ()
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _DTYPES = {
@@ -234,6 +240,12 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         raise fail(["models"], "slerp needs exactly two models, one of them the base_model")
     if method.name == "model_stock" and len(others) + 1 < 3:
         raise fail(["models"], "model_stock needs at least three models counting the base")
+    if method.name == "nuslerp" and len(others) != 2:
+        raise fail(["models"], "nuslerp needs exactly two models besides the base")
+    if method.name == "nuslerp" and (
+        config.parameters.get("nuslerp_flatten", True) is not True or config.parameters.get("nuslerp_row_wise")
+    ):
+        raise fail(["parameters"], "nuslerp over rows or columns is not supported yet (nuslerp_flatten: true only)")
     if method.name == "passthrough" and len(config.models) != 1:
         raise fail(["models"], "passthrough with models: takes exactly one model")
     for key in method.required_global:

@@ -89,6 +89,14 @@ fn merge_block(
             }
         }
         (Method::Sce, Some(z)) => sce_block(stats, &inputs, z, &mut merged),
+        (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
+            let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
+            for (e, out) in merged.iter_mut().enumerate() {
+                let sum: f64 = inputs.iter().zip(coefficients).map(|(x, c)| c * x[e]).sum();
+                let base = base.as_ref().map_or(0.0, |z| base_coefficient * z[e]);
+                *out = r(base + sum);
+            }
+        }
         (method, Some(z)) if method.task_vectors() => {
             task_vector_block(job, index, tensor, stats, &inputs, z, first, &mut merged)
         }

@@ -6,6 +6,7 @@
 //! base are measured for kinship while the output pass reads them.
 
 mod combine;
+mod spherical;
 mod statistics;
 
 use std::path::PathBuf;
@@ -55,6 +56,12 @@ pub enum Method {
     DellaLinear,
     /// SCE: select high-variance entries, weight task vectors by their energy, sign election.
     Sce,
+    /// Spherical interpolation of two models (or their task vectors), t from their weights.
+    Nuslerp,
+    /// Barycentric interpolation of several models (or task vectors) on the hypersphere.
+    Multislerp,
+    /// The Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
+    Karcher,
     /// Copies one model's tensor.
     Passthrough,
 }
@@ -139,6 +146,26 @@ pub struct TensorRecipe {
     pub select_topk: f64,
 }
 
+/// Global options of the spherical methods (mergekit's defaults when absent).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SphericalOptions {
+    /// multislerp: divide the weights by their sum.
+    pub normalize_weights: bool,
+    /// multislerp: numerical floor of norms.
+    pub eps: f64,
+    /// karcher: iterations.
+    pub max_iter: usize,
+    /// karcher: convergence tolerance.
+    pub tol: f64,
+}
+
+impl Default for SphericalOptions {
+    fn default() -> Self {
+        SphericalOptions { normalize_weights: true, eps: 1e-8, max_iter: 10, tol: 1e-5 }
+    }
+}
+
 /// The precision merged values are computed in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -186,6 +213,9 @@ pub struct MergeJob {
     /// Arithmetic precision.
     #[serde(default = "float64")]
     pub compute: Compute,
+    /// Options of nuslerp, multislerp and karcher.
+    #[serde(default)]
+    pub spherical: SphericalOptions,
     /// Directory the shards are written into (it must exist).
     pub out_dir: PathBuf,
     /// Largest shard size in bytes.
@@ -348,7 +378,13 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2,
         Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
         _ if job.method == Method::Sce => 3,
-        _ if matches!(job.method, Method::Slerp | Method::ModelStock) => 1,
+        _ if matches!(
+            job.method,
+            Method::Slerp | Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher
+        ) =>
+        {
+            1
+        }
         _ => 0,
     }
 }

@@ -43,6 +43,8 @@ pub(super) struct TensorStatistics {
     pub variance_floor: Option<u32>,
     /// SCE: per-input weights from the task vectors' energy.
     pub weights: Vec<f64>,
+    /// Spherical methods: output = base_coefficient·base + Σ coefficients[i]·input[i].
+    pub combination: Option<(f64, Vec<f64>)>,
 }
 
 /// Which entries of a block of one input survive pruning; `None` keeps all.
@@ -107,6 +109,7 @@ impl TensorStatistics {
             mix: (0.0, 1.0),
             variance_floor: None,
             weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
+            combination: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -175,6 +178,22 @@ impl TensorStatistics {
                 stats.mix = slerp_factors(tensor.recipe.t, aa, bb, ab);
             }
             Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
+            Method::Nuslerp | Method::Multislerp | Method::Karcher => {
+                let gram = gram(tensor, progress)?;
+                let weights = stats.weights.clone();
+                let coefficients = match job.method {
+                    Method::Nuslerp => crate::merge::spherical::nuslerp(&gram, &weights),
+                    Method::Multislerp => {
+                        crate::merge::spherical::multislerp(&gram, &weights, &job.spherical).map_err(|e| {
+                            Error::InvalidArgument(format!("tensor '{}': {e}", tensor.recipe.name))
+                        })?
+                    }
+                    _ => crate::merge::spherical::karcher(&gram, &job.spherical),
+                };
+                // Task vectors (with a base): out = z + Σ cᵢ(xᵢ − z).
+                let base = if tensor.base.is_some() { 1.0 - coefficients.iter().sum::<f64>() } else { 0.0 };
+                stats.combination = Some((base, coefficients));
+            }
             Method::Sce => sce_statistics(job, tensor, &mut stats, progress)?,
             _ => {}
         }
@@ -222,6 +241,30 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
     let count = k as f64;
     let t = count * cos / (1.0 + (count - 1.0) * cos);
     Ok((1.0 - t, t))
+}
+
+/// The Gram matrix Σ vᵢ·vⱼ of the inputs, or of their task vectors when there is a base.
+fn gram(tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
+    let k = tensor.inputs.len();
+    let mut sources: Vec<&Source> = tensor.base.iter().collect();
+    sources.extend(&tensor.inputs);
+    let relative = tensor.base.is_some();
+    let offset = usize::from(relative);
+    let products = sums_over_vec(&sources, tensor.block, tensor.numel, k * k, progress, |_, v, out| {
+        for i in 0..k {
+            for j in i..k {
+                let (x, y) = (v[i + offset], v[j + offset]);
+                let dot: f64 = if relative {
+                    x.iter().zip(y).zip(v[0]).map(|((a, b), z)| (a - z) * (b - z)).sum()
+                } else {
+                    x.iter().zip(y).map(|(a, b)| a * b).sum()
+                };
+                out[i * k + j] = dot;
+                out[j * k + i] = dot;
+            }
+        }
+    })?;
+    Ok(products)
 }
 
 /// Population variance across the task vectors at one element, as f32 bits (mergekit's ranking).
