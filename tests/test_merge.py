@@ -9,22 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+import modelkin
+from conftest import run_cli, tree_digest
 from merge_reference import (
-    karcher,
-    multislerp,
-    nuslerp,
     breadcrumbs_mask,
     f32_delta,
+    karcher,
     kth_magnitude_mask,
     model_stock,
+    multislerp,
+    nuslerp,
     read_safetensors,
     sce,
     slerp,
     task_vector_merge,
 )
-
-import modelkin
-from conftest import run_cli, tree_digest
 from modelkin.merge import merge
 from modelkin.merge_config import evaluate
 
@@ -251,8 +251,11 @@ def test_della_prunes_by_rank_within_rows(tmp_path):
 @pytest.mark.parametrize("with_base", [False, True])
 def test_nuslerp(tmp_path, fam, with_base):
     params = [{"weight": 0.3}, {"weight": 0.9}]
-    recipe = {"models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models[:2], params, strict=True)],
-              "merge_method": "nuslerp", "out_dtype": "float32"}
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models[:2], params, strict=True)],
+        "merge_method": "nuslerp",
+        "out_dtype": "float32",
+    }
     if with_base:
         recipe["base_model"] = str(fam.base)
     merge(write_recipe(tmp_path, recipe), tmp_path / "out")
@@ -268,8 +271,11 @@ def test_nuslerp(tmp_path, fam, with_base):
 @pytest.mark.parametrize("with_base", [False, True])
 def test_multislerp(tmp_path, fam, with_base):
     params = [{"weight": w} for w in WEIGHTS]
-    recipe = {"models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
-              "merge_method": "multislerp", "out_dtype": "float32"}
+    recipe = {
+        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
+        "merge_method": "multislerp",
+        "out_dtype": "float32",
+    }
     if with_base:
         recipe["base_model"] = str(fam.base)
     merge(write_recipe(tmp_path, recipe), tmp_path / "out")

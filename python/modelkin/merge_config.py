@@ -69,12 +69,23 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
         ),
-        MethodSpec("nuslerp", "slerp of two models (or task vectors); t from their weights", False,
-                   {"nuslerp_flatten": True, "nuslerp_row_wise": False}, required_tensor=("weight",)),
-        MethodSpec("multislerp", "barycentric interpolation of several models on the hypersphere", False,
-                   {"normalize_weights": True, "eps": 1e-8}, required_tensor=("weight",)),
-        MethodSpec("karcher", "Riemannian (Karcher) mean of the models' directions", False,
-                   {"max_iter": 10, "tol": 1e-5}),
+        MethodSpec(
+            "nuslerp",
+            "slerp of two models (or task vectors); t from their weights",
+            False,
+            {"nuslerp_flatten": True, "nuslerp_row_wise": False},
+            required_tensor=("weight",),
+        ),
+        MethodSpec(
+            "multislerp",
+            "barycentric interpolation of several models on the hypersphere",
+            False,
+            {"normalize_weights": True, "eps": 1e-8},
+            required_tensor=("weight",),
+        ),
+        MethodSpec(
+            "karcher", "Riemannian (Karcher) mean of the models' directions", False, {"max_iter": 10, "tol": 1e-5}
+        ),
         MethodSpec("passthrough", "copy one model's tensors", False, {}),
     )
 }
