@@ -6,12 +6,17 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::statistics::{keep_mask, variance_bits, TensorStatistics};
-use super::{read_block, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
+use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
 use crate::encode::encode;
 use crate::error::Result;
 use crate::kinship::Progress;
 use crate::stats::Moments;
 use crate::writer::ShardedWriter;
+
+thread_local! {
+    /// Per-thread delta buffers for the kinship moments, reused block after block.
+    static DELTAS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Merges and writes one tensor; returns the moments of the parents' deltas against the base
 /// (for kinship) when there is a base.
@@ -58,13 +63,43 @@ fn merge_block(
     first: usize,
     len: usize,
 ) -> (Vec<u8>, Option<Moments>) {
-    let sources: Vec<&Source> = tensor.inputs.iter().collect();
-    let inputs = read_block(&sources, first, len);
-    let base = tensor.base.as_ref().map(|s| read_block(&[s], first, len).remove(0));
+    let mut sources: Vec<&Source> = tensor.base.iter().collect();
+    sources.extend(&tensor.inputs);
+    with_block(&sources, first, len, |views| {
+        let (base, inputs) =
+            if tensor.base.is_some() { (Some(views[0]), &views[1..]) } else { (None, views) };
+        match job.compute {
+            Compute::Float32 => combine_block::<true>(job, index, tensor, stats, first, base, inputs),
+            Compute::Float64 => combine_block::<false>(job, index, tensor, stats, first, base, inputs),
+        }
+    })
+}
+
+/// Rounds to f32 when `F32`: monomorphised, so the float64 path pays nothing and the float32
+/// path inlines the conversion instead of calling through a function pointer per operation.
+#[inline(always)]
+fn round<const F32: bool>(v: f64) -> f64 {
+    if F32 {
+        f64::from(v as f32)
+    } else {
+        v
+    }
+}
+
+fn combine_block<const F32: bool>(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    first: usize,
+    base: Option<&[f64]>,
+    inputs: &[&[f64]],
+) -> (Vec<u8>, Option<Moments>) {
+    let len = inputs[0].len();
     let mut merged = vec![0.0f64; len];
     // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
     // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
-    let r = job.compute.rounding();
+    let r = round::<F32>;
     match (job.method, &base) {
         (Method::Linear, _) => {
             let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
@@ -88,28 +123,34 @@ fn merge_block(
                 *out = r(r(s0 * r(z[e])) + r(s1 * other));
             }
         }
-        (Method::Sce, Some(z)) => sce_block(stats, &inputs, z, &mut merged),
+        (Method::Sce, Some(z)) => sce_block(stats, inputs, z, &mut merged),
         (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
             let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
             for (e, out) in merged.iter_mut().enumerate() {
                 let sum: f64 = inputs.iter().zip(coefficients).map(|(x, c)| c * x[e]).sum();
-                let base = base.as_ref().map_or(0.0, |z| base_coefficient * z[e]);
+                let base = base.map_or(0.0, |z| base_coefficient * z[e]);
                 *out = r(base + sum);
             }
         }
         (method, Some(z)) if method.task_vectors() => {
-            task_vector_block(job, index, tensor, stats, &inputs, z, first, &mut merged)
+            task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, &mut merged)
         }
-        _ => merged.copy_from_slice(&inputs[0]),
+        _ => merged.copy_from_slice(inputs[0]),
     }
     let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
     encode(job.out_dtype, &merged, &mut bytes);
-    let moments = base.as_ref().map(|z| {
-        let mut deltas = inputs;
-        let means: Vec<f64> =
-            deltas.iter_mut().map(|d| crate::kernel::subtract_and_sum(d, z) / len as f64).collect();
-        let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
-        Moments::from_chunk(&views, &means)
+    let moments = base.map(|z| {
+        DELTAS.with_borrow_mut(|deltas| {
+            deltas.resize_with(inputs.len(), Vec::new);
+            let mut means = Vec::with_capacity(inputs.len());
+            for (delta, x) in deltas.iter_mut().zip(inputs) {
+                delta.clear();
+                delta.extend_from_slice(x);
+                means.push(crate::kernel::subtract_and_sum(delta, z) / len as f64);
+            }
+            let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
+            Moments::from_chunk(&views, &means)
+        })
     });
     (bytes, moments)
 }
@@ -117,12 +158,12 @@ fn merge_block(
 /// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
 /// (majority = sign of their sum, +1 on a tie; zeros never vote), normalised, times lambda.
 #[allow(clippy::too_many_arguments)]
-fn task_vector_block(
+fn task_vector_block<const F32: bool>(
     job: &MergeJob,
     index: usize,
     tensor: &Resolved,
     stats: &TensorStatistics,
-    inputs: &[Vec<f64>],
+    inputs: &[&[f64]],
     z: &[f64],
     first: usize,
     merged: &mut [f64],
@@ -133,7 +174,7 @@ fn task_vector_block(
         .enumerate()
         .map(|(i, x)| keep_mask(job, index, i, stats.keep[i], x, z, first, tensor.row))
         .collect();
-    let r = job.compute.rounding();
+    let r = round::<F32>;
     let weights: Vec<f64> = weights.iter().map(|&w| r(w)).collect();
     let scales: Vec<f64> = stats.scale.iter().map(|&s| r(s)).collect();
     let lambda = r(job.lambda);
@@ -169,9 +210,9 @@ fn task_vector_block(
 
 /// SCE: selected entries (high variance across task vectors), energy weights, sign election on the
 /// unweighted task vectors, divided by the surviving weights (at least 1e-6).
-fn sce_block(stats: &TensorStatistics, inputs: &[Vec<f64>], z: &[f64], merged: &mut [f64]) {
+fn sce_block(stats: &TensorStatistics, inputs: &[&[f64]], z: &[f64], merged: &mut [f64]) {
     let mut views: Vec<&[f64]> = vec![z];
-    views.extend(inputs.iter().map(Vec::as_slice));
+    views.extend(inputs.iter().copied());
     for (e, out) in merged.iter_mut().enumerate() {
         let selected = stats.variance_floor.is_none_or(|floor| variance_bits(&views, e) >= floor);
         if !selected {

@@ -176,17 +176,6 @@ pub enum Compute {
     Float32,
 }
 
-impl Compute {
-    /// Rounds an f64 result to this precision. For +, −, ×, ÷ of f32 operands, rounding the f64
-    /// result to f32 gives exactly the f32 operation's result (f64 has more than 2·24 + 2 bits).
-    pub fn rounding(self) -> fn(f64) -> f64 {
-        match self {
-            Compute::Float64 => |v| v,
-            Compute::Float32 => |v| f64::from(v as f32),
-        }
-    }
-}
-
 fn float64() -> Compute {
     Compute::Float64
 }
@@ -411,14 +400,26 @@ fn magnitude_bits(x: f64, z: f64) -> u32 {
     ((x as f32) - (z as f32)).abs().to_bits()
 }
 
-/// Decodes elements `first..first + len` of every source.
-fn read_block(sources: &[&Source], first: usize, len: usize) -> Vec<Vec<f64>> {
-    sources
-        .iter()
-        .map(|s| {
-            let mut values = vec![0.0; len];
-            s.read(first, &mut values);
-            values
-        })
-        .collect()
+thread_local! {
+    /// Per-thread decode buffers, reused block after block: allocating them per block would map
+    /// and zero fresh pages each time.
+    static BLOCK_BUFFERS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Decodes elements `first..first + len` of every source into this thread's buffers and hands
+/// them to `work` (which must not call `with_block` itself).
+fn with_block<T>(sources: &[&Source], first: usize, len: usize, work: impl FnOnce(&[&[f64]]) -> T) -> T {
+    BLOCK_BUFFERS.with_borrow_mut(|buffers| {
+        if buffers.len() < sources.len() {
+            buffers.resize_with(sources.len(), Vec::new);
+        }
+        for (source, buffer) in sources.iter().zip(buffers.iter_mut()) {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+            source.read(first, &mut buffer[..len]);
+        }
+        let views: Vec<&[f64]> = buffers[..sources.len()].iter().map(|b| &b[..len]).collect();
+        work(&views)
+    })
 }

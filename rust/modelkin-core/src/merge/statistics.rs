@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::{
-    magnitude_bits, no_base, read_block, uniform, MergeJob, Method, Resolved, Source, Sparsification,
+    magnitude_bits, no_base, uniform, with_block, MergeJob, Method, Resolved, Source, Sparsification,
 };
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
@@ -114,19 +114,17 @@ impl TensorStatistics {
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
             let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+            // Ascending magnitude ranks each input's pruning needs; all found in one pair of passes.
+            let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); k];
             for (i, input) in tensor.recipe.inputs.iter().enumerate() {
                 if input.density >= 1.0 {
                     continue;
                 }
-                let pair = [base, &tensor.inputs[i]];
-                let magnitude = |v: &[&[f64]], e: usize| magnitude_bits(v[1][e], v[0][e]);
-                stats.keep[i] = match sparsification {
+                match sparsification {
                     Sparsification::Magnitude => {
                         // mergekit keeps at least one element of a non-empty tensor.
                         let keep = ((input.density * n as f64) as usize).max(1).min(n);
-                        let [low] =
-                            order_statistics(&pair, tensor.block, n, [n - keep], progress, magnitude)?;
-                        Keep::Range { low: low.keep_from(), high: u32::MAX }
+                        wanted[i] = vec![n - keep];
                     }
                     Sparsification::MagnitudeOutliers => {
                         // mergekit 0.1.5 keeps ascending ranks [n_bot, n_bot + target), with
@@ -135,19 +133,14 @@ impl TensorStatistics {
                         let top = (input.gamma * n as f64) as usize;
                         let bottom = n.saturating_sub(target + top);
                         if target == 0 {
-                            Keep::None
+                            stats.keep[i] = Keep::None;
                         } else if bottom + target >= n {
-                            let [low] =
-                                order_statistics(&pair, tensor.block, n, [bottom], progress, magnitude)?;
-                            Keep::Range { low: low.keep_from(), high: u32::MAX }
+                            wanted[i] = vec![bottom];
                         } else {
-                            let ranks = [bottom, bottom + target];
-                            let [low, high] =
-                                order_statistics(&pair, tensor.block, n, ranks, progress, magnitude)?;
-                            Keep::Range { low: low.keep_from(), high: high.drop_from() }
+                            wanted[i] = vec![bottom, bottom + target];
                         }
                     }
-                    Sparsification::Random => Keep::Random { density: input.density },
+                    Sparsification::Random => stats.keep[i] = Keep::Random { density: input.density },
                     Sparsification::DellaMagprune => {
                         if input.density - input.epsilon <= 0.0 || input.density + input.epsilon >= 1.0 {
                             return Err(Error::InvalidArgument(format!(
@@ -155,9 +148,28 @@ impl TensorStatistics {
                                 tensor.recipe.name, input.density, input.epsilon
                             )));
                         }
-                        Keep::Della { density: input.density, epsilon: input.epsilon }
+                        stats.keep[i] = Keep::Della { density: input.density, epsilon: input.epsilon };
                     }
-                };
+                }
+            }
+            if wanted.iter().any(|w| !w.is_empty()) {
+                let mut sources: Vec<&Source> = vec![base];
+                sources.extend(&tensor.inputs);
+                let boundaries =
+                    order_statistics(&sources, tensor.block, n, &wanted, progress, |v, i, keys| {
+                        keys.extend(v[i + 1].iter().zip(v[0]).map(|(x, z)| magnitude_bits(*x, *z)));
+                    })?;
+                for (i, found) in boundaries.iter().enumerate() {
+                    match found[..] {
+                        [low] => stats.keep[i] = Keep::Range { low: low.keep_from(), high: u32::MAX },
+                        [low, high] => {
+                            stats.keep[i] = Keep::Range { low: low.keep_from(), high: high.drop_from() }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            for i in 0..k {
                 if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. }) {
                     stats.scale[i] = l1_rescale(job, index, i, stats.keep[i], tensor, progress)?;
                 }
@@ -299,8 +311,11 @@ fn sce_statistics(
         stats.variance_floor = Some(if selected == 0 {
             u32::MAX
         } else {
-            let [floor] = order_statistics(&all, tensor.block, n, [n - selected], progress, variance_bits)?;
-            floor.keep_from()
+            let found =
+                order_statistics(&all, tensor.block, n, &[vec![n - selected]], progress, |v, _, keys| {
+                    keys.extend((0..v[0].len()).map(|e| variance_bits(v, e)));
+                })?;
+            found[0][0].keep_from()
         });
     }
     let floor = stats.variance_floor;
@@ -375,10 +390,8 @@ fn sums_over_vec(
             progress.check()?;
             let first = b * block;
             let len = block.min(n - first);
-            let buffers = read_block(sources, first, len);
-            let views: Vec<&[f64]> = buffers.iter().map(Vec::as_slice).collect();
             let mut out = vec![0.0; width];
-            block_sums(first, &views, &mut out);
+            with_block(sources, first, len, |views| block_sums(first, views, &mut out));
             progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
             Ok(out)
         })
@@ -427,40 +440,63 @@ impl Boundary {
     }
 }
 
-/// Exact order statistics of a per-element key (non-negative f32 bits) computed from the decoded
-/// sources: for each 0-based ascending `rank`, the key at that rank. Two streamed histogram passes
-/// (radix select on the upper, then the lower 16 bits) keep memory bounded.
-fn order_statistics<const R: usize>(
+/// Exact order statistics of per-element keys (non-negative f32 bits) computed from the decoded
+/// sources. `ranks[s]` lists the 0-based ascending ranks wanted of key set `s` (`keys(views, s,
+/// out)` appends that set's keys of a block); the result holds one [`Boundary`] per rank. Two
+/// streamed histogram passes (radix select on the upper, then the lower 16 bits) serve every set
+/// at once, so memory stays bounded and the sources are read twice in all.
+fn order_statistics(
     sources: &[&Source],
     block: usize,
     n: usize,
-    ranks: [usize; R],
+    ranks: &[Vec<usize>],
     progress: &Progress,
-    key: impl Fn(&[&[f64]], usize) -> u32 + Sync,
-) -> Result<[Boundary; R]> {
-    let histogram = |select: &(dyn Fn(u32) -> Option<usize> + Sync)| -> Result<Vec<u64>> {
-        let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    keys: impl Fn(&[&[f64]], usize, &mut Vec<u32>) + Sync,
+) -> Result<Vec<Vec<Boundary>>> {
+    const BINS: usize = 1 << 16;
+    let sets: Vec<usize> = (0..ranks.len()).filter(|&s| !ranks[s].is_empty()).collect();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    // One histogram per query: (key set, Some(upper 16 bits) to count lower bits within, or None
+    // to count upper bits).
+    let histograms = |queries: &[(usize, Option<u32>)]| -> Result<Vec<Vec<u64>>> {
         (0..n.div_ceil(block))
             .into_par_iter()
-            .map(|b| {
-                progress.check()?;
-                let first = b * block;
-                let len = block.min(n - first);
-                let buffers = read_block(sources, first, len);
-                let views: Vec<&[f64]> = buffers.iter().map(Vec::as_slice).collect();
-                let mut counts = vec![0u64; 1 << 16];
-                for e in 0..len {
-                    if let Some(bin) = select(key(&views, e)) {
-                        counts[bin] += 1;
-                    }
-                }
-                progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-                Ok(counts)
-            })
+            .try_fold(
+                || (vec![vec![0u64; BINS]; queries.len()], Vec::<u32>::new()),
+                |(mut counts, mut scratch), b| {
+                    progress.check()?;
+                    let first = b * block;
+                    let len = block.min(n - first);
+                    with_block(sources, first, len, |views| {
+                        for &set in &sets {
+                            scratch.clear();
+                            keys(views, set, &mut scratch);
+                            for (q, &(query_set, within)) in queries.iter().enumerate() {
+                                if query_set != set {
+                                    continue;
+                                }
+                                let histogram = &mut counts[q];
+                                match within {
+                                    None => scratch.iter().for_each(|k| histogram[(k >> 16) as usize] += 1),
+                                    Some(top) => scratch
+                                        .iter()
+                                        .filter(|k| *k >> 16 == top)
+                                        .for_each(|k| histogram[(k & 0xFFFF) as usize] += 1),
+                                }
+                            }
+                        }
+                    });
+                    progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                    Ok((counts, scratch))
+                },
+            )
+            .map(|partial: Result<(Vec<Vec<u64>>, Vec<u32>)>| partial.map(|(counts, _)| counts))
             .try_reduce(
-                || vec![0u64; 1 << 16],
+                || vec![vec![0u64; BINS]; queries.len()],
                 |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    for (x, y) in a.iter_mut().zip(b) {
+                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
+                    }
                     Ok(a)
                 },
             )
@@ -476,19 +512,28 @@ fn order_statistics<const R: usize>(
         }
         (counts.len() - 1, seen)
     };
-    let high = histogram(&|bits| Some((bits >> 16) as usize))?;
-    let mut out = [Boundary { value: 0, below: 0, equal: 0, rank: 0 }; R];
-    for (slot, &rank) in out.iter_mut().zip(&ranks) {
-        let rank = rank.min(n.saturating_sub(1)) as u64;
-        let (top, below_top) = locate(&high, rank);
-        let low = histogram(&|bits| ((bits >> 16) as usize == top).then_some((bits & 0xFFFF) as usize))?;
-        let (bottom, below_bottom) = locate(&low, rank - below_top);
-        *slot = Boundary {
+    let high_queries: Vec<(usize, Option<u32>)> = sets.iter().map(|&s| (s, None)).collect();
+    let high = histograms(&high_queries)?;
+    let mut low_queries = Vec::new();
+    let mut placed = Vec::new();
+    for (h, &set) in sets.iter().enumerate() {
+        for &rank in &ranks[set] {
+            let rank = rank.min(n.saturating_sub(1)) as u64;
+            let (top, below_top) = locate(&high[h], rank);
+            low_queries.push((set, Some(top as u32)));
+            placed.push((set, rank, top, below_top));
+        }
+    }
+    let low = histograms(&low_queries)?;
+    let mut out: Vec<Vec<Boundary>> = vec![Vec::new(); ranks.len()];
+    for ((set, rank, top, below_top), counts) in placed.into_iter().zip(&low) {
+        let (bottom, below_bottom) = locate(counts, rank - below_top);
+        out[set].push(Boundary {
             value: ((top as u32) << 16) | bottom as u32,
             below: below_top + below_bottom,
-            equal: low[bottom],
+            equal: counts[bottom],
             rank,
-        };
+        });
     }
     Ok(out)
 }
