@@ -14,6 +14,8 @@ use crate::stats::Moments;
 use crate::writer::ShardedWriter;
 
 thread_local! {
+    /// Per-thread scratch of the task-vector combination, reused block after block.
+    static CONTRIBUTIONS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread delta buffers for the kinship moments, reused block after block.
     static DELTAS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -178,34 +180,57 @@ fn task_vector_block<const F32: bool>(
     let weights: Vec<f64> = weights.iter().map(|&w| r(w)).collect();
     let scales: Vec<f64> = stats.scale.iter().map(|&s| r(s)).collect();
     let lambda = r(job.lambda);
-    let mut contributions = vec![0.0f64; inputs.len()];
-    for (e, out) in merged.iter_mut().enumerate() {
-        let base = r(z[e]);
+    let len = merged.len();
+    // Column by column (one input at a time over the whole block) so the loops vectorise; the
+    // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
+    CONTRIBUTIONS.with_borrow_mut(|scratch| {
+        scratch.resize_with(inputs.len() + 2, Vec::new);
+        let (contributions, rest) = scratch.split_at_mut(inputs.len());
+        let (mixed, divisor) = rest.split_at_mut(1);
+        let (mixed, divisor) = (&mut mixed[0], &mut divisor[0]);
         for (i, c) in contributions.iter_mut().enumerate() {
-            let kept = masks[i].as_ref().is_none_or(|m| m[e]);
-            let delta = if kept { r(r(r(inputs[i][e]) - base) * scales[i]) } else { 0.0 };
-            *c = r(weights[i] * delta);
+            c.clear();
+            let (x, w, s) = (inputs[i], weights[i], scales[i]);
+            match &masks[i] {
+                None => c.extend(x.iter().zip(z).map(|(x, z)| r(w * r(r(r(*x) - r(*z)) * s)))),
+                Some(mask) => c.extend(x.iter().zip(z).zip(mask).map(|((x, z), &kept)| {
+                    if kept {
+                        r(w * r(r(r(*x) - r(*z)) * s))
+                    } else {
+                        0.0
+                    }
+                })),
+            }
         }
-        let (mixed, divisor) = if job.method.sign_consensus() {
-            let majority =
-                if contributions.iter().fold(0.0, |acc, &c| r(acc + c)) >= 0.0 { 1.0 } else { -1.0 };
-            let (mut mixed, mut divisor) = (0.0, 0.0);
-            for (c, w) in contributions.iter().zip(&weights) {
-                if *c != 0.0 && c.signum() == majority {
-                    mixed = r(mixed + c);
-                    divisor = r(divisor + w);
+        mixed.clear();
+        mixed.resize(len, 0.0);
+        for c in contributions.iter() {
+            mixed.iter_mut().zip(c).for_each(|(m, c)| *m = r(*m + c));
+        }
+        divisor.clear();
+        if job.method.sign_consensus() {
+            // Majority sign of the weighted deltas (+1 on a tie); zeros never vote.
+            let majority: Vec<f64> = mixed.iter().map(|m| if *m >= 0.0 { 1.0 } else { -1.0 }).collect();
+            mixed.iter_mut().for_each(|m| *m = 0.0);
+            divisor.resize(len, 0.0);
+            for (c, &w) in contributions.iter().zip(&weights) {
+                for e in 0..len {
+                    let agrees = c[e] != 0.0 && c[e].signum() == majority[e];
+                    mixed[e] = if agrees { r(mixed[e] + c[e]) } else { mixed[e] };
+                    divisor[e] = if agrees { r(divisor[e] + w) } else { divisor[e] };
                 }
             }
-            (mixed, if divisor == 0.0 { 1.0 } else { divisor })
+            divisor.iter_mut().for_each(|d| *d = if *d == 0.0 { 1.0 } else { *d });
         } else {
-            let divisor = weights.iter().fold(0.0, |acc, &w| r(acc + w));
-            let mixed = contributions.iter().fold(0.0, |acc, &c| r(acc + c));
-            (mixed, if divisor.abs() < 1e-8 { 1.0 } else { divisor })
-        };
-        let mixed = if job.normalize { r(mixed / divisor) } else { mixed };
-        let mixed = if lambda == 1.0 { mixed } else { r(mixed * lambda) };
-        *out = r(base + mixed);
-    }
+            let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
+            divisor.resize(len, if total.abs() < 1e-8 { 1.0 } else { total });
+        }
+        for e in 0..len {
+            let m = if job.normalize { r(mixed[e] / divisor[e]) } else { mixed[e] };
+            let m = if lambda == 1.0 { m } else { r(m * lambda) };
+            merged[e] = r(r(z[e]) + m);
+        }
+    });
 }
 
 /// SCE: selected entries (high variance across task vectors), energy weights, sign election on the

@@ -459,11 +459,17 @@ fn order_statistics(
     // One histogram per query: (key set, Some(upper 16 bits) to count lower bits within, or None
     // to count upper bits).
     let histograms = |queries: &[(usize, Option<u32>)]| -> Result<Vec<Vec<u64>>> {
-        (0..n.div_ceil(block))
+        // Magnitudes crowd into a few bins, so consecutive increments of one counter would wait
+        // on each other; four interleaved tables per query break that dependency chain.
+        // Contiguous runs of blocks, a few per worker, each counted into one set of tables.
+        let blocks = n.div_ceil(block);
+        let runs = (rayon::current_num_threads() * 2).clamp(1, blocks.max(1));
+        let per_query = (0..runs)
             .into_par_iter()
-            .try_fold(
-                || (vec![vec![0u64; BINS]; queries.len()], Vec::<u32>::new()),
-                |(mut counts, mut scratch), b| {
+            .map(|run| -> Result<Vec<Vec<u64>>> {
+                let mut counts = vec![vec![0u32; 4 * BINS]; queries.len()];
+                let mut scratch = Vec::<u32>::new();
+                for b in (run * blocks / runs)..((run + 1) * blocks / runs) {
                     progress.check()?;
                     let first = b * block;
                     let len = block.min(n - first);
@@ -472,25 +478,21 @@ fn order_statistics(
                             scratch.clear();
                             keys(views, set, &mut scratch);
                             for (q, &(query_set, within)) in queries.iter().enumerate() {
-                                if query_set != set {
-                                    continue;
-                                }
-                                let histogram = &mut counts[q];
-                                match within {
-                                    None => scratch.iter().for_each(|k| histogram[(k >> 16) as usize] += 1),
-                                    Some(top) => scratch
-                                        .iter()
-                                        .filter(|k| *k >> 16 == top)
-                                        .for_each(|k| histogram[(k & 0xFFFF) as usize] += 1),
+                                if query_set == set {
+                                    count_bins(&scratch, within, &mut counts[q]);
                                 }
                             }
                         }
                     });
                     progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-                    Ok((counts, scratch))
-                },
-            )
-            .map(|partial: Result<(Vec<Vec<u64>>, Vec<u32>)>| partial.map(|(counts, _)| counts))
+                }
+                Ok(counts
+                    .into_iter()
+                    .map(|t| {
+                        (0..BINS).map(|bin| (0..4).map(|j| u64::from(t[j * BINS + bin])).sum()).collect()
+                    })
+                    .collect())
+            })
             .try_reduce(
                 || vec![vec![0u64; BINS]; queries.len()],
                 |mut a, b| {
@@ -499,7 +501,8 @@ fn order_statistics(
                     }
                     Ok(a)
                 },
-            )
+            )?;
+        Ok(per_query)
     };
     // (bin, elements in lower bins) of the bin holding `rank`.
     let locate = |counts: &[u64], rank: u64| -> (usize, u64) {
@@ -536,4 +539,43 @@ fn order_statistics(
         });
     }
     Ok(out)
+}
+
+/// Adds keys to four interleaved 65536-bin tables: of their upper 16 bits (`within` = None), or
+/// of the lower 16 bits of the keys whose upper bits equal `within`.
+fn count_bins(keys: &[u32], within: Option<u32>, tables: &mut [u32]) {
+    const BINS: usize = 1 << 16;
+    let (t0, rest) = tables.split_at_mut(BINS);
+    let (t1, rest) = rest.split_at_mut(BINS);
+    let (t2, t3) = rest.split_at_mut(BINS);
+    let quads = keys.chunks_exact(4);
+    let tail = quads.remainder();
+    match within {
+        None => {
+            for q in quads {
+                t0[(q[0] >> 16) as usize] += 1;
+                t1[(q[1] >> 16) as usize] += 1;
+                t2[(q[2] >> 16) as usize] += 1;
+                t3[(q[3] >> 16) as usize] += 1;
+            }
+            tail.iter().for_each(|k| t0[(k >> 16) as usize] += 1);
+        }
+        Some(top) => {
+            for q in quads {
+                if q[0] >> 16 == top {
+                    t0[(q[0] & 0xFFFF) as usize] += 1;
+                }
+                if q[1] >> 16 == top {
+                    t1[(q[1] & 0xFFFF) as usize] += 1;
+                }
+                if q[2] >> 16 == top {
+                    t2[(q[2] & 0xFFFF) as usize] += 1;
+                }
+                if q[3] >> 16 == top {
+                    t3[(q[3] & 0xFFFF) as usize] += 1;
+                }
+            }
+            tail.iter().filter(|k| *k >> 16 == top).for_each(|k| t0[(k & 0xFFFF) as usize] += 1);
+        }
+    }
 }
