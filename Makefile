@@ -23,6 +23,9 @@ demo: build
 	$(VENV)/bin/modelkin matrix demo-out/family/math-a demo-out/family/math-b demo-out/family/code \
 		demo-out/family/math-code --base demo-out/family/base --metric pcc --plot demo-out/kinship.png
 	$(VENV)/bin/merge_cal demo-out/family/math-a demo-out/family/code demo-out/family/base "pcc cs ed"
+	printf 'models:\n  - model: demo-out/family/math-a\n    parameters: {weight: 1.0, density: 0.5}\n  - model: demo-out/family/code\n    parameters: {weight: 0.7, density: 0.5}\nmerge_method: ties\nbase_model: demo-out/family/base\ndtype: float32\nout_dtype: bfloat16\n' > demo-out/ties.yml
+	$(VENV)/bin/modelkin merge demo-out/ties.yml demo-out/merged-ties --seed 0
+	$(VENV)/bin/modelkin kinship demo-out/merged-ties demo-out/family/math-b --base demo-out/family/base --metric pcc
 
 lint: build
 	cargo fmt --all --check
@@ -37,6 +40,7 @@ test: build
 
 bench: build
 	$(VENV)/bin/python benches/bench_kinship.py
+	$(VENV)/bin/python benches/bench_merge.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -443,3 +443,34 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, family_factory):
         assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
         assert not (tmp_path / f"out-{other}").exists()
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temp dir left behind"
+
+
+def test_a_full_disk_leaves_no_partial_output(tmp_path, fam):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    recipe = {
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in fam.models],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam.base),
+    }
+    path = write_recipe(tmp_path, recipe)
+
+    def small_disk() -> None:
+        # A file-size limit makes writes fail like a full disk (EFBIG instead of ENOSPC).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import modelkin.cli as m; m.main()", "merge", str(path), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_disk,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "nothing was written" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temp dir left behind"

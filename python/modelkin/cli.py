@@ -274,3 +274,7 @@ def run_cli(command: Any, args: list[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run_cli(typer.main.get_command(app)))
+
+
+if __name__ == "__main__":
+    main()

@@ -174,6 +174,10 @@ def merge(
         parents = tuple(m.model for m in inputs)
         _write_metadata(staging, config, paths, base_ref, inputs, out_dtype, base_config, options, kinship, parents)
         _publish(staging, out_path)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        message = str(error).replace(str(staging), str(out_path))
+        raise OSError(f"{message} (nothing was written to {out_path})") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -1,0 +1,5 @@
+"""`python -m modelkin`: the command line."""
+
+from .cli import main
+
+main()
