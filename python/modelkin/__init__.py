@@ -12,6 +12,8 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
+from .merge import MergeResult, merge
+from .merge_config import RecipeError
 from .resolve import resolve
 
 __all__ = [
@@ -20,15 +22,18 @@ __all__ = [
     "InvalidModelError",
     "KinshipMatrix",
     "KinshipResult",
+    "MergeResult",
     "MissingTensorError",
     "ModelReferenceError",
     "ModelkinError",
     "NonFiniteError",
+    "RecipeError",
     "ShapeMismatchError",
     "TensorKinship",
     "UnsupportedFormatError",
     "__version__",
     "kinship",
     "kinship_matrix",
+    "merge",
     "resolve",
 ]

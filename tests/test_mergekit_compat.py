@@ -1,0 +1,115 @@
+"""Compatibility with mergekit 0.1.5 on the same YAML (dtype float32, out_dtype bfloat16).
+
+mergekit is a peer, not a dependency: these tests run where `mergekit-yaml` is on PATH (or named by
+MODELKIN_MERGEKIT) and skip with the reason otherwise."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import yaml
+
+from merge_reference import read_safetensors
+from modelkin.example import write_example_family
+from modelkin.merge import merge
+
+MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
+pytestmark = pytest.mark.skipif(
+    MERGEKIT is None, reason="mergekit-yaml not found (install mergekit==0.1.5 in a separate venv)"
+)
+
+
+def bf16_ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def ordered(v: np.ndarray) -> np.ndarray:
+        bits = v.astype(np.float32).view(np.int32).astype(np.int64) >> 16
+        return np.where(bits < 0, -(bits & 0x7FFF), bits)
+
+    return np.abs(ordered(a) - ordered(b))
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return write_example_family(tmp_path_factory.mktemp("family"))
+
+
+CASES = {
+    "linear": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 0.9999),
+    "task_arithmetic": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 0.9999),
+    "dare_linear": ([{"weight": 1.0, "density": 1.0}, {"weight": 0.6, "density": 1.0}], 0.9999),
+    # bf16 deltas are coarse, so many entries tie with the magnitude threshold; mergekit breaks such
+    # ties by an unstable sort, so a share of them cannot match (see test_ties_without_ties below).
+    "ties": (
+        [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}, {"weight": 0.5, "density": 0.9}],
+        0.985,
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_same_tensors_as_mergekit(tmp_path, family, method):
+    params, required = CASES[method]
+    names = ["math-a", "code", "math-code"][: len(params)]
+    recipe = {
+        "models": [{"model": str(family[n]), "parameters": p} for n, p in zip(names, params, strict=True)],
+        "merge_method": method,
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    if method != "linear":
+        recipe["base_model"] = str(family["base"])
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    merge(path, tmp_path / "ours")
+    subprocess.run(
+        [MERGEKIT, str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    same = total = 0
+    for name, value in theirs.items():
+        ulps = bf16_ulps(ours[name], value)
+        if required > 0.999:
+            assert ulps.max() <= 1, name
+        same += int((ulps == 0).sum())
+        total += ulps.size
+    assert same / total >= required
+
+
+def test_ties_is_bit_identical_when_no_entry_ties_with_the_threshold(tmp_path):
+    from modelkin import example
+    from modelkin.safetensors_io import save_model
+
+    rng = np.random.default_rng(0)
+    base = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in example._shapes().items()}
+    config = example._config(example.VOCAB)
+    save_model(tmp_path / "base", base, "F32", config=config)
+    for i in range(3):
+        tuned = {n: (v + rng.normal(0, 0.002, v.shape)).astype(np.float32) for n, v in base.items()}
+        save_model(tmp_path / f"ft{i}", tuned, "F32", config=config)
+    params = CASES["ties"][0]
+    recipe = {
+        "models": [{"model": str(tmp_path / f"ft{i}"), "parameters": p} for i, p in enumerate(params)],
+        "merge_method": "ties",
+        "base_model": str(tmp_path / "base"),
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    merge(path, tmp_path / "ours")
+    subprocess.run(
+        [MERGEKIT, str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)
