@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the outputs for inspection")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.data if args.data.exists() else None))
-    ours_cmd = [sys.executable, "-c", "import sys, modelkin.merge as m; m.merge(sys.argv[1], sys.argv[2])"]
+    ours_cmd = [sys.executable, "-c", "import sys, modelkin.merging as m; m.merge(sys.argv[1], sys.argv[2])"]
 
     print(f"# TIES of 3 fine-tunes, ~{args.params:.3g} parameters per model, bf16", flush=True)
     base, models = model_dirs(args.data / f"merge-{int(args.params)}", args.params)

@@ -25,7 +25,7 @@ from merge_reference import (
     slerp,
     task_vector_merge,
 )
-from modelkin.merge import merge
+from modelkin.merging import merge
 from modelkin.merge_config import evaluate
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from merge_reference import read_safetensors
 from modelkin.example import write_example_family
-from modelkin.merge import merge
+from modelkin.merging import merge
 
 MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
 pytestmark = pytest.mark.skipif(

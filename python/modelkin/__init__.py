@@ -12,7 +12,7 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
-from .merge import MergeResult, merge
+from .merging import MergeResult, merge
 from .merge_config import RecipeError
 from .resolve import resolve
 

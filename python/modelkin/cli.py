@@ -191,7 +191,7 @@ def merge_command(
     offline: OfflineOpt = False,
 ) -> None:
     """Merge models with a mergekit YAML recipe; the parents' kinship is recorded in modelkin.json."""
-    from .merge import merge
+    from .merging import merge
 
     with PassProgress("merge") as progress:
         result = merge(

@@ -184,22 +184,21 @@ fn task_vector_block<const F32: bool>(
     // Column by column (one input at a time over the whole block) so the loops vectorise; the
     // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
     CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        scratch.resize_with(inputs.len() + 2, Vec::new);
+        scratch.resize_with(inputs.len() + 3, Vec::new);
         let (contributions, rest) = scratch.split_at_mut(inputs.len());
-        let (mixed, divisor) = rest.split_at_mut(1);
-        let (mixed, divisor) = (&mut mixed[0], &mut divisor[0]);
+        let [mixed, divisor, majority_scratch] = rest else { unreachable!("three scratch buffers") };
         for (i, c) in contributions.iter_mut().enumerate() {
             c.clear();
             let (x, w, s) = (inputs[i], weights[i], scales[i]);
             match &masks[i] {
                 None => c.extend(x.iter().zip(z).map(|(x, z)| r(w * r(r(r(*x) - r(*z)) * s)))),
-                Some(mask) => c.extend(x.iter().zip(z).zip(mask).map(|((x, z), &kept)| {
-                    if kept {
-                        r(w * r(r(r(*x) - r(*z)) * s))
-                    } else {
-                        0.0
-                    }
-                })),
+                // Multiplying by 1.0 or 0.0 is exact, and keeps the loop free of branches.
+                Some(mask) => c.extend(
+                    x.iter()
+                        .zip(z)
+                        .zip(mask)
+                        .map(|((x, z), &kept)| r(w * r(r(r(*x) - r(*z)) * s)) * f64::from(u8::from(kept))),
+                ),
             }
         }
         mixed.clear();
@@ -209,15 +208,19 @@ fn task_vector_block<const F32: bool>(
         }
         divisor.clear();
         if job.method.sign_consensus() {
-            // Majority sign of the weighted deltas (+1 on a tie); zeros never vote.
-            let majority: Vec<f64> = mixed.iter().map(|m| if *m >= 0.0 { 1.0 } else { -1.0 }).collect();
-            mixed.iter_mut().for_each(|m| *m = 0.0);
+            // Majority sign of the weighted deltas (+1 on a tie); zeros never vote. Adding c·1 or
+            // c·0 is exact, so the selection needs no branch.
             divisor.resize(len, 0.0);
+            let (sums, divisor) = (&mut *mixed, &mut *divisor);
+            let majority: &mut Vec<f64> = majority_scratch;
+            majority.clear();
+            majority.extend(sums.iter().map(|m| if *m >= 0.0 { 1.0 } else { -1.0 }));
+            sums.iter_mut().for_each(|m| *m = 0.0);
             for (c, &w) in contributions.iter().zip(&weights) {
                 for e in 0..len {
-                    let agrees = c[e] != 0.0 && c[e].signum() == majority[e];
-                    mixed[e] = if agrees { r(mixed[e] + c[e]) } else { mixed[e] };
-                    divisor[e] = if agrees { r(divisor[e] + w) } else { divisor[e] };
+                    let agrees = f64::from(u8::from((c[e] != 0.0) & (c[e].signum() == majority[e])));
+                    sums[e] = r(sums[e] + c[e] * agrees);
+                    divisor[e] = r(divisor[e] + w * agrees);
                 }
             }
             divisor.iter_mut().for_each(|d| *d = if *d == 0.0 { 1.0 } else { *d });

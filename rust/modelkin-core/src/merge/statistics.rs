@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::{
     magnitude_bits, no_base, uniform, with_block, MergeJob, Method, Resolved, Source, Sparsification,
 };
+use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
 
@@ -156,8 +157,8 @@ impl TensorStatistics {
                 let mut sources: Vec<&Source> = vec![base];
                 sources.extend(&tensor.inputs);
                 let boundaries =
-                    order_statistics(&sources, tensor.block, n, &wanted, progress, |v, i, keys| {
-                        keys.extend(v[i + 1].iter().zip(v[0]).map(|(x, z)| magnitude_bits(*x, *z)));
+                    order_statistics(&sources, tensor.block, n, &wanted, progress, |first, len, i, keys| {
+                        magnitude_keys(base, &tensor.inputs[i], first, len, keys)
                     })?;
                 for (i, found) in boundaries.iter().enumerate() {
                     match found[..] {
@@ -311,10 +312,16 @@ fn sce_statistics(
         stats.variance_floor = Some(if selected == 0 {
             u32::MAX
         } else {
-            let found =
-                order_statistics(&all, tensor.block, n, &[vec![n - selected]], progress, |v, _, keys| {
-                    keys.extend((0..v[0].len()).map(|e| variance_bits(v, e)));
-                })?;
+            let found = order_statistics(
+                &all,
+                tensor.block,
+                n,
+                &[vec![n - selected]],
+                progress,
+                |first, len, _, keys| {
+                    with_block(&all, first, len, |v| keys.extend((0..len).map(|e| variance_bits(v, e))))
+                },
+            )?;
             found[0][0].keep_from()
         });
     }
@@ -451,7 +458,7 @@ fn order_statistics(
     n: usize,
     ranks: &[Vec<usize>],
     progress: &Progress,
-    keys: impl Fn(&[&[f64]], usize, &mut Vec<u32>) + Sync,
+    keys: impl Fn(usize, usize, usize, &mut Vec<u32>) + Sync,
 ) -> Result<Vec<Vec<Boundary>>> {
     const BINS: usize = 1 << 16;
     let sets: Vec<usize> = (0..ranks.len()).filter(|&s| !ranks[s].is_empty()).collect();
@@ -473,17 +480,15 @@ fn order_statistics(
                     progress.check()?;
                     let first = b * block;
                     let len = block.min(n - first);
-                    with_block(sources, first, len, |views| {
-                        for &set in &sets {
-                            scratch.clear();
-                            keys(views, set, &mut scratch);
-                            for (q, &(query_set, within)) in queries.iter().enumerate() {
-                                if query_set == set {
-                                    count_bins(&scratch, within, &mut counts[q]);
-                                }
+                    for &set in &sets {
+                        scratch.clear();
+                        keys(first, len, set, &mut scratch);
+                        for (q, &(query_set, within)) in queries.iter().enumerate() {
+                            if query_set == set {
+                                count_bins(&scratch, within, &mut counts[q]);
                             }
                         }
-                    });
+                    }
                     progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                 }
                 Ok(counts
@@ -539,6 +544,24 @@ fn order_statistics(
         });
     }
     Ok(out)
+}
+
+/// Appends |x − z| (as f32 bits) of elements `first..first + len`. bf16 pairs are widened in
+/// registers straight from the file bytes: the threshold passes read every input twice, and
+/// decoding to f64 buffers first would double their cost.
+fn magnitude_keys(base: &Source, input: &Source, first: usize, len: usize, keys: &mut Vec<u32>) {
+    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
+        let z = base.model.raw_bytes(base.entry, base.dtype, first, len);
+        let x = input.model.raw_bytes(input.entry, input.dtype, first, len);
+        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        keys.extend(
+            x.chunks_exact(2).zip(z.chunks_exact(2)).map(|(x, z)| (widen(x) - widen(z)).abs().to_bits()),
+        );
+    } else {
+        with_block(&[base, input], first, len, |v| {
+            keys.extend(v[1].iter().zip(v[0]).map(|(x, z)| magnitude_bits(*x, *z)))
+        });
+    }
 }
 
 /// Adds keys to four interleaved 65536-bin tables: of their upper 16 bits (`within` = None), or
