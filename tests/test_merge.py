@@ -25,8 +25,8 @@ from merge_reference import (
     slerp,
     task_vector_merge,
 )
+from modelkin.merge_config import evaluate, gradient_position
 from modelkin.merging import merge
-from modelkin.merge_config import evaluate
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ def test_slerp_with_gradient(tmp_path, family_factory):
     out = read_safetensors(tmp_path / "out")
     base, other = fam.base_values, fam.values[1]
     for k in base:
-        t = evaluate([0.0, 0.5, 1.0], k, 2)
+        t = evaluate([0.0, 0.5, 1.0], k, gradient_position(k, 2))
         check_close({k: out[k]}, {k: slerp(t, base[k], other[k])})
 
 
@@ -307,11 +307,15 @@ def test_passthrough_copies(tmp_path, family_factory):
 
 def test_filters_and_gradients_resolve_per_tensor():
     value = [{"filter": "self_attn", "value": [0.0, 1.0]}, {"filter": "mlp", "value": 0.3}, {"value": 0.7}]
-    assert evaluate(value, "model.layers.0.self_attn.q_proj.weight", 3) == 0.0
-    assert evaluate(value, "model.layers.1.self_attn.q_proj.weight", 3) == 0.5
-    assert evaluate(value, "model.layers.1.mlp.up_proj.weight", 3) == 0.3
-    assert evaluate(value, "model.norm.weight", 3) == 0.7
-    assert evaluate([0.2, 0.8], "lm_head.weight", 3) == 0.2
+
+    def at(name: str) -> object:
+        return evaluate(value, name, gradient_position(name, 3))
+
+    assert at("model.layers.0.self_attn.q_proj.weight") == 0.0
+    assert at("model.layers.1.self_attn.q_proj.weight") == 0.5
+    assert at("model.layers.1.mlp.up_proj.weight") == 0.3
+    assert at("model.norm.weight") == 0.7
+    assert evaluate([0.2, 0.8], "lm_head.weight", gradient_position("lm_head.weight", 3)) == 0.2
 
 
 def test_output_layout_and_provenance(tmp_path, fam):
@@ -474,3 +478,62 @@ def test_a_full_disk_leaves_no_partial_output(tmp_path, fam):
     assert "Traceback" not in proc.stderr and "nothing was written" in proc.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temp dir left behind"
+
+
+def test_slices_stack_layers_from_several_models(tmp_path, fam):
+    """A passthrough frankenmerge: layers renumbered in slice order, embeddings from the first
+    slice's model, final norm and head from the last, num_hidden_layers set."""
+    (fam.base / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "model_type": "llama"}))
+    recipe = {
+        "slices": [
+            {"sources": [{"model": str(fam.base), "layer_range": [0, 2]}]},
+            {"sources": [{"model": str(fam.models[0]), "layer_range": [1, 2]}]},
+            {"sources": [{"model": str(fam.models[2]), "layer_range": [0, 1]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, ft0, ft2 = fam.values[0], fam.values[1], fam.values[3]
+    layer = "self_attn.q_proj.weight"
+    np.testing.assert_array_equal(out[f"model.layers.0.{layer}"], base[f"model.layers.0.{layer}"])
+    np.testing.assert_array_equal(out[f"model.layers.1.{layer}"], base[f"model.layers.1.{layer}"])
+    np.testing.assert_array_equal(out[f"model.layers.2.{layer}"], ft0[f"model.layers.1.{layer}"])
+    np.testing.assert_array_equal(out[f"model.layers.3.{layer}"], ft2[f"model.layers.0.{layer}"])
+    np.testing.assert_array_equal(out["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(out["lm_head.weight"], ft2["lm_head.weight"][: base["lm_head.weight"].shape[0]])
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+    assert sum(1 for n in out if n.endswith(layer)) == 4
+
+
+def test_slices_merge_layer_ranges_with_a_method(tmp_path, fam):
+    recipe = {
+        "slices": [
+            {
+                "sources": [
+                    {"model": str(fam.base), "layer_range": [0, 2]},
+                    {"model": str(fam.models[0]), "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+                    {"model": str(fam.models[1]), "layer_range": [0, 2], "parameters": {"weight": [0.2, 0.8]}},
+                ]
+            }
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam.base),
+        "dtype": "float64",
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        t = gradient_position(k, 2)
+        if t is not None:
+            t = float(k.split(".")[2])  # two layers in the slice: positions 0 and 1
+        w2 = evaluate([0.2, 0.8], k, t)
+        expected[k] = task_vector_merge(
+            base[k], [models[0][k], models[1][k]], [0.5, w2], masks=None, consensus=False, normalize=False
+        )
+    check_close(out, expected)

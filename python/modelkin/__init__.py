@@ -12,8 +12,8 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
-from .merging import MergeResult, merge
 from .merge_config import RecipeError
+from .merging import MergeResult, merge
 from .resolve import resolve
 
 __all__ = [

@@ -110,6 +110,8 @@ _DTYPES = {
 class ModelEntry:
     model: str
     parameters: Mapping[str, Any]
+    # [first, end) layers taken from this model, in a `slices:` recipe.
+    layer_range: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,8 @@ class MergeConfig:
     tokenizer_source: str | None
     text: str
     raw: Mapping[str, Any]
+    # `slices:` recipes: the sources of each output slice, in order.
+    slices: tuple[tuple[ModelEntry, ...], ...] | None = None
 
 
 class _Lines:
@@ -196,27 +200,43 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         hint = " (planned, not supported yet)" if method_name in PLANNED else ""
         raise fail(["merge_method"], f"unknown merge_method {method_name!r}{hint}; supported: {', '.join(METHODS)}")
     method = METHODS[method_name]
-    if "slices" in raw:
-        raise fail(["slices"], "slices (layer ranges, frankenmerges) are not supported yet; use models:")
     if raw.get("tokenizer_source") == "union":
         raise fail(["tokenizer_source"], "tokenizer_source: union is not supported yet (use base or a model)")
     if "tokenizer" in raw:
         raise fail(["tokenizer"], "the tokenizer: section is not supported yet (use tokenizer_source)")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise fail(["models"], "a non-empty list of models is required")
-    models = []
-    for i, entry in enumerate(models_raw):
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
-            raise fail(["models", i], "each entry needs a 'model' string")
-        if "+" in entry["model"] and not Path(entry["model"]).exists():
-            raise fail(["models", i, "model"], "LoRA references (model+lora) are not supported")
-        params = entry.get("parameters") or {}
-        if not isinstance(params, Mapping):
-            raise fail(["models", i, "parameters"], "parameters must be a mapping")
-        models.append(ModelEntry(entry["model"], dict(params)))
+    slices: list[tuple[ModelEntry, ...]] | None = None
+    if "slices" in raw:
+        if "models" in raw:
+            raise fail(["slices"], "use either models: or slices:, not both")
+        slices = []
+        if not isinstance(raw["slices"], list) or not raw["slices"]:
+            raise fail(["slices"], "a non-empty list of slices is required")
+        for i, item in enumerate(raw["slices"]):
+            sources = item.get("sources") if isinstance(item, Mapping) else None
+            if not isinstance(sources, list) or not sources:
+                raise fail(["slices", i], "each slice needs a non-empty 'sources' list")
+            entries = []
+            for j, source in enumerate(sources):
+                entry = _model_entry(fail, ["slices", i, "sources", j], source)
+                span = source.get("layer_range")
+                if not (
+                    isinstance(span, list)
+                    and len(span) == 2
+                    and all(isinstance(v, int) for v in span)
+                    and 0 <= span[0] < span[1]
+                ):
+                    raise fail(["slices", i, "sources", j, "layer_range"], "layer_range must be [first, end)")
+                entries.append(ModelEntry(entry.model, entry.parameters, (span[0], span[1])))
+            lengths = {e.layer_range[1] - e.layer_range[0] for e in entries if e.layer_range}
+            if len(lengths) != 1:
+                raise fail(["slices", i], "all sources of a slice must span the same number of layers")
+            slices.append(tuple(entries))
+        models = [e for s in slices for e in s]
+    else:
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            raise fail(["models"], "a non-empty list of models is required")
+        models = [_model_entry(fail, ["models", i], entry) for i, entry in enumerate(models_raw)]
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         raise fail(["base_model"], "base_model must be a model reference")
@@ -236,12 +256,29 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         tokenizer_source=raw.get("tokenizer_source"),
         text=text,
         raw=raw,
+        slices=tuple(slices) if slices is not None else None,
     )
     _check_method(config, fail)
     return config
 
 
+def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+        raise fail(path, "each entry needs a 'model' string")
+    if "+" in entry["model"] and not Path(entry["model"]).exists():
+        raise fail([*path, "model"], "LoRA references (model+lora) are not supported")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise fail([*path, "parameters"], "parameters must be a mapping")
+    return ModelEntry(entry["model"], dict(params))
+
+
 def _check_method(config: MergeConfig, fail: Any) -> None:
+    if config.slices is not None:
+        _check_slices(config, fail)
+        return
     method = config.method
     names = [m.model for m in config.models]
     others = [m for m in names if m != config.base_model]
@@ -271,6 +308,22 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
             for key, value in params.items():
                 _check_value(fail, [*scope, key], key, value)
+
+
+def _check_slices(config: MergeConfig, fail: Any) -> None:
+    method = config.method
+    if method.needs_base and config.base_model is None:
+        raise fail(["base_model"], f"{method.name} needs a base_model")
+    for i, sources in enumerate(config.slices or ()):
+        if method.name == "passthrough" and len(sources) != 1:
+            raise fail(["slices", i, "sources"], "passthrough takes exactly one source per slice")
+        for j, entry in enumerate(sources):
+            for scope, params in (
+                (["slices", i, "sources", j, "parameters"], entry.parameters),
+                (["parameters"], config.parameters),
+            ):
+                for key, value in params.items():
+                    _check_value(fail, [*scope, key], key, value)
 
 
 def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None:
@@ -306,20 +359,25 @@ def layer_of(tensor: str) -> int | None:
     return int(match[1]) if match else None
 
 
-def evaluate(value: Any, tensor: str, layers: int) -> Any:
+def gradient_position(tensor: str, layers: int) -> float | None:
+    """Where a tensor sits along a gradient: layer / (layers - 1); None for non-layer tensors."""
+    layer = layer_of(tensor)
+    return None if layer is None else layer / max(1, layers - 1)
+
+
+def evaluate(value: Any, tensor: str, t: float | None) -> Any:
     """A parameter's value for one tensor: filters pick the first matching entry (a filter-less
-    entry is the fallback), lists of numbers are gradients over the layers."""
+    entry is the fallback), lists of numbers are gradients evaluated at position ``t`` (their first
+    value where ``t`` is None, for tensors outside the layers)."""
     if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
         for item in value:
             pattern = item.get("filter")
             if pattern is None or pattern in tensor:
-                return evaluate(item.get("value"), tensor, layers)
+                return evaluate(item.get("value"), tensor, t)
         return None
     if isinstance(value, list) and value:
-        layer = layer_of(tensor)
-        if layer is None or len(value) == 1:
+        if t is None or len(value) == 1:
             return value[0]
-        t = layer / max(1, layers - 1)
         scaled = t * (len(value) - 1)
         low = min(math.floor(scaled), len(value) - 1)
         high = min(low + 1, len(value) - 1)
@@ -329,12 +387,12 @@ def evaluate(value: Any, tensor: str, layers: int) -> Any:
 
 
 def lookup(
-    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, layers: int, default: object = None
+    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, t: float | None, default: object = None
 ) -> Any:
     """mergekit's order: the model's own parameters, then the global ones, then the default."""
     for params in ((entry.parameters if entry else {}), config.parameters):
         if key in params:
-            value = evaluate(params[key], tensor, layers)
+            value = evaluate(params[key], tensor, t)
             if value is not None:
                 return value
     return default

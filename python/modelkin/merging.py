@@ -15,13 +15,24 @@ from typing import Any
 
 from . import __version__
 from ._core import model_tensors, run_merge
-from .merge_config import METHODS, MergeConfig, ModelEntry, RecipeError, layer_of, load_config, lookup, out_dtype_name
+from .merge_config import (
+    METHODS,
+    MergeConfig,
+    ModelEntry,
+    RecipeError,
+    gradient_position,
+    layer_of,
+    load_config,
+    lookup,
+    out_dtype_name,
+)
 from .resolve import resolve
 
 TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
     r"chat_template.*|generation_config\.json)$"
 )
+_LAYER_PREFIX = re.compile(r"^(.*?layers\.)\d+\.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 
 
@@ -70,42 +81,92 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise RecipeError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def _recipes(
-    config: MergeConfig, paths: dict[str, Path], base_ref: str | None, inputs: list[ModelEntry], layers: int
-) -> list[dict[str, Any]]:
-    source_ref = base_ref if base_ref is not None else inputs[0].model
+# One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
+# name, and the tensor's position along parameter gradients.
+PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | None]
+
+
+def _plan_models(
+    config: MergeConfig, tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
+) -> list[PlannedOutput]:
+    """`models:` recipes: every tensor of the base (or first model) merged from all inputs."""
+    return [
+        (name, [(entry, name) for entry in inputs], name if base_ref else None, gradient_position(name, layers))
+        for name in tensors
+    ]
+
+
+def _plan_slices(config: MergeConfig, tensors: list[str], base_ref: str | None) -> list[PlannedOutput]:
+    """`slices:` recipes (frankenmerges): output layers numbered in slice order; the embeddings come
+    from the first slice's sources and the final norm and head from the last slice's, as in mergekit."""
+    slices = config.slices or ()
+    by_layer = [n for n in tensors if layer_of(n) is not None]
+    first_layer = min((layer_of(n) or 0) for n in by_layer) if by_layer else 0
+    layer_suffixes = list(dict.fromkeys(_LAYER_PREFIX.sub("", n) for n in by_layer if layer_of(n) == first_layer))
+    prefix = _LAYER_PREFIX.search(by_layer[0]).group(1) if by_layer else "model.layers."  # type: ignore[union-attr]
+    outputs: list[PlannedOutput] = []
+    pre = [n for n in tensors if layer_of(n) is None and "embed" in n]
+    post = [n for n in tensors if layer_of(n) is None and "embed" not in n]
+
+    def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
+        inputs = [(e, name) for e in slice_sources if e.model != base_ref]
+        return inputs, (name if base_ref else None)
+
+    for name in pre:
+        inputs, base = sources(slices[0], name)
+        outputs.append((name, inputs, base, None))
+    out_layer = 0
+    for slice_sources in slices:
+        assert slice_sources[0].layer_range is not None
+        span = slice_sources[0].layer_range[1] - slice_sources[0].layer_range[0]
+        for offset in range(span):
+            t = offset / (span - 1) if span > 1 else 1.0
+            for suffix in layer_suffixes:
+                out_name = f"{prefix}{out_layer}.{suffix}"
+                named = [(e, f"{prefix}{(e.layer_range or (0, 0))[0] + offset}.{suffix}") for e in slice_sources]
+                inputs = [(e, n) for e, n in named if e.model != base_ref]
+                base = next((n for e, n in named if e.model == base_ref), inputs[0][1] if base_ref else None)
+                outputs.append((out_name, inputs, base, t))
+            out_layer += 1
+    for name in post:
+        inputs, base = sources(slices[-1], name)
+        outputs.append((name, inputs, base, None))
+    return outputs
+
+
+def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutput]) -> list[dict[str, Any]]:
     index = {ref: i for i, ref in enumerate(paths)}
     method = config.method
     tensors = []
-    for name, shape, _ in model_tensors(str(paths[source_ref])):
-        del shape
+    for name, inputs, base_tensor, t in plan:
         entries = []
-        for entry in inputs:
-            density = float(lookup(config, entry, "density", name, layers, method.tensor_defaults.get("density", 1.0)))
+        for entry, source_name in inputs:
+            density = float(lookup(config, entry, "density", name, t, method.tensor_defaults.get("density", 1.0)))
             if not 0 < density <= 1:
                 raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside (0, 1]")
-            epsilon = float(lookup(config, entry, "epsilon", name, layers, method.tensor_defaults.get("epsilon", 0.0)))
+            epsilon = float(lookup(config, entry, "epsilon", name, t, method.tensor_defaults.get("epsilon", 0.0)))
             della = method.name.startswith("della") and density < 1
             if della and not (density - epsilon > 0 and density + epsilon < 1):
                 raise RecipeError(
                     f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
                 )
-            param = {
-                "model": index[entry.model],
-                "tensor": name,
-                "weight": float(lookup(config, entry, "weight", name, layers, 1.0)),
-                "density": density,
-                "gamma": float(lookup(config, entry, "gamma", name, layers, method.tensor_defaults.get("gamma", 0.0))),
-                "epsilon": epsilon,
-            }
-            entries.append(param)
+            entries.append(
+                {
+                    "model": index[entry.model],
+                    "tensor": source_name,
+                    "weight": float(lookup(config, entry, "weight", name, t, 1.0)),
+                    "density": density,
+                    "gamma": float(lookup(config, entry, "gamma", name, t, method.tensor_defaults.get("gamma", 0.0))),
+                    "epsilon": epsilon,
+                }
+            )
         tensors.append(
             {
                 "name": name,
-                "base_tensor": name if base_ref is not None else None,
+                "base_tensor": base_tensor,
                 "inputs": entries,
-                "t": float(lookup(config, None, "t", name, layers, 0.0)),
-                "select_topk": float(lookup(config, None, "select_topk", name, layers, 1.0)),
+                "t": float(lookup(config, None, "t", name, t, 0.0)),
+                "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),
             }
         )
     return tensors
@@ -132,13 +193,20 @@ def merge(
     # linear, karcher and passthrough ignore base_model (as in mergekit); nuslerp and multislerp
     # work on task vectors when one is given.
     base_ref = None if method.name in ("linear", "karcher", "passthrough") else config.base_model
-    inputs = [m for m in config.models if m.model != base_ref]
+    inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
     base_config = _read_json(_model_dir(paths[base_ref or inputs[0].model]) / "config.json")
     layers = int((base_config or {}).get("num_hidden_layers") or 0)
     if not layers:
         found = [layer_of(n) for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
         layers = max((x for x in found if x is not None), default=0) + 1
-    options = {k: lookup(config, None, k, "", layers, v) for k, v in method.global_defaults.items()}
+    options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
+    names = [n for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
+    if config.slices is None:
+        plan = _plan_models(config, names, base_ref, inputs, layers)
+    else:
+        plan = _plan_slices(config, names, base_ref)
+        out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
+        base_config = {**(base_config or {}), "num_hidden_layers": out_layers}
     out_dtype = out_dtype_name(config, base_config)
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +233,9 @@ def merge(
                 "max_iter": int(options.get("max_iter", 10)),
                 "tol": float(options.get("tol", 1e-5)),
             },
-            "tensors": _recipes(config, paths, base_ref, inputs, layers),
+            "tensors": _recipes(config, paths, plan),
+            # Provenance compares the parents tensor by tensor; slices mix parents per layer.
+            "kinship": config.slices is None,
         }
         report = run_merge(json.dumps(job), progress=progress)
         kinship = report["kinship"]

@@ -176,6 +176,10 @@ pub enum Compute {
     Float32,
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn float64() -> Compute {
     Compute::Float64
 }
@@ -202,6 +206,9 @@ pub struct MergeJob {
     /// Arithmetic precision.
     #[serde(default = "float64")]
     pub compute: Compute,
+    /// Measure the parents' kinship while merging (every tensor must have the same inputs).
+    #[serde(default = "yes")]
+    pub kinship: bool,
     /// Options of nuslerp, multislerp and karcher.
     #[serde(default)]
     pub spherical: SphericalOptions,
@@ -340,7 +347,7 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
         writer.begin_tensor(index)?;
         let moments = combine::write_tensor(job, index, tensor, &statistics, &mut writer, progress)?;
         bytes_written += (tensor.numel * job.out_dtype.size()) as u64;
-        if let Some(moments) = moments {
+        if let (Some(moments), true) = (moments, job.kinship) {
             kinship.push(TensorStats {
                 name: tensor.recipe.name.clone(),
                 shape: tensor.shape.clone(),
