@@ -14,6 +14,8 @@ use crate::stats::Moments;
 use crate::writer::ShardedWriter;
 
 thread_local! {
+    /// Per-thread merged values of a block, reused block after block.
+    static MERGED: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread scratch of the task-vector combination, reused block after block.
     static CONTRIBUTIONS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread delta buffers for the kinship moments, reused block after block.
@@ -98,7 +100,25 @@ fn combine_block<const F32: bool>(
     inputs: &[&[f64]],
 ) -> (Vec<u8>, Option<Moments>) {
     let len = inputs[0].len();
-    let mut merged = vec![0.0f64; len];
+    MERGED.with_borrow_mut(|merged| {
+        merged.clear();
+        merged.resize(len, 0.0);
+        combine_into::<F32>(job, index, tensor, stats, first, base, inputs, merged)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn combine_into<const F32: bool>(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    first: usize,
+    base: Option<&[f64]>,
+    inputs: &[&[f64]],
+    merged: &mut [f64],
+) -> (Vec<u8>, Option<Moments>) {
+    let len = merged.len();
     // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
     // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
     let r = round::<F32>;
@@ -125,7 +145,7 @@ fn combine_block<const F32: bool>(
                 *out = r(r(s0 * r(z[e])) + r(s1 * other));
             }
         }
-        (Method::Sce, Some(z)) => sce_block(stats, inputs, z, &mut merged),
+        (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
         (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
             let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
             for (e, out) in merged.iter_mut().enumerate() {
@@ -135,12 +155,12 @@ fn combine_block<const F32: bool>(
             }
         }
         (method, Some(z)) if method.task_vectors() => {
-            task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, &mut merged)
+            task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, merged)
         }
         _ => merged.copy_from_slice(inputs[0]),
     }
     let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
-    encode(job.out_dtype, &merged, &mut bytes);
+    encode(job.out_dtype, merged, &mut bytes);
     let moments = base.map(|z| {
         DELTAS.with_borrow_mut(|deltas| {
             deltas.resize_with(inputs.len(), Vec::new);

@@ -465,7 +465,9 @@ fn order_statistics(
     let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
     // One histogram per query: (key set, Some(upper 16 bits) to count lower bits within, or None
     // to count upper bits).
-    let histograms = |queries: &[(usize, Option<u32>)]| -> Result<Vec<Vec<u64>>> {
+    // Sparse histograms, (bin, count) sorted by bin: magnitudes occupy few bins, and dense
+    // 65536-entry results per run would be fresh memory the kernel has to zero every time.
+    let histograms = |queries: &[(usize, Option<u32>)]| -> Result<Vec<Vec<(u32, u64)>>> {
         // Magnitudes crowd into a few bins, so consecutive increments of one counter would wait
         // on each other; four interleaved tables per query break that dependency chain.
         // Contiguous runs of blocks, a few per worker, each counted into one set of tables.
@@ -473,52 +475,58 @@ fn order_statistics(
         let runs = (rayon::current_num_threads() * 2).clamp(1, blocks.max(1));
         let per_query = (0..runs)
             .into_par_iter()
-            .map(|run| -> Result<Vec<Vec<u64>>> {
-                let mut counts = vec![vec![0u32; 4 * BINS]; queries.len()];
-                let mut scratch = Vec::<u32>::new();
-                for b in (run * blocks / runs)..((run + 1) * blocks / runs) {
-                    progress.check()?;
-                    let first = b * block;
-                    let len = block.min(n - first);
-                    for &set in &sets {
-                        scratch.clear();
-                        keys(first, len, set, &mut scratch);
-                        for (q, &(query_set, within)) in queries.iter().enumerate() {
-                            if query_set == set {
-                                count_bins(&scratch, within, &mut counts[q]);
+            .map(|run| -> Result<Vec<Vec<(u32, u64)>>> {
+                HISTOGRAM_TABLES.with_borrow_mut(|counts| {
+                    // Reused per thread: fresh 1 MiB tables per run would be mapped and zeroed by
+                    // the kernel again and again.
+                    counts.resize_with(queries.len(), || vec![0u32; 4 * BINS]);
+                    let mut scratch = Vec::<u32>::new();
+                    for b in (run * blocks / runs)..((run + 1) * blocks / runs) {
+                        progress.check()?;
+                        let first = b * block;
+                        let len = block.min(n - first);
+                        for &set in &sets {
+                            scratch.clear();
+                            keys(first, len, set, &mut scratch);
+                            for (q, &(query_set, within)) in queries.iter().enumerate() {
+                                if query_set == set {
+                                    count_bins(&scratch, within, &mut counts[q]);
+                                }
                             }
                         }
+                        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                     }
-                    progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-                }
-                Ok(counts
-                    .into_iter()
-                    .map(|t| {
-                        (0..BINS).map(|bin| (0..4).map(|j| u64::from(t[j * BINS + bin])).sum()).collect()
-                    })
-                    .collect())
+                    let totals = counts[..queries.len()]
+                        .iter()
+                        .map(|t| {
+                            (0..BINS)
+                                .filter_map(|bin| {
+                                    let c: u64 = (0..4).map(|j| u64::from(t[j * BINS + bin])).sum();
+                                    (c > 0).then_some((bin as u32, c))
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    counts.iter_mut().for_each(|t| t.fill(0));
+                    Ok(totals)
+                })
             })
             .try_reduce(
-                || vec![vec![0u64; BINS]; queries.len()],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        x.iter_mut().zip(y).for_each(|(p, q)| *p += q);
-                    }
-                    Ok(a)
-                },
+                || vec![Vec::new(); queries.len()],
+                |a, b| Ok(a.into_iter().zip(b).map(|(x, y)| merge_sparse(&x, &y)).collect()),
             )?;
         Ok(per_query)
     };
-    // (bin, elements in lower bins) of the bin holding `rank`.
-    let locate = |counts: &[u64], rank: u64| -> (usize, u64) {
+    // (bin, elements in lower bins, elements in the bin) of the bin holding `rank`.
+    let locate = |counts: &[(u32, u64)], rank: u64| -> (u32, u64, u64) {
         let mut seen = 0u64;
-        for (bin, &c) in counts.iter().enumerate() {
+        for &(bin, c) in counts {
             if seen + c > rank {
-                return (bin, seen);
+                return (bin, seen, c);
             }
             seen += c;
         }
-        (counts.len() - 1, seen)
+        counts.last().map_or((0, 0, 0), |&(bin, c)| (bin, seen - c, c))
     };
     let high_queries: Vec<(usize, Option<u32>)> = sets.iter().map(|&s| (s, None)).collect();
     let high = histograms(&high_queries)?;
@@ -527,23 +535,52 @@ fn order_statistics(
     for (h, &set) in sets.iter().enumerate() {
         for &rank in &ranks[set] {
             let rank = rank.min(n.saturating_sub(1)) as u64;
-            let (top, below_top) = locate(&high[h], rank);
-            low_queries.push((set, Some(top as u32)));
+            let (top, below_top, _) = locate(&high[h], rank);
+            low_queries.push((set, Some(top)));
             placed.push((set, rank, top, below_top));
         }
     }
     let low = histograms(&low_queries)?;
     let mut out: Vec<Vec<Boundary>> = vec![Vec::new(); ranks.len()];
     for ((set, rank, top, below_top), counts) in placed.into_iter().zip(&low) {
-        let (bottom, below_bottom) = locate(counts, rank - below_top);
-        out[set].push(Boundary {
-            value: ((top as u32) << 16) | bottom as u32,
-            below: below_top + below_bottom,
-            equal: counts[bottom],
-            rank,
-        });
+        let (bottom, below_bottom, equal) = locate(counts, rank - below_top);
+        out[set].push(Boundary { value: (top << 16) | bottom, below: below_top + below_bottom, equal, rank });
     }
     Ok(out)
+}
+
+/// The sum of two sparse histograms sorted by bin.
+fn merge_sparse(a: &[(u32, u64)], b: &[(u32, u64)]) -> Vec<(u32, u64)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        match (a.get(i), b.get(j)) {
+            (Some(&(x, c)), Some(&(y, d))) if x == y => {
+                out.push((x, c + d));
+                i += 1;
+                j += 1;
+            }
+            (Some(&(x, c)), Some(&(y, _))) if x < y => {
+                out.push((x, c));
+                i += 1;
+            }
+            (Some(&(x, c)), None) => {
+                out.push((x, c));
+                i += 1;
+            }
+            (_, Some(&(y, d))) => {
+                out.push((y, d));
+                j += 1;
+            }
+            (None, None) => unreachable!("loop condition"),
+        }
+    }
+    out
+}
+
+thread_local! {
+    /// Per-thread histogram tables of `order_statistics`, zeroed after each use.
+    static HISTOGRAM_TABLES: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Appends |x − z| (as f32 bits) of elements `first..first + len`. bf16 pairs are widened in
