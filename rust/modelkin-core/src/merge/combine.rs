@@ -237,10 +237,12 @@ fn task_vector_block<const F32: bool>(
             majority.extend(sums.iter().map(|m| if *m >= 0.0 { 1.0 } else { -1.0 }));
             sums.iter_mut().for_each(|m| *m = 0.0);
             for (c, &w) in contributions.iter().zip(&weights) {
-                for e in 0..len {
-                    let agrees = f64::from(u8::from((c[e] != 0.0) & (c[e].signum() == majority[e])));
-                    sums[e] = r(sums[e] + c[e] * agrees);
-                    divisor[e] = r(divisor[e] + w * agrees);
+                for (((sum, div), &c), &m) in
+                    sums.iter_mut().zip(divisor.iter_mut()).zip(c).zip(majority.iter())
+                {
+                    let agrees = f64::from(u8::from((c != 0.0) & (c.signum() == m)));
+                    *sum = r(*sum + c * agrees);
+                    *div = r(*div + w * agrees);
                 }
             }
             divisor.iter_mut().for_each(|d| *d = if *d == 0.0 { 1.0 } else { *d });
@@ -248,10 +250,10 @@ fn task_vector_block<const F32: bool>(
             let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
             divisor.resize(len, if total.abs() < 1e-8 { 1.0 } else { total });
         }
-        for e in 0..len {
-            let m = if job.normalize { r(mixed[e] / divisor[e]) } else { mixed[e] };
+        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(z) {
+            let m = if job.normalize { r(m / d) } else { m };
             let m = if lambda == 1.0 { m } else { r(m * lambda) };
-            merged[e] = r(r(z[e]) + m);
+            *out = r(r(z) + m);
         }
     });
 }

@@ -481,6 +481,8 @@ fn order_statistics(
                     // the kernel again and again.
                     counts.resize_with(queries.len(), || vec![0u32; 4 * BINS]);
                     let mut scratch = Vec::<u32>::new();
+                    // The bins each query touched: only those are read back and cleared.
+                    let mut touched = vec![(u32::MAX, 0u32); queries.len()];
                     for b in (run * blocks / runs)..((run + 1) * blocks / runs) {
                         progress.check()?;
                         let first = b * block;
@@ -490,24 +492,27 @@ fn order_statistics(
                             keys(first, len, set, &mut scratch);
                             for (q, &(query_set, within)) in queries.iter().enumerate() {
                                 if query_set == set {
-                                    count_bins(&scratch, within, &mut counts[q]);
+                                    count_bins(&scratch, within, &mut counts[q], &mut touched[q]);
                                 }
                             }
                         }
                         progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                     }
                     let totals = counts[..queries.len()]
-                        .iter()
-                        .map(|t| {
-                            (0..BINS)
-                                .filter_map(|bin| {
-                                    let c: u64 = (0..4).map(|j| u64::from(t[j * BINS + bin])).sum();
-                                    (c > 0).then_some((bin as u32, c))
-                                })
-                                .collect()
+                        .iter_mut()
+                        .zip(&touched)
+                        .map(|(t, &(low, high))| {
+                            let mut sparse = Vec::new();
+                            for bin in (low as usize)..=(high as usize).min(BINS - 1) {
+                                let c: u64 = (0..4).map(|j| u64::from(t[j * BINS + bin])).sum();
+                                (0..4).for_each(|j| t[j * BINS + bin] = 0);
+                                if c > 0 {
+                                    sparse.push((bin as u32, c));
+                                }
+                            }
+                            sparse
                         })
                         .collect();
-                    counts.iter_mut().for_each(|t| t.fill(0));
                     Ok(totals)
                 })
             })
@@ -601,41 +606,36 @@ fn magnitude_keys(base: &Source, input: &Source, first: usize, len: usize, keys:
     }
 }
 
-/// Adds keys to four interleaved 65536-bin tables: of their upper 16 bits (`within` = None), or
-/// of the lower 16 bits of the keys whose upper bits equal `within`.
-fn count_bins(keys: &[u32], within: Option<u32>, tables: &mut [u32]) {
+/// Counts keys into 65536-bin tables: their upper 16 bits into four interleaved tables (`within` =
+/// None), or the lower 16 bits of the keys whose upper bits equal `within` into the first; widens
+/// `touched` to the bins used.
+fn count_bins(keys: &[u32], within: Option<u32>, tables: &mut [u32], touched: &mut (u32, u32)) {
     const BINS: usize = 1 << 16;
-    let (t0, rest) = tables.split_at_mut(BINS);
-    let (t1, rest) = rest.split_at_mut(BINS);
-    let (t2, t3) = rest.split_at_mut(BINS);
-    let quads = keys.chunks_exact(4);
-    let tail = quads.remainder();
     match within {
         None => {
+            let (t0, rest) = tables.split_at_mut(BINS);
+            let (t1, rest) = rest.split_at_mut(BINS);
+            let (t2, t3) = rest.split_at_mut(BINS);
+            let quads = keys.chunks_exact(4);
+            for k in quads.remainder() {
+                t0[(k >> 16) as usize] += 1;
+            }
             for q in quads {
                 t0[(q[0] >> 16) as usize] += 1;
                 t1[(q[1] >> 16) as usize] += 1;
                 t2[(q[2] >> 16) as usize] += 1;
                 t3[(q[3] >> 16) as usize] += 1;
             }
-            tail.iter().for_each(|k| t0[(k >> 16) as usize] += 1);
+            let (low, high) = keys.iter().fold((u32::MAX, 0), |(l, h), k| (l.min(k >> 16), h.max(k >> 16)));
+            *touched = (touched.0.min(low), touched.1.max(high));
         }
         Some(top) => {
-            for q in quads {
-                if q[0] >> 16 == top {
-                    t0[(q[0] & 0xFFFF) as usize] += 1;
-                }
-                if q[1] >> 16 == top {
-                    t1[(q[1] & 0xFFFF) as usize] += 1;
-                }
-                if q[2] >> 16 == top {
-                    t2[(q[2] & 0xFFFF) as usize] += 1;
-                }
-                if q[3] >> 16 == top {
-                    t3[(q[3] & 0xFFFF) as usize] += 1;
-                }
+            // Few keys fall in the boundary bin, so one table suffices here.
+            for &k in keys.iter().filter(|k| *k >> 16 == top) {
+                let bin = k & 0xFFFF;
+                tables[bin as usize] += 1;
+                *touched = (touched.0.min(bin), touched.1.max(bin));
             }
-            tail.iter().filter(|k| *k >> 16 == top).for_each(|k| t0[(k & 0xFFFF) as usize] += 1);
         }
     }
 }
