@@ -104,13 +104,7 @@ def test_overlapping_offsets(tmp_path):
     )
     save_file(tmp_path / "base.safetensors", {"a": np.zeros(2), "b": np.zeros(2)}, "F32")
     save_file(tmp_path / "other.safetensors", {"a": np.ones(2), "b": np.ones(2)}, "F32")
-    args = [
-        "kinship",
-        str(tmp_path / "bad.safetensors"),
-        str(tmp_path / "other.safetensors"),
-        "--base",
-        str(tmp_path / "base.safetensors"),
-    ]
+    args = files_kinship(tmp_path, "bad", "other")
     assert_clean_failure(args, "bad.safetensors", "offsets", root=tmp_path)
 
 
@@ -118,13 +112,7 @@ def test_offsets_out_of_bounds(tmp_path):
     write_raw(tmp_path / "bad.safetensors", {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8))
     save_file(tmp_path / "base.safetensors", {"a": np.zeros(4)}, "F32")
     save_file(tmp_path / "other.safetensors", {"a": np.ones(4)}, "F32")
-    args = [
-        "kinship",
-        str(tmp_path / "bad.safetensors"),
-        str(tmp_path / "other.safetensors"),
-        "--base",
-        str(tmp_path / "base.safetensors"),
-    ]
+    args = files_kinship(tmp_path, "bad", "other")
     assert_clean_failure(args, "bad.safetensors", root=tmp_path)
 
 
@@ -133,52 +121,49 @@ def test_index_naming_a_missing_shard(fam):
     assert_clean_failure(kin(fam, a=shard.parent), "index.json", shard.name, "does not exist", root=fam.root)
 
 
+def files_kinship(root: Path, a: str, b: str, base: str = "base") -> list[str]:
+    """CLI arguments of `kinship` over single .safetensors files in ``root``."""
+    return [
+        "kinship",
+        str(root / f"{a}.safetensors"),
+        str(root / f"{b}.safetensors"),
+        "--base",
+        str(root / f"{base}.safetensors"),
+    ]
+
+
+def api_kinship(root: Path, a: str, b: str) -> None:
+    modelkin.kinship(root / f"{a}.safetensors", root / f"{b}.safetensors", base=root / "base.safetensors")
+
+
 def test_tensor_missing_from_a_model(tmp_path):
     save_file(tmp_path / "base.safetensors", {"a": np.zeros(4), "b": np.zeros(4)}, "F32")
     save_file(tmp_path / "ft1.safetensors", {"a": np.ones(4), "b": np.ones(4)}, "F32")
     save_file(tmp_path / "ft2.safetensors", {"a": np.ones(4)}, "F32")
-    args = [
-        "kinship",
-        str(tmp_path / "ft1.safetensors"),
-        str(tmp_path / "ft2.safetensors"),
-        "--base",
-        str(tmp_path / "base.safetensors"),
-    ]
+    args = files_kinship(tmp_path, "ft1", "ft2")
     assert_clean_failure(args, "ft2.safetensors", "'b'", "missing", root=tmp_path)
     with pytest.raises(modelkin.MissingTensorError):
-        modelkin.kinship(tmp_path / "ft1.safetensors", tmp_path / "ft2.safetensors", base=tmp_path / "base.safetensors")
+        api_kinship(tmp_path, "ft1", "ft2")
 
 
 def test_shape_mismatch(tmp_path):
     save_file(tmp_path / "base.safetensors", {"w": np.zeros((4, 4))}, "F32")
     save_file(tmp_path / "ft1.safetensors", {"w": np.ones((4, 4))}, "F32")
     save_file(tmp_path / "ft2.safetensors", {"w": np.ones((4, 5))}, "F32")
-    args = [
-        "kinship",
-        str(tmp_path / "ft1.safetensors"),
-        str(tmp_path / "ft2.safetensors"),
-        "--base",
-        str(tmp_path / "base.safetensors"),
-    ]
+    args = files_kinship(tmp_path, "ft1", "ft2")
     assert_clean_failure(args, "ft2.safetensors", "'w'", "shape", root=tmp_path)
     with pytest.raises(modelkin.ShapeMismatchError):
-        modelkin.kinship(tmp_path / "ft1.safetensors", tmp_path / "ft2.safetensors", base=tmp_path / "base.safetensors")
+        api_kinship(tmp_path, "ft1", "ft2")
 
 
 def test_unsupported_dtype(tmp_path):
     write_raw(tmp_path / "ints.safetensors", {"w": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
     save_file(tmp_path / "base.safetensors", {"w": np.zeros(2)}, "F32")
     save_file(tmp_path / "ft.safetensors", {"w": np.ones(2)}, "F32")
-    args = [
-        "kinship",
-        str(tmp_path / "ints.safetensors"),
-        str(tmp_path / "ft.safetensors"),
-        "--base",
-        str(tmp_path / "base.safetensors"),
-    ]
+    args = files_kinship(tmp_path, "ints", "ft")
     assert_clean_failure(args, "ints.safetensors", "'w'", "I32", root=tmp_path)
     with pytest.raises(modelkin.DtypeError):
-        modelkin.kinship(tmp_path / "ints.safetensors", tmp_path / "ft.safetensors", base=tmp_path / "base.safetensors")
+        api_kinship(tmp_path, "ints", "ft")
 
 
 def nonfinite_family(tmp_path: Path) -> list[str]:

@@ -31,6 +31,20 @@ def bf16_ulps(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
+def run_both(tmp_path, recipe: dict) -> tuple[dict, dict]:
+    """Runs a recipe with modelkin and with mergekit; returns both outputs' tensors."""
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    merge(path, tmp_path / "ours")
+    subprocess.run(
+        [MERGEKIT, str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return write_example_family(tmp_path_factory.mktemp("family"))
@@ -61,16 +75,7 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
     }
     if method != "linear":
         recipe["base_model"] = str(family["base"])
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe))
-    merge(path, tmp_path / "ours")
-    subprocess.run(
-        [MERGEKIT, str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    ours, theirs = run_both(tmp_path, recipe)
     assert set(ours) == set(theirs)
     same = total = 0
     for name, value in theirs.items():
@@ -101,15 +106,6 @@ def test_ties_is_bit_identical_when_no_entry_ties_with_the_threshold(tmp_path):
         "dtype": "float32",
         "out_dtype": "bfloat16",
     }
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(recipe))
-    merge(path, tmp_path / "ours")
-    subprocess.run(
-        [MERGEKIT, str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    ours, theirs = run_both(tmp_path, recipe)
     for name, value in theirs.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
