@@ -102,7 +102,7 @@ fn decode_f32(bytes: &[u8], out: &mut [f64]) {
     }
 }
 
-#[multiversion(targets = "simd")]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn widen_f32(values: &[f32], out: &mut [f64]) {
     for (o, &v) in out.iter_mut().zip(values) {
         *o = f64::from(v);
@@ -118,7 +118,7 @@ fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
     }
 }
 
-#[multiversion(targets = "simd")]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn widen_bf16(bits: &[u16], out: &mut [f64]) {
     // bf16 is the upper half of an f32: shifting the bits up widens it exactly.
     for (o, &b) in out.iter_mut().zip(bits) {
