@@ -184,11 +184,6 @@ impl Model {
         let start = entry.start + first * size;
         crate::dtype::decode(dtype, self.shards[entry.shard].bytes(start, start + out.len() * size), out);
     }
-
-    /// Total bytes of all shard files.
-    pub fn file_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.mmap.len() as u64).sum()
-    }
 }
 
 /// A shard file and, when an index names them, the tensors it is authoritative for.
