@@ -87,7 +87,8 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
     assert same / total >= required
 
 
-def test_ties_is_bit_identical_when_no_entry_ties_with_the_threshold(tmp_path):
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_magnitude_pruning_is_bit_identical_when_no_entry_ties_with_a_threshold(tmp_path, method):
     from modelkin import example
     from modelkin.safetensors_io import save_model
 
@@ -99,9 +100,11 @@ def test_ties_is_bit_identical_when_no_entry_ties_with_the_threshold(tmp_path):
         tuned = {n: (v + rng.normal(0, 0.002, v.shape)).astype(np.float32) for n, v in base.items()}
         save_model(tmp_path / f"ft{i}", tuned, "F32", config=config)
     params = CASES["ties"][0]
+    if method == "breadcrumbs":
+        params = [{**p, "density": 0.8, "gamma": 0.02} for p in params]
     recipe = {
         "models": [{"model": str(tmp_path / f"ft{i}"), "parameters": p} for i, p in enumerate(params)],
-        "merge_method": "ties",
+        "merge_method": method,
         "base_model": str(tmp_path / "base"),
         "dtype": "float32",
         "out_dtype": "bfloat16",
