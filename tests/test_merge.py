@@ -537,3 +537,46 @@ def test_slices_merge_layer_ranges_with_a_method(tmp_path, fam):
             base[k], [models[0][k], models[1][k]], [0.5, w2], masks=None, consensus=False, normalize=False
         )
     check_close(out, expected)
+
+
+def test_hub_ids_and_revisions_resolve_for_merges(tmp_path, fam, monkeypatch):
+    from test_cli import fake_hub_cache
+
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/base", fam.base)
+    fake_hub_cache(cache, "org/ft-a", fam.models[0], revision="v2")
+    fake_hub_cache(cache, "org/ft-b", fam.models[2])
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    recipe = {
+        "models": [
+            {"model": "org/ft-a@v2", "parameters": {"weight": 0.5}},
+            {"model": "org/ft-b", "parameters": {"weight": 0.5}},
+        ],
+        "merge_method": "task_arithmetic",
+        "base_model": "org/base",
+        "out_dtype": "float32",
+    }
+    result = merge(write_recipe(tmp_path, recipe), tmp_path / "out", offline=True)
+    assert result.parents == ("org/ft-a@v2", "org/ft-b")
+    provenance = json.loads((tmp_path / "out" / "modelkin.json").read_text())
+    assert provenance["parents"] == ["org/ft-a@v2", "org/ft-b"] and provenance["base"] == "org/base"
+    local = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {
+        k: task_vector_merge(
+            base[k], [models[0][k], models[2][k]], [0.5, 0.5], masks=None, consensus=False, normalize=False
+        )
+        for k in base
+    }
+    check_close(local, expected)
+
+
+def test_output_equal_to_an_input_is_refused(tmp_path, fam):
+    recipe = {
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in fam.models],
+        "merge_method": "linear",
+    }
+    before = tree_digest(fam.root)
+    proc = run_cli("merge", str(write_recipe(tmp_path, recipe)), str(fam.models[1]), "--overwrite")
+    assert proc.returncode == 2 and "input model" in proc.stderr
+    assert tree_digest(fam.root) == before
