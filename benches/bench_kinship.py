@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
+from modelkin.example import llama_shapes as llama_layout  # noqa: E402
 from modelkin.safetensors_io import bf16_bits  # noqa: E402
 
 
@@ -37,23 +38,7 @@ def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:
         layers = max(2, round((params - 2 * vocab * hidden) / (12.5 * hidden * hidden)))
         if 12.5 * hidden * hidden * layers + 2 * vocab * hidden >= params * 0.97 and layers <= 4 * hidden // 128:
             break
-    inter = int(hidden * 3.5)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(layers):
-        p = f"model.layers.{i}"
-        shapes |= {
-            f"{p}.input_layernorm.weight": (hidden,),
-            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
-            f"{p}.self_attn.k_proj.weight": (hidden, hidden),
-            f"{p}.self_attn.v_proj.weight": (hidden, hidden),
-            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
-            f"{p}.post_attention_layernorm.weight": (hidden,),
-            f"{p}.mlp.gate_proj.weight": (inter, hidden),
-            f"{p}.mlp.up_proj.weight": (inter, hidden),
-            f"{p}.mlp.down_proj.weight": (hidden, inter),
-        }
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    return shapes
+    return llama_layout(hidden, int(hidden * 3.5), layers, vocab, kv=hidden)
 
 
 def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, base_seed: int | None) -> None:

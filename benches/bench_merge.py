@@ -29,31 +29,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_kinship import family, llama_shapes  # noqa: E402
 from merge_reference import read_safetensors  # noqa: E402
-
-
-def llama_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
-    vocab, hidden = shapes["model.embed_tokens.weight"]
-    layers = sum(1 for n in shapes if n.endswith("input_layernorm.weight"))
-    inter = shapes["model.layers.0.mlp.up_proj.weight"][0]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": hidden // 64,
-        "num_key_value_heads": hidden // 64,
-        "vocab_size": vocab,
-        "torch_dtype": "bfloat16",
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    }
+from modelkin.example import llama_config  # noqa: E402
 
 
 def model_dirs(directory: Path, params: float) -> tuple[Path, list[Path]]:
     """The bench family as model directories (a file + config.json each), as mergekit needs."""
     base_file, files = family(directory, params, 3)
-    config = llama_config(llama_shapes(params))
+    config = llama_config(llama_shapes(params), head_dim=64)
     dirs = []
     for file in [base_file, *files]:
         d = directory / file.stem

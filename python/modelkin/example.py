@@ -27,38 +27,50 @@ FINE_TUNES: dict[str, tuple[float, float, float, int, int]] = {
 }
 
 
-def _shapes() -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    for i in range(LAYERS):
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv: int) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a Llama-style decoder (``kv`` rows in the k/v projections)."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
         p = f"model.layers.{i}"
         shapes |= {
-            f"{p}.input_layernorm.weight": (HIDDEN,),
-            f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            f"{p}.self_attn.k_proj.weight": (HIDDEN // 4, HIDDEN),
-            f"{p}.self_attn.v_proj.weight": (HIDDEN // 4, HIDDEN),
-            f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            f"{p}.post_attention_layernorm.weight": (HIDDEN,),
-            f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
-            f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
-            f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+            f"{p}.input_layernorm.weight": (hidden,),
+            f"{p}.self_attn.q_proj.weight": (hidden, hidden),
+            f"{p}.self_attn.k_proj.weight": (kv, hidden),
+            f"{p}.self_attn.v_proj.weight": (kv, hidden),
+            f"{p}.self_attn.o_proj.weight": (hidden, hidden),
+            f"{p}.post_attention_layernorm.weight": (hidden,),
+            f"{p}.mlp.gate_proj.weight": (intermediate, hidden),
+            f"{p}.mlp.up_proj.weight": (intermediate, hidden),
+            f"{p}.mlp.down_proj.weight": (hidden, intermediate),
         }
-    shapes |= {"model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     return shapes
 
 
-def _config(vocab: int) -> dict[str, object]:
+def llama_config(shapes: dict[str, tuple[int, ...]], head_dim: int) -> dict[str, object]:
+    """A transformers `config.json` matching ``shapes`` (as :func:`llama_shapes` lays them out)."""
+    vocab, hidden = shapes["model.embed_tokens.weight"]
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 1,
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+        "num_hidden_layers": sum(1 for n in shapes if n.endswith("input_layernorm.weight")),
+        "num_attention_heads": hidden // head_dim,
+        "num_key_value_heads": shapes["model.layers.0.self_attn.k_proj.weight"][0] // head_dim,
         "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    return llama_shapes(HIDDEN, INTERMEDIATE, LAYERS, VOCAB, kv=HIDDEN // 4)
+
+
+def _config(vocab: int) -> dict[str, object]:
+    return {**llama_config(_shapes(), head_dim=HIDDEN // 4), "vocab_size": vocab}
 
 
 def write_example_family(directory: str | Path, seed: int = 0) -> dict[str, Path]:

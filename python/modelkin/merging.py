@@ -87,7 +87,7 @@ PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | Non
 
 
 def _plan_models(
-    config: MergeConfig, tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
+    tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
 ) -> list[PlannedOutput]:
     """`models:` recipes: every tensor of the base (or first model) merged from all inputs."""
     return [
@@ -202,7 +202,7 @@ def merge(
     options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
     names = [n for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
     if config.slices is None:
-        plan = _plan_models(config, names, base_ref, inputs, layers)
+        plan = _plan_models(names, base_ref, inputs, layers)
     else:
         plan = _plan_slices(config, names, base_ref)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)

@@ -90,6 +90,7 @@ fn round<const F32: bool>(v: f64) -> f64 {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn combine_block<const F32: bool>(
     job: &MergeJob,
     index: usize,
@@ -99,82 +100,68 @@ fn combine_block<const F32: bool>(
     base: Option<&[f64]>,
     inputs: &[&[f64]],
 ) -> (Vec<u8>, Option<Moments>) {
-    let len = inputs[0].len();
     MERGED.with_borrow_mut(|merged| {
+        let len = inputs[0].len();
         merged.clear();
         merged.resize(len, 0.0);
-        combine_into::<F32>(job, index, tensor, stats, first, base, inputs, merged)
+        let merged = &mut merged[..];
+        // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
+        // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
+        let r = round::<F32>;
+        match (job.method, &base) {
+            (Method::Linear, _) => {
+                let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
+                let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
+                for (e, out) in merged.iter_mut().enumerate() {
+                    // mergekit accumulates with addcmul_, a fused multiply-add: the product of two
+                    // f32 values is exact in f64, so only the sum is rounded.
+                    let sum = inputs.iter().zip(&weights).fold(0.0, |acc, (x, w)| r(acc + w * r(x[e])));
+                    *out = if job.normalize { r(sum / total) } else { sum };
+                }
+            }
+            (Method::Slerp | Method::ModelStock, Some(z)) => {
+                let (s0, s1) = (r(stats.mix.0), r(stats.mix.1));
+                let count = inputs.len() as f64;
+                for (e, out) in merged.iter_mut().enumerate() {
+                    let other = if job.method == Method::Slerp {
+                        r(inputs[0][e])
+                    } else {
+                        r(inputs.iter().fold(0.0, |acc, x| r(acc + r(x[e]))) / count)
+                    };
+                    *out = r(r(s0 * r(z[e])) + r(s1 * other));
+                }
+            }
+            (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
+            (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
+                let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
+                for (e, out) in merged.iter_mut().enumerate() {
+                    let sum: f64 = inputs.iter().zip(coefficients).map(|(x, c)| c * x[e]).sum();
+                    let base = base.map_or(0.0, |z| base_coefficient * z[e]);
+                    *out = r(base + sum);
+                }
+            }
+            (method, Some(z)) if method.task_vectors() => {
+                task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, merged)
+            }
+            _ => merged.copy_from_slice(inputs[0]),
+        }
+        let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
+        encode(job.out_dtype, merged, &mut bytes);
+        let moments = base.map(|z| {
+            DELTAS.with_borrow_mut(|deltas| {
+                deltas.resize_with(inputs.len(), Vec::new);
+                let mut means = Vec::with_capacity(inputs.len());
+                for (delta, x) in deltas.iter_mut().zip(inputs) {
+                    delta.clear();
+                    delta.extend_from_slice(x);
+                    means.push(crate::kernel::subtract_and_sum(delta, z) / len as f64);
+                }
+                let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
+                Moments::from_chunk(&views, &means)
+            })
+        });
+        (bytes, moments)
     })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn combine_into<const F32: bool>(
-    job: &MergeJob,
-    index: usize,
-    tensor: &Resolved,
-    stats: &TensorStatistics,
-    first: usize,
-    base: Option<&[f64]>,
-    inputs: &[&[f64]],
-    merged: &mut [f64],
-) -> (Vec<u8>, Option<Moments>) {
-    let len = merged.len();
-    // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
-    // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
-    let r = round::<F32>;
-    match (job.method, &base) {
-        (Method::Linear, _) => {
-            let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
-            let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
-            for (e, out) in merged.iter_mut().enumerate() {
-                // mergekit accumulates with addcmul_, a fused multiply-add: the product of two
-                // f32 values is exact in f64, so only the sum is rounded.
-                let sum = inputs.iter().zip(&weights).fold(0.0, |acc, (x, w)| r(acc + w * r(x[e])));
-                *out = if job.normalize { r(sum / total) } else { sum };
-            }
-        }
-        (Method::Slerp | Method::ModelStock, Some(z)) => {
-            let (s0, s1) = (r(stats.mix.0), r(stats.mix.1));
-            let count = inputs.len() as f64;
-            for (e, out) in merged.iter_mut().enumerate() {
-                let other = if job.method == Method::Slerp {
-                    r(inputs[0][e])
-                } else {
-                    r(inputs.iter().fold(0.0, |acc, x| r(acc + r(x[e]))) / count)
-                };
-                *out = r(r(s0 * r(z[e])) + r(s1 * other));
-            }
-        }
-        (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
-        (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
-            let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
-            for (e, out) in merged.iter_mut().enumerate() {
-                let sum: f64 = inputs.iter().zip(coefficients).map(|(x, c)| c * x[e]).sum();
-                let base = base.map_or(0.0, |z| base_coefficient * z[e]);
-                *out = r(base + sum);
-            }
-        }
-        (method, Some(z)) if method.task_vectors() => {
-            task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, merged)
-        }
-        _ => merged.copy_from_slice(inputs[0]),
-    }
-    let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
-    encode(job.out_dtype, merged, &mut bytes);
-    let moments = base.map(|z| {
-        DELTAS.with_borrow_mut(|deltas| {
-            deltas.resize_with(inputs.len(), Vec::new);
-            let mut means = Vec::with_capacity(inputs.len());
-            for (delta, x) in deltas.iter_mut().zip(inputs) {
-                delta.clear();
-                delta.extend_from_slice(x);
-                means.push(crate::kernel::subtract_and_sum(delta, z) / len as f64);
-            }
-            let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
-            Moments::from_chunk(&views, &means)
-        })
-    });
-    (bytes, moments)
 }
 
 /// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
