@@ -87,6 +87,47 @@ def test_identical_deltas_give_exact_unit_similarity_and_zero_distance(tmp_path)
     assert_close(result.cs, 1.0)
 
 
+def test_matrix_distances_of_nearly_equal_fine_tunes_stay_exact(tmp_path):
+    # The all-pairs pass takes sum((a - b)^2) from raw sums, which cancels when two fine-tunes nearly
+    # coincide; such pairs must be measured directly. "b" differs from "a" in one entry by 1e-6.
+    from modelkin.safetensors_io import save_model
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 1, (64, 256))
+    a = base + rng.normal(0, 1e-2, base.shape)
+    b = a.copy()
+    b[3, 7] += 1e-6
+    c = a + rng.normal(0, 1e-2, base.shape)
+    values = {"base": base, "a": a, "b": b, "c": c, "a-again": a}
+    for name, w in values.items():
+        save_model(tmp_path / name, {"w": w}, "F64")
+    names = ["a", "b", "c", "a-again"]
+    matrix = modelkin.kinship_matrix([tmp_path / n for n in names], base=tmp_path / "base")
+    for i, x in enumerate(names):
+        for j, y in enumerate(names):
+            dx, dy = (values[x] - base).ravel(), (values[y] - base).ravel()
+            # Relative only: the a-b distance (1e-6) is below assert_close's absolute floor.
+            assert float(matrix["ed"][i, j]) == pytest.approx(float(np.linalg.norm(dx - dy)), rel=1e-6, abs=0)
+            assert_close(float(matrix["pcc"][i, j]), float(np.corrcoef(dx, dy)[0, 1]))
+    assert matrix["ed"][0, 3] == 0.0
+
+
+def test_matrix_keeps_pcc_exact_for_large_mean_deltas(tmp_path):
+    from modelkin.safetensors_io import save_model
+
+    rng = np.random.default_rng(6)
+    spread = [rng.normal(0, 1, (64, 256)) for _ in range(3)]
+    values = [1000.0 + spread[0], 1000.0 + 0.5 * spread[0] + spread[1], 1000.0 - spread[0] + spread[2]]
+    save_model(tmp_path / "base", {"w": np.zeros((64, 256))}, "F64")
+    for i, w in enumerate(values):
+        save_model(tmp_path / f"m{i}", {"w": w}, "F64")
+    matrix = modelkin.kinship_matrix([tmp_path / f"m{i}" for i in range(3)], base=tmp_path / "base")
+    expected = np.corrcoef(np.stack([w.ravel() for w in values]))
+    for i in range(3):
+        for j in range(3):
+            assert_close(float(matrix["pcc"][i, j]), float(expected[i, j]))
+
+
 def test_results_do_not_depend_on_thread_count(family_factory):
     fam = family_factory(dtype="BF16", shards=2, n=3)
     one = modelkin.kinship_matrix(fam.models, base=fam.base, threads=1)

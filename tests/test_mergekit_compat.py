@@ -54,6 +54,9 @@ CASES = {
     "linear": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 0.9999),
     "task_arithmetic": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 0.9999),
     "dare_linear": ([{"weight": 1.0, "density": 1.0}, {"weight": 0.6, "density": 1.0}], 0.9999),
+    # Factors from mergekit's float32 norms, reproduced; its f32 sum of the cosine is approximated.
+    "slerp": ([{}], 0.9999),
+    "model_stock": ([{}, {}, {}], 0.9999),
     # bf16 deltas are coarse, so many entries tie with the magnitude threshold; mergekit breaks such
     # ties by an unstable sort, so a share of them cannot match (see test_ties_without_ties below).
     "ties": (
@@ -75,6 +78,9 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
     }
     if method != "linear":
         recipe["base_model"] = str(family["base"])
+    if method == "slerp":
+        recipe["models"].append({"model": str(family["base"])})
+        recipe["parameters"] = {"t": 0.3}
     ours, theirs = run_both(tmp_path, recipe)
     assert set(ours) == set(theirs)
     same = total = 0

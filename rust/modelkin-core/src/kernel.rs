@@ -168,6 +168,53 @@ mod avx2 {
     }
 }
 
+/// out ← widen(x) − z for stored bf16 words x (little-endian bytes, any alignment), returning
+/// Σ out: a fine-tune's block of deltas made in one sweep, without staging or a second pass.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn bf16_delta_and_sum(x: &[u8], z: &[f64], out: &mut [f64]) -> f64 {
+    delta_and_sum::<u16>(x, z, out, |b| f64::from(f32::from_bits(u32::from(b) << 16)))
+}
+
+/// [`bf16_delta_and_sum`] for stored f32 values.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn f32_delta_and_sum(x: &[u8], z: &[f64], out: &mut [f64]) -> f64 {
+    delta_and_sum::<f32>(x, z, out, f64::from)
+}
+
+#[inline(always)]
+fn delta_and_sum<T: bytemuck::Pod>(x: &[u8], z: &[f64], out: &mut [f64], widen: impl Fn(T) -> f64) -> f64 {
+    let size = std::mem::size_of::<T>();
+    debug_assert_eq!(x.len(), out.len() * size);
+    // Two sets of partial sums, so the adds of consecutive steps do not wait on each other.
+    const STEP: usize = 2 * LANES;
+    let mut acc = [0.0f64; STEP];
+    let mut tail = 0.0;
+    let (xc, zc, mut oc) = (x.chunks_exact(STEP * size), z.chunks_exact(STEP), out.chunks_exact_mut(STEP));
+    let (x_tail, z_tail) = (xc.remainder(), zc.remainder());
+    for ((x, z), o) in xc.zip(zc).zip(&mut oc) {
+        // Unaligned loads of whole vectors of words; the target is little-endian (see `dtype`).
+        let words: [T; STEP] =
+            std::array::from_fn(|l| bytemuck::pod_read_unaligned(&x[l * size..(l + 1) * size]));
+        for l in 0..STEP {
+            o[l] = widen(words[l]) - z[l];
+            acc[l] += o[l];
+        }
+    }
+    for ((x, z), o) in x_tail.chunks_exact(size).zip(z_tail).zip(oc.into_remainder()) {
+        *o = widen(bytemuck::pod_read_unaligned(x)) - z;
+        tail += *o;
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// x ← x − y.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn subtract(x: &mut [f64], y: &[f64]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a -= b;
+    }
+}
+
 /// x ← x − y, returning Σ x (after the subtraction).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {

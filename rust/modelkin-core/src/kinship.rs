@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
+use crate::gram::{Gram, LANES};
 use crate::kernel;
 use crate::model::{Model, TensorEntry};
 use crate::stats::{split_matrix, Metric, Mode, Moments};
@@ -14,6 +15,13 @@ use crate::stats::{split_matrix, Metric, Mode, Moments};
 /// Elements per work item: large enough to amortise scheduling, small enough that k+1 decoded
 /// buffers of it stay in a core's L2 cache.
 const CHUNK: usize = 16 * 1024;
+
+/// Elements per block of the all-pairs sweep: the base's and k deltas' blocks stay in L1.
+const GRAM_BLOCK: usize = 256;
+
+/// Worst relative rounding error of a chunk's raw sums: each of the `LANES` partial sums adds
+/// CHUNK / LANES terms, then the lanes and the distance identity add a few roundings more.
+const RAW_SUM_RELATIVE_ERROR: f64 = (CHUNK / LANES + LANES + 4) as f64 * f64::EPSILON / 2.0;
 
 const LM_HEAD: &str = "lm_head.weight";
 const EMBED_SUFFIX: &str = "embed_tokens.weight";
@@ -158,6 +166,20 @@ impl Family {
     /// Widens `out.len()` elements of a source tensor, starting at element `first`.
     pub fn read_f64(&self, source: &Source, first: usize, out: &mut [f64]) {
         self.models[source.model].read_f64(&source.entry, source.dtype, first, out);
+    }
+
+    /// out ← (`out.len()` elements of a source tensor from element `first`) − `base`, returning
+    /// Σ out.
+    pub fn read_delta(&self, source: &Source, first: usize, base: &[f64], out: &mut [f64]) -> f64 {
+        let bytes = || self.raw_bytes(source, first, out.len());
+        match source.dtype {
+            FloatDtype::BF16 => kernel::bf16_delta_and_sum(bytes(), base, out),
+            FloatDtype::F32 => kernel::f32_delta_and_sum(bytes(), base, out),
+            _ => {
+                self.read_f64(source, first, out);
+                kernel::subtract_and_sum(out, base)
+            }
+        }
     }
 
     /// The stored bytes of `count` elements of a source tensor, starting at element `first`.
@@ -452,28 +474,13 @@ fn tensor_moments(
     progress: &Progress,
 ) -> Result<std::result::Result<Moments, usize>> {
     let k = tensor.sources.len() - 1;
+    let pair_path = k == 2 && scales.is_none();
     let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
-        if k == 2 && scales.is_none() {
-            return pair_chunk(family, tensor, first, len, buffer);
+        if pair_path {
+            pair_chunk(family, tensor, first, len, buffer)
+        } else {
+            gram_chunk(family, tensor, first, len, scales, buffer)
         }
-        let sums = match load_deltas(family, tensor, first, len, buffer) {
-            Ok(sums) => sums,
-            Err(culprit) => return ChunkOutcome::NonFinite(culprit),
-        };
-        let mut deltas: Vec<&mut [f64]> = buffer[CHUNK..].chunks_mut(CHUNK).map(|d| &mut d[..len]).collect();
-        let means: Vec<f64> = match scales {
-            Some(scales) => deltas
-                .iter_mut()
-                .zip(scales)
-                .map(|(delta, &scale)| {
-                    kernel::quantize_int8(delta, scale);
-                    kernel::sum(delta) / len as f64
-                })
-                .collect(),
-            None => sums.iter().map(|s| s / len as f64).collect(),
-        };
-        let deltas: Vec<&[f64]> = deltas.into_iter().map(|d| &*d).collect();
-        ChunkOutcome::Moments(Moments::from_chunk(&deltas, &means))
     })?;
     let mut moments = Moments::empty(k);
     for outcome in outcomes {
@@ -483,7 +490,87 @@ fn tensor_moments(
             ChunkOutcome::MaxAbs(_) => unreachable!("the moments pass yields no maxima"),
         }
     }
+    if !pair_path {
+        for i in 0..k {
+            for j in i + 1..k {
+                if moments.distance_may_have_cancelled(i, j, RAW_SUM_RELATIVE_ERROR) {
+                    let direct = direct_squared_distance(family, tensor, (i, j), scales, progress)?;
+                    moments.set_squared_distance(i, j, direct);
+                }
+            }
+        }
+    }
     Ok(Ok(moments))
+}
+
+/// Raw all-pairs sums of one chunk, swept block by block: each block of every source is decoded,
+/// turned into deltas (quantised when `scales` is given) and fed to the tiled pair kernel.
+fn gram_chunk(
+    family: &Family,
+    tensor: &PlannedTensor,
+    first: usize,
+    len: usize,
+    scales: Option<&[f64]>,
+    buffer: &mut [f64],
+) -> ChunkOutcome {
+    let k = tensor.sources.len() - 1;
+    let mut gram = Gram::new(k);
+    let (base, rows) = buffer[..(k + 1) * GRAM_BLOCK].split_at_mut(GRAM_BLOCK);
+    for start in (first..first + len).step_by(GRAM_BLOCK) {
+        let count = GRAM_BLOCK.min(first + len - start);
+        let padded = count.next_multiple_of(LANES);
+        family.read_f64(&tensor.sources[0], start, &mut base[..count]);
+        for (i, (source, delta)) in tensor.sources[1..].iter().zip(rows.chunks_mut(GRAM_BLOCK)).enumerate() {
+            let mut sum = family.read_delta(source, start, &base[..count], &mut delta[..count]);
+            if let Some(scales) = scales {
+                kernel::quantize_int8(&mut delta[..count], scales[i]);
+                sum = kernel::sum(&delta[..count]);
+            }
+            delta[count..padded].fill(0.0);
+            gram.add_sum(i, sum);
+        }
+        gram.add_products(rows, GRAM_BLOCK, padded);
+    }
+    let (sums, products) = gram.totals();
+    if sums.iter().chain(&products).all(|v| v.is_finite()) {
+        return ChunkOutcome::Moments(Moments::from_raw_sums(len, &sums, &products));
+    }
+    ChunkOutcome::NonFinite(nonfinite_source(family, tensor, first, len, buffer))
+}
+
+/// Σ(aᵢ − aⱼ)² over one tensor, swept directly: for a pair whose distance from raw sums may have
+/// cancelled (two nearly equal fine-tunes). Rare, so it does not count towards the progress.
+fn direct_squared_distance(
+    family: &Family,
+    tensor: &PlannedTensor,
+    (i, j): (usize, usize),
+    scales: Option<&[f64]>,
+    progress: &Progress,
+) -> Result<f64> {
+    let parts = (0..tensor.numel.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            progress.check()?;
+            let first = c * CHUNK;
+            let len = CHUNK.min(tensor.numel - first);
+            Ok(CHUNK_BUFFER.with_borrow_mut(|buffer| {
+                buffer.resize(buffer.len().max(3 * CHUNK), 0.0);
+                let (base, rest) = buffer.split_at_mut(CHUNK);
+                let (x, y) = rest.split_at_mut(CHUNK);
+                let (base, x, y) = (&mut base[..len], &mut x[..len], &mut y[..len]);
+                family.read_f64(&tensor.sources[0], first, base);
+                for (delta, model) in [(&mut *x, i), (&mut *y, j)] {
+                    family.read_f64(&tensor.sources[model + 1], first, delta);
+                    kernel::subtract(delta, base);
+                    if let Some(scales) = scales {
+                        kernel::quantize_int8(delta, scales[model]);
+                    }
+                }
+                kernel::centred_dot_and_squared_distance(x, y, 0.0, 0.0).1
+            }))
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    Ok(parts.iter().sum())
 }
 
 /// The two-model chunk without quantisation: decode, then one fused sweep (the hot path of

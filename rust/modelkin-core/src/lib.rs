@@ -8,6 +8,7 @@
 pub mod dtype;
 pub mod encode;
 pub mod error;
+mod gram;
 pub mod kernel;
 pub mod kinship;
 pub mod merge;

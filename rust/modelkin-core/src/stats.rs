@@ -113,6 +113,44 @@ impl Moments {
         }
     }
 
+    /// Statistics of one chunk of k vectors from their raw sums Σxᵢ and Σxᵢxⱼ (a full symmetric
+    /// k×k matrix). Distances come from Σ(xᵢ − xⱼ)² = Σxᵢ² + Σxⱼ² − 2Σxᵢxⱼ, which cancels when two
+    /// vectors nearly coincide: see [`Moments::distance_may_have_cancelled`].
+    pub(crate) fn from_raw_sums(n: usize, sums: &[f64], products: &[f64]) -> Self {
+        let k = sums.len();
+        let mean: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
+        let mut moments = Moments { n: n as u64, mean, ..Moments::empty(k) };
+        for i in 0..k {
+            for j in 0..k {
+                let idx = i * k + j;
+                moments.comoment[idx] = products[idx] - sums[i] * moments.mean[j];
+                if i != j {
+                    moments.sqdist[idx] =
+                        (products[i * k + i] + products[j * k + j] - 2.0 * products[idx]).max(0.0);
+                }
+            }
+            // Clamped: rounding must not make a variance negative.
+            moments.comoment[i * k + i] = moments.comoment[i * k + i].max(0.0);
+        }
+        moments
+    }
+
+    /// Whether the squared distance of pair (i, j), if it came from raw sums whose relative
+    /// rounding error is at most `relative_error`, could be off by more than 1e-7 of itself.
+    pub(crate) fn distance_may_have_cancelled(&self, i: usize, j: usize, relative_error: f64) -> bool {
+        // The identity's error is at most relative_error · (Σxᵢ² + Σxⱼ² + 2|Σxᵢxⱼ|)
+        // ≤ 2 · relative_error · (Σxᵢ² + Σxⱼ²).
+        let bound = 2.0 * relative_error * (self.inner(i, i) + self.inner(j, j));
+        bound > 1e-7 * self.sqdist[i * self.k() + j]
+    }
+
+    /// Replaces the squared distance of pair (i, j) with one measured directly.
+    pub(crate) fn set_squared_distance(&mut self, i: usize, j: usize, value: f64) {
+        let k = self.k();
+        self.sqdist[i * k + j] = value;
+        self.sqdist[j * k + i] = value;
+    }
+
     /// Adds another sample of the same k vectors (Chan's parallel update).
     pub fn merge(&mut self, other: &Moments) {
         if other.n == 0 {

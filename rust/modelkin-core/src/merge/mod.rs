@@ -6,6 +6,7 @@
 //! base are measured for kinship while the output pass reads them.
 
 mod combine;
+mod float32;
 mod spherical;
 mod statistics;
 
@@ -174,6 +175,16 @@ pub enum Compute {
     Float64,
     /// Every operation rounded to float32 in mergekit's order, as mergekit's `dtype: float32`.
     Float32,
+}
+
+impl Compute {
+    /// Rounds one result to the working precision.
+    pub(crate) fn rounding(self) -> fn(f64) -> f64 {
+        match self {
+            Compute::Float64 => |v| v,
+            Compute::Float32 => |v| f64::from(v as f32),
+        }
+    }
 }
 
 fn yes() -> bool {

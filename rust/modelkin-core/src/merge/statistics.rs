@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::{
-    magnitude_bits, no_base, uniform, with_block, MergeJob, Method, Resolved, Source, Sparsification,
+    float32, magnitude_bits, no_base, uniform, with_block, Compute, MergeJob, Method, Resolved, Source,
+    Sparsification,
 };
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
@@ -177,19 +178,7 @@ impl TensorStatistics {
             }
         }
         match job.method {
-            Method::Slerp => {
-                let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
-                let [aa, bb, ab] =
-                    sums_over(&[base, &tensor.inputs[0]], tensor.block, n, progress, |_, v| {
-                        let (a, b) = (v[0], v[1]);
-                        [
-                            a.iter().map(|x| x * x).sum(),
-                            b.iter().map(|x| x * x).sum(),
-                            a.iter().zip(b).map(|(x, y)| x * y).sum(),
-                        ]
-                    })?;
-                stats.mix = slerp_factors(tensor.recipe.t, aa, bb, ab);
-            }
+            Method::Slerp => stats.mix = slerp_mix(job, tensor, progress)?,
             Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
             Method::Nuslerp | Method::Multislerp | Method::Karcher => {
                 let gram = gram(tensor, progress)?;
@@ -214,22 +203,65 @@ impl TensorStatistics {
     }
 }
 
-/// mergekit's slerp factors (s0 for the base, s1 for the other); lerp when nearly colinear.
-fn slerp_factors(t: f64, aa: f64, bb: f64, ab: f64) -> (f64, f64) {
-    const DOT_THRESHOLD: f64 = 0.9995;
+/// Elements per chunk of mergekit's float32 slerp norms.
+const SLERP_CHUNK: usize = 1 << 20;
+
+/// Slerp's (s0, s1) for one tensor: the cosine of base and other, then [`slerp_factors`].
+fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(f64, f64)> {
     const EPS: f64 = 1e-8;
-    let norm = |sq: f64| if sq.sqrt() > EPS { sq.sqrt() } else { 1.0 };
-    let dot = ab / (norm(aa) * norm(bb));
-    if dot.abs() > DOT_THRESHOLD {
-        return (1.0 - t, t);
-    }
-    let theta = dot.acos();
-    let sin_theta = theta.sin();
-    let theta_t = theta * t;
-    ((theta - theta_t).sin() / sin_theta, theta_t.sin() / sin_theta)
+    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let sources = [base, &tensor.inputs[0]];
+    let n = tensor.numel;
+    let norm = |norm: f64| if norm > EPS { norm } else { 1.0 };
+    let dot = match job.compute {
+        Compute::Float64 => {
+            let [aa, bb, ab] = sums_over(&sources, tensor.block, n, progress, |_, v| {
+                let (a, b) = (v[0], v[1]);
+                [
+                    a.iter().map(|x| x * x).sum(),
+                    b.iter().map(|x| x * x).sum(),
+                    a.iter().zip(b).map(|(x, y)| x * y).sum(),
+                ]
+            })?;
+            ab / (norm(aa.sqrt()) * norm(bb.sqrt()))
+        }
+        Compute::Float32 => {
+            // mergekit divides by torch's float32 norms (chunked), then sums x/|x| · y/|y|. The
+            // products are exact in f64; their sum stands in for torch's (more accurate) f32 sum.
+            let norms = float32::norms(&sources, None, n, SLERP_CHUNK, true, progress)?;
+            let (na, nb) = (norm(norms[0]) as f32, norm(norms[1]) as f32);
+            let [dot] = sums_over(&sources, tensor.block, n, progress, |_, v| {
+                [v[0]
+                    .iter()
+                    .zip(v[1])
+                    .map(|(x, y)| f64::from(*x as f32 / na) * f64::from(*y as f32 / nb))
+                    .sum()]
+            })?;
+            dot
+        }
+    };
+    Ok(slerp_factors(tensor.recipe.t, dot, job.compute.rounding()))
 }
 
-/// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors.
+/// mergekit's slerp factors (s0 for the base, s1 for the other) from the cosine `dot`; lerp when
+/// nearly colinear. `round` rounds each step to the working precision, as mergekit does.
+fn slerp_factors(t: f64, dot: f64, round: fn(f64) -> f64) -> (f64, f64) {
+    const DOT_THRESHOLD: f64 = 0.9995;
+    let dot = round(dot.clamp(-1.0, 1.0));
+    let t = round(t);
+    if dot.abs() > DOT_THRESHOLD {
+        return (round(1.0 - t), t);
+    }
+    let theta = round(dot.acos());
+    let sin_theta = round(theta.sin());
+    (
+        round(round(round(round(1.0 - t) * theta).sin()) / sin_theta),
+        round(round(round(t * theta).sin()) / sin_theta),
+    )
+}
+
+/// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors
+/// (t = 0 where the denominator vanishes), each step rounded as mergekit's working dtype.
 fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(f64, f64)> {
     let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
     let k = tensor.inputs.len();
@@ -243,17 +275,26 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
     })?;
     let product =
         |i: usize, j: usize| products[pairs.iter().position(|&p| p == (i.min(j), i.max(j))).expect("pair")];
+    let norms: Vec<f64> = match job.compute {
+        Compute::Float64 => (0..k).map(|i| product(i, i).sqrt()).collect(),
+        Compute::Float32 => {
+            let inputs: Vec<&Source> = tensor.inputs.iter().collect();
+            float32::norms(&inputs, Some(base), tensor.numel, tensor.numel.max(1), false, progress)?
+        }
+    };
+    let r = job.compute.rounding();
     let mut cosines = Vec::new();
     for i in 0..k {
         for j in i + 1..k {
-            let norms = (product(i, i).sqrt() * product(j, j).sqrt()).max(1e-6);
-            cosines.push((product(i, j) / norms).clamp(-1.0, 1.0));
+            let norm_product = r(norms[i] * norms[j]).max(r(1e-6));
+            cosines.push(r(r(product(i, j)) / norm_product).clamp(-1.0, 1.0));
         }
     }
-    let cos = cosines.iter().sum::<f64>() / cosines.len().max(1) as f64;
+    let cos = r(cosines.iter().fold(0.0, |sum, c| r(sum + c)) / cosines.len().max(1) as f64);
     let count = k as f64;
-    let t = count * cos / (1.0 + (count - 1.0) * cos);
-    Ok((1.0 - t, t))
+    let denominator = r(1.0 + r((count - 1.0) * cos));
+    let t = if denominator.abs() < 1e-6 { 0.0 } else { r(r(count * cos) / denominator) };
+    Ok((r(1.0 - t), t))
 }
 
 /// The Gram matrix Σ vᵢ·vⱼ of the inputs, or of their task vectors when there is a base.
