@@ -93,32 +93,36 @@ fn decode_f64(bytes: &[u8], out: &mut [f64]) {
     stage(bytes, out);
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn decode_f32(bytes: &[u8], out: &mut [f64]) {
-    widen_words::<f32>(bytes, out, f64::from);
+    let mut staging = [0f32; STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 4)) {
+        let staging = &mut staging[..out.len()];
+        stage(bytes, staging);
+        widen_f32(staging, out);
+    }
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
-    // bf16 is the upper half of an f32: shifting the bits up widens it exactly.
-    widen_words::<u16>(bytes, out, |b| f64::from(f32::from_bits(u32::from(b) << 16)));
+fn widen_f32(values: &[f32], out: &mut [f64]) {
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = f64::from(v);
+    }
 }
 
-/// Widens little-endian words read straight from unaligned bytes, eight at a time, so the loop
-/// vectorises without a staging copy.
-#[inline(always)]
-fn widen_words<T: bytemuck::Pod>(bytes: &[u8], out: &mut [f64], widen: impl Fn(T) -> f64) {
-    const LANES: usize = 8;
-    let size = std::mem::size_of::<T>();
-    let mut words = bytes.chunks_exact(LANES * size);
-    let mut outs = out.chunks_exact_mut(LANES);
-    for (w, o) in (&mut words).zip(&mut outs) {
-        for l in 0..LANES {
-            o[l] = widen(bytemuck::pod_read_unaligned(&w[l * size..(l + 1) * size]));
-        }
+fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
+    let mut staging = [0u16; STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
+        let staging = &mut staging[..out.len()];
+        stage(bytes, staging);
+        widen_bf16(staging, out);
     }
-    for (w, o) in words.remainder().chunks_exact(size).zip(outs.into_remainder()) {
-        *o = widen(bytemuck::pod_read_unaligned(w));
+}
+
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn widen_bf16(bits: &[u16], out: &mut [f64]) {
+    // bf16 is the upper half of an f32: shifting the bits up widens it exactly.
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = f64::from(f32::from_bits(u32::from(b) << 16));
     }
 }
 
