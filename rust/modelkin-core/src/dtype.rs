@@ -94,12 +94,7 @@ fn decode_f64(bytes: &[u8], out: &mut [f64]) {
 }
 
 fn decode_f32(bytes: &[u8], out: &mut [f64]) {
-    let mut staging = [0f32; STAGE];
-    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 4)) {
-        let staging = &mut staging[..out.len()];
-        stage(bytes, staging);
-        widen_f32(staging, out);
-    }
+    decode_staged::<f32>(bytes, out, widen_f32);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -110,12 +105,7 @@ fn widen_f32(values: &[f32], out: &mut [f64]) {
 }
 
 fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
-    let mut staging = [0u16; STAGE];
-    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
-        let staging = &mut staging[..out.len()];
-        stage(bytes, staging);
-        widen_bf16(staging, out);
-    }
+    decode_staged::<u16>(bytes, out, widen_bf16);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -128,11 +118,22 @@ fn widen_bf16(bits: &[u16], out: &mut [f64]) {
 
 fn decode_f16(bytes: &[u8], out: &mut [f64]) {
     // half's slice conversion uses F16C/NEON when the CPU has them.
-    let mut staging = [0u16; STAGE];
-    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * 2)) {
+    decode_staged::<u16>(bytes, out, |bits, out| {
+        bits.reinterpret_cast::<half::f16>().convert_to_f64_slice(out)
+    });
+}
+
+/// Stages `bytes` in L1-sized steps of aligned `T` words and widens each step with `widen`.
+fn decode_staged<T: bytemuck::Pod + Default>(
+    bytes: &[u8],
+    out: &mut [f64],
+    widen: impl Fn(&[T], &mut [f64]),
+) {
+    let mut staging = [T::default(); STAGE];
+    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * std::mem::size_of::<T>())) {
         let staging = &mut staging[..out.len()];
         stage(bytes, staging);
-        staging.reinterpret_cast::<half::f16>().convert_to_f64_slice(out);
+        widen(staging, out);
     }
 }
 

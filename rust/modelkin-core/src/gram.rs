@@ -7,10 +7,8 @@
 //! `LANES` partial sums in a fixed order, so results do not depend on the thread count, and are
 //! the same on every CPU level that has FMA.
 
-/// Partial sums per accumulator; blocks handed to [`Gram::add_products`] are padded to a multiple.
-pub(crate) const LANES: usize = 8;
-
-type Lanes = [f64; LANES];
+pub(crate) use crate::simd::LANES;
+use crate::simd::{Accumulator, Lanes};
 
 /// Raw sums of k vectors over the blocks added so far.
 #[derive(Debug, Clone)]
@@ -86,90 +84,10 @@ impl Rows<'_> {
     }
 }
 
-/// `LANES` partial sums held in registers (one AVX-512 register, two AVX2 ones, or a plain array).
-trait Accumulator: Copy {
-    /// # Safety
-    /// `p` must be valid for reading `LANES` f64, and the CPU must have the type's features.
-    unsafe fn load(p: *const f64) -> Self;
-    /// # Safety
-    /// `p` must be valid for writing `LANES` f64, and the CPU must have the type's features.
-    unsafe fn store(self, p: *mut f64);
-    /// self + x·y, lane by lane.
-    /// # Safety
-    /// The CPU must have the type's features.
-    unsafe fn add_product(self, x: Self, y: Self) -> Self;
-}
-
-impl Accumulator for Lanes {
-    #[inline(always)]
-    unsafe fn load(p: *const f64) -> Self {
-        // SAFETY: the caller guarantees `LANES` readable values.
-        unsafe { p.cast::<Lanes>().read_unaligned() }
-    }
-    #[inline(always)]
-    unsafe fn store(self, p: *mut f64) {
-        // SAFETY: the caller guarantees `LANES` writable values.
-        unsafe { p.cast::<Lanes>().write_unaligned(self) }
-    }
-    #[inline(always)]
-    unsafe fn add_product(self, x: Self, y: Self) -> Self {
-        // Without FMA a product is rounded before it is added, as in a plain loop.
-        std::array::from_fn(|l| self[l] + x[l] * y[l])
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use std::arch::x86_64::*;
-
-    use super::{tiles, Accumulator, Lanes, Rows};
-
-    #[derive(Clone, Copy)]
-    struct Avx512(__m512d);
-
-    impl Accumulator for Avx512 {
-        #[inline(always)]
-        unsafe fn load(p: *const f64) -> Self {
-            // SAFETY: the caller guarantees 8 readable values and AVX-512F.
-            Avx512(unsafe { _mm512_loadu_pd(p) })
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f64) {
-            // SAFETY: the caller guarantees 8 writable values and AVX-512F.
-            unsafe { _mm512_storeu_pd(p, self.0) }
-        }
-        #[inline(always)]
-        unsafe fn add_product(self, x: Self, y: Self) -> Self {
-            // SAFETY: the caller guarantees AVX-512F.
-            Avx512(unsafe { _mm512_fmadd_pd(x.0, y.0, self.0) })
-        }
-    }
-
-    #[derive(Clone, Copy)]
-    struct Avx2([__m256d; 2]);
-
-    impl Accumulator for Avx2 {
-        #[inline(always)]
-        unsafe fn load(p: *const f64) -> Self {
-            // SAFETY: the caller guarantees 8 readable values and AVX.
-            Avx2(unsafe { [_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4))] })
-        }
-        #[inline(always)]
-        unsafe fn store(self, p: *mut f64) {
-            // SAFETY: the caller guarantees 8 writable values and AVX.
-            unsafe {
-                _mm256_storeu_pd(p, self.0[0]);
-                _mm256_storeu_pd(p.add(4), self.0[1]);
-            }
-        }
-        #[inline(always)]
-        unsafe fn add_product(self, x: Self, y: Self) -> Self {
-            // SAFETY: the caller guarantees FMA.
-            Avx2(unsafe {
-                [_mm256_fmadd_pd(x.0[0], y.0[0], self.0[0]), _mm256_fmadd_pd(x.0[1], y.0[1], self.0[1])]
-            })
-        }
-    }
+    use super::{tiles, Lanes, Rows};
+    use crate::simd::x86::{Avx2, Avx512};
 
     /// 4×4 tiles: sixteen accumulators and eight operands fit AVX-512's 32 registers.
     #[target_feature(enable = "avx512f")]

@@ -6,7 +6,7 @@
 
 use multiversion::multiversion;
 
-const LANES: usize = 8;
+use crate::simd::{Accumulator, Lanes, LANES};
 
 /// Σ x.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -40,132 +40,94 @@ pub fn centred_sum_squares(x: &[f64], m: f64) -> f64 {
 
 /// (Σ (x − mx)(y − my), Σ ((x − mx) − (y − my))²) in one sweep over both slices: the centred
 /// co-moment and the centred squared distance, without a separate centring pass.
-///
-/// This is the all-pairs hot loop of `kinship_matrix`. LLVM's vectoriser leaves it scalar under
-/// strict floating-point rules, so x86-64 gets an explicit AVX2/FMA version.
 pub fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
     debug_assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { avx512::centred_dot_and_squared_distance(x, y, mx, my) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports the features the function is compiled for.
-        return unsafe { avx2::centred_dot_and_squared_distance(x, y, mx, my) };
-    }
-    centred_dot_and_squared_distance_portable(x, y, mx, my)
-}
-
-fn centred_dot_and_squared_distance_portable(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
-    let mut dot = [0.0f64; LANES];
-    let mut dist = [0.0f64; LANES];
-    let xc = x.chunks_exact(LANES);
-    let yc = y.chunks_exact(LANES);
-    let (mut dot_tail, mut dist_tail) = (0.0, 0.0);
-    for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
-        let (a, b) = (a - mx, b - my);
-        dot_tail += a * b;
-        dist_tail += (a - b) * (a - b);
-    }
-    for (a, b) in xc.zip(yc) {
-        for l in 0..LANES {
-            let (u, v) = (a[l] - mx, b[l] - my);
-            dot[l] += u * v;
-            let d = u - v;
-            dist[l] += d * d;
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { x86::centred_dot_and_squared_distance_avx512(x, y, mx, my) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::centred_dot_and_squared_distance_avx2(x, y, mx, my) };
         }
     }
-    (dot.iter().sum::<f64>() + dot_tail, dist.iter().sum::<f64>() + dist_tail)
+    // SAFETY: plain arrays need no CPU feature.
+    unsafe { centred_dot_and_squared_distance_with::<Lanes>(x, y, mx, my) }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use std::arch::x86_64::*;
+mod x86 {
+    use crate::simd::x86::{Avx2, Avx512};
 
-    /// See [`super::centred_dot_and_squared_distance`]; two 8-lane accumulators per sum.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
-        let n = x.len().min(y.len());
-        let (mxv, myv) = (_mm512_set1_pd(mx), _mm512_set1_pd(my));
-        let (mut dot0, mut dot1, mut dist0, mut dist1) =
-            (_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd());
-        let mut i = 0;
-        while i + 16 <= n {
-            // SAFETY: i + 16 <= n, so both 8-wide loads at i and i + 8 are in bounds.
-            let (u0, v0, u1, v1) = unsafe {
-                (
-                    _mm512_sub_pd(_mm512_loadu_pd(x.as_ptr().add(i)), mxv),
-                    _mm512_sub_pd(_mm512_loadu_pd(y.as_ptr().add(i)), myv),
-                    _mm512_sub_pd(_mm512_loadu_pd(x.as_ptr().add(i + 8)), mxv),
-                    _mm512_sub_pd(_mm512_loadu_pd(y.as_ptr().add(i + 8)), myv),
-                )
-            };
-            dot0 = _mm512_fmadd_pd(u0, v0, dot0);
-            dot1 = _mm512_fmadd_pd(u1, v1, dot1);
-            let (d0, d1) = (_mm512_sub_pd(u0, v0), _mm512_sub_pd(u1, v1));
-            dist0 = _mm512_fmadd_pd(d0, d0, dist0);
-            dist1 = _mm512_fmadd_pd(d1, d1, dist1);
-            i += 16;
-        }
-        let mut dot = _mm512_reduce_add_pd(_mm512_add_pd(dot0, dot1));
-        let mut dist = _mm512_reduce_add_pd(_mm512_add_pd(dist0, dist1));
-        for (a, b) in x[i..n].iter().zip(&y[i..n]) {
-            let (u, v) = (a - mx, b - my);
-            dot += u * v;
-            dist += (u - v) * (u - v);
-        }
-        (dot, dist)
+    pub(super) unsafe fn centred_dot_and_squared_distance_avx512(
+        x: &[f64],
+        y: &[f64],
+        mx: f64,
+        my: f64,
+    ) -> (f64, f64) {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { super::centred_dot_and_squared_distance_with::<Avx512>(x, y, mx, my) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn centred_dot_and_squared_distance_avx2(
+        x: &[f64],
+        y: &[f64],
+        mx: f64,
+        my: f64,
+    ) -> (f64, f64) {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { super::centred_dot_and_squared_distance_with::<Avx2>(x, y, mx, my) }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256d) -> f64 {
-        let mut lanes = [0.0f64; 4];
-        // SAFETY: `lanes` has room for four f64.
-        unsafe { _mm256_storeu_pd(lanes.as_mut_ptr(), v) };
-        (lanes[0] + lanes[1]) + (lanes[2] + lanes[3])
-    }
-
-    /// See [`super::centred_dot_and_squared_distance`]; two 4-lane accumulators per sum.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
-        let n = x.len().min(y.len());
-        let (mxv, myv) = (_mm256_set1_pd(mx), _mm256_set1_pd(my));
-        let (mut dot0, mut dot1, mut dist0, mut dist1) =
-            (_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd());
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n, so both 4-wide loads at i and i + 4 are in bounds.
-            let (u0, v0, u1, v1) = unsafe {
-                (
-                    _mm256_sub_pd(_mm256_loadu_pd(x.as_ptr().add(i)), mxv),
-                    _mm256_sub_pd(_mm256_loadu_pd(y.as_ptr().add(i)), myv),
-                    _mm256_sub_pd(_mm256_loadu_pd(x.as_ptr().add(i + 4)), mxv),
-                    _mm256_sub_pd(_mm256_loadu_pd(y.as_ptr().add(i + 4)), myv),
-                )
-            };
-            dot0 = _mm256_fmadd_pd(u0, v0, dot0);
-            dot1 = _mm256_fmadd_pd(u1, v1, dot1);
-            let (d0, d1) = (_mm256_sub_pd(u0, v0), _mm256_sub_pd(u1, v1));
-            dist0 = _mm256_fmadd_pd(d0, d0, dist0);
-            dist1 = _mm256_fmadd_pd(d1, d1, dist1);
-            i += 8;
+/// [`centred_dot_and_squared_distance`] with two accumulators per sum, so consecutive steps do
+/// not wait on each other.
+///
+/// # Safety
+/// The CPU must have `A`'s features.
+#[inline(always)]
+unsafe fn centred_dot_and_squared_distance_with<A: Accumulator>(
+    x: &[f64],
+    y: &[f64],
+    mx: f64,
+    my: f64,
+) -> (f64, f64) {
+    let n = x.len().min(y.len());
+    // SAFETY (every block below): the caller guarantees A's CPU features, and loads stay below
+    // i + 2·LANES <= n.
+    let (mxv, myv, zero) = unsafe { (A::splat(mx), A::splat(my), A::splat(0.0)) };
+    let (mut dot, mut dist) = ([zero; 2], [zero; 2]);
+    let mut i = 0;
+    while i + 2 * LANES <= n {
+        for h in 0..2 {
+            unsafe {
+                let u = A::load(x.as_ptr().add(i + h * LANES)).sub(mxv);
+                let v = A::load(y.as_ptr().add(i + h * LANES)).sub(myv);
+                dot[h] = dot[h].add_product(u, v);
+                let d = u.sub(v);
+                dist[h] = dist[h].add_product(d, d);
+            }
         }
-        let mut dot = horizontal_sum(_mm256_add_pd(dot0, dot1));
-        let mut dist = horizontal_sum(_mm256_add_pd(dist0, dist1));
-        for (a, b) in x[i..n].iter().zip(&y[i..n]) {
-            let (u, v) = (a - mx, b - my);
-            dot += u * v;
-            dist += (u - v) * (u - v);
-        }
-        (dot, dist)
+        i += 2 * LANES;
     }
+    let mut lanes = [[0.0; LANES]; 4];
+    for (out, acc) in lanes.iter_mut().zip([dot[0], dot[1], dist[0], dist[1]]) {
+        unsafe { acc.store(out.as_mut_ptr()) };
+    }
+    let (mut dot, mut dist): (f64, f64) = (
+        (0..LANES).map(|l| lanes[0][l] + lanes[1][l]).sum(),
+        (0..LANES).map(|l| lanes[2][l] + lanes[3][l]).sum(),
+    );
+    for (a, b) in x[i..n].iter().zip(&y[i..n]) {
+        let (u, v) = (a - mx, b - my);
+        dot += u * v;
+        dist += (u - v) * (u - v);
+    }
+    (dot, dist)
 }
 
 /// out ← widen(x) − z for stored bf16 words x (little-endian bytes, any alignment), returning
@@ -205,14 +167,6 @@ fn delta_and_sum<T: bytemuck::Pod>(x: &[u8], z: &[f64], out: &mut [f64], widen: 
         tail += *o;
     }
     acc.iter().sum::<f64>() + tail
-}
-
-/// x ← x − y.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn subtract(x: &mut [f64], y: &[f64]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a -= b;
-    }
 }
 
 /// x ← x − y, returning Σ x (after the subtraction).
@@ -334,7 +288,7 @@ mod tests {
         let naive_dot: f64 = x.iter().zip(&y).map(|(a, b)| a * b).sum();
         let naive_dist: f64 = x.iter().zip(&y).map(|(a, b)| (a - b) * (a - b)).sum();
         let (dot, dist) = centred_dot_and_squared_distance(&x, &y, 0.0, 0.0);
-        let (pdot, pdist) = centred_dot_and_squared_distance_portable(&x, &y, 0.3, -0.2);
+        let (pdot, pdist) = unsafe { centred_dot_and_squared_distance_with::<Lanes>(&x, &y, 0.3, -0.2) };
         let (vdot, vdist) = centred_dot_and_squared_distance(&x, &y, 0.3, -0.2);
         assert!((pdot - vdot).abs() < 1e-12 && (pdist - vdist).abs() < 1e-12);
         assert!((dot - naive_dot).abs() < 1e-12);

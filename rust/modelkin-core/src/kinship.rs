@@ -285,15 +285,19 @@ pub fn kinship_pass(
         }
         Ok(KinshipReport::new(family.k(), tensors, skipped))
     };
-    if options.threads == 0 {
-        run()
-    } else {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(options.threads)
-            .build()
-            .map_err(|e| Error::InvalidArgument(format!("cannot start {} threads: {e}", options.threads)))?
-            .install(run)
+    with_threads(options.threads, run)
+}
+
+/// Runs `work` on a pool of `threads` workers, or on rayon's global pool (all cores) when 0.
+pub(crate) fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    if threads == 0 {
+        return work();
     }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?
+        .install(work)
 }
 
 /// The number of rows every tensor is cut to: the base's vocabulary size.
@@ -381,9 +385,7 @@ fn load_deltas(
     family.read_f64(&tensor.sources[0], first, base);
     let mut sums = Vec::with_capacity(tensor.sources.len() - 1);
     for (i, s) in tensor.sources[1..].iter().enumerate() {
-        let delta = &mut deltas[i * CHUNK..i * CHUNK + len];
-        family.read_f64(s, first, delta);
-        let sum = kernel::subtract_and_sum(delta, base);
+        let sum = family.read_delta(s, first, base, &mut deltas[i * CHUNK..i * CHUNK + len]);
         // A sum of finite widened f32 values cannot overflow f64, so this catches NaN/Inf.
         if !sum.is_finite() {
             return Err(if kernel::sum(base).is_finite() { i + 1 } else { 0 });
@@ -397,9 +399,10 @@ thread_local! {
     static CHUNK_BUFFER: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn par_chunks<'a, F>(tensor: &'a PlannedTensor, progress: &'a Progress, work: F) -> Result<Vec<ChunkOutcome>>
+fn par_chunks<'a, T, F>(tensor: &'a PlannedTensor, progress: &'a Progress, work: F) -> Result<Vec<T>>
 where
-    F: Fn(&mut [f64], usize, usize) -> ChunkOutcome + Sync + Send,
+    T: Send,
+    F: Fn(&mut [f64], usize, usize) -> T + Sync + Send,
 {
     let k = tensor.sources.len() - 1;
     let chunks = tensor.numel.div_ceil(CHUNK);
@@ -539,7 +542,7 @@ fn gram_chunk(
 }
 
 /// Σ(aᵢ − aⱼ)² over one tensor, swept directly: for a pair whose distance from raw sums may have
-/// cancelled (two nearly equal fine-tunes). Rare, so it does not count towards the progress.
+/// cancelled (two nearly equal fine-tunes). The extra read is added to the progress total.
 fn direct_squared_distance(
     family: &Family,
     tensor: &PlannedTensor,
@@ -547,29 +550,20 @@ fn direct_squared_distance(
     scales: Option<&[f64]>,
     progress: &Progress,
 ) -> Result<f64> {
-    let parts = (0..tensor.numel.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            progress.check()?;
-            let first = c * CHUNK;
-            let len = CHUNK.min(tensor.numel - first);
-            Ok(CHUNK_BUFFER.with_borrow_mut(|buffer| {
-                buffer.resize(buffer.len().max(3 * CHUNK), 0.0);
-                let (base, rest) = buffer.split_at_mut(CHUNK);
-                let (x, y) = rest.split_at_mut(CHUNK);
-                let (base, x, y) = (&mut base[..len], &mut x[..len], &mut y[..len]);
-                family.read_f64(&tensor.sources[0], first, base);
-                for (delta, model) in [(&mut *x, i), (&mut *y, j)] {
-                    family.read_f64(&tensor.sources[model + 1], first, delta);
-                    kernel::subtract(delta, base);
-                    if let Some(scales) = scales {
-                        kernel::quantize_int8(delta, scales[model]);
-                    }
-                }
-                kernel::centred_dot_and_squared_distance(x, y, 0.0, 0.0).1
-            }))
-        })
-        .collect::<Result<Vec<f64>>>()?;
+    progress.total.fetch_add(tensor.bytes(), Ordering::Relaxed);
+    let parts = par_chunks(tensor, progress, |buffer, first, len| {
+        let (base, rest) = buffer.split_at_mut(CHUNK);
+        let (x, y) = rest.split_at_mut(CHUNK);
+        let (base, x, y) = (&mut base[..len], &mut x[..len], &mut y[..len]);
+        family.read_f64(&tensor.sources[0], first, base);
+        for (delta, model) in [(&mut *x, i), (&mut *y, j)] {
+            family.read_delta(&tensor.sources[model + 1], first, base, delta);
+            if let Some(scales) = scales {
+                kernel::quantize_int8(delta, scales[model]);
+            }
+        }
+        kernel::centred_dot_and_squared_distance(x, y, 0.0, 0.0).1
+    })?;
     Ok(parts.iter().sum())
 }
 

@@ -13,6 +13,7 @@ pub mod kernel;
 pub mod kinship;
 pub mod merge;
 pub mod model;
+mod simd;
 pub mod stats;
 pub mod writer;
 

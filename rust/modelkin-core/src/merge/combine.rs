@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::statistics::{keep_mask, variance_bits, TensorStatistics};
-use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
+use super::{with_block, Compute, MergeJob, Method, Resolved, BLOCKS_IN_FLIGHT};
 use crate::encode::encode;
 use crate::error::Result;
 use crate::kinship::Progress;
@@ -67,9 +67,7 @@ fn merge_block(
     first: usize,
     len: usize,
 ) -> (Vec<u8>, Option<Moments>) {
-    let mut sources: Vec<&Source> = tensor.base.iter().collect();
-    sources.extend(&tensor.inputs);
-    with_block(&sources, first, len, |views| {
+    with_block(&tensor.sources(), first, len, |views| {
         let (base, inputs) =
             if tensor.base.is_some() { (Some(views[0]), &views[1..]) } else { (None, views) };
         match job.compute {

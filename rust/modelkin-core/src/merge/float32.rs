@@ -56,52 +56,35 @@ impl LaneNorm {
     }
 }
 
-/// The float32 norms of `values[i]` (minus `base` when given, as f32) for every i, each over
-/// runs of `run` elements; with `of_runs`, the norms of the runs' norms (mergekit's chunked slerp).
-pub(super) fn norms(
-    values: &[&Source],
-    base: Option<&Source>,
+/// mergekit's chunked float32 slerp norm of each source: the norm of the norms of its runs of
+/// `run` elements (runs in parallel, each swept in order).
+pub(super) fn chunked_norms(
+    sources: &[&Source],
     n: usize,
     run: usize,
-    of_runs: bool,
     progress: &Progress,
 ) -> Result<Vec<f64>> {
-    let mut sources: Vec<&Source> = base.into_iter().collect();
-    sources.extend(values);
-    let offset = usize::from(base.is_some());
-    let per_run: Vec<Vec<f32>> = (0..n.div_ceil(run.max(1)))
+    let per_run: Vec<Vec<f32>> = (0..n.div_ceil(run))
         .into_par_iter()
         .map(|r| {
             let (first, len) = (r * run, run.min(n - r * run));
-            let mut norms = vec![LaneNorm::new(len); values.len()];
+            let mut norms = vec![LaneNorm::new(len); sources.len()];
             for start in (first..first + len).step_by(BLOCK) {
                 progress.check()?;
-                let count = BLOCK.min(first + len - start);
-                with_block(&sources, start, count, |v| {
-                    for (i, norm) in norms.iter_mut().enumerate() {
-                        let x = v[i + offset];
-                        match base {
-                            Some(_) => norm.add(x.iter().zip(v[0]).map(|(x, z)| *x as f32 - *z as f32)),
-                            None => norm.add(x.iter().map(|x| *x as f32)),
-                        }
+                with_block(sources, start, BLOCK.min(first + len - start), |v| {
+                    for (norm, x) in norms.iter_mut().zip(v) {
+                        norm.add(x.iter().map(|x| *x as f32));
                     }
                 });
             }
             Ok(norms.iter().map(LaneNorm::finish).collect())
         })
         .collect::<Result<_>>()?;
-    Ok((0..values.len())
+    Ok((0..sources.len())
         .map(|i| {
-            let mut parts = per_run.iter().map(|norms| norms[i]);
-            let norm = if of_runs {
-                let mut total = LaneNorm::new(per_run.len());
-                total.add(parts);
-                total.finish()
-            } else {
-                // One run: the tensor's own norm.
-                parts.next_back().unwrap_or(0.0)
-            };
-            f64::from(norm)
+            let mut total = LaneNorm::new(per_run.len());
+            total.add(per_run.iter().map(|norms| norms[i]));
+            f64::from(total.finish())
         })
         .collect())
 }

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::dtype::FloatDtype;
 use crate::encode::OutDtype;
 use crate::error::{Error, Result};
-use crate::kinship::{cut_shape, KinshipReport, Progress, TensorStats};
+use crate::kinship::{cut_shape, with_threads, KinshipReport, Progress, TensorStats};
 use crate::model::{Model, TensorEntry};
 use crate::writer::{OutputTensor, ShardedWriter};
 
@@ -267,20 +267,18 @@ struct Resolved<'m> {
     block: usize,
 }
 
+impl<'m> Resolved<'m> {
+    /// The base (when there is one), then the inputs: the order `with_block` views come in.
+    fn sources(&self) -> Vec<&Source<'m>> {
+        self.base.iter().chain(&self.inputs).collect()
+    }
+}
+
 /// Runs a merge job: reads every input tensor once for the output (plus one streamed statistics
 /// pass where the method needs it) and writes the shards into `job.out_dir`.
 pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
     let models = job.models.iter().map(Model::open).collect::<Result<Vec<_>>>()?;
-    let run = || merge_models(job, &models, progress);
-    if job.threads == 0 {
-        run()
-    } else {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(job.threads)
-            .build()
-            .map_err(|e| Error::InvalidArgument(format!("cannot start {} threads: {e}", job.threads)))?
-            .install(run)
-    }
+    with_threads(job.threads, || merge_models(job, &models, progress))
 }
 
 fn source<'m>(

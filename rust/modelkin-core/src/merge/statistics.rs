@@ -155,8 +155,7 @@ impl TensorStatistics {
                 }
             }
             if wanted.iter().any(|w| !w.is_empty()) {
-                let mut sources: Vec<&Source> = vec![base];
-                sources.extend(&tensor.inputs);
+                let sources = tensor.sources();
                 let boundaries =
                     order_statistics(&sources, tensor.block, n, &wanted, progress, |first, len, i, keys| {
                         magnitude_keys(base, &tensor.inputs[i], first, len, keys)
@@ -228,7 +227,7 @@ fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(
         Compute::Float32 => {
             // mergekit divides by torch's float32 norms (chunked), then sums x/|x| · y/|y|. The
             // products are exact in f64; their sum stands in for torch's (more accurate) f32 sum.
-            let norms = float32::norms(&sources, None, n, SLERP_CHUNK, true, progress)?;
+            let norms = float32::chunked_norms(&sources, n, SLERP_CHUNK, progress)?;
             let (na, nb) = (norm(norms[0]) as f32, norm(norms[1]) as f32);
             let [dot] = sums_over(&sources, tensor.block, n, progress, |_, v| {
                 [v[0]
@@ -263,31 +262,22 @@ fn slerp_factors(t: f64, dot: f64, round: fn(f64) -> f64) -> (f64, f64) {
 /// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors
 /// (t = 0 where the denominator vanishes), each step rounded as mergekit's working dtype.
 fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(f64, f64)> {
-    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    tensor.base.as_ref().ok_or_else(|| no_base(job))?;
     let k = tensor.inputs.len();
-    let mut all: Vec<&Source> = vec![base];
-    all.extend(&tensor.inputs);
-    let pairs: Vec<(usize, usize)> = (0..k).flat_map(|i| (i..k).map(move |j| (i, j))).collect();
-    let products = sums_over_vec(&all, tensor.block, tensor.numel, pairs.len(), progress, |_, v, out| {
-        for (p, &(i, j)) in pairs.iter().enumerate() {
-            out[p] = v[0].iter().zip(v[i + 1]).zip(v[j + 1]).map(|((z, x), y)| (x - z) * (y - z)).sum();
+    let (gram, norms) = match job.compute {
+        Compute::Float64 => {
+            let gram = gram(tensor, progress)?;
+            let norms = (0..k).map(|i| gram[i * k + i].sqrt()).collect();
+            (gram, norms)
         }
-    })?;
-    let product =
-        |i: usize, j: usize| products[pairs.iter().position(|&p| p == (i.min(j), i.max(j))).expect("pair")];
-    let norms: Vec<f64> = match job.compute {
-        Compute::Float64 => (0..k).map(|i| product(i, i).sqrt()).collect(),
-        Compute::Float32 => {
-            let inputs: Vec<&Source> = tensor.inputs.iter().collect();
-            float32::norms(&inputs, Some(base), tensor.numel, tensor.numel.max(1), false, progress)?
-        }
+        Compute::Float32 => float32_task_vector_gram(tensor, progress)?,
     };
     let r = job.compute.rounding();
     let mut cosines = Vec::new();
     for i in 0..k {
         for j in i + 1..k {
             let norm_product = r(norms[i] * norms[j]).max(r(1e-6));
-            cosines.push(r(r(product(i, j)) / norm_product).clamp(-1.0, 1.0));
+            cosines.push(r(r(gram[i * k + j]) / norm_product).clamp(-1.0, 1.0));
         }
     }
     let cos = r(cosines.iter().fold(0.0, |sum, c| r(sum + c)) / cosines.len().max(1) as f64);
@@ -297,28 +287,57 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
     Ok((r(1.0 - t), t))
 }
 
+/// The task vectors' Gram matrix with mergekit's float32 norms of them. torch sums each norm over
+/// the whole tensor in order, so this sweep is sequential; the Gram matrix rides along rather
+/// than taking a parallel pass of its own.
+fn float32_task_vector_gram(tensor: &Resolved, progress: &Progress) -> Result<(Vec<f64>, Vec<f64>)> {
+    let k = tensor.inputs.len();
+    let n = tensor.numel;
+    let sources = tensor.sources();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let mut norms = vec![float32::LaneNorm::new(n); k];
+    let mut gram = vec![0.0; k * k];
+    for first in (0..n).step_by(tensor.block) {
+        progress.check()?;
+        let len = tensor.block.min(n - first);
+        with_block(&sources, first, len, |v| {
+            for (norm, x) in norms.iter_mut().zip(&v[1..]) {
+                norm.add(x.iter().zip(v[0]).map(|(x, z)| *x as f32 - *z as f32));
+            }
+            add_gram_block(v, k, true, &mut gram);
+        });
+        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+    }
+    Ok((gram, norms.iter().map(|norm| f64::from(norm.finish())).collect()))
+}
+
 /// The Gram matrix Σ vᵢ·vⱼ of the inputs, or of their task vectors when there is a base.
 fn gram(tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
     let k = tensor.inputs.len();
-    let mut sources: Vec<&Source> = tensor.base.iter().collect();
-    sources.extend(&tensor.inputs);
     let relative = tensor.base.is_some();
+    sums_over_vec(&tensor.sources(), tensor.block, tensor.numel, k * k, progress, |_, v, out| {
+        add_gram_block(v, k, relative, out)
+    })
+}
+
+/// Adds one block's Σ vᵢ·vⱼ to `out` (k×k); with `relative`, v[0] is the base and the products
+/// are of the task vectors v[i + 1] − v[0].
+fn add_gram_block(v: &[&[f64]], k: usize, relative: bool, out: &mut [f64]) {
     let offset = usize::from(relative);
-    let products = sums_over_vec(&sources, tensor.block, tensor.numel, k * k, progress, |_, v, out| {
-        for i in 0..k {
-            for j in i..k {
-                let (x, y) = (v[i + offset], v[j + offset]);
-                let dot: f64 = if relative {
-                    x.iter().zip(y).zip(v[0]).map(|((a, b), z)| (a - z) * (b - z)).sum()
-                } else {
-                    x.iter().zip(y).map(|(a, b)| a * b).sum()
-                };
-                out[i * k + j] = dot;
-                out[j * k + i] = dot;
+    for i in 0..k {
+        for j in i..k {
+            let (x, y) = (v[i + offset], v[j + offset]);
+            let dot: f64 = if relative {
+                x.iter().zip(y).zip(v[0]).map(|((a, b), z)| (a - z) * (b - z)).sum()
+            } else {
+                x.iter().zip(y).map(|(a, b)| a * b).sum()
+            };
+            out[i * k + j] += dot;
+            if j != i {
+                out[j * k + i] += dot;
             }
         }
-    })?;
-    Ok(products)
+    }
 }
 
 /// Population variance across the task vectors at one element, as f32 bits (mergekit's ranking).
@@ -337,11 +356,10 @@ fn sce_statistics(
     stats: &mut TensorStatistics,
     progress: &Progress,
 ) -> Result<()> {
-    let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    tensor.base.as_ref().ok_or_else(|| no_base(job))?;
     let k = tensor.inputs.len();
     let n = tensor.numel;
-    let mut all: Vec<&Source> = vec![base];
-    all.extend(&tensor.inputs);
+    let all = tensor.sources();
     let topk = tensor.recipe.select_topk;
     if topk <= 0.0 {
         stats.variance_floor = Some(u32::MAX);
