@@ -53,19 +53,115 @@ def _below(values: Array, rank: int) -> Array:
     return values <= value if 2 * inside >= equal else values < value
 
 
-def kth_magnitude_mask(delta: Array, keep: int) -> Array:
-    """Top-``keep`` |delta| (ranked in float32)."""
+def libstdcxx_sort_order(values: Array, descending: bool) -> list[int]:
+    """The permutation libstdc++'s ``std::sort`` (introsort) leaves (value, index) pairs in, as
+    torch's CPU ``sort``/``argsort`` does: a literal transcription, every range sorted."""
+    v = values.tolist()
+    idx = list(range(len(v)))
+
+    def comp(a: float, b: float) -> bool:
+        return a > b if descending else a < b
+
+    def swap(i: int, j: int) -> None:
+        v[i], v[j] = v[j], v[i]
+        idx[i], idx[j] = idx[j], idx[i]
+
+    def adjust_heap(first: int, hole: int, length: int, value: tuple[float, int]) -> None:
+        top = second = hole
+        while second < (length - 1) // 2:
+            second = 2 * (second + 1)
+            if comp(v[first + second], v[first + second - 1]):
+                second -= 1
+            v[first + hole], idx[first + hole] = v[first + second], idx[first + second]
+            hole = second
+        if length % 2 == 0 and second == (length - 2) // 2:
+            second = 2 * (second + 1)
+            v[first + hole], idx[first + hole] = v[first + second - 1], idx[first + second - 1]
+            hole = second - 1
+        parent = (hole - 1) // 2
+        while hole > top and comp(v[first + parent], value[0]):
+            v[first + hole], idx[first + hole] = v[first + parent], idx[first + parent]
+            hole = parent
+            parent = (hole - 1) // 2
+        v[first + hole], idx[first + hole] = value
+
+    def heap_sort(first: int, last: int) -> None:
+        length = last - first
+        if length >= 2:
+            parent = (length - 2) // 2
+            while True:
+                adjust_heap(first, parent, length, (v[first + parent], idx[first + parent]))
+                if parent == 0:
+                    break
+                parent -= 1
+        while last - first > 1:
+            last -= 1
+            value = (v[last], idx[last])
+            v[last], idx[last] = v[first], idx[first]
+            adjust_heap(first, 0, last - first, value)
+
+    def introsort_loop(first: int, last: int, depth: int) -> None:
+        while last - first > 16:
+            if depth == 0:
+                heap_sort(first, last)
+                return
+            depth -= 1
+            a, b, c = first + 1, first + (last - first) // 2, last - 1
+            if comp(v[a], v[b]):
+                swap(first, b if comp(v[b], v[c]) else c if comp(v[a], v[c]) else a)
+            else:
+                swap(first, a if comp(v[a], v[c]) else c if comp(v[b], v[c]) else b)
+            lo, hi, pivot = first + 1, last, v[first]
+            while True:
+                while comp(v[lo], pivot):
+                    lo += 1
+                hi -= 1
+                while comp(pivot, v[hi]):
+                    hi -= 1
+                if lo >= hi:
+                    break
+                swap(lo, hi)
+                lo += 1
+            introsort_loop(lo, last, depth)
+            last = lo
+
+    n = len(v)
+    if n > 1:
+        introsort_loop(0, n, 2 * (n.bit_length() - 1))
+        for i in range(1, n):  # the final insertion sort
+            value, j = (v[i], idx[i]), i
+            while j > 0 and comp(value[0], v[j - 1]):
+                v[j], idx[j] = v[j - 1], idx[j - 1]
+                j -= 1
+            v[j], idx[j] = value
+    return idx
+
+
+def _positions(values: Array, descending: bool, start: int, stop: int) -> Array:
+    """Mask of the entries torch's CPU sort puts at positions [start, stop)."""
+    mask = np.zeros(values.size, dtype=bool)
+    mask[libstdcxx_sort_order(values, descending)[start:stop]] = True
+    return mask
+
+
+def kth_magnitude_mask(delta: Array, keep: int, torch_ties: bool = True) -> Array:
+    """Top-``keep`` |delta| (ranked in float32); ties at the threshold split as torch's argsort
+    splits them, or (``torch_ties=False``) by modelkin's streamed all-or-nothing rule."""
     magnitude = np.abs(delta.astype(np.float32)).ravel()
     keep = min(max(1, keep), magnitude.size)
+    if torch_ties:
+        return _positions(magnitude, True, 0, keep).reshape(delta.shape)
     return _at_least(magnitude, magnitude.size - keep).reshape(delta.shape)
 
 
-def breadcrumbs_mask(delta: Array, density: float, gamma: float) -> Array:
+def breadcrumbs_mask(delta: Array, density: float, gamma: float, torch_ties: bool = True) -> Array:
     """mergekit 0.1.5: ascending magnitude ranks [n_bot, n_bot + target) survive."""
     n = delta.size
     target, top = int(density * n), int(gamma * n)
     bottom = max(0, n - target - top)
     magnitude = np.abs(delta.astype(np.float32)).ravel()
+    if torch_ties:
+        return _positions(magnitude, False, bottom, bottom + target).reshape(delta.shape)
     return (_at_least(magnitude, bottom) & _below(magnitude, bottom + target)).reshape(delta.shape)
 
 

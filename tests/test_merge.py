@@ -102,7 +102,10 @@ def test_task_arithmetic_with_lambda(tmp_path, fam):
     check_close(out, expected)
 
 
-def test_ties(tmp_path, fam):
+@pytest.mark.parametrize("torch_ties", [True, False], ids=["torch-order", "streamed"])
+def test_ties(tmp_path, fam, monkeypatch, torch_ties):
+    if not torch_ties:
+        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", 0)
     densities = [0.5, 0.3, 0.9]
     params = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities, strict=True)]
     _, out = run_recipe(tmp_path, fam, "ties", params)
@@ -110,7 +113,7 @@ def test_ties(tmp_path, fam):
     expected = {}
     for k in base:
         masks = [
-            kth_magnitude_mask(f32_delta(m[k], base[k]), int(d * base[k].size))
+            kth_magnitude_mask(f32_delta(m[k], base[k]), int(d * base[k].size), torch_ties)
             if d < 1
             else np.ones(base[k].shape, bool)
             for m, d in zip(models, densities, strict=True)
@@ -121,14 +124,17 @@ def test_ties(tmp_path, fam):
     check_close(out, expected)
 
 
+@pytest.mark.parametrize("torch_ties", [True, False], ids=["torch-order", "streamed"])
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_breadcrumbs(tmp_path, fam, method):
+def test_breadcrumbs(tmp_path, fam, monkeypatch, method, torch_ties):
+    if not torch_ties:
+        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", 0)
     params = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in WEIGHTS]
     _, out = run_recipe(tmp_path, fam, method, params)
     base, models = inputs(fam)
     expected = {}
     for k in base:
-        masks = [breadcrumbs_mask(f32_delta(m[k], base[k]), 0.6, 0.05) for m in models]
+        masks = [breadcrumbs_mask(f32_delta(m[k], base[k]), 0.6, 0.05, torch_ties) for m in models]
         expected[k] = task_vector_merge(
             base[k],
             [m[k] for m in models],
@@ -580,3 +586,34 @@ def test_output_equal_to_an_input_is_refused(tmp_path, fam):
     proc = run_cli("merge", str(write_recipe(tmp_path, recipe)), str(fam.models[1]), "--overwrite")
     assert proc.returncode == 2 and "input model" in proc.stderr
     assert tree_digest(fam.root) == before
+
+
+def test_tie_rules_differ_on_the_family(fam):
+    """The ties/breadcrumbs tests can tell the two tie rules apart: the family's bf16 deltas tie at
+    the thresholds, and the two rules keep different entries there."""
+    base, models = inputs(fam)
+    differ = sum(
+        int(
+            (
+                kth_magnitude_mask(f32_delta(m[k], base[k]), int(0.5 * base[k].size), True)
+                != kth_magnitude_mask(f32_delta(m[k], base[k]), int(0.5 * base[k].size), False)
+            ).sum()
+        )
+        for m in models
+        for k in base
+        if base[k].size > 1
+    )
+    assert differ > 0
+
+
+@pytest.mark.parametrize("descending", [True, False])
+def test_reference_sort_order_is_torchs(descending):
+    """The reference's libstdc++ introsort transcription is the order torch's CPU sort leaves ties in."""
+    torch = pytest.importorskip("torch", reason="torch anchors the reference's sort order")
+    from merge_reference import libstdcxx_sort_order
+
+    rng = np.random.default_rng(3)
+    for n in (1, 17, 100, 5000, 40000):
+        values = (rng.integers(0, 9, n) * 0.25).astype(np.float32)
+        expected = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
+        assert libstdcxx_sort_order(values, descending) == expected.tolist()

@@ -57,11 +57,16 @@ CASES = {
     # Factors from mergekit's float32 norms, reproduced; its f32 sum of the cosine is approximated.
     "slerp": ([{}], 0.9999),
     "model_stock": ([{}, {}, {}], 0.9999),
-    # bf16 deltas are coarse, so many entries tie with the magnitude threshold; mergekit breaks such
-    # ties by an unstable sort, so a share of them cannot match (see test_ties_without_ties below).
+    # bf16 deltas are coarse, so many entries tie with the magnitude threshold; modelkin splits them
+    # as torch's unstable CPU sort does, so even those match.
     "ties": (
         [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}, {"weight": 0.5, "density": 0.9}],
-        0.985,
+        1.0,
+    ),
+    "breadcrumbs": ([{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6}], 1.0),
+    "breadcrumbs_ties": (
+        [{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6, "gamma": 0.05}],
+        1.0,
     ),
 }
 
@@ -94,8 +99,11 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
-def test_magnitude_pruning_is_bit_identical_when_no_entry_ties_with_a_threshold(tmp_path, method):
-    from modelkin import example
+def test_streamed_tie_rule_is_bit_identical_when_no_entry_ties_with_a_threshold(tmp_path, monkeypatch, method):
+    """Tensors over the sort-order budget use the streamed threshold; with no ties it is exact."""
+    from modelkin import example, merging
+
+    monkeypatch.setattr(merging, "SORT_ORDER_BYTES", 0)
     from modelkin.safetensors_io import save_model
 
     rng = np.random.default_rng(0)

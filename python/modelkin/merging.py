@@ -32,6 +32,10 @@ TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
     r"chat_template.*|generation_config\.json)$"
 )
+# Memory magnitude pruning (ties, breadcrumbs) may use per tensor to split ties at its threshold
+# exactly as torch's sort does: 8 bytes per element. Larger tensors fall back to the streamed rule
+# (ties go all in or all out), so memory stays bounded whatever the model size.
+SORT_ORDER_BYTES = 512 << 20
 _LAYER_PREFIX = re.compile(r"^(.*?layers\.)\d+\.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 
@@ -227,6 +231,7 @@ def merge(
             "out_dir": str(staging),
             "max_shard_bytes": parse_size(out_shard_size),
             "threads": threads,
+            "sort_order_bytes": SORT_ORDER_BYTES,
             "spherical": {
                 "normalize_weights": bool(options.get("normalize_weights", True)),
                 "eps": float(options.get("eps", 1e-8)),

@@ -179,7 +179,7 @@ fn task_vector_block<const F32: bool>(
     let masks: Vec<Option<Vec<bool>>> = inputs
         .iter()
         .enumerate()
-        .map(|(i, x)| keep_mask(job, index, i, stats.keep[i], x, z, first, tensor.row))
+        .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
         .collect();
     let r = round::<F32>;
     let weights: Vec<f64> = weights.iter().map(|&w| r(w)).collect();

@@ -7,6 +7,7 @@
 
 mod combine;
 mod float32;
+mod sort_order;
 mod spherical;
 mod statistics;
 
@@ -191,6 +192,10 @@ fn yes() -> bool {
     true
 }
 
+fn sort_order_bytes() -> u64 {
+    512 << 20
+}
+
 fn float64() -> Compute {
     Compute::Float64
 }
@@ -223,6 +228,10 @@ pub struct MergeJob {
     /// Options of nuslerp, multislerp and karcher.
     #[serde(default)]
     pub spherical: SphericalOptions,
+    /// Memory (bytes) magnitude pruning may hold to break ties at its threshold exactly as torch's
+    /// sort does (8 bytes per element of a tensor); larger tensors use the streamed tie rule.
+    #[serde(default = "sort_order_bytes")]
+    pub sort_order_bytes: u64,
     /// Directory the shards are written into (it must exist).
     pub out_dir: PathBuf,
     /// Largest shard size in bytes.

@@ -1,20 +1,22 @@
 //! Whole-tensor statistics a method needs before its output pass, each taken in a streamed pass:
 //! magnitude thresholds (radix select), L1 norms of pruned task vectors, norms and cosines.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use super::{
-    float32, magnitude_bits, no_base, uniform, with_block, Compute, MergeJob, Method, Resolved, Source,
-    Sparsification,
+    float32, magnitude_bits, no_base, sort_order, uniform, with_block, Compute, MergeJob, Method, Resolved,
+    Source, Sparsification,
 };
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
 
 /// Per-input pruning rule of one tensor.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) enum Keep {
     All,
     None,
@@ -23,6 +25,8 @@ pub(super) enum Keep {
         low: u32,
         high: u32,
     },
+    /// Element e is kept when bit e of the tensor-wide bitmask is set.
+    Mask(Arc<Vec<u64>>),
     /// Bernoulli(density) from the counter-based generator.
     Random {
         density: f64,
@@ -55,14 +59,14 @@ pub(super) fn keep_mask(
     job: &MergeJob,
     tensor_index: usize,
     input: usize,
-    keep: Keep,
+    keep: &Keep,
     x: &[f64],
     z: &[f64],
     first: usize,
     row: usize,
 ) -> Option<Vec<bool>> {
     let len = x.len();
-    match keep {
+    match *keep {
         Keep::All => None,
         Keep::None => Some(vec![false; len]),
         Keep::Range { low, high } => Some(
@@ -74,6 +78,9 @@ pub(super) fn keep_mask(
                 })
                 .collect(),
         ),
+        Keep::Mask(ref kept) => {
+            Some((first..first + len).map(|e| kept[e / 64] >> (e % 64) & 1 == 1).collect())
+        }
         Keep::Random { density } => {
             Some((0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect())
         }
@@ -118,6 +125,8 @@ impl TensorStatistics {
             let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
             // Ascending magnitude ranks each input's pruning needs; all found in one pair of passes.
             let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); k];
+            // The same pruning as a run of positions in torch's sort order (descending or not).
+            let mut runs: Vec<Option<(bool, Range<usize>)>> = vec![None; k];
             for (i, input) in tensor.recipe.inputs.iter().enumerate() {
                 if input.density >= 1.0 {
                     continue;
@@ -127,6 +136,7 @@ impl TensorStatistics {
                         // mergekit keeps at least one element of a non-empty tensor.
                         let keep = ((input.density * n as f64) as usize).max(1).min(n);
                         wanted[i] = vec![n - keep];
+                        runs[i] = Some((true, 0..keep));
                     }
                     Sparsification::MagnitudeOutliers => {
                         // mergekit 0.1.5 keeps ascending ranks [n_bot, n_bot + target), with
@@ -141,6 +151,9 @@ impl TensorStatistics {
                         } else {
                             wanted[i] = vec![bottom, bottom + target];
                         }
+                        if target > 0 {
+                            runs[i] = Some((false, bottom..(bottom + target).min(n)));
+                        }
                     }
                     Sparsification::Random => stats.keep[i] = Keep::Random { density: input.density },
                     Sparsification::DellaMagprune => {
@@ -154,7 +167,25 @@ impl TensorStatistics {
                     }
                 }
             }
-            if wanted.iter().any(|w| !w.is_empty()) {
+            let entry_bytes = 8 * n as u64;
+            if n <= u32::MAX as usize && entry_bytes <= job.sort_order_bytes {
+                // Within the memory budget, ties at the boundaries break exactly as mergekit's
+                // argsort breaks them; as many inputs at once as the budget holds.
+                let ranked: Vec<usize> = (0..k).filter(|&i| runs[i].is_some()).collect();
+                let at_once = (job.sort_order_bytes / entry_bytes.max(1)).max(1) as usize;
+                for group in ranked.chunks(at_once) {
+                    let found: Vec<Keep> = group
+                        .par_iter()
+                        .map(|&i| {
+                            let (descending, run) = runs[i].clone().expect("ranked");
+                            sorted_run(base, &tensor.inputs[i], tensor.block, n, descending, run, progress)
+                        })
+                        .collect::<Result<_>>()?;
+                    for (&i, keep) in group.iter().zip(found) {
+                        stats.keep[i] = keep;
+                    }
+                }
+            } else if wanted.iter().any(|w| !w.is_empty()) {
                 let sources = tensor.sources();
                 let boundaries =
                     order_statistics(&sources, tensor.block, n, &wanted, progress, |first, len, i, keys| {
@@ -172,7 +203,7 @@ impl TensorStatistics {
             }
             for i in 0..k {
                 if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. }) {
-                    stats.scale[i] = l1_rescale(job, index, i, stats.keep[i], tensor, progress)?;
+                    stats.scale[i] = l1_rescale(job, index, i, &stats.keep[i], tensor, progress)?;
                 }
             }
         }
@@ -406,7 +437,7 @@ fn l1_rescale(
     job: &MergeJob,
     index: usize,
     input: usize,
-    keep: Keep,
+    keep: &Keep,
     tensor: &Resolved,
     progress: &Progress,
 ) -> Result<f64> {
@@ -467,6 +498,61 @@ fn sums_over_vec(
         total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
     }
     Ok(total)
+}
+
+/// The entries torch's CPU sort of |δ| (descending or ascending) puts at positions `run`, as a
+/// bitmask over the tensor: every |δ| is packed with its index, and the sort is replayed towards
+/// the run's ends ([`sort_order::arrange`]). Holds 8 bytes per element of the tensor while it works.
+fn sorted_run(
+    base: &Source,
+    input: &Source,
+    block: usize,
+    n: usize,
+    descending: bool,
+    run: Range<usize>,
+    progress: &Progress,
+) -> Result<Keep> {
+    let bytes_per_element = (base.dtype.size() + input.dtype.size()) as u64;
+    let mut entries = vec![0u64; n];
+    entries.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| -> Result<()> {
+        progress.check()?;
+        sort_entries(base, input, b * block, descending, out);
+        progress.done.fetch_add(out.len() as u64 * bytes_per_element, Ordering::Relaxed);
+        Ok(())
+    })?;
+    let mut boundaries: Vec<usize> = [run.start, run.end].into_iter().filter(|&b| 0 < b && b < n).collect();
+    boundaries.dedup();
+    sort_order::arrange(&mut entries, &boundaries);
+    progress.check()?;
+    // The replay stands in for the second histogram pass of the progress total.
+    progress.done.fetch_add(n as u64 * bytes_per_element, Ordering::Relaxed);
+    let mut kept = vec![0u64; n.div_ceil(64)];
+    for &entry in &entries[run] {
+        let element = entry as u32 as usize;
+        kept[element / 64] |= 1 << (element % 64);
+    }
+    Ok(Keep::Mask(Arc::new(kept)))
+}
+
+/// Packs |x − z| of elements `first..first + out.len()` (f32 bits, complemented when sorting
+/// descending: descending order by |δ| is ascending order by its complement) with each index.
+fn sort_entries(base: &Source, input: &Source, first: usize, descending: bool, out: &mut [u64]) {
+    let flip = if descending { u32::MAX } else { 0 };
+    let pack = |e: usize, bits: u32| (u64::from(bits ^ flip) << 32) | (first + e) as u64;
+    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
+        let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
+        let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
+        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        for (e, (entry, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
+            *entry = pack(e, (widen(x) - widen(z)).abs().to_bits());
+        }
+    } else {
+        with_block(&[base, input], first, out.len(), |v| {
+            for (e, (entry, (x, z))) in out.iter_mut().zip(v[1].iter().zip(v[0])).enumerate() {
+                *entry = pack(e, magnitude_bits(*x, *z));
+            }
+        });
+    }
 }
 
 /// The value at an order-statistic rank, with the counts that place the rank inside its ties.
