@@ -169,6 +169,25 @@ fn delta_and_sum<T: bytemuck::Pod>(x: &[u8], z: &[f64], out: &mut [f64], widen: 
     acc.iter().sum::<f64>() + tail
 }
 
+/// out ← (the elements stored in `bytes` as `dtype`) − `base`, returning Σ out. bf16 and f32 are
+/// widened and subtracted in one sweep; other dtypes are decoded first.
+pub fn stored_delta_and_sum(
+    dtype: crate::dtype::FloatDtype,
+    bytes: &[u8],
+    base: &[f64],
+    out: &mut [f64],
+) -> f64 {
+    use crate::dtype::FloatDtype;
+    match dtype {
+        FloatDtype::BF16 => bf16_delta_and_sum(bytes, base, out),
+        FloatDtype::F32 => f32_delta_and_sum(bytes, base, out),
+        _ => {
+            crate::dtype::decode(dtype, bytes, out);
+            subtract_and_sum(out, base)
+        }
+    }
+}
+
 /// x ← x − y, returning Σ x (after the subtraction).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {

@@ -171,15 +171,7 @@ impl Family {
     /// out ← (`out.len()` elements of a source tensor from element `first`) − `base`, returning
     /// Σ out.
     pub fn read_delta(&self, source: &Source, first: usize, base: &[f64], out: &mut [f64]) -> f64 {
-        let bytes = || self.raw_bytes(source, first, out.len());
-        match source.dtype {
-            FloatDtype::BF16 => kernel::bf16_delta_and_sum(bytes(), base, out),
-            FloatDtype::F32 => kernel::f32_delta_and_sum(bytes(), base, out),
-            _ => {
-                self.read_f64(source, first, out);
-                kernel::subtract_and_sum(out, base)
-            }
-        }
+        kernel::stored_delta_and_sum(source.dtype, self.raw_bytes(source, first, out.len()), base, out)
     }
 
     /// The stored bytes of `count` elements of a source tensor, starting at element `first`.

@@ -3,6 +3,8 @@
 
 use std::sync::atomic::Ordering;
 
+use bytemuck::Pod;
+use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
 use super::statistics::{keep_mask, variance_bits, TensorStatistics};
@@ -149,10 +151,10 @@ fn combine_block<const F32: bool>(
             DELTAS.with_borrow_mut(|deltas| {
                 deltas.resize_with(inputs.len(), Vec::new);
                 let mut means = Vec::with_capacity(inputs.len());
-                for (delta, x) in deltas.iter_mut().zip(inputs) {
-                    delta.clear();
-                    delta.extend_from_slice(x);
-                    means.push(crate::kernel::subtract_and_sum(delta, z) / len as f64);
+                for (delta, x) in deltas.iter_mut().zip(&tensor.inputs) {
+                    delta.resize(len, 0.0);
+                    let bytes = x.model.raw_bytes(x.entry, x.dtype, first, len);
+                    means.push(crate::kernel::stored_delta_and_sum(x.dtype, bytes, z, delta) / len as f64);
                 }
                 let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
                 Moments::from_chunk(&views, &means)
@@ -175,70 +177,101 @@ fn task_vector_block<const F32: bool>(
     first: usize,
     merged: &mut [f64],
 ) {
-    let weights = &stats.weights;
+    if F32 {
+        task_vectors_in::<f32>(job, index, tensor, stats, inputs, z, first, merged)
+    } else {
+        task_vectors_in::<f64>(job, index, tensor, stats, inputs, z, first, merged)
+    }
+}
+
+/// [`task_vector_block`] computed in `T`. In f32 every operation is rounded as mergekit's float32
+/// tensors round it (an f32 operation is the f64 one rounded to f32), at twice the SIMD width of
+/// emulating that rounding in f64.
+#[allow(clippy::too_many_arguments)]
+fn task_vectors_in<T>(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    inputs: &[&[f64]],
+    z: &[f64],
+    first: usize,
+    merged: &mut [f64],
+) where
+    T: Float + Pod,
+    f64: AsPrimitive<T>,
+    T: AsPrimitive<f64>,
+{
     let masks: Vec<Option<Vec<bool>>> = inputs
         .iter()
         .enumerate()
         .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
         .collect();
-    let r = round::<F32>;
-    let weights: Vec<f64> = weights.iter().map(|&w| r(w)).collect();
-    let scales: Vec<f64> = stats.scale.iter().map(|&s| r(s)).collect();
-    let lambda = r(job.lambda);
+    let weights: Vec<T> = stats.weights.iter().map(|&w| w.as_()).collect();
+    let scales: Vec<T> = stats.scale.iter().map(|&s| s.as_()).collect();
+    let lambda: T = job.lambda.as_();
+    let (zero, one) = (T::zero(), T::one());
     let len = merged.len();
     // Column by column (one input at a time over the whole block) so the loops vectorise; the
     // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
     CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        scratch.resize_with(inputs.len() + 3, Vec::new);
-        let (contributions, rest) = scratch.split_at_mut(inputs.len());
-        let [mixed, divisor, majority_scratch] = rest else { unreachable!("three scratch buffers") };
+        scratch.resize_with(inputs.len() + 4, Vec::new);
+        // Scratch kept as f64 and viewed as `T`, so one set of thread-local buffers serves both.
+        let mut views: Vec<&mut [T]> = scratch
+            .iter_mut()
+            .map(|b| {
+                b.resize(len, 0.0);
+                &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
+            })
+            .collect();
+        let (contributions, rest) = views.split_at_mut(inputs.len());
+        let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
+        base.iter_mut().zip(z).for_each(|(b, &z)| *b = z.as_());
+        let base = &**base;
         for (i, c) in contributions.iter_mut().enumerate() {
-            c.clear();
             let (x, w, s) = (inputs[i], weights[i], scales[i]);
+            let contribution = |x: f64, z: T| w * ((x.as_() - z) * s);
             match &masks[i] {
-                None => c.extend(x.iter().zip(z).map(|(x, z)| r(w * r(r(r(*x) - r(*z)) * s)))),
-                // Multiplying by 1.0 or 0.0 is exact, and keeps the loop free of branches.
-                Some(mask) => c.extend(
-                    x.iter()
-                        .zip(z)
-                        .zip(mask)
-                        .map(|((x, z), &kept)| r(w * r(r(r(*x) - r(*z)) * s)) * f64::from(u8::from(kept))),
-                ),
+                None => {
+                    c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = contribution(x, z))
+                }
+                // Multiplying by 1 or 0 is exact, and keeps the loop free of branches.
+                Some(mask) => {
+                    c.iter_mut().zip(x.iter().zip(base)).zip(mask).for_each(|((c, (&x, &z)), &kept)| {
+                        *c = contribution(x, z) * if kept { one } else { zero }
+                    })
+                }
             }
         }
-        mixed.clear();
-        mixed.resize(len, 0.0);
+        mixed.iter_mut().for_each(|m| *m = zero);
         for c in contributions.iter() {
-            mixed.iter_mut().zip(c).for_each(|(m, c)| *m = r(*m + c));
+            mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m = *m + c);
         }
-        divisor.clear();
         if job.method.sign_consensus() {
             // Majority sign of the weighted deltas (+1 on a tie); zeros never vote. Adding c·1 or
             // c·0 is exact, so the selection needs no branch.
-            divisor.resize(len, 0.0);
-            let (sums, divisor) = (&mut *mixed, &mut *divisor);
-            let majority: &mut Vec<f64> = majority_scratch;
-            majority.clear();
-            majority.extend(sums.iter().map(|m| if *m >= 0.0 { 1.0 } else { -1.0 }));
-            sums.iter_mut().for_each(|m| *m = 0.0);
+            majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= zero { one } else { -one });
+            mixed.iter_mut().for_each(|m| *m = zero);
+            divisor.iter_mut().for_each(|d| *d = zero);
             for (c, &w) in contributions.iter().zip(&weights) {
                 for (((sum, div), &c), &m) in
-                    sums.iter_mut().zip(divisor.iter_mut()).zip(c).zip(majority.iter())
+                    mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
                 {
-                    let agrees = f64::from(u8::from((c != 0.0) & (c.signum() == m)));
-                    *sum = r(*sum + c * agrees);
-                    *div = r(*div + w * agrees);
+                    let agrees = if (c != zero) & (c.signum() == m) { one } else { zero };
+                    *sum = *sum + c * agrees;
+                    *div = *div + w * agrees;
                 }
             }
-            divisor.iter_mut().for_each(|d| *d = if *d == 0.0 { 1.0 } else { *d });
+            divisor.iter_mut().for_each(|d| *d = if *d == zero { one } else { *d });
         } else {
-            let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
-            divisor.resize(len, if total.abs() < 1e-8 { 1.0 } else { total });
+            let total = weights.iter().fold(zero, |acc, &w| acc + w);
+            let total = if total.abs().as_() < 1e-8 { one } else { total };
+            divisor.iter_mut().for_each(|d| *d = total);
         }
-        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(z) {
-            let m = if job.normalize { r(m / d) } else { m };
-            let m = if lambda == 1.0 { m } else { r(m * lambda) };
-            *out = r(r(z) + m);
+        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
+            let m = if job.normalize { m / d } else { m };
+            let m = if lambda == one { m } else { m * lambda };
+            *out = (z + m).as_();
         }
     });
 }

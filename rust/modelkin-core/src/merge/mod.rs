@@ -360,10 +360,24 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
     let mut writer = ShardedWriter::create(&job.out_dir, &outputs, job.max_shard_bytes)?;
     let mut kinship = Vec::new();
     let mut bytes_written = 0u64;
+    let pool = sort_order::EntryPool::new(job.sort_order_bytes);
+    let measure = |index: usize| -> Result<Option<TensorStatistics>> {
+        resolved.get(index).map(|t| TensorStatistics::measure(job, index, t, &pool, progress)).transpose()
+    };
+    // Each tensor's statistics are measured while the previous tensor is written, so the cores
+    // idle in one stage (a replayed sort runs on one core per input) pick up the other.
+    let mut statistics = measure(0)?;
     for (index, tensor) in resolved.iter().enumerate() {
-        let statistics = TensorStatistics::measure(job, index, tensor, progress)?;
-        writer.begin_tensor(index)?;
-        let moments = combine::write_tensor(job, index, tensor, &statistics, &mut writer, progress)?;
+        let current = statistics.take().expect("measured before its turn");
+        let (next, written) = rayon::join(
+            || measure(index + 1),
+            || -> Result<_> {
+                writer.begin_tensor(index)?;
+                combine::write_tensor(job, index, tensor, &current, &mut writer, progress)
+            },
+        );
+        let moments = written?;
+        statistics = next?;
         bytes_written += (tensor.numel * job.out_dtype.size()) as u64;
         if let (Some(moments), true) = (moments, job.kinship) {
             kinship.push(TensorStats {

@@ -7,6 +7,47 @@
 //! its members whatever order it ends in, so it is never sorted further. What remains is a
 //! quickselect towards each boundary, which costs a few passes over the entries instead of a sort.
 
+use std::sync::Mutex;
+
+/// Entry buffers kept from one tensor's replay to the next within a merge: a fresh buffer per
+/// tensor and input would be mapped and zeroed by the kernel each time. At most `budget` bytes
+/// of them are kept.
+pub(super) struct EntryPool {
+    budget: u64,
+    free: Mutex<Vec<Vec<u64>>>,
+}
+
+impl EntryPool {
+    pub(super) fn new(budget: u64) -> Self {
+        EntryPool { budget, free: Mutex::new(Vec::new()) }
+    }
+
+    /// A buffer of `n` entries (their values are whatever the last user left).
+    pub(super) fn take(&self, n: usize) -> Vec<u64> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        // The largest free buffer: the one least likely to grow.
+        let largest = (0..free.len()).max_by_key(|&i| free[i].capacity());
+        let mut buffer = largest.map(|i| free.swap_remove(i)).unwrap_or_default();
+        drop(free);
+        if buffer.len() < n {
+            buffer.resize(n, 0);
+        }
+        buffer.truncate(n);
+        buffer
+    }
+
+    pub(super) fn give(&self, buffer: Vec<u64>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        free.push(buffer);
+        free.sort_by_key(|b| std::cmp::Reverse(b.capacity()));
+        let mut kept = 0u64;
+        free.retain(|b| {
+            kept += 8 * b.capacity() as u64;
+            kept <= self.budget
+        });
+    }
+}
+
 /// Below this many elements introsort leaves a range to the final insertion sort.
 const INSERTION_THRESHOLD: usize = 16;
 

@@ -109,6 +109,7 @@ impl TensorStatistics {
         job: &MergeJob,
         index: usize,
         tensor: &Resolved,
+        pool: &sort_order::EntryPool,
         progress: &Progress,
     ) -> Result<Self> {
         let k = tensor.inputs.len();
@@ -178,7 +179,18 @@ impl TensorStatistics {
                         .par_iter()
                         .map(|&i| {
                             let (descending, run) = runs[i].clone().expect("ranked");
-                            sorted_run(base, &tensor.inputs[i], tensor.block, n, descending, run, progress)
+                            let mut entries = pool.take(n);
+                            let keep = sorted_run(
+                                base,
+                                &tensor.inputs[i],
+                                tensor.block,
+                                descending,
+                                run,
+                                &mut entries,
+                                progress,
+                            );
+                            pool.give(entries);
+                            keep
                         })
                         .collect::<Result<_>>()?;
                     for (&i, keep) in group.iter().zip(found) {
@@ -501,19 +513,19 @@ fn sums_over_vec(
 }
 
 /// The entries torch's CPU sort of |δ| (descending or ascending) puts at positions `run`, as a
-/// bitmask over the tensor: every |δ| is packed with its index, and the sort is replayed towards
-/// the run's ends ([`sort_order::arrange`]). Holds 8 bytes per element of the tensor while it works.
+/// bitmask over the tensor: every |δ| is packed with its index into `entries` (one per element),
+/// and the sort is replayed towards the run's ends ([`sort_order::arrange`]).
 fn sorted_run(
     base: &Source,
     input: &Source,
     block: usize,
-    n: usize,
     descending: bool,
     run: Range<usize>,
+    entries: &mut [u64],
     progress: &Progress,
 ) -> Result<Keep> {
+    let n = entries.len();
     let bytes_per_element = (base.dtype.size() + input.dtype.size()) as u64;
-    let mut entries = vec![0u64; n];
     entries.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| -> Result<()> {
         progress.check()?;
         sort_entries(base, input, b * block, descending, out);
@@ -522,7 +534,7 @@ fn sorted_run(
     })?;
     let mut boundaries: Vec<usize> = [run.start, run.end].into_iter().filter(|&b| 0 < b && b < n).collect();
     boundaries.dedup();
-    sort_order::arrange(&mut entries, &boundaries);
+    sort_order::arrange(entries, &boundaries);
     progress.check()?;
     // The replay stands in for the second histogram pass of the progress total.
     progress.done.fetch_add(n as u64 * bytes_per_element, Ordering::Relaxed);
