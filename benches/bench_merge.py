@@ -134,7 +134,7 @@ def main() -> None:
         print(f"mergekit    {theirs_time:8.2f} s   peak anonymous RSS {theirs_rss:8.1f} MB")
         print(f"speed-up    {theirs_time / ours_time:8.1f}x")
         share, worst = identical_share(work / "ours", work / "theirs")
-        print(f"identical   {share * 100:8.4f}% of elements, max {worst} bf16 ulp apart (ties at thresholds differ)")
+        print(f"identical   {share * 100:8.4f}% of elements, max {worst} bf16 ulp apart")
     else:
         print("mergekit    not found (pass --mergekit or install mergekit==0.1.5 in a separate venv)")
 

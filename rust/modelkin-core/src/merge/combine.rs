@@ -102,7 +102,7 @@ fn combine_block<const F32: bool>(
 ) -> (Vec<u8>, Option<Moments>) {
     MERGED.with_borrow_mut(|merged| {
         let len = inputs[0].len();
-        merged.clear();
+        // Every method below writes every element, so the buffer is not cleared.
         merged.resize(len, 0.0);
         let merged = &mut merged[..];
         // In float32 mode every operation is rounded to f32 in mergekit's order, so results match

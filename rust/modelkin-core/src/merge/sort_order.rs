@@ -156,10 +156,9 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
                 break;
             }
             left_block = left_end;
-            left_marks = v[left_block..left_block + BLOCK]
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (j, &e)| m | (u64::from(key(e) >= pivot_key) << j));
+            // key(e) ≥ key(pivot) ⇔ e ≥ key(pivot)·2³² (the index sits in the low half).
+            let at_least = u64::from(pivot_key) << 32;
+            left_marks = marks(&v[left_block..left_block + BLOCK], |e| e >= at_least);
             left_end += BLOCK;
         }
         if right_marks == 0 {
@@ -168,11 +167,8 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
             }
             right_block = right_start;
             // Bit j marks position right_block − 1 − j, so lower bits are further right.
-            right_marks = v[right_block - BLOCK..right_block]
-                .iter()
-                .rev()
-                .enumerate()
-                .fold(0u64, |m, (j, &e)| m | (u64::from(key(e) <= pivot_key) << j));
+            let at_most = (u64::from(pivot_key) << 32) | u64::from(u32::MAX);
+            right_marks = marks(&v[right_block - BLOCK..right_block], |e| e <= at_most).reverse_bits();
             right_start -= BLOCK;
         }
         while left_marks != 0 && right_marks != 0 {
@@ -198,6 +194,16 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
         v.swap(lo, hi);
         lo += 1;
     }
+}
+
+/// Bit j set when `test(block[j])`, for a block of [`BLOCK`] entries; eight at a time, which the
+/// compiler turns into vector compares.
+#[inline(always)]
+fn marks(block: &[u64], test: impl Fn(u64) -> bool) -> u64 {
+    block.chunks_exact(8).enumerate().fold(0u64, |m, (c, lanes)| {
+        let byte = (0..8).fold(0u8, |b, j| b | (u8::from(test(lanes[j])) << j));
+        m | (u64::from(byte) << (8 * c))
+    })
 }
 
 /// `std::__insertion_sort` (stable).

@@ -79,7 +79,17 @@ pub(super) fn keep_mask(
                 .collect(),
         ),
         Keep::Mask(ref kept) => {
-            Some((first..first + len).map(|e| kept[e / 64] >> (e % 64) & 1 == 1).collect())
+            // `first` is a multiple of 64 except in the rare last block of a tiny tensor.
+            let mut mask = Vec::with_capacity(len);
+            if first.is_multiple_of(64) {
+                for word in &kept[first / 64..(first + len).div_ceil(64)] {
+                    mask.extend((0..64).map(|j| word >> j & 1 == 1));
+                }
+                mask.truncate(len);
+            } else {
+                mask.extend((first..first + len).map(|e| kept[e / 64] >> (e % 64) & 1 == 1));
+            }
+            Some(mask)
         }
         Keep::Random { density } => {
             Some((0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect())
@@ -538,10 +548,20 @@ fn sorted_run(
     progress.check()?;
     // The replay stands in for the second histogram pass of the progress total.
     progress.done.fetch_add(n as u64 * bytes_per_element, Ordering::Relaxed);
-    let mut kept = vec![0u64; n.div_ceil(64)];
-    for &entry in &entries[run] {
-        let element = entry as u32 as usize;
-        kept[element / 64] |= 1 << (element % 64);
+    // Marks the smaller side: the run's entries on a clear mask, or the rest on a full one.
+    let outside = run.start + (n - run.end);
+    let (marked, fill) =
+        if run.len() <= outside { (&entries[run.clone()], 0u64) } else { (&entries[..run.start], u64::MAX) };
+    let mut kept = vec![fill; n.div_ceil(64)];
+    let mut flip = |entries: &[u64]| {
+        for &entry in entries {
+            let element = entry as u32 as usize;
+            kept[element / 64] ^= 1 << (element % 64);
+        }
+    };
+    flip(marked);
+    if fill != 0 {
+        flip(&entries[run.end..]);
     }
     Ok(Keep::Mask(Arc::new(kept)))
 }
