@@ -1,7 +1,8 @@
-//! The norms mergekit takes in float32, reproduced bit for bit.
+//! The norms and sums mergekit takes in float32, reproduced bit for bit.
 //!
 //! With `dtype: float32`, mergekit's slerp and model_stock derive their factors from torch float32
-//! norms, and torch sums the squares in eight f32 lanes of fused multiply-adds, one after another.
+//! norms and sums. torch sums the squares of a norm in eight f32 lanes of fused multiply-adds, one
+//! after another, and a `sum` in eight lanes with a cascade of partial sums, split over its threads.
 //! Over millions of elements that drifts: on a 32000×256 tensor torch's norm is 57.240738 where the
 //! exact one is 57.238481 (4e-5 apart), which moves the factors, and so the bf16 outputs, of a few
 //! tenths of a percent of the elements. modelkin follows the same order so that its outputs match.
@@ -56,6 +57,180 @@ impl LaneNorm {
     }
 }
 
+/// torch's float32 `sum` of a contiguous run of `len` values on the CPU, fed in order.
+///
+/// torch splits a run of at least 32768 values into one contiguous range per thread (when it has
+/// more than one), sums each range with its vectorised cascade ([`InnerSum`]) and adds the
+/// per-thread results in thread order; the result depends on torch's thread count as torch's does.
+#[derive(Debug, Clone)]
+pub(super) struct TorchSum {
+    range_len: usize,
+    len: usize,
+    seen: usize,
+    current: InnerSum,
+    finished: Vec<f32>,
+    threads: usize,
+}
+
+/// The grain below which torch reduces serially (`at::internal::GRAIN_SIZE`).
+const GRAIN: usize = 32768;
+
+impl TorchSum {
+    pub(super) fn new(len: usize, threads: usize) -> Self {
+        let threads = threads.max(1);
+        let (threads, range_len) = if len < GRAIN || threads == 1 {
+            (1, len.max(1))
+        } else {
+            let used = threads.min(len.div_ceil(GRAIN));
+            (threads, len.div_ceil(used))
+        };
+        TorchSum {
+            range_len,
+            len,
+            seen: 0,
+            current: InnerSum::new(range_len.min(len)),
+            finished: Vec::new(),
+            threads,
+        }
+    }
+
+    pub(super) fn add(&mut self, values: impl IntoIterator<Item = f32>) {
+        for v in values {
+            if self.seen > 0 && self.seen.is_multiple_of(self.range_len) {
+                let next = InnerSum::new(self.range_len.min(self.len - self.seen));
+                self.finished.push(std::mem::replace(&mut self.current, next).finish());
+            }
+            self.current.add(v);
+            self.seen += 1;
+        }
+    }
+
+    pub(super) fn finish(&self) -> f32 {
+        let mut parts = self.finished.clone();
+        parts.push(self.current.finish());
+        if self.threads == 1 {
+            return 0.0 + parts[0];
+        }
+        // Each thread's result lands in a zeroed buffer slot (idle threads leave theirs at 0), and
+        // the buffer is summed into the zeroed output.
+        parts.resize(self.threads, 0.0);
+        let mut total = InnerSum::new(parts.len());
+        parts.iter().for_each(|p| total.add(0.0 + p));
+        0.0 + total.finish()
+    }
+}
+
+/// torch's vectorised `sum` of one contiguous range (`vectorized_inner_sum` with 8-lane vectors):
+/// whole vectors in groups of four (`row_sum`'s ILP) accumulated through four cascade levels
+/// (`multi_row_sum`), leftover vectors into the first group, the four groups folded, then the
+/// leftover scalars summed and the eight lanes added to them.
+#[derive(Debug, Clone)]
+struct InnerSum {
+    rows: usize,
+    vectors: usize,
+    level_power: u32,
+    levels: [[[f32; LANES]; 4]; 4],
+    folded: Option<[[f32; LANES]; 4]>,
+    seen: usize,
+    tail: Vec<f32>,
+}
+
+impl InnerSum {
+    fn new(len: usize) -> Self {
+        let vectors = len / LANES;
+        let rows = vectors / 4;
+        // utils::CeilLog2 (1 for sizes up to 2) over four levels, at least 16 rows per level.
+        let ceil_log2 = if rows <= 2 { 1 } else { usize::BITS - (rows - 1).leading_zeros() };
+        InnerSum {
+            rows,
+            vectors,
+            level_power: (ceil_log2 / 4).max(4),
+            levels: [[[0.0; LANES]; 4]; 4],
+            folded: None,
+            seen: 0,
+            tail: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, v: f32) {
+        let (vector, lane) = (self.seen / LANES, self.seen % LANES);
+        self.seen += 1;
+        if vector < 4 * self.rows {
+            self.levels[0][vector % 4][lane] += v;
+            let row_end = self.seen.is_multiple_of(4 * LANES);
+            let done = self.seen / (4 * LANES);
+            if row_end && done.is_multiple_of(1 << self.level_power) {
+                self.cascade(done);
+            }
+        } else if vector < self.vectors {
+            self.fold()[0][lane] += v;
+        } else {
+            self.tail.push(v);
+        }
+    }
+
+    /// After each full group of rows: level j takes level j − 1 while the row count is a
+    /// multiple of the level's span.
+    fn cascade(&mut self, rows_done: usize) {
+        let mask = (1usize << self.level_power) - 1;
+        for j in 1..4 {
+            for k in 0..4 {
+                for l in 0..LANES {
+                    self.levels[j][k][l] += self.levels[j - 1][k][l];
+                    self.levels[j - 1][k][l] = 0.0;
+                }
+            }
+            if rows_done & (mask << (j as u32 * self.level_power)) != 0 {
+                break;
+            }
+        }
+    }
+
+    /// The four groups after `multi_row_sum` returns: every level added into level 0.
+    fn fold(&mut self) -> &mut [[f32; LANES]; 4] {
+        let levels = self.levels;
+        self.folded.get_or_insert_with(|| {
+            let mut out = levels[0];
+            for level in &levels[1..] {
+                for k in 0..4 {
+                    for l in 0..LANES {
+                        out[k][l] += level[k][l];
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    fn finish(&self) -> f32 {
+        let mut groups = self.clone();
+        let groups = *groups.fold();
+        let mut first = groups[0];
+        for group in &groups[1..] {
+            for l in 0..LANES {
+                first[l] += group[l];
+            }
+        }
+        let mut sum = 0.0f32;
+        for v in &self.tail {
+            sum += v;
+        }
+        for lane in first {
+            sum += lane;
+        }
+        sum
+    }
+}
+
+/// The intra-op thread count torch starts with: `OMP_NUM_THREADS`, else `MKL_NUM_THREADS`, else
+/// the physical cores.
+pub(super) fn torch_threads() -> usize {
+    ["OMP_NUM_THREADS", "MKL_NUM_THREADS"]
+        .iter()
+        .find_map(|name| std::env::var(name).ok()?.trim().parse::<usize>().ok().filter(|&n| n > 0))
+        .unwrap_or_else(num_cpus::get_physical)
+}
+
 /// mergekit's chunked float32 slerp norm of each source: the norm of the norms of its runs of
 /// `run` elements (runs in parallel, each swept in order).
 pub(super) fn chunked_norms(
@@ -89,9 +264,68 @@ pub(super) fn chunked_norms(
         .collect())
 }
 
+/// mergekit's chunked float32 slerp cosine: per run of `run` elements, torch's sum of
+/// (x/‖x‖)·(y/‖y‖) in f32 (runs in parallel), then the sum of the runs' results.
+pub(super) fn chunked_dot(
+    sources: &[&Source],
+    n: usize,
+    run: usize,
+    (norm_x, norm_y): (f32, f32),
+    progress: &Progress,
+) -> Result<f32> {
+    let threads = torch_threads();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let per_run: Vec<f32> = (0..n.div_ceil(run))
+        .into_par_iter()
+        .map(|r| {
+            let (first, len) = (r * run, run.min(n - r * run));
+            let mut sum = TorchSum::new(len, threads);
+            for start in (first..first + len).step_by(BLOCK) {
+                progress.check()?;
+                let count = BLOCK.min(first + len - start);
+                with_block(sources, start, count, |v| {
+                    sum.add(v[0].iter().zip(v[1]).map(|(x, y)| (*x as f32 / norm_x) * (*y as f32 / norm_y)));
+                });
+                progress
+                    .done
+                    .fetch_add(count as u64 * bytes_per_element, std::sync::atomic::Ordering::Relaxed);
+            }
+            Ok(sum.finish())
+        })
+        .collect::<Result<_>>()?;
+    let mut total = TorchSum::new(per_run.len(), threads);
+    total.add(per_run);
+    Ok(total.finish())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::LaneNorm;
+    use super::{LaneNorm, TorchSum};
+
+    /// Bit patterns torch 2.x gave for `torch.sum` of these values with 1 and 2 threads.
+    #[test]
+    fn sums_match_torch() {
+        let cases = [
+            (1, 5, 0x3a37_6549),
+            (1, 17, 0x3a05_f6da),
+            (1, 1000, 0x3a83_776a),
+            (1, 40000, 0x3d24_5540),
+            (1, 100_003, 0x3dcd_f414),
+            (1, 1_048_576, 0x3f86_b5bd),
+            (2, 5, 0x3a37_6549),
+            (2, 17, 0x3a05_f6da),
+            (2, 1000, 0x3a83_776a),
+            (2, 40000, 0x3d24_553e),
+            (2, 100_003, 0x3dcd_f414),
+            (2, 1_048_576, 0x3f86_b5be),
+        ];
+        for (threads, n, bits) in cases {
+            let values = (0..n).map(|i: usize| (((i * 7919) % 1000) as f64 / 997.0 - 0.5) as f32 * 1e-3f32);
+            let mut sum = TorchSum::new(n, threads);
+            sum.add(values);
+            assert_eq!(sum.finish().to_bits(), bits, "{threads} threads, {n} values");
+        }
+    }
 
     #[test]
     fn lanes_then_tail_in_torch_order() {

@@ -278,18 +278,11 @@ fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(
             ab / (norm(aa.sqrt()) * norm(bb.sqrt()))
         }
         Compute::Float32 => {
-            // mergekit divides by torch's float32 norms (chunked), then sums x/|x| · y/|y|. The
-            // products are exact in f64; their sum stands in for torch's (more accurate) f32 sum.
+            // mergekit divides by torch's float32 norms (chunked), then sums x/|x| · y/|y| per chunk
+            // with torch's float32 sum, and sums the chunks' results.
             let norms = float32::chunked_norms(&sources, n, SLERP_CHUNK, progress)?;
             let (na, nb) = (norm(norms[0]) as f32, norm(norms[1]) as f32);
-            let [dot] = sums_over(&sources, tensor.block, n, progress, |_, v| {
-                [v[0]
-                    .iter()
-                    .zip(v[1])
-                    .map(|(x, y)| f64::from(*x as f32 / na) * f64::from(*y as f32 / nb))
-                    .sum()]
-            })?;
-            dot
+            f64::from(float32::chunked_dot(&sources, n, SLERP_CHUNK, (na, nb), progress)?)
         }
     };
     Ok(slerp_factors(tensor.recipe.t, dot, job.compute.rounding()))
@@ -323,7 +316,7 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
             let norms = (0..k).map(|i| gram[i * k + i].sqrt()).collect();
             (gram, norms)
         }
-        Compute::Float32 => float32_task_vector_gram(tensor, progress)?,
+        Compute::Float32 => float32_task_vector_dots(tensor, progress)?,
     };
     let r = job.compute.rounding();
     let mut cosines = Vec::new();
@@ -340,28 +333,38 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
     Ok((r(1.0 - t), t))
 }
 
-/// The task vectors' Gram matrix with mergekit's float32 norms of them. torch sums each norm over
-/// the whole tensor in order, so this sweep is sequential; the Gram matrix rides along rather
-/// than taking a parallel pass of its own.
-fn float32_task_vector_gram(tensor: &Resolved, progress: &Progress) -> Result<(Vec<f64>, Vec<f64>)> {
+/// The task vectors' pairwise dot products and norms as mergekit takes them in float32: each a
+/// torch float32 reduction over the whole tensor in order, so this sweep is sequential.
+fn float32_task_vector_dots(tensor: &Resolved, progress: &Progress) -> Result<(Vec<f64>, Vec<f64>)> {
     let k = tensor.inputs.len();
     let n = tensor.numel;
     let sources = tensor.sources();
     let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let threads = float32::torch_threads();
     let mut norms = vec![float32::LaneNorm::new(n); k];
-    let mut gram = vec![0.0; k * k];
+    let mut dots = vec![float32::TorchSum::new(n, threads); k * k];
+    let mut deltas: Vec<Vec<f32>> = vec![Vec::new(); k];
     for first in (0..n).step_by(tensor.block) {
         progress.check()?;
         let len = tensor.block.min(n - first);
         with_block(&sources, first, len, |v| {
-            for (norm, x) in norms.iter_mut().zip(&v[1..]) {
-                norm.add(x.iter().zip(v[0]).map(|(x, z)| *x as f32 - *z as f32));
+            for (delta, x) in deltas.iter_mut().zip(&v[1..]) {
+                delta.clear();
+                delta.extend(x.iter().zip(v[0]).map(|(x, z)| *x as f32 - *z as f32));
             }
-            add_gram_block(v, k, true, &mut gram);
         });
+        for (norm, delta) in norms.iter_mut().zip(&deltas) {
+            norm.add(delta.iter().copied());
+        }
+        for i in 0..k {
+            for j in i + 1..k {
+                dots[i * k + j].add(deltas[i].iter().zip(&deltas[j]).map(|(a, b)| a * b));
+            }
+        }
         progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
     }
-    Ok((gram, norms.iter().map(|norm| f64::from(norm.finish())).collect()))
+    let dots = dots.iter().map(|d| f64::from(d.finish())).collect();
+    Ok((dots, norms.iter().map(|norm| f64::from(norm.finish())).collect()))
 }
 
 /// The Gram matrix Σ vᵢ·vⱼ of the inputs, or of their task vectors when there is a base.
