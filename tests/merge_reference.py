@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +287,149 @@ def karcher(tensors: list[Array], max_iter: int = 10, tol: float = 1e-5) -> Arra
         mean = np.cos(tn) * mean + np.sin(tn) * tangent / tn
         mean = mean / np.linalg.norm(mean)
     return sum(al * n for al, n in zip(alphas, norms, strict=True)) * mean
+
+
+# --- mergekit's `dtype: float32` reductions, in torch's CPU order -------------------------------
+
+
+def _f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def _fma_f32(a: np.float32, b: np.float32, c: np.float32) -> np.float32:
+    """a·b + c rounded once to float32. The product is exact in float64 and rounding the float64
+    sum again to float32 errs only when it lands exactly halfway between two float32 values; then
+    the exact value (fractions) decides."""
+    wide = float(a) * float(b) + float(c)
+    narrow = np.float32(wide)
+    if float(narrow) == wide:
+        return narrow
+    neighbour = np.nextafter(narrow, np.float32(np.inf if wide > float(narrow) else -np.inf))
+    if wide != (float(narrow) + float(neighbour)) / 2:
+        return narrow
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))
+    candidates = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(candidates, key=lambda v: (abs(Fraction(float(v)) - exact), int(v.view(np.uint32)) & 1))
+
+
+def torch_f32_norm(values: Array) -> np.float32:
+    """torch.linalg.vector_norm in float32 (runs of 64 or more): rounded squares added into 8
+    lanes in order, lanes added, the last len % 8 squares FMA'd one by one."""
+    v = values.astype(np.float32).ravel()
+    grouped = v.size - v.size % 8
+    lanes = np.zeros(8, np.float32)
+    for row in v[:grouped].reshape(-1, 8):
+        lanes = lanes + row * row
+    total = np.float32(lanes[0])
+    for lane in lanes[1:]:
+        total = _f32(total + lane)
+    for e in range(grouped, v.size):
+        total = _fma_f32(v[e], v[e], total)
+    return np.float32(np.sqrt(np.float32(total)))
+
+
+def _ceil_log2(x: int) -> int:
+    return 1 if x <= 2 else (x - 1).bit_length()
+
+
+def _torch_inner_sum(row: Array) -> np.float32:
+    """ATen's vectorized_inner_sum with 8-lane float vectors: row_sum (4-way ILP) over
+    multi_row_sum's four cascade levels, leftover vectors, then the scalar tail and the lanes."""
+    vectors = row.size // 8
+    vecs = row[: vectors * 8].reshape(vectors, 8)
+    rows = vectors // 4
+    level_power = max(4, _ceil_log2(rows) // 4)
+    step, mask = 1 << level_power, (1 << level_power) - 1
+    acc = np.zeros((4, 4, 8), np.float32)
+    i = 0
+    while i + step <= rows:
+        for _ in range(step):
+            acc[0] = acc[0] + vecs[4 * i : 4 * i + 4]
+            i += 1
+        for j in range(1, 4):
+            acc[j] = acc[j] + acc[j - 1]
+            acc[j - 1] = 0
+            if i & (mask << (j * level_power)):
+                break
+    for r in range(i, rows):
+        acc[0] = acc[0] + vecs[4 * r : 4 * r + 4]
+    for j in range(1, 4):
+        acc[0] = acc[0] + acc[j]
+    partial = acc[0]
+    for v in range(4 * rows, vectors):
+        partial[0] = partial[0] + vecs[v]
+    for k in range(1, 4):
+        partial[0] = partial[0] + partial[k]
+    total = np.float32(0)
+    for x in row[vectors * 8 :]:
+        total = _f32(total + x)
+    for lane in partial[0]:
+        total = _f32(total + lane)
+    return total
+
+
+def torch_f32_sum(values: Array, threads: int) -> np.float32:
+    """torch.sum of a contiguous float32 run on the CPU with ``threads`` intra-op threads: runs of
+    32768 or more are split into one range per thread, each summed, the results summed in order."""
+    v = values.astype(np.float32).ravel()
+    n = v.size
+    if n < 32768 or threads == 1:
+        return _f32(np.float32(0) + _torch_inner_sum(v))
+    used = min(threads, -(-n // 32768))
+    size = -(-n // used)
+    parts = np.zeros(threads, np.float32)
+    for t in range(used):
+        if t * size < n:
+            parts[t] = np.float32(0) + _torch_inner_sum(v[t * size : min(n, (t + 1) * size)])
+    return _f32(np.float32(0) + _torch_inner_sum(parts))
+
+
+def slerp_float32(t: float, v0: Array, v1: Array, threads: int, chunk: int = 1 << 20) -> Array:
+    """mergekit 0.1.5's slerp with ``dtype: float32`` on one tensor (its leading axis is the batch
+    of outputs, so the whole tensor is one row): chunked norms and dot, factors in float32."""
+    a, b = v0.astype(np.float32).ravel(), v1.astype(np.float32).ravel()
+    starts = range(0, a.size, chunk)
+
+    def norm(x: Array) -> np.float32:
+        n = torch_f32_norm(np.array([torch_f32_norm(x[s : s + chunk]) for s in starts], np.float32))
+        return n if n > 1e-8 else np.float32(1)
+
+    na, nb = norm(a), norm(b)
+    parts = [torch_f32_sum((a[s : s + chunk] / na) * (b[s : s + chunk] / nb), threads) for s in starts]
+    dot = np.float32(np.clip(torch_f32_sum(np.array(parts, np.float32), threads), -1, 1))
+    t32 = np.float32(t)
+    if abs(dot) > 0.9995:
+        coef_a, coef_b = np.float32(1) - t32, t32
+    else:
+        # Correctly rounded float32 acos and sin (float64 results rounded), as glibc's acosf/sinf
+        # give on these arguments.
+        theta = np.float32(math.acos(float(dot)))
+        sin_theta = np.float32(math.sin(float(theta)))
+        coef_a = np.float32(np.float32(math.sin(float(np.float32((np.float32(1) - t32) * theta)))) / sin_theta)
+        coef_b = np.float32(np.float32(math.sin(float(np.float32(t32 * theta)))) / sin_theta)
+    return (coef_a * v0.astype(np.float32) + coef_b * v1.astype(np.float32)).astype(np.float32)
+
+
+def model_stock_float32(base: Array, models: list[Array], threads: int) -> Array:
+    """mergekit 0.1.5's model_stock with ``dtype: float32`` (not filter-wise)."""
+    z = base.astype(np.float32)
+    ws = [m.astype(np.float32) for m in models]
+    offsets = [(w - z).ravel() for w in ws]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1 :]:
+            norm_product = max(np.float32(torch_f32_norm(a) * torch_f32_norm(b)), np.float32(1e-6))
+            cosines.append(np.float32(np.clip(torch_f32_sum(a * b, threads) / norm_product, -1, 1)))
+    total = np.float32(0)
+    for c in cosines:
+        total = _f32(total + c)
+    cos = np.float32(total / np.float32(len(cosines)))
+    count = np.float32(len(ws))
+    denominator = np.float32(1) + np.float32((count - 1) * cos)
+    t = np.float32(0) if abs(denominator) < 1e-6 else np.float32(np.float32(count * cos) / denominator)
+    average = ws[0]
+    for w in ws[1:]:
+        average = average + w
+    average = (average / count).astype(np.float32)
+    return (t * average + (np.float32(1) - t) * z).astype(np.float32)

@@ -617,3 +617,64 @@ def test_reference_sort_order_is_torchs(descending):
         values = (rng.integers(0, 9, n) * 0.25).astype(np.float32)
         expected = torch.sort(torch.from_numpy(values), descending=descending).indices.numpy()
         assert libstdcxx_sort_order(values, descending) == expected.tolist()
+
+
+@pytest.fixture
+def wide_family(tmp_path):
+    """bf16 base and three fine-tunes with a tensor large enough (76800 values) that torch splits
+    its float32 sums over threads, and a small one."""
+    from modelkin.safetensors_io import save_model
+
+    rng = np.random.default_rng(5)
+    shapes = {"w": (300, 256), "b": (9, 15)}
+    base = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items()}
+    save_model(tmp_path / "base", base, "BF16")
+    for i, scale in enumerate([0.002, 0.003, 0.004]):
+        save_model(tmp_path / f"ft{i}", {n: v + rng.normal(0, scale, v.shape) for n, v in base.items()}, "BF16")
+    return tmp_path
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_float32_slerp_and_model_stock_follow_torchs_reductions(wide_family, monkeypatch, threads):
+    """With dtype float32 the factors come from torch's float32 norm and sum orders, for the
+    thread count torch would use (OMP_NUM_THREADS here): bit for bit against the reference."""
+    from merge_reference import model_stock_float32, slerp_float32
+
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads))
+    d = wide_family
+    values = {name: read_safetensors(d / name) for name in ["base", "ft0", "ft1", "ft2"]}
+    for method, models in [("slerp", ["ft0"]), ("model_stock", ["ft0", "ft1", "ft2"])]:
+        recipe = {
+            "models": [{"model": str(d / m)} for m in models]
+            + ([{"model": str(d / "base")}] if method == "slerp" else []),
+            "merge_method": method,
+            "base_model": str(d / "base"),
+            "dtype": "float32",
+            "out_dtype": "float32",
+            **({"parameters": {"t": 0.3}} if method == "slerp" else {}),
+        }
+        out_dir = d / f"out-{method}-{threads}"
+        merge(write_recipe(d, recipe), out_dir)
+        out = read_safetensors(out_dir)
+        for name, z in values["base"].items():
+            if method == "slerp":
+                expected = slerp_float32(0.3, z, values["ft0"][name], threads)
+            else:
+                expected = model_stock_float32(z, [values[m][name] for m in models], threads)
+            np.testing.assert_array_equal(out[name].astype(np.float32), expected, err_msg=f"{method} {name}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reference_float32_sum_is_torchs(threads):
+    """The reference's transcription of torch's float32 sum and norm, checked against torch."""
+    torch = pytest.importorskip("torch", reason="torch anchors the reference's float32 reductions")
+    from merge_reference import torch_f32_norm, torch_f32_sum
+
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(11)
+    for n in (3, 17, 1000, 40000, 100003):
+        values = (rng.standard_normal(n) * 1e-3).astype(np.float32)
+        t = torch.from_numpy(values).reshape(1, -1)
+        assert torch_f32_sum(values, threads) == t.sum(dim=1).item()
+        if n >= 64:  # torch takes another path for shorter runs (not a case LLM weights reach)
+            assert torch_f32_norm(values) == np.float32(torch.linalg.vector_norm(t, dim=1).item())

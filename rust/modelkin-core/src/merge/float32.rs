@@ -1,8 +1,8 @@
 //! The norms and sums mergekit takes in float32, reproduced bit for bit.
 //!
 //! With `dtype: float32`, mergekit's slerp and model_stock derive their factors from torch float32
-//! norms and sums. torch sums the squares of a norm in eight f32 lanes of fused multiply-adds, one
-//! after another, and a `sum` in eight lanes with a cascade of partial sums, split over its threads.
+//! norms and sums. torch sums the squares of a norm in eight f32 lanes, one after another, and a
+//! `sum` in eight lanes with a cascade of partial sums, split over its threads.
 //! Over millions of elements that drifts: on a 32000×256 tensor torch's norm is 57.240738 where the
 //! exact one is 57.238481 (4e-5 apart), which moves the factors, and so the bf16 outputs, of a few
 //! tenths of a percent of the elements. modelkin follows the same order so that its outputs match.
@@ -15,9 +15,10 @@ use crate::kinship::Progress;
 
 const LANES: usize = 8;
 
-/// torch's float32 2-norm of a contiguous run (`torch.linalg.vector_norm` on CPU): squares
-/// accumulated with fused multiply-adds in eight f32 lanes over the whole groups of eight, the
-/// lanes then added in order, and the last `len % 8` squares added one by one.
+/// torch's float32 2-norm of a contiguous run (`torch.linalg.vector_norm` on CPU, runs of 64 or
+/// more values): squares (each rounded, then added: torch's vector step is not fused) accumulated
+/// in eight f32 lanes over the whole groups of eight, the lanes then added in order, and the last
+/// `len % 8` squares fused-multiply-added one by one.
 #[derive(Debug, Clone)]
 pub(super) struct LaneNorm {
     lanes: [f32; LANES],
@@ -36,8 +37,7 @@ impl LaneNorm {
     pub(super) fn add(&mut self, values: impl IntoIterator<Item = f32>) {
         for v in values {
             if self.seen < self.grouped {
-                let lane = &mut self.lanes[self.seen % LANES];
-                *lane = v.mul_add(v, *lane);
+                self.lanes[self.seen % LANES] += v * v;
             } else {
                 self.tail.push(v);
             }
@@ -335,7 +335,7 @@ mod tests {
         norm.add(values[5..].iter().copied());
         let mut lanes = [0f32; 8];
         for (e, v) in values[..16].iter().enumerate() {
-            lanes[e % 8] = v.mul_add(*v, lanes[e % 8]);
+            lanes[e % 8] += v * v;
         }
         let mut sum = lanes.iter().skip(1).fold(lanes[0], |s, l| s + l);
         for v in &values[16..] {
