@@ -1,5 +1,6 @@
 //! Narrowing merged f64 values to the output dtype with one correct round-to-nearest-even.
 
+use multiversion::multiversion;
 use serde::Deserialize;
 
 /// The dtype merged tensors are written in.
@@ -59,17 +60,25 @@ fn f32_to_bf16_bits(v: f32) -> u16 {
 }
 
 /// Appends `values` to `out` as little-endian `dtype` words.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn encode(dtype: OutDtype, values: &[f64], out: &mut Vec<u8>) {
-    out.reserve(values.len() * dtype.size());
+    let start = out.len();
+    out.resize(start + values.len() * dtype.size(), 0);
+    let words = &mut out[start..];
     match dtype {
-        OutDtype::F64 => values.iter().for_each(|&v| out.extend_from_slice(&v.to_le_bytes())),
-        OutDtype::F32 => values.iter().for_each(|&v| out.extend_from_slice(&(v as f32).to_le_bytes())),
-        OutDtype::BF16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes())),
-        OutDtype::F16 => values.iter().for_each(|&v| {
-            out.extend_from_slice(&half::f16::from_f32(to_f32_round_to_odd(v)).to_le_bytes());
-        }),
+        OutDtype::F64 => write_words(words, values, |v| v.to_le_bytes()),
+        OutDtype::F32 => write_words(words, values, |v| (v as f32).to_le_bytes()),
+        OutDtype::BF16 => write_words(words, values, |v| f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes()),
+        OutDtype::F16 => {
+            write_words(words, values, |v| half::f16::from_f32(to_f32_round_to_odd(v)).to_le_bytes())
+        }
+    }
+}
+
+#[inline(always)]
+fn write_words<const N: usize>(words: &mut [u8], values: &[f64], word: impl Fn(f64) -> [u8; N]) {
+    for (out, &v) in words.chunks_exact_mut(N).zip(values) {
+        out.copy_from_slice(&word(v));
     }
 }
 

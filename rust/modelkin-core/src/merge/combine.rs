@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use bytemuck::Pod;
+use multiversion::multiversion;
 use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
@@ -188,6 +189,7 @@ fn task_vector_block<const F32: bool>(
 /// tensors round it (an f32 operation is the f64 one rounded to f32), at twice the SIMD width of
 /// emulating that rounding in f64.
 #[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn task_vectors_in<T>(
     job: &MergeJob,
     index: usize,

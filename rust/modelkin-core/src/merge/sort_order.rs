@@ -9,6 +9,8 @@
 
 use std::sync::Mutex;
 
+use multiversion::multiversion;
+
 /// Entry buffers kept from one tensor's replay to the next within a merge: a fresh buffer per
 /// tensor and input would be mapped and zeroed by the kernel each time. At most `budget` bytes
 /// of them are kept.
@@ -142,6 +144,7 @@ const BLOCK: usize = 64;
 /// the swaps pair them off; the few entries left where the scans meet go through the loop itself,
 /// resumed from the state the swaps so far leave it in (entries between the last swapped pair
 /// have not moved).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usize {
     let pivot_key = key(pivot);
     // After the last swap (l, r), Hoare's loop resumes with lo = l + 1 and hi = r.

@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{
@@ -55,6 +56,7 @@ pub(super) struct TensorStatistics {
 
 /// Which entries of a block of one input survive pruning; `None` keeps all.
 #[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub(super) fn keep_mask(
     job: &MergeJob,
     tensor_index: usize,
@@ -571,6 +573,7 @@ fn sorted_run(
 
 /// Packs |x − z| of elements `first..first + out.len()` (f32 bits, complemented when sorting
 /// descending: descending order by |δ| is ascending order by its complement) with each index.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn sort_entries(base: &Source, input: &Source, first: usize, descending: bool, out: &mut [u64]) {
     let flip = if descending { u32::MAX } else { 0 };
     let pack = |e: usize, bits: u32| (u64::from(bits ^ flip) << 32) | (first + e) as u64;
