@@ -68,7 +68,9 @@ pub fn encode(dtype: OutDtype, values: &[f64], out: &mut Vec<u8>) {
     match dtype {
         OutDtype::F64 => write_words(words, values, |v| v.to_le_bytes()),
         OutDtype::F32 => write_words(words, values, |v| (v as f32).to_le_bytes()),
-        OutDtype::BF16 => write_words(words, values, |v| f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes()),
+        OutDtype::BF16 => {
+            write_words(words, values, |v| f32_to_bf16_bits(to_f32_round_to_odd(v)).to_le_bytes())
+        }
         OutDtype::F16 => {
             write_words(words, values, |v| half::f16::from_f32(to_f32_round_to_odd(v)).to_le_bytes())
         }

@@ -7,6 +7,7 @@
 
 mod combine;
 mod float32;
+mod radix;
 mod sort_order;
 mod spherical;
 mod statistics;

@@ -7,9 +7,17 @@
 //! its members whatever order it ends in, so it is never sorted further. What remains is a
 //! quickselect towards each boundary, which costs a few passes over the entries instead of a sort.
 
+use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use multiversion::multiversion;
+use rayon::prelude::*;
+
+use super::{magnitude_bits, with_block, Source};
+use crate::dtype::FloatDtype;
+use crate::error::Result;
+use crate::kinship::Progress;
 
 /// Entry buffers kept from one tensor's replay to the next within a merge: a fresh buffer per
 /// tensor and input would be mapped and zeroed by the kernel each time. At most `budget` bytes
@@ -46,6 +54,72 @@ impl EntryPool {
         free.retain(|b| {
             kept += 8 * b.capacity() as u64;
             kept <= self.budget
+        });
+    }
+}
+
+/// The entries torch's CPU sort of |δ| = |input − base| (descending or ascending) puts at
+/// positions `run`, as a bitmask over the tensor: every |δ| is packed with its index into `entries`
+/// (one per element), and the sort is replayed towards the run's ends ([`arrange`]).
+pub(super) fn sorted_run(
+    base: &Source,
+    input: &Source,
+    block: usize,
+    descending: bool,
+    run: Range<usize>,
+    entries: &mut [u64],
+    progress: &Progress,
+) -> Result<Vec<u64>> {
+    let n = entries.len();
+    let bytes_per_element = (base.dtype.size() + input.dtype.size()) as u64;
+    entries.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| -> Result<()> {
+        progress.check()?;
+        sort_entries(base, input, b * block, descending, out);
+        progress.done.fetch_add(out.len() as u64 * bytes_per_element, Ordering::Relaxed);
+        Ok(())
+    })?;
+    let mut boundaries: Vec<usize> = [run.start, run.end].into_iter().filter(|&b| 0 < b && b < n).collect();
+    boundaries.dedup();
+    arrange(entries, &boundaries);
+    progress.check()?;
+    // The replay stands in for the second histogram pass of the progress total.
+    progress.done.fetch_add(n as u64 * bytes_per_element, Ordering::Relaxed);
+    // Marks the smaller side: the run's entries on a clear mask, or the rest on a full one.
+    let outside = run.start + (n - run.end);
+    let (marked, fill) =
+        if run.len() <= outside { (&entries[run.clone()], 0u64) } else { (&entries[..run.start], u64::MAX) };
+    let mut kept = vec![fill; n.div_ceil(64)];
+    let mut flip = |entries: &[u64]| {
+        for &entry in entries {
+            let element = entry as u32 as usize;
+            kept[element / 64] ^= 1 << (element % 64);
+        }
+    };
+    flip(marked);
+    if fill != 0 {
+        flip(&entries[run.end..]);
+    }
+    Ok(kept)
+}
+
+/// Packs |x − z| of elements `first..first + out.len()` (f32 bits, complemented when sorting
+/// descending: descending order by |δ| is ascending order by its complement) with each index.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn sort_entries(base: &Source, input: &Source, first: usize, descending: bool, out: &mut [u64]) {
+    let flip = if descending { u32::MAX } else { 0 };
+    let pack = |e: usize, bits: u32| (u64::from(bits ^ flip) << 32) | (first + e) as u64;
+    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
+        let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
+        let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
+        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        for (e, (entry, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
+            *entry = pack(e, (widen(x) - widen(z)).abs().to_bits());
+        }
+    } else {
+        with_block(&[base, input], first, out.len(), |v| {
+            for (e, (entry, (x, z))) in out.iter_mut().zip(v[1].iter().zip(v[0])).enumerate() {
+                *entry = pack(e, magnitude_bits(*x, *z));
+            }
         });
     }
 }
