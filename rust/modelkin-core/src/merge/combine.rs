@@ -259,7 +259,8 @@ fn task_vectors_in<T>(
                 for (((sum, div), &c), &m) in
                     mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
                 {
-                    let agrees = if (c != zero) & (c.signum() == m) { one } else { zero };
+                    let agrees =
+                        if ((c > zero) & (m > zero)) | ((c < zero) & (m < zero)) { one } else { zero };
                     *sum = *sum + c * agrees;
                     *div = *div + w * agrees;
                 }
