@@ -440,6 +440,21 @@ mod tests {
     }
 
     #[test]
+    fn entry_pool_keeps_at_most_its_budget() {
+        let pool = EntryPool::new(8 * 100);
+        let (a, b) = (pool.take(60), pool.take(50));
+        assert_eq!((a.len(), b.len()), (60, 50));
+        pool.give(a);
+        pool.give(b);
+        // 60 + 50 entries exceed the 100-entry budget: only the larger buffer is kept.
+        let kept: usize = pool.free.lock().unwrap().iter().map(Vec::capacity).sum();
+        assert!((60..=100).contains(&kept), "{kept}");
+        let again = pool.take(10);
+        assert_eq!(again.len(), 10);
+        assert!(again.capacity() >= 60, "the kept buffer is reused");
+    }
+
+    #[test]
     fn heap_sort_sorts() {
         let mut v = entries(&[5, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]);
         heap_sort(&mut v);
