@@ -255,11 +255,15 @@ def test_della_prunes_by_rank_within_rows(tmp_path):
 
 
 @pytest.mark.parametrize("with_base", [False, True])
-def test_nuslerp(tmp_path, fam, with_base):
-    params = [{"weight": 0.3}, {"weight": 0.9}]
+@pytest.mark.parametrize("method", ["nuslerp", "multislerp"])
+def test_spherical_interpolation(tmp_path, fam, method, with_base):
+    """nuslerp (two models, t from their weights) and multislerp (all three), on the models or,
+    with a base, on their task vectors."""
+    weights = [0.3, 0.9] if method == "nuslerp" else WEIGHTS
+    models_used = fam.models[: len(weights)]
     recipe = {
-        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models[:2], params, strict=True)],
-        "merge_method": "nuslerp",
+        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models_used, weights, strict=True)],
+        "merge_method": method,
         "out_dtype": "float32",
     }
     if with_base:
@@ -270,27 +274,9 @@ def test_nuslerp(tmp_path, fam, with_base):
     expected = {}
     for k in base:
         z = base[k] if with_base else 0.0
-        expected[k] = z + nuslerp(0.75, models[0][k] - z, models[1][k] - z)
-    check_close(out, expected)
-
-
-@pytest.mark.parametrize("with_base", [False, True])
-def test_multislerp(tmp_path, fam, with_base):
-    params = [{"weight": w} for w in WEIGHTS]
-    recipe = {
-        "models": [{"model": str(m), "parameters": p} for m, p in zip(fam.models, params, strict=True)],
-        "merge_method": "multislerp",
-        "out_dtype": "float32",
-    }
-    if with_base:
-        recipe["base_model"] = str(fam.base)
-    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
-    out = read_safetensors(tmp_path / "out")
-    base, models = inputs(fam)
-    expected = {}
-    for k in base:
-        z = base[k] if with_base else 0.0
-        expected[k] = z + multislerp([m[k] - z for m in models], WEIGHTS)
+        deltas = [m[k] - z for m in models[: len(weights)]]
+        mixed = nuslerp(0.75, *deltas) if method == "nuslerp" else multislerp(deltas, WEIGHTS)
+        expected[k] = z + mixed
     check_close(out, expected)
 
 
@@ -678,3 +664,26 @@ def test_reference_float32_sum_is_torchs(threads):
         assert torch_f32_sum(values, threads) == t.sum(dim=1).item()
         if n >= 64:  # torch takes another path for shorter runs (not a case LLM weights reach)
             assert torch_f32_norm(values) == np.float32(torch.linalg.vector_norm(t, dim=1).item())
+
+
+@pytest.mark.parametrize(
+    ("method", "dtype", "sort_bytes"),
+    [("ties", "float32", None), ("ties", "float32", 0), ("slerp", "float32", None), ("model_stock", "float64", None)],
+)
+def test_merge_progress_ends_at_its_total(tmp_path, fam, monkeypatch, method, dtype, sort_bytes):
+    if sort_bytes is not None:
+        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", sort_bytes)
+    models = fam.models[:1] if method == "slerp" else fam.models
+    params = {"ties": {"weight": 0.5, "density": 0.5}}.get(method, {})
+    recipe = {
+        "models": [{"model": str(m), "parameters": params} for m in models]
+        + ([{"model": str(fam.base)}] if method == "slerp" else []),
+        "merge_method": method,
+        "base_model": str(fam.base),
+        "dtype": dtype,
+        **({"parameters": {"t": 0.3}} if method == "slerp" else {}),
+    }
+    calls: list[tuple[int, int]] = []
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", progress=lambda d, t: calls.append((d, t)))
+    done, total = calls[-1]
+    assert total > 0 and done == total

@@ -142,7 +142,11 @@ fn combine_block<const F32: bool>(
                 }
             }
             (method, Some(z)) if method.task_vectors() => {
-                task_vector_block::<F32>(job, index, tensor, stats, inputs, z, first, merged)
+                if F32 {
+                    task_vector_block::<f32>(job, index, tensor, stats, inputs, z, first, merged)
+                } else {
+                    task_vector_block::<f64>(job, index, tensor, stats, inputs, z, first, merged)
+                }
             }
             _ => merged.copy_from_slice(inputs[0]),
         }
@@ -166,31 +170,13 @@ fn combine_block<const F32: bool>(
 }
 
 /// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
-/// (majority = sign of their sum, +1 on a tie; zeros never vote), normalised, times lambda.
-#[allow(clippy::too_many_arguments)]
-fn task_vector_block<const F32: bool>(
-    job: &MergeJob,
-    index: usize,
-    tensor: &Resolved,
-    stats: &TensorStatistics,
-    inputs: &[&[f64]],
-    z: &[f64],
-    first: usize,
-    merged: &mut [f64],
-) {
-    if F32 {
-        task_vectors_in::<f32>(job, index, tensor, stats, inputs, z, first, merged)
-    } else {
-        task_vectors_in::<f64>(job, index, tensor, stats, inputs, z, first, merged)
-    }
-}
-
-/// [`task_vector_block`] computed in `T`. In f32 every operation is rounded as mergekit's float32
-/// tensors round it (an f32 operation is the f64 one rounded to f32), at twice the SIMD width of
-/// emulating that rounding in f64.
+/// (majority = sign of their sum, +1 on a tie; zeros never vote), normalised, times lambda,
+/// computed in `T`. In f32 every operation is rounded as mergekit's float32 tensors round it (an f32
+/// operation is the f64 one rounded to f32), at twice the SIMD width of emulating that rounding in
+/// f64.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn task_vectors_in<T>(
+fn task_vector_block<T>(
     job: &MergeJob,
     index: usize,
     tensor: &Resolved,

@@ -7,6 +7,8 @@
 //! exact one is 57.238481 (4e-5 apart), which moves the factors, and so the bf16 outputs, of a few
 //! tenths of a percent of the elements. modelkin follows the same order so that its outputs match.
 
+use std::sync::atomic::Ordering;
+
 use rayon::prelude::*;
 
 use super::{with_block, Source, BLOCK};
@@ -163,7 +165,8 @@ impl InnerSum {
                 self.cascade(done);
             }
         } else if vector < self.vectors {
-            self.fold()[0][lane] += v;
+            let levels = &self.levels;
+            self.folded.get_or_insert_with(|| fold(levels))[0][lane] += v;
         } else {
             self.tail.push(v);
         }
@@ -186,25 +189,8 @@ impl InnerSum {
         }
     }
 
-    /// The four groups after `multi_row_sum` returns: every level added into level 0.
-    fn fold(&mut self) -> &mut [[f32; LANES]; 4] {
-        let levels = self.levels;
-        self.folded.get_or_insert_with(|| {
-            let mut out = levels[0];
-            for level in &levels[1..] {
-                for k in 0..4 {
-                    for l in 0..LANES {
-                        out[k][l] += level[k][l];
-                    }
-                }
-            }
-            out
-        })
-    }
-
     fn finish(&self) -> f32 {
-        let mut groups = self.clone();
-        let groups = *groups.fold();
+        let groups = self.folded.unwrap_or_else(|| fold(&self.levels));
         let mut first = groups[0];
         for group in &groups[1..] {
             for l in 0..LANES {
@@ -222,6 +208,19 @@ impl InnerSum {
     }
 }
 
+/// The four groups after `multi_row_sum` returns: every level added into level 0.
+fn fold(levels: &[[[f32; LANES]; 4]; 4]) -> [[f32; LANES]; 4] {
+    let mut out = levels[0];
+    for level in &levels[1..] {
+        for k in 0..4 {
+            for l in 0..LANES {
+                out[k][l] += level[k][l];
+            }
+        }
+    }
+    out
+}
+
 /// The intra-op thread count torch starts with: `OMP_NUM_THREADS`, else `MKL_NUM_THREADS`, else
 /// the physical cores.
 pub(super) fn torch_threads() -> usize {
@@ -232,40 +231,32 @@ pub(super) fn torch_threads() -> usize {
 }
 
 /// mergekit's chunked float32 slerp norm of each source: the norm of the norms of its runs of
-/// `run` elements (runs in parallel, each swept in order).
+/// `run` elements.
 pub(super) fn chunked_norms(
     sources: &[&Source],
     n: usize,
     run: usize,
     progress: &Progress,
 ) -> Result<Vec<f64>> {
-    let per_run: Vec<Vec<f32>> = (0..n.div_ceil(run))
-        .into_par_iter()
-        .map(|r| {
-            let (first, len) = (r * run, run.min(n - r * run));
-            let mut norms = vec![LaneNorm::new(len); sources.len()];
-            for start in (first..first + len).step_by(BLOCK) {
-                progress.check()?;
-                with_block(sources, start, BLOCK.min(first + len - start), |v| {
-                    for (norm, x) in norms.iter_mut().zip(v) {
-                        norm.add(x.iter().map(|x| *x as f32));
-                    }
-                });
-            }
-            Ok(norms.iter().map(LaneNorm::finish).collect())
-        })
-        .collect::<Result<_>>()?;
+    let per_run = over_runs(
+        sources,
+        n,
+        run,
+        progress,
+        |len| vec![LaneNorm::new(len); sources.len()],
+        |norms, v| norms.iter_mut().zip(v).for_each(|(norm, x)| norm.add(x.iter().map(|x| *x as f32))),
+    )?;
     Ok((0..sources.len())
         .map(|i| {
             let mut total = LaneNorm::new(per_run.len());
-            total.add(per_run.iter().map(|norms| norms[i]));
+            total.add(per_run.iter().map(|norms| norms[i].finish()));
             f64::from(total.finish())
         })
         .collect())
 }
 
 /// mergekit's chunked float32 slerp cosine: per run of `run` elements, torch's sum of
-/// (x/‖x‖)·(y/‖y‖) in f32 (runs in parallel), then the sum of the runs' results.
+/// (x/‖x‖)·(y/‖y‖) in f32, then the sum of the runs' results.
 pub(super) fn chunked_dot(
     sources: &[&Source],
     n: usize,
@@ -274,28 +265,44 @@ pub(super) fn chunked_dot(
     progress: &Progress,
 ) -> Result<f32> {
     let threads = torch_threads();
+    let per_run = over_runs(
+        sources,
+        n,
+        run,
+        progress,
+        |len| TorchSum::new(len, threads),
+        |sum, v| sum.add(v[0].iter().zip(v[1]).map(|(x, y)| (*x as f32 / norm_x) * (*y as f32 / norm_y))),
+    )?;
+    let mut total = TorchSum::new(per_run.len(), threads);
+    total.add(per_run.iter().map(TorchSum::finish));
+    Ok(total.finish())
+}
+
+/// One accumulator per run of `run` elements (runs in parallel, each swept in order, block by
+/// block of decoded sources), as mergekit's chunked slerp statistics take them.
+fn over_runs<S: Send>(
+    sources: &[&Source],
+    n: usize,
+    run: usize,
+    progress: &Progress,
+    start: impl Fn(usize) -> S + Sync,
+    add: impl Fn(&mut S, &[&[f64]]) + Sync,
+) -> Result<Vec<S>> {
     let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
-    let per_run: Vec<f32> = (0..n.div_ceil(run))
+    (0..n.div_ceil(run))
         .into_par_iter()
         .map(|r| {
             let (first, len) = (r * run, run.min(n - r * run));
-            let mut sum = TorchSum::new(len, threads);
-            for start in (first..first + len).step_by(BLOCK) {
+            let mut state = start(len);
+            for at in (first..first + len).step_by(BLOCK) {
                 progress.check()?;
-                let count = BLOCK.min(first + len - start);
-                with_block(sources, start, count, |v| {
-                    sum.add(v[0].iter().zip(v[1]).map(|(x, y)| (*x as f32 / norm_x) * (*y as f32 / norm_y)));
-                });
-                progress
-                    .done
-                    .fetch_add(count as u64 * bytes_per_element, std::sync::atomic::Ordering::Relaxed);
+                let count = BLOCK.min(first + len - at);
+                with_block(sources, at, count, |v| add(&mut state, v));
+                progress.done.fetch_add(count as u64 * bytes_per_element, Ordering::Relaxed);
             }
-            Ok(sum.finish())
+            Ok(state)
         })
-        .collect::<Result<_>>()?;
-    let mut total = TorchSum::new(per_run.len(), threads);
-    total.add(per_run);
-    Ok(total.finish())
+        .collect()
 }
 
 #[cfg(test)]

@@ -407,6 +407,8 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2,
         Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
         _ if job.method == Method::Sce => 3,
+        // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
+        _ if job.method == Method::Slerp && job.compute == Compute::Float32 => 2,
         _ if matches!(
             job.method,
             Method::Slerp | Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher
@@ -438,6 +440,33 @@ fn splitmix64(x: u64) -> u64 {
 /// |x − z| rounded to f32, as bits: the magnitude mergekit ranks by (it works in float32).
 fn magnitude_bits(x: f64, z: f64) -> u32 {
     ((x as f32) - (z as f32)).abs().to_bits()
+}
+
+/// Sets `out[e]` to `key(e, magnitude)` for elements `first + e` of input − base, the magnitude as
+/// in [`magnitude_bits`]. bf16 pairs are widened in registers straight from the file bytes:
+/// decoding them to f64 buffers first would double the cost of the passes that rank magnitudes.
+#[inline(always)]
+fn map_magnitudes<T>(
+    base: &Source,
+    input: &Source,
+    first: usize,
+    out: &mut [T],
+    key: impl Fn(usize, u32) -> T,
+) {
+    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
+        let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
+        let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
+        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+        for (e, (o, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
+            *o = key(e, (widen(x) - widen(z)).abs().to_bits());
+        }
+    } else {
+        with_block(&[base, input], first, out.len(), |v| {
+            for (e, (o, (x, z))) in out.iter_mut().zip(v[1].iter().zip(v[0])).enumerate() {
+                *o = key(e, magnitude_bits(*x, *z));
+            }
+        });
+    }
 }
 
 thread_local! {

@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
-use super::{magnitude_bits, with_block, Source};
-use crate::dtype::FloatDtype;
+use super::{map_magnitudes, Source};
 use crate::error::Result;
 use crate::kinship::Progress;
 
@@ -189,22 +188,11 @@ thread_local! {
     static HISTOGRAM_TABLES: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Appends |x − z| (as f32 bits) of elements `first..first + len`. bf16 pairs are widened in
-/// registers straight from the file bytes: the threshold passes read every input twice, and
-/// decoding to f64 buffers first would double their cost.
+/// Appends |x − z| (as f32 bits) of elements `first..first + len`.
 pub(super) fn magnitude_keys(base: &Source, input: &Source, first: usize, len: usize, keys: &mut Vec<u32>) {
-    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
-        let z = base.model.raw_bytes(base.entry, base.dtype, first, len);
-        let x = input.model.raw_bytes(input.entry, input.dtype, first, len);
-        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-        keys.extend(
-            x.chunks_exact(2).zip(z.chunks_exact(2)).map(|(x, z)| (widen(x) - widen(z)).abs().to_bits()),
-        );
-    } else {
-        with_block(&[base, input], first, len, |v| {
-            keys.extend(v[1].iter().zip(v[0]).map(|(x, z)| magnitude_bits(*x, *z)))
-        });
-    }
+    let start = keys.len();
+    keys.resize(start + len, 0);
+    map_magnitudes(base, input, first, &mut keys[start..], |_, bits| bits);
 }
 
 /// Counts keys into 65536-bin tables: their upper 16 bits into four interleaved tables (`within` =

@@ -14,8 +14,7 @@ use std::sync::Mutex;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
-use super::{magnitude_bits, with_block, Source};
-use crate::dtype::FloatDtype;
+use super::{map_magnitudes, Source};
 use crate::error::Result;
 use crate::kinship::Progress;
 
@@ -59,9 +58,26 @@ impl EntryPool {
 }
 
 /// The entries torch's CPU sort of |δ| = |input − base| (descending or ascending) puts at
-/// positions `run`, as a bitmask over the tensor: every |δ| is packed with its index into `entries`
-/// (one per element), and the sort is replayed towards the run's ends ([`arrange`]).
+/// positions `run` of `n`, as a bitmask over the tensor: every |δ| is packed with its index into a
+/// buffer from `pool`, and the sort is replayed towards the run's ends ([`arrange`]).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn sorted_run(
+    base: &Source,
+    input: &Source,
+    n: usize,
+    block: usize,
+    descending: bool,
+    run: Range<usize>,
+    pool: &EntryPool,
+    progress: &Progress,
+) -> Result<Vec<u64>> {
+    let mut entries = pool.take(n);
+    let kept = mark_run(base, input, block, descending, run, &mut entries, progress);
+    pool.give(entries);
+    kept
+}
+
+fn mark_run(
     base: &Source,
     input: &Source,
     block: usize,
@@ -71,7 +87,9 @@ pub(super) fn sorted_run(
     progress: &Progress,
 ) -> Result<Vec<u64>> {
     let n = entries.len();
-    let bytes_per_element = (base.dtype.size() + input.dtype.size()) as u64;
+    // Progress counts this input's own bytes, once for the packing and once for the replay (the
+    // caller accounts for the base, read by every input's run).
+    let bytes_per_element = input.dtype.size() as u64;
     entries.par_chunks_mut(block).enumerate().try_for_each(|(b, out)| -> Result<()> {
         progress.check()?;
         sort_entries(base, input, b * block, descending, out);
@@ -107,21 +125,7 @@ pub(super) fn sorted_run(
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn sort_entries(base: &Source, input: &Source, first: usize, descending: bool, out: &mut [u64]) {
     let flip = if descending { u32::MAX } else { 0 };
-    let pack = |e: usize, bits: u32| (u64::from(bits ^ flip) << 32) | (first + e) as u64;
-    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
-        let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
-        let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
-        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-        for (e, (entry, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
-            *entry = pack(e, (widen(x) - widen(z)).abs().to_bits());
-        }
-    } else {
-        with_block(&[base, input], first, out.len(), |v| {
-            for (e, (entry, (x, z))) in out.iter_mut().zip(v[1].iter().zip(v[0])).enumerate() {
-                *entry = pack(e, magnitude_bits(*x, *z));
-            }
-        });
-    }
+    map_magnitudes(base, input, first, out, |e, bits| (u64::from(bits ^ flip) << 32) | (first + e) as u64);
 }
 
 /// Below this many elements introsort leaves a range to the final insertion sort.
@@ -257,6 +261,11 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
             (lo, hi) = (l + 1, r);
         }
     }
+    hoare_loop(v, lo, hi, pivot)
+}
+
+/// Hoare's loop as libstdc++ writes it, from the state (lo, hi) where the scans resume.
+fn hoare_loop(v: &mut [u64], mut lo: usize, mut hi: usize, pivot: u64) -> usize {
     loop {
         while less(v[lo], pivot) {
             lo += 1;
@@ -357,6 +366,16 @@ mod tests {
         keys.iter().enumerate().map(|(i, &k)| (u64::from(k) << 32) | i as u64).collect()
     }
 
+    /// `n` pseudo-random keys below `levels` (many ties), from a linear congruential generator.
+    fn random_keys(state: &mut u64, n: usize, levels: u64) -> Vec<u32> {
+        (0..n)
+            .map(|_| {
+                *state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((*state >> 33) % levels) as u32
+            })
+            .collect()
+    }
+
     /// A full libstdc++ std::sort replay (every range sorted), to check the pruned one against.
     fn full_sort(v: &mut [u64]) {
         let n = v.len();
@@ -370,12 +389,7 @@ mod tests {
         for trial in 0..200 {
             let n = 1 + (trial * 37) % 3000;
             let levels = 1 + (trial % 9) as u64 * 3;
-            let keys: Vec<u32> = (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 33) % levels) as u32
-                })
-                .collect();
+            let keys = random_keys(&mut state, n, levels);
             let mut full = entries(&keys);
             full_sort(&mut full);
             assert!(full.windows(2).all(|w| key(w[0]) <= key(w[1])), "full replay sorts");
@@ -390,37 +404,13 @@ mod tests {
         }
     }
 
-    /// Hoare's loop as libstdc++ writes it, to check the block-wise scan against.
-    fn plain_hoare(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usize {
-        let (mut lo, mut hi) = (first, last);
-        loop {
-            while less(v[lo], pivot) {
-                lo += 1;
-            }
-            hi -= 1;
-            while less(pivot, v[hi]) {
-                hi -= 1;
-            }
-            if lo >= hi {
-                return lo;
-            }
-            v.swap(lo, hi);
-            lo += 1;
-        }
-    }
-
     #[test]
     fn block_partition_swaps_as_hoare_does() {
         let mut state = 11u64;
         for trial in 0..300 {
             let n = 3 + (trial * 53) % 2000;
             let levels = 1 + (trial % 7) as u64 * 5;
-            let keys: Vec<u32> = (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 33) % levels) as u32
-                })
-                .collect();
+            let keys = random_keys(&mut state, n, levels);
             let mut a = entries(&keys);
             // Median-of-three sentinels, as the caller sets them up.
             let m = n / 2;
@@ -432,7 +422,7 @@ mod tests {
             let pivot = a[0];
             assert_eq!(
                 hoare_partition(&mut a, 1, n, pivot),
-                plain_hoare(&mut b, 1, n, pivot),
+                hoare_loop(&mut b, 1, n, pivot),
                 "trial {trial}"
             );
             assert_eq!(a, b, "trial {trial}");

@@ -9,8 +9,8 @@ use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::{
-    float32, magnitude_bits, no_base, radix, sort_order, uniform, with_block, Compute, MergeJob, Method,
-    Resolved, Source, Sparsification,
+    float32, magnitude_bits, no_base, radix, read_bytes, sort_order, uniform, with_block, Compute, MergeJob,
+    Method, Resolved, Source, Sparsification,
 };
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
@@ -80,16 +80,13 @@ pub(super) fn keep_mask(
                 .collect(),
         ),
         Keep::Mask(ref kept) => {
-            // `first` is a multiple of 64 except in the rare last block of a tiny tensor.
+            // Magnitude pruning's blocks are BLOCK long, so each starts on a word of the mask.
+            debug_assert!(first.is_multiple_of(64));
             let mut mask = Vec::with_capacity(len);
-            if first.is_multiple_of(64) {
-                for word in &kept[first / 64..(first + len).div_ceil(64)] {
-                    mask.extend((0..64).map(|j| word >> j & 1 == 1));
-                }
-                mask.truncate(len);
-            } else {
-                mask.extend((first..first + len).map(|e| kept[e / 64] >> (e % 64) & 1 == 1));
+            for word in &kept[first / 64..(first + len).div_ceil(64)] {
+                mask.extend((0..64).map(|j| word >> j & 1 == 1));
             }
+            mask.truncate(len);
             Some(mask)
         }
         Keep::Random { density } => {
@@ -97,10 +94,11 @@ pub(super) fn keep_mask(
         }
         Keep::Della { density, epsilon } => {
             let mut mask = vec![false; len];
-            let mut order: Vec<usize> = Vec::with_capacity(row);
+            let (mut order, mut magnitudes): (Vec<usize>, Vec<u32>) = (Vec::with_capacity(row), Vec::new());
             for start in (0..len).step_by(row) {
                 let end = (start + row).min(len);
-                let magnitudes: Vec<u32> = (start..end).map(|e| magnitude_bits(x[e], z[e])).collect();
+                magnitudes.clear();
+                magnitudes.extend((start..end).map(|e| magnitude_bits(x[e], z[e])));
                 order.clear();
                 order.extend(0..end - start);
                 order.sort_by_key(|&e| (magnitudes[e], e));
@@ -135,9 +133,8 @@ impl TensorStatistics {
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
             let base = tensor.base.as_ref().ok_or_else(|| no_base(job))?;
-            // Ascending magnitude ranks each input's pruning needs; all found in one pair of passes.
-            let mut wanted: Vec<Vec<usize>> = vec![Vec::new(); k];
-            // The same pruning as a run of positions in torch's sort order (descending or not).
+            // Each input's pruning as the run of positions it keeps in torch's sort order of |δ|
+            // (descending or not).
             let mut runs: Vec<Option<(bool, Range<usize>)>> = vec![None; k];
             for (i, input) in tensor.recipe.inputs.iter().enumerate() {
                 if input.density >= 1.0 {
@@ -147,7 +144,6 @@ impl TensorStatistics {
                     Sparsification::Magnitude => {
                         // mergekit keeps at least one element of a non-empty tensor.
                         let keep = ((input.density * n as f64) as usize).max(1).min(n);
-                        wanted[i] = vec![n - keep];
                         runs[i] = Some((true, 0..keep));
                     }
                     Sparsification::MagnitudeOutliers => {
@@ -158,12 +154,7 @@ impl TensorStatistics {
                         let bottom = n.saturating_sub(target + top);
                         if target == 0 {
                             stats.keep[i] = Keep::None;
-                        } else if bottom + target >= n {
-                            wanted[i] = vec![bottom];
                         } else {
-                            wanted[i] = vec![bottom, bottom + target];
-                        }
-                        if target > 0 {
                             runs[i] = Some((false, bottom..(bottom + target).min(n)));
                         }
                     }
@@ -190,25 +181,35 @@ impl TensorStatistics {
                         .par_iter()
                         .map(|&i| {
                             let (descending, run) = runs[i].clone().expect("ranked");
-                            let mut entries = pool.take(n);
+                            let (input, block) = (&tensor.inputs[i], tensor.block);
                             let kept = sort_order::sorted_run(
-                                base,
-                                &tensor.inputs[i],
-                                tensor.block,
-                                descending,
-                                run,
-                                &mut entries,
-                                progress,
-                            );
-                            pool.give(entries);
-                            Ok(Keep::Mask(Arc::new(kept?)))
+                                base, input, n, block, descending, run, pool, progress,
+                            )?;
+                            Ok(Keep::Mask(Arc::new(kept)))
                         })
                         .collect::<Result<_>>()?;
                     for (&i, keep) in group.iter().zip(found) {
                         stats.keep[i] = keep;
                     }
                 }
-            } else if wanted.iter().any(|w| !w.is_empty()) {
+                // The progress total counts two full reads for the threshold (the streamed rule's
+                // passes); the runs counted their inputs' bytes, the rest is the base and the
+                // inputs kept whole.
+                let counted: u64 =
+                    ranked.iter().map(|&i| 2 * (n * tensor.inputs[i].dtype.size()) as u64).sum();
+                progress.done.fetch_add(2 * read_bytes(tensor) - counted, Ordering::Relaxed);
+            } else if runs.iter().any(Option::is_some) {
+                // The same runs as ascending ranks: a descending run 0..keep keeps the ranks from
+                // n − keep, an ascending one its own positions.
+                let wanted: Vec<Vec<usize>> = runs
+                    .iter()
+                    .map(|run| match run {
+                        Some((true, run)) => vec![n - run.end],
+                        Some((false, run)) if run.end < n => vec![run.start, run.end],
+                        Some((false, run)) => vec![run.start],
+                        None => Vec::new(),
+                    })
+                    .collect();
                 let sources = tensor.sources();
                 let boundaries = radix::order_statistics(
                     &sources,
