@@ -7,6 +7,7 @@ import pytest
 
 import modelkin
 from conftest import VOCAB
+from modelkin.safetensors_io import save_model, stored_values
 from reference import deltas, full, split
 
 
@@ -146,6 +147,28 @@ def test_matrix_matches_pairwise_kinship(family_factory):
             dj = deltas(fam.values[j + 1], fam.base_values, VOCAB)
             for metric in ("pcc", "cs", "ed"):
                 assert_close(float(matrix[metric][i, j]), full(di, dj, metric))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", [3, 6, 8, 9])
+def test_matrix_matches_reference_for_every_width(tmp_path, dtype, n):
+    """Up to eight fine-tunes are widened and multiplied in registers, nine go through the tiles;
+    odd tensor sizes leave block tails that are decoded separately."""
+    rng = np.random.default_rng(n)
+    shapes = {"a.weight": (37, 29), "b.weight": (300,), "c.weight": (5,), "d.weight": (2, 520)}
+    base = {name: rng.normal(0.0, 0.05, shape) for name, shape in shapes.items()}
+    save_model(tmp_path / "base", base, dtype)
+    base_values = {name: stored_values(v, dtype) for name, v in base.items()}
+    models, deltas_of = [], []
+    for i in range(n):
+        tensors = {name: v + rng.normal(0.0, 0.01, v.shape) + 0.004 * i for name, v in base.items()}
+        models.append(save_model(tmp_path / f"ft{i}", tensors, dtype, shards=2))
+        deltas_of.append(deltas({name: stored_values(v, dtype) for name, v in tensors.items()}, base_values, None))
+    matrix = modelkin.kinship_matrix(models, base=tmp_path / "base")
+    for i in range(n):
+        for j in range(n):
+            for metric in ("pcc", "cs", "ed"):
+                assert_close(float(matrix[metric][i, j]), full(deltas_of[i], deltas_of[j], metric))
 
 
 def test_per_tensor_breakdown_matches_reference(family_factory):

@@ -7,21 +7,26 @@
 //! `LANES` partial sums in a fixed order, so results do not depend on the thread count, and are
 //! the same on every CPU level that has FMA.
 
+mod fused;
+
 pub(crate) use crate::simd::LANES;
 use crate::simd::{Accumulator, Lanes};
+pub(crate) use fused::{fused_format, MAX_MODELS as MAX_FUSED_MODELS};
 
 /// Raw sums of k vectors over the blocks added so far.
 #[derive(Debug, Clone)]
 pub(crate) struct Gram {
     k: usize,
     sums: Vec<f64>,
+    /// Lane partial sums of Σxᵢ from the fused sweep, folded into `sums` at the end.
+    sum_lanes: Vec<Lanes>,
     /// k×k, row-major; only i ≤ j is filled.
     products: Vec<Lanes>,
 }
 
 impl Gram {
     pub(crate) fn new(k: usize) -> Self {
-        Gram { k, sums: vec![0.0; k], products: vec![[0.0; LANES]; k * k] }
+        Gram { k, sums: vec![0.0; k], sum_lanes: vec![[0.0; LANES]; k], products: vec![[0.0; LANES]; k * k] }
     }
 
     /// Adds a block's Σxᵢ (summed by whoever made the block, in the same sweep).
@@ -42,7 +47,7 @@ impl Gram {
     pub(crate) fn totals(&self) -> (Vec<f64>, Vec<f64>) {
         let k = self.k;
         let total = |lanes: &Lanes| lanes.iter().sum::<f64>();
-        let sums = self.sums.clone();
+        let sums = self.sums.iter().zip(&self.sum_lanes).map(|(s, lanes)| s + total(lanes)).collect();
         let mut products = vec![0.0; k * k];
         for i in 0..k {
             for j in i..k {

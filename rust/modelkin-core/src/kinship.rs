@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
-use crate::gram::{Gram, LANES};
+use crate::gram::{fused_format, Gram, LANES, MAX_FUSED_MODELS};
 use crate::kernel;
 use crate::model::{Model, TensorEntry};
 use crate::stats::{split_matrix, Metric, Mode, Moments};
@@ -498,8 +498,10 @@ fn tensor_moments(
     Ok(Ok(moments))
 }
 
-/// Raw all-pairs sums of one chunk, swept block by block: each block of every source is decoded,
-/// turned into deltas (quantised when `scales` is given) and fed to the tiled pair kernel.
+/// Raw all-pairs sums of one chunk, swept block by block: up to eight fine-tunes stored alike are
+/// widened and multiplied in registers (the fused sweep); otherwise, and for a block's tail, each
+/// block of every source is decoded, turned into deltas (quantised when `scales` is given) and
+/// fed to the tiled pair kernel.
 fn gram_chunk(
     family: &Family,
     tensor: &PlannedTensor,
@@ -511,8 +513,22 @@ fn gram_chunk(
     let k = tensor.sources.len() - 1;
     let mut gram = Gram::new(k);
     let (base, rows) = buffer[..(k + 1) * GRAM_BLOCK].split_at_mut(GRAM_BLOCK);
-    for start in (first..first + len).step_by(GRAM_BLOCK) {
-        let count = GRAM_BLOCK.min(first + len - start);
+    let fused = if scales.is_none() { fused_format(k, tensor.sources.iter().map(|s| s.dtype)) } else { None };
+    let mut stored: [&[u8]; MAX_FUSED_MODELS + 1] = [&[]; MAX_FUSED_MODELS + 1];
+    for block_start in (first..first + len).step_by(GRAM_BLOCK) {
+        let block_count = GRAM_BLOCK.min(first + len - block_start);
+        let mut widened = 0;
+        if let Some(format) = fused {
+            for (bytes, source) in stored.iter_mut().zip(&tensor.sources) {
+                *bytes = family.raw_bytes(source, block_start, block_count);
+            }
+            widened = gram.add_stored_block(format, &stored[..=k], block_count, rows, GRAM_BLOCK);
+        }
+        // The block's tail (or all of it, without a fused sweep) is decoded into rows first.
+        let (start, count) = (block_start + widened, block_count - widened);
+        if count == 0 {
+            continue;
+        }
         let padded = count.next_multiple_of(LANES);
         family.read_f64(&tensor.sources[0], start, &mut base[..count]);
         for (i, (source, delta)) in tensor.sources[1..].iter().zip(rows.chunks_mut(GRAM_BLOCK)).enumerate() {
