@@ -514,21 +514,17 @@ fn gram_chunk(
     let mut gram = Gram::new(k);
     let (base, rows) = buffer[..(k + 1) * GRAM_BLOCK].split_at_mut(GRAM_BLOCK);
     let fused = if scales.is_none() { fused_format(k, tensor.sources.iter().map(|s| s.dtype)) } else { None };
-    let mut stored: [&[u8]; MAX_FUSED_MODELS + 1] = [&[]; MAX_FUSED_MODELS + 1];
-    for block_start in (first..first + len).step_by(GRAM_BLOCK) {
-        let block_count = GRAM_BLOCK.min(first + len - block_start);
-        let mut widened = 0;
-        if let Some(format) = fused {
-            for (bytes, source) in stored.iter_mut().zip(&tensor.sources) {
-                *bytes = family.raw_bytes(source, block_start, block_count);
-            }
-            widened = gram.add_stored_block(format, &stored[..=k], block_count, rows, GRAM_BLOCK);
+    let mut widened = 0;
+    if let Some(format) = fused {
+        let mut stored: [&[u8]; MAX_FUSED_MODELS + 1] = [&[]; MAX_FUSED_MODELS + 1];
+        for (bytes, source) in stored.iter_mut().zip(&tensor.sources) {
+            *bytes = family.raw_bytes(source, first, len);
         }
-        // The block's tail (or all of it, without a fused sweep) is decoded into rows first.
-        let (start, count) = (block_start + widened, block_count - widened);
-        if count == 0 {
-            continue;
-        }
+        widened = gram.add_stored(format, &stored[..=k], len, rows);
+    }
+    // The chunk's tail (or all of it, without a fused sweep) is decoded into rows first.
+    for start in (first + widened..first + len).step_by(GRAM_BLOCK) {
+        let count = GRAM_BLOCK.min(first + len - start);
         let padded = count.next_multiple_of(LANES);
         family.read_f64(&tensor.sources[0], start, &mut base[..count]);
         for (i, (source, delta)) in tensor.sources[1..].iter().zip(rows.chunks_mut(GRAM_BLOCK)).enumerate() {

@@ -15,6 +15,9 @@ use super::{Gram, Lanes, LANES};
 /// The most fine-tunes the fused sweep takes; more go through the tiles.
 pub(crate) const MAX_MODELS: usize = 8;
 
+/// Elements per step of the second sweep: the stored rows of a step stay in L1.
+pub(crate) const STEP: usize = 256;
+
 /// The stored format of every source of a block of k fine-tunes, when the fused sweep takes it.
 pub(crate) fn fused_format(k: usize, dtypes: impl IntoIterator<Item = FloatDtype>) -> Option<FloatDtype> {
     if k > MAX_MODELS {
@@ -42,22 +45,21 @@ fn cpu_has_fused() -> bool {
 }
 
 impl Gram {
-    /// Adds the sums and products of the first `count / LANES * LANES` elements of one block and
+    /// Adds the sums and products of the first `count / LANES * LANES` elements of a run and
     /// returns how many elements that is (0 when k is above [`MAX_MODELS`] or the CPU lacks
-    /// AVX-512); the caller decodes the rest. `sources` holds each source's stored bytes from the block's first element, the
-    /// base first, all in `format` (from [`fused_format`]); `scratch` holds (k − 1)·`stride`
-    /// values with `stride` ≥ `count`.
-    pub(crate) fn add_stored_block(
+    /// AVX-512); the caller decodes the rest. `sources` holds each source's stored bytes from the
+    /// run's first element, the base first, all in `format` (from [`fused_format`]); `scratch`
+    /// holds (k − 1)·[`STEP`] values.
+    pub(crate) fn add_stored(
         &mut self,
         format: FloatDtype,
         sources: &[&[u8]],
         count: usize,
         scratch: &mut [f64],
-        stride: usize,
     ) -> usize {
         let k = self.k;
         let whole = count / LANES * LANES;
-        assert!(sources.len() == k + 1 && stride >= whole && scratch.len() >= k.saturating_sub(1) * stride);
+        assert!(sources.len() == k + 1 && scratch.len() >= k.saturating_sub(1) * STEP);
         assert!(sources.iter().all(|s| s.len() >= whole * format.size()));
         #[cfg(target_arch = "x86_64")]
         {
@@ -68,14 +70,14 @@ impl Gram {
             for (p, s) in pointers.iter_mut().zip(sources) {
                 *p = s.as_ptr();
             }
-            let mut block = x86::Block { sources: pointers, len: whole, scratch, stride };
+            let mut block = x86::Block { sources: pointers, len: whole, scratch };
             // SAFETY: the CPU has the features (checked above), and the asserts bound every access.
             unsafe { x86::dispatch(format, k, &mut block, &mut self.sum_lanes, &mut self.products) };
             whole
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            let _ = (format, sources, scratch, stride);
+            let _ = (format, sources, scratch);
             0
         }
     }
@@ -85,14 +87,13 @@ impl Gram {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, LANES, MAX_MODELS};
+    use super::{Lanes, LANES, MAX_MODELS, STEP};
     use crate::dtype::FloatDtype;
 
     pub(super) struct Block<'a> {
         pub(super) sources: [*const u8; MAX_MODELS + 1],
         pub(super) len: usize,
         pub(super) scratch: &'a mut [f64],
-        pub(super) stride: usize,
     }
 
     /// Eight stored values widened exactly to f64.
@@ -175,7 +176,8 @@ mod x86 {
         }
     }
 
-    /// Every pair (i, j ≥ i) of K rows: rows below R0 during the decode, the rest from scratch.
+    /// Every pair (i, j ≥ i) of K rows, a [`STEP`] at a time (the whole run when no row is
+    /// stored): rows below R0 during the decode, the rest from scratch.
     ///
     /// # Safety
     /// As [`dispatch`].
@@ -185,10 +187,34 @@ mod x86 {
         sums: &mut [Lanes],
         products: &mut [Lanes],
     ) {
+        let step = if R0 == K { block.len } else { STEP };
+        let mut first = 0;
+        while first < block.len {
+            let sources = block.sources.map(|p| p.wrapping_add(first * W::SIZE));
+            let len = step.min(block.len - first);
+            // SAFETY: the caller's guarantees; the step lies within the run.
+            unsafe { sweep_step::<W, K, R0>(&sources, len, block.scratch, sums, products) };
+            first += len;
+        }
+    }
+
+    /// One step of [`sweep`] over `len` elements from `src`.
+    ///
+    /// # Safety
+    /// As [`dispatch`], with `len` ≤ [`STEP`] when R0 < K.
+    // Kept out of line: inlined into the loop over steps, its registers spill.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
+    unsafe fn sweep_step<W: Widen, const K: usize, const R0: usize>(
+        src: &[*const u8; MAX_MODELS + 1],
+        len: usize,
+        scratch: &mut [f64],
+        sums: &mut [Lanes],
+        products: &mut [Lanes],
+    ) {
         let slot = |i: usize, j: usize| i * K + j;
-        let (src, stride, len) = (block.sources, block.stride, block.len);
-        let scratch = block.scratch.as_mut_ptr();
-        // SAFETY (whole body): every source holds `len` stored values, scratch (K − R0)·stride
+        let (stride, scratch) = (STEP, scratch.as_mut_ptr());
+        // SAFETY (whole body): every source holds `len` stored values, scratch (K − R0)·STEP
         // f64, `sums` K and `products` K·K lane arrays; offsets stay below those bounds.
         unsafe {
             let zero = _mm512_setzero_pd();
@@ -291,10 +317,10 @@ mod tests {
     /// to rounding, for every k it takes; above MAX_MODELS it declines.
     #[test]
     fn fused_sweep_matches_decode_then_tiles() {
-        let stride = 264;
         for format in [FloatDtype::BF16, FloatDtype::F16, FloatDtype::F32] {
             for k in 1..=MAX_MODELS + 1 {
-                for count in [256, 203, 7] {
+                for count in [2 * STEP + 40, STEP, 203, 7] {
+                    let stride = count + LANES;
                     let sources: Vec<Vec<u8>> = (0..=k)
                         .map(|s| {
                             let values: Vec<f32> =
@@ -304,8 +330,8 @@ mod tests {
                         .collect();
                     let slices: Vec<&[u8]> = sources.iter().map(Vec::as_slice).collect();
                     let mut fused = Gram::new(k);
-                    let mut scratch = vec![0.0; k * stride];
-                    let done = fused.add_stored_block(format, &slices, count, &mut scratch, stride);
+                    let mut scratch = vec![0.0; k * STEP];
+                    let done = fused.add_stored(format, &slices, count, &mut scratch);
                     if !cpu_has_fused() || k > MAX_MODELS || count < LANES {
                         assert_eq!(done, 0);
                         continue;
