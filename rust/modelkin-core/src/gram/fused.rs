@@ -231,23 +231,23 @@ mod x86 {
                     q += 1;
                 }
             }
+            // Pair (i < R0, j ≥ i)'s accumulator, in the order of the loads above.
+            let index = |i: usize, j: usize| i * K - i * (i + 1) / 2 + j;
             let mut e = 0;
             while e < len {
                 let base = W::widen(src[0].add(e * W::SIZE));
                 let mut d = [zero; MAX_MODELS];
-                for i in 0..K {
-                    d[i] = _mm512_sub_pd(W::widen(src[i + 1].add(e * W::SIZE)), base);
-                    if i >= R0 {
-                        _mm512_storeu_pd(scratch.add((i - R0) * stride + e), d[i]);
+                // Each delta meets the first rows as soon as it is made, so only those stay live:
+                // made all first, the deltas no longer fit the registers beside the accumulators.
+                for j in 0..K {
+                    d[j] = _mm512_sub_pd(W::widen(src[j + 1].add(e * W::SIZE)), base);
+                    if j >= R0 {
+                        _mm512_storeu_pd(scratch.add((j - R0) * stride + e), d[j]);
                     } else {
-                        s[i] = _mm512_add_pd(s[i], d[i]);
+                        s[j] = _mm512_add_pd(s[j], d[j]);
                     }
-                }
-                let mut q = 0;
-                for i in 0..R0 {
-                    for j in i..K {
-                        acc[q] = _mm512_fmadd_pd(d[i], d[j], acc[q]);
-                        q += 1;
+                    for i in 0..R0.min(j + 1) {
+                        acc[index(i, j)] = _mm512_fmadd_pd(d[i], d[j], acc[index(i, j)]);
                     }
                 }
                 e += LANES;
@@ -265,6 +265,7 @@ mod x86 {
             if R0 == K {
                 return;
             }
+            let (mut s, mut acc) = ([zero; MAX_MODELS], [zero; MAX_MODELS * MAX_MODELS]);
             let mut q = 0;
             for i in R0..K {
                 for j in i..K {
