@@ -50,7 +50,7 @@ impl Gram {
     /// returns how many elements that is (0 when k is above [`MAX_MODELS`] or the CPU lacks
     /// AVX-512); the caller decodes the rest. `sources` holds each source's stored bytes from the
     /// run's first element, the base first, all in `format` (from [`fused_format`]); `scratch`
-    /// holds (k − 1)·[`STEP`] values.
+    /// holds (k − 1)·[`STEP`] + [`LANES`] values.
     pub(crate) fn add_stored(
         &mut self,
         format: FloatDtype,
@@ -60,7 +60,7 @@ impl Gram {
     ) -> usize {
         let k = self.k;
         let whole = count / LANES * LANES;
-        assert!(sources.len() == k + 1 && scratch.len() >= k.saturating_sub(1) * STEP);
+        assert!(sources.len() == k + 1 && scratch.len() >= k.saturating_sub(1) * STEP + LANES);
         assert!(sources.iter().all(|s| s.len() >= whole * format.size()));
         #[cfg(target_arch = "x86_64")]
         {
@@ -214,7 +214,9 @@ mod x86 {
         products: &mut [Lanes],
     ) {
         let slot = |i: usize, j: usize| i * K + j;
-        let (stride, scratch) = (STEP, scratch.as_mut_ptr());
+        // Rows start on a cache line, so no vector store or load of them spans two lines.
+        let aligned = scratch.as_ptr().align_offset(64);
+        let (stride, scratch) = (STEP, scratch[aligned..].as_mut_ptr());
         // SAFETY (whole body): every source holds `len` stored values, scratch (K − R0)·STEP
         // f64, `sums` K and `products` K·K lane arrays; offsets stay below those bounds.
         unsafe {
