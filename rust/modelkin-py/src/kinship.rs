@@ -29,7 +29,7 @@ fn parse_mode(name: &str) -> PyResult<Mode> {
 }
 
 /// Moments of one block of one tensor, as the torch path hands them over:
-/// (tensor index, n, means[k], comoment[k, k], sqdist[k, k]).
+/// (tensor index, n, `means[k]`, `comoment[k, k]`, `sqdist[k, k]`).
 type MomentBlock<'py> =
     (usize, u64, PyReadonlyArray1<'py, f64>, PyReadonlyArray2<'py, f64>, PyReadonlyArray2<'py, f64>);
 
@@ -154,8 +154,8 @@ impl KinshipPlan {
     }
 
     /// Builds a result from moments computed elsewhere (the torch path). Each block is
-    /// (tensor index, n, means[k], comoment[k, k], sqdist[k, k]); blocks of one tensor are merged
-    /// in the order given. Tensors named in `skipped` are left out with their reason.
+    /// (tensor index, n, `means[k]`, `comoment[k, k]`, `sqdist[k, k]`); blocks of one tensor are
+    /// merged in the order given. Tensors named in `skipped` are left out with their reason.
     fn report(&self, blocks: Vec<MomentBlock<'_>>, skipped: Vec<(String, String)>) -> PyResult<KinshipStats> {
         let k = self.family.k();
         let mut merged: Vec<Option<Moments>> = vec![None; self.plan.tensors.len()];

@@ -147,7 +147,8 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F, AVX2 and F16C; `block` must satisfy `add_stored_block`'s asserts.
+    /// The CPU must have AVX-512F/BW/VL, AVX2 and F16C; `block` must satisfy the asserts of
+    /// `Gram::add_stored`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(super) unsafe fn dispatch(
         format: FloatDtype,
@@ -158,8 +159,8 @@ mod x86 {
     ) {
         macro_rules! by_k {
             ($w:ty) => {
-                // R0 rows ride along with the decode: as many as keep the accumulators, deltas and
-                // sums within AVX-512's 32 registers.
+                // R0 rows ride along with the decode: as many as keep their accumulators and sums,
+                // the base and the deltas within AVX-512's 32 registers (R0 = 4 of 8 spills).
                 // SAFETY: the caller's guarantees, passed on.
                 unsafe {
                     match k {

@@ -49,7 +49,7 @@ pub(super) struct TensorStatistics {
     pub variance_floor: Option<u32>,
     /// SCE: per-input weights from the task vectors' energy.
     pub weights: Vec<f64>,
-    /// Spherical methods: output = base_coefficient·base + Σ coefficients[i]·input[i].
+    /// Spherical methods: output = base_coefficient·base + Σ `coefficients[i]`·`input[i]`.
     pub combination: Option<(f64, Vec<f64>)>,
 }
 
@@ -382,8 +382,8 @@ fn gram(tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
     })
 }
 
-/// Adds one block's Σ vᵢ·vⱼ to `out` (k×k); with `relative`, v[0] is the base and the products
-/// are of the task vectors v[i + 1] − v[0].
+/// Adds one block's Σ vᵢ·vⱼ to `out` (k×k); with `relative`, `v[0]` is the base and the products
+/// are of the task vectors `v[i + 1] − v[0]`.
 fn add_gram_block(v: &[&[f64]], k: usize, relative: bool, out: &mut [f64]) {
     let offset = usize::from(relative);
     for i in 0..k {
