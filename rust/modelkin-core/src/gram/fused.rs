@@ -11,7 +11,7 @@
 
 use crate::dtype::FloatDtype;
 
-use super::{Gram, Lanes, LANES};
+use super::{Gram, LANES};
 
 /// The most fine-tunes the fused sweep takes; more go through the tiles.
 pub(crate) const MAX_MODELS: usize = 8;
@@ -88,8 +88,9 @@ impl Gram {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, LANES, MAX_MODELS, STEP};
+    use super::{LANES, MAX_MODELS, STEP};
     use crate::dtype::FloatDtype;
+    use crate::simd::Lanes;
 
     pub(super) struct Block<'a> {
         pub(super) sources: [*const u8; MAX_MODELS + 1],
@@ -322,6 +323,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::simd::Lanes;
 
     fn stored(format: FloatDtype, values: &[f32]) -> Vec<u8> {
         match format {
