@@ -51,11 +51,16 @@ def test_vocab_extended_fine_tunes_are_cut_to_base_rows(family_factory):
 
 
 def test_mixed_dtypes_between_base_and_fine_tunes(family_factory):
-    fam = family_factory(dtype="BF16", base_dtype="F32")
+    fam = family_factory(dtype="BF16", base_dtype="F32", n=4)
     result = modelkin.kinship(fam.models[0], fam.models[1], base=fam.base)
     da = deltas(fam.values[1], fam.base_values, VOCAB)
     db = deltas(fam.values[2], fam.base_values, VOCAB)
     assert_close(result.pcc, full(da, db, "pcc"))
+    # The matrix of mixed formats takes decode-then-tiles, not the fused sweep.
+    matrix = modelkin.kinship_matrix(fam.models, base=fam.base)
+    for i in range(4):
+        di = deltas(fam.values[i + 1], fam.base_values, VOCAB)
+        assert_close(float(matrix["pcc"][0, i]), full(da, di, "pcc"))
 
 
 def test_large_mean_delta_keeps_pcc_exact(tmp_path):
