@@ -498,10 +498,10 @@ fn tensor_moments(
     Ok(Ok(moments))
 }
 
-/// Raw all-pairs sums of one chunk, swept block by block: up to eight fine-tunes stored alike are
-/// widened and multiplied in registers (the fused sweep); otherwise, and for a block's tail, each
-/// block of every source is decoded, turned into deltas (quantised when `scales` is given) and
-/// fed to the tiled pair kernel.
+/// Raw all-pairs sums of one chunk: up to eight fine-tunes stored alike are widened and multiplied
+/// in registers (the fused sweep); otherwise, and for the chunk's last few (under eight) elements,
+/// each block of every source is decoded, turned into deltas (quantised when `scales` is given)
+/// and fed to the tiled pair kernel.
 fn gram_chunk(
     family: &Family,
     tensor: &PlannedTensor,
