@@ -17,21 +17,21 @@ pub(crate) use fused::{fused_format, MAX_MODELS as MAX_FUSED_MODELS};
 #[derive(Debug, Clone)]
 pub(crate) struct Gram {
     k: usize,
-    sums: Vec<f64>,
-    /// Lane partial sums of Σxᵢ from the fused sweep, folded into `sums` at the end.
-    sum_lanes: Vec<Lanes>,
+    /// Σxᵢ as `LANES` partial sums: the fused sweep adds lane by lane, a decoded block's sum
+    /// goes to lane 0.
+    sums: Vec<Lanes>,
     /// k×k, row-major; only i ≤ j is filled.
     products: Vec<Lanes>,
 }
 
 impl Gram {
     pub(crate) fn new(k: usize) -> Self {
-        Gram { k, sums: vec![0.0; k], sum_lanes: vec![[0.0; LANES]; k], products: vec![[0.0; LANES]; k * k] }
+        Gram { k, sums: vec![[0.0; LANES]; k], products: vec![[0.0; LANES]; k * k] }
     }
 
     /// Adds a block's Σxᵢ (summed by whoever made the block, in the same sweep).
     pub(crate) fn add_sum(&mut self, i: usize, sum: f64) {
-        self.sums[i] += sum;
+        self.sums[i][0] += sum;
     }
 
     /// Adds one block's products: row i holds `len` elements at `rows[i * stride..]`. `len` must
@@ -47,7 +47,7 @@ impl Gram {
     pub(crate) fn totals(&self) -> (Vec<f64>, Vec<f64>) {
         let k = self.k;
         let total = |lanes: &Lanes| lanes.iter().sum::<f64>();
-        let sums = self.sums.iter().zip(&self.sum_lanes).map(|(s, lanes)| s + total(lanes)).collect();
+        let sums = self.sums.iter().map(total).collect();
         let mut products = vec![0.0; k * k];
         for i in 0..k {
             for j in i..k {

@@ -470,11 +470,12 @@ fn tensor_moments(
 ) -> Result<std::result::Result<Moments, usize>> {
     let k = tensor.sources.len() - 1;
     let pair_path = k == 2 && scales.is_none();
+    let fused = if scales.is_none() { fused_format(k, tensor.sources.iter().map(|s| s.dtype)) } else { None };
     let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
         if pair_path {
             pair_chunk(family, tensor, first, len, buffer)
         } else {
-            gram_chunk(family, tensor, first, len, scales, buffer)
+            gram_chunk(family, tensor, first, len, scales, fused, buffer)
         }
     })?;
     let mut moments = Moments::empty(k);
@@ -498,22 +499,22 @@ fn tensor_moments(
     Ok(Ok(moments))
 }
 
-/// Raw all-pairs sums of one chunk: up to eight fine-tunes stored alike are widened and multiplied
-/// in registers (the fused sweep); otherwise, and for the chunk's last few (under eight) elements,
-/// each block of every source is decoded, turned into deltas (quantised when `scales` is given)
-/// and fed to the tiled pair kernel.
+/// Raw all-pairs sums of one chunk: with a `fused` format (from [`fused_format`]) the fine-tunes
+/// are widened and multiplied in registers; otherwise, and for the chunk's last few (under eight)
+/// elements, each block of every source is decoded, turned into deltas (quantised when `scales`
+/// is given) and fed to the tiled pair kernel.
 fn gram_chunk(
     family: &Family,
     tensor: &PlannedTensor,
     first: usize,
     len: usize,
     scales: Option<&[f64]>,
+    fused: Option<FloatDtype>,
     buffer: &mut [f64],
 ) -> ChunkOutcome {
     let k = tensor.sources.len() - 1;
     let mut gram = Gram::new(k);
     let (base, rows) = buffer[..(k + 1) * GRAM_BLOCK].split_at_mut(GRAM_BLOCK);
-    let fused = if scales.is_none() { fused_format(k, tensor.sources.iter().map(|s| s.dtype)) } else { None };
     let mut widened = 0;
     if let Some(format) = fused {
         let mut stored: [&[u8]; MAX_FUSED_MODELS + 1] = [&[]; MAX_FUSED_MODELS + 1];

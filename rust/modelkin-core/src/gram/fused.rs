@@ -71,9 +71,10 @@ impl Gram {
             for (p, s) in pointers.iter_mut().zip(sources) {
                 *p = s.as_ptr();
             }
-            let mut block = x86::Block { sources: pointers, len: whole, scratch };
             // SAFETY: the CPU has the features (checked above), and the asserts bound every access.
-            unsafe { x86::dispatch(format, k, &mut block, &mut self.sum_lanes, &mut self.products) };
+            unsafe {
+                x86::dispatch(format, k, &pointers, whole, scratch, &mut self.sums, &mut self.products)
+            };
             whole
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -91,12 +92,6 @@ mod x86 {
     use super::{LANES, MAX_MODELS, STEP};
     use crate::dtype::FloatDtype;
     use crate::simd::Lanes;
-
-    pub(super) struct Block<'a> {
-        pub(super) sources: [*const u8; MAX_MODELS + 1],
-        pub(super) len: usize,
-        pub(super) scratch: &'a mut [f64],
-    }
 
     /// Eight stored values widened exactly to f64.
     trait Widen {
@@ -148,13 +143,15 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F/BW/VL, AVX2 and F16C; `block` must satisfy the asserts of
-    /// `Gram::add_stored`.
+    /// The CPU must have AVX-512F/BW/VL, AVX2 and F16C; the arguments must satisfy the asserts
+    /// of `Gram::add_stored`, each of the first k + 1 `sources` pointing at `len` stored values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(super) unsafe fn dispatch(
         format: FloatDtype,
         k: usize,
-        block: &mut Block,
+        sources: &[*const u8; MAX_MODELS + 1],
+        len: usize,
+        scratch: &mut [f64],
         sums: &mut [Lanes],
         products: &mut [Lanes],
     ) {
@@ -165,14 +162,14 @@ mod x86 {
                 // SAFETY: the caller's guarantees, passed on.
                 unsafe {
                     match k {
-                        1 => sweep::<$w, 1, 1>(block, sums, products),
-                        2 => sweep::<$w, 2, 2>(block, sums, products),
-                        3 => sweep::<$w, 3, 3>(block, sums, products),
-                        4 => sweep::<$w, 4, 4>(block, sums, products),
-                        5 => sweep::<$w, 5, 5>(block, sums, products),
-                        6 => sweep::<$w, 6, 3>(block, sums, products),
-                        7 => sweep::<$w, 7, 3>(block, sums, products),
-                        8 => sweep::<$w, 8, 3>(block, sums, products),
+                        1 => sweep::<$w, 1, 1>(sources, len, scratch, sums, products),
+                        2 => sweep::<$w, 2, 2>(sources, len, scratch, sums, products),
+                        3 => sweep::<$w, 3, 3>(sources, len, scratch, sums, products),
+                        4 => sweep::<$w, 4, 4>(sources, len, scratch, sums, products),
+                        5 => sweep::<$w, 5, 5>(sources, len, scratch, sums, products),
+                        6 => sweep::<$w, 6, 3>(sources, len, scratch, sums, products),
+                        7 => sweep::<$w, 7, 3>(sources, len, scratch, sums, products),
+                        8 => sweep::<$w, 8, 3>(sources, len, scratch, sums, products),
                         _ => unreachable!("k is at most MAX_MODELS"),
                     }
                 }
@@ -193,18 +190,20 @@ mod x86 {
     /// As [`dispatch`].
     #[inline(always)]
     unsafe fn sweep<W: Widen, const K: usize, const R0: usize>(
-        block: &mut Block,
+        sources: &[*const u8; MAX_MODELS + 1],
+        len: usize,
+        scratch: &mut [f64],
         sums: &mut [Lanes],
         products: &mut [Lanes],
     ) {
-        let step = if R0 == K { block.len } else { STEP };
+        let step = if R0 == K { len } else { STEP };
         let mut first = 0;
-        while first < block.len {
-            let sources = block.sources.map(|p| p.wrapping_add(first * W::SIZE));
-            let len = step.min(block.len - first);
+        while first < len {
+            let from = sources.map(|p| p.wrapping_add(first * W::SIZE));
+            let count = step.min(len - first);
             // SAFETY: the caller's guarantees; the step lies within the run.
-            unsafe { sweep_step::<W, K, R0>(&sources, len, block.scratch, sums, products) };
-            first += len;
+            unsafe { sweep_step::<W, K, R0>(&from, count, scratch, sums, products) };
+            first += count;
         }
     }
 
@@ -222,7 +221,6 @@ mod x86 {
         sums: &mut [Lanes],
         products: &mut [Lanes],
     ) {
-        let slot = |i: usize, j: usize| i * K + j;
         // Rows start on a cache line, so no vector store or load of them spans two lines.
         let aligned = scratch.as_ptr().align_offset(64);
         let (stride, scratch) = (STEP, scratch[aligned..].as_mut_ptr());
@@ -230,20 +228,9 @@ mod x86 {
         // f64, `sums` K and `products` K·K lane arrays; offsets stay below those bounds.
         unsafe {
             let zero = _mm512_setzero_pd();
-            let mut s = [zero; MAX_MODELS];
-            let mut acc = [zero; MAX_MODELS * MAX_MODELS];
-            for i in 0..R0 {
-                s[i] = _mm512_loadu_pd(sums[i].as_ptr());
-            }
-            let mut q = 0;
-            for i in 0..R0 {
-                for j in i..K {
-                    acc[q] = _mm512_loadu_pd(products[slot(i, j)].as_ptr());
-                    q += 1;
-                }
-            }
-            // Pair (i < R0, j ≥ i)'s accumulator, in the order of the loads above.
-            let index = |i: usize, j: usize| i * K - i * (i + 1) / 2 + j;
+            // Indexed like `products` (i·K + j); only the pairs of the rows in hand are used.
+            let (mut s, mut acc): (_, Registers) = ([zero; MAX_MODELS], [zero; MAX_MODELS * MAX_MODELS]);
+            load_rows::<K>(0..R0, sums, products, &mut s, &mut acc);
             let mut e = 0;
             while e < len {
                 let base = W::widen(src[0].add(e * W::SIZE));
@@ -258,62 +245,81 @@ mod x86 {
                         s[j] = _mm512_add_pd(s[j], d[j]);
                     }
                     for i in 0..R0.min(j + 1) {
-                        acc[index(i, j)] = _mm512_fmadd_pd(d[i], d[j], acc[index(i, j)]);
+                        acc[i * K + j] = _mm512_fmadd_pd(d[i], d[j], acc[i * K + j]);
                     }
                 }
                 e += LANES;
             }
-            for i in 0..R0 {
-                _mm512_storeu_pd(sums[i].as_mut_ptr(), s[i]);
-            }
-            let mut q = 0;
-            for i in 0..R0 {
-                for j in i..K {
-                    _mm512_storeu_pd(products[slot(i, j)].as_mut_ptr(), acc[q]);
-                    q += 1;
-                }
-            }
+            store_rows::<K>(0..R0, &s, &acc, sums, products);
             if R0 == K {
                 return;
             }
-            let (mut s, mut acc) = ([zero; MAX_MODELS], [zero; MAX_MODELS * MAX_MODELS]);
-            let mut q = 0;
-            for i in R0..K {
-                for j in i..K {
-                    acc[q] = _mm512_loadu_pd(products[slot(i, j)].as_ptr());
-                    q += 1;
-                }
-            }
-            for i in R0..K {
-                s[i] = _mm512_loadu_pd(sums[i].as_ptr());
-            }
+            let (mut s, mut acc): (_, Registers) = ([zero; MAX_MODELS], [zero; MAX_MODELS * MAX_MODELS]);
+            load_rows::<K>(R0..K, sums, products, &mut s, &mut acc);
             let mut e = 0;
             while e < len {
-                let y: [__m512d; MAX_MODELS] = std::array::from_fn(|r| {
-                    if r < K - R0 {
-                        _mm512_loadu_pd(scratch.add(r * stride + e))
+                let y: [__m512d; MAX_MODELS] = std::array::from_fn(|i| {
+                    if (R0..K).contains(&i) {
+                        _mm512_loadu_pd(scratch.add((i - R0) * stride + e))
                     } else {
                         zero
                     }
                 });
-                let mut q = 0;
-                for i in 0..K - R0 {
-                    s[R0 + i] = _mm512_add_pd(s[R0 + i], y[i]);
-                    for j in i..K - R0 {
-                        acc[q] = _mm512_fmadd_pd(y[i], y[j], acc[q]);
-                        q += 1;
+                for i in R0..K {
+                    s[i] = _mm512_add_pd(s[i], y[i]);
+                    for j in i..K {
+                        acc[i * K + j] = _mm512_fmadd_pd(y[i], y[j], acc[i * K + j]);
                     }
                 }
                 e += LANES;
             }
-            for i in R0..K {
-                _mm512_storeu_pd(sums[i].as_mut_ptr(), s[i]);
-            }
-            let mut q = 0;
-            for i in R0..K {
+            store_rows::<K>(R0..K, &s, &acc, sums, products);
+        }
+    }
+
+    type Registers = [__m512d; MAX_MODELS * MAX_MODELS];
+
+    /// Loads the running sums of `rows` and their products with every later row.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `sums` holds K and `products` K·K lane arrays.
+    #[inline(always)]
+    unsafe fn load_rows<const K: usize>(
+        rows: std::ops::Range<usize>,
+        sums: &[Lanes],
+        products: &[Lanes],
+        s: &mut [__m512d; MAX_MODELS],
+        acc: &mut Registers,
+    ) {
+        for i in rows {
+            // SAFETY: each lane array holds LANES values; the caller guarantees the features.
+            unsafe {
+                s[i] = _mm512_loadu_pd(sums[i].as_ptr());
                 for j in i..K {
-                    _mm512_storeu_pd(products[slot(i, j)].as_mut_ptr(), acc[q]);
-                    q += 1;
+                    acc[i * K + j] = _mm512_loadu_pd(products[i * K + j].as_ptr());
+                }
+            }
+        }
+    }
+
+    /// Stores what [`load_rows`] loaded, once the rows' sweep has added to it.
+    ///
+    /// # Safety
+    /// As [`load_rows`].
+    #[inline(always)]
+    unsafe fn store_rows<const K: usize>(
+        rows: std::ops::Range<usize>,
+        s: &[__m512d; MAX_MODELS],
+        acc: &Registers,
+        sums: &mut [Lanes],
+        products: &mut [Lanes],
+    ) {
+        for i in rows {
+            // SAFETY: as in load_rows.
+            unsafe {
+                _mm512_storeu_pd(sums[i].as_mut_ptr(), s[i]);
+                for j in i..K {
+                    _mm512_storeu_pd(products[i * K + j].as_mut_ptr(), acc[i * K + j]);
                 }
             }
         }
@@ -326,13 +332,15 @@ mod tests {
     use crate::simd::Lanes;
 
     fn stored(format: FloatDtype, values: &[f32]) -> Vec<u8> {
-        match format {
-            FloatDtype::BF16 => {
-                values.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect()
-            }
-            FloatDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
-            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        use crate::encode::{encode, OutDtype};
+        let dtype = match format {
+            FloatDtype::BF16 => OutDtype::BF16,
+            FloatDtype::F16 => OutDtype::F16,
+            _ => OutDtype::F32,
+        };
+        let mut out = Vec::new();
+        encode(dtype, &values.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(), &mut out);
+        out
     }
 
     /// The fused sweep gives the tiles' products and the lane-ordered sums bit for bit, special
