@@ -31,7 +31,7 @@ lint: build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --document-private-items --quiet
-	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff check python tests benches scripts
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m mypy.stubtest modelkin._core
 

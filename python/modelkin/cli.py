@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import ModelkinError
+from .evolve.cli import evolve_command, runs_app
 from .kinship import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
 from .progress import PassProgress
 
@@ -234,13 +235,31 @@ def methods_command() -> None:
 
 @app.command("example")
 def example_command(
-    directory: Annotated[Path, typer.Argument(help="Where to write the example family.")],
+    directory: Annotated[Path | None, typer.Argument(help="Where to write the example family.")] = None,
+    tasks: Annotated[
+        Path | None,
+        typer.Option("--tasks", help="Write the trained task family (and evolve.yml, soup.yml) here instead."),
+    ] = None,
 ) -> None:
-    """Write the bundled example family (a tiny Llama-shaped base and four fine-tunes)."""
+    """Write a bundled family: the synthetic kinship family (DIRECTORY), or the trained task family
+    (--tasks DIR: a tiny Llama base and four fine-tunes, each mastering one task, ready to evolve)."""
+    if (directory is None) == (tasks is None):
+        raise typer.BadParameter("give either DIRECTORY or --tasks DIR")
+    if tasks is not None:
+        from .evolve.family import write_task_family
+
+        for name, path in write_task_family(tasks).items():
+            print(f"{name}: {path}")
+        return
     from .example import write_example_family
 
+    assert directory is not None
     for name, path in write_example_family(directory).items():
         print(f"{name}: {path}")
+
+
+app.command("evolve")(evolve_command)
+app.add_typer(runs_app, name="runs")
 
 
 def _warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:

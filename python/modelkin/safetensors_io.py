@@ -98,3 +98,48 @@ def save_model(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return directory
+
+
+_NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
+
+
+def load_file(path: str | Path) -> dict[str, npt.NDArray[np.float32]]:
+    """Reads a small safetensors file into float32 arrays (bf16 widened exactly). For the bundled
+    task family's evaluator; the engine reads real checkpoints in Rust, streamed."""
+    data = Path(path).read_bytes()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file (too short)")
+    (size,) = struct.unpack("<Q", data[:8])
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except ValueError as error:
+        raise ValueError(f"{path}: not a safetensors file (bad header)") from error
+    body = memoryview(data)[8 + size :]
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        raw = body[begin:end]
+        if info["dtype"] == "BF16":
+            values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _NUMPY:
+            values = np.frombuffer(raw, dtype=_NUMPY[info["dtype"]]).astype(np.float32)
+        else:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']} (F64, F32, F16, BF16 are read)")
+        out[name] = values.reshape(info["shape"])
+    return out
+
+
+def load_model(directory: str | Path) -> dict[str, npt.NDArray[np.float32]]:
+    """All tensors of a model directory (``model.safetensors`` or its shards), or of one file."""
+    path = Path(directory)
+    if path.is_file():
+        return load_file(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors files")
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    for file in files:
+        out.update(load_file(file))
+    return out

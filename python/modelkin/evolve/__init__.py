@@ -1,0 +1,23 @@
+"""Evolution: merge, evaluate, select, repeat, on a crash-safe run store.
+
+Strategies: ``topk`` (Hu et al. 2024, Top-k greedy merging with the kinship-guided exploration
+merge) and ``greedy_soup`` (Wortsman et al. 2022). Nothing here is imported by ``modelkin`` itself
+until it is used, and optional heavy dependencies (lm_eval) are imported only when asked for."""
+
+from .config import EvolveConfig, load_evolve_config
+from .driver import RunError
+from .evaluators import EvaluationError, ObjectiveError
+from .run import Run, evolve, open_run
+from .store import Candidate
+
+__all__ = [
+    "Candidate",
+    "EvaluationError",
+    "EvolveConfig",
+    "ObjectiveError",
+    "Run",
+    "RunError",
+    "evolve",
+    "load_evolve_config",
+    "open_run",
+]

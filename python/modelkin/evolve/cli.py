@@ -1,0 +1,187 @@
+"""The evolution commands: ``modelkin evolve`` and the ``modelkin runs`` group."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from .store import Candidate, Store
+
+runs_app = typer.Typer(name="runs", help="Inspect evolution runs.", no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+out = Console()
+RECENT = 12
+
+RunArg = Annotated[Path, typer.Argument(help="A run directory (made by modelkin evolve).")]
+
+
+class LiveTable:
+    """The live view of a running evolution: the latest candidates, counts, best score and ETA."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = Live(console=console, refresh_per_second=4, transient=False)
+        self.started = time.perf_counter()
+        self.finished = 0
+
+    def __enter__(self) -> LiveTable:
+        if self.console.is_terminal:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.console.is_terminal:
+            self.live.__exit__(None, None, None)
+
+    def __call__(self, event: str, candidate: Candidate, store: Store) -> None:
+        if event in ("done", "failed"):
+            self.finished += 1
+        if not self.console.is_terminal:
+            if event in ("done", "failed"):
+                score = "" if candidate.objective_search is None else f" search {candidate.objective_search:.4f}"
+                self.console.print(f"#{candidate.id} {candidate.role} {event}{score}")
+            return
+        self.live.update(self.render(store))
+
+    def render(self, store: Store) -> Group:
+        candidates = store.candidates()
+        labels = {c.id: c.label for c in candidates}
+        table = Table(title="modelkin evolve", expand=False)
+        for column in ("id", "gen", "role", "parents", "search", "test", "status"):
+            table.add_column(column)
+        for c in candidates[-RECENT:]:
+            table.add_row(
+                str(c.id),
+                str(c.generation),
+                c.role,
+                " + ".join(labels.get(p, str(p)) for p in c.parents) or c.label,
+                "" if c.objective_search is None else f"{c.objective_search:.4f}",
+                "" if c.objective_test is None else f"{c.objective_test:.4f}",
+                c.status,
+            )
+        done = [c for c in candidates if c.status == "done" and c.role != "base"]
+        pending = sum(1 for c in candidates if c.status == "pending")
+        best = max((c.objective_search or 0.0 for c in done), default=float("nan"))
+        elapsed = time.perf_counter() - self.started
+        rate = elapsed / self.finished if self.finished else 0.0
+        line = (
+            f"{len(candidates) - pending} done / {len(candidates)} planned · best {best:.4f} · "
+            f"{elapsed:.0f} s elapsed · ETA of planned {rate * pending:.0f} s"
+        )
+        return Group(table, Text(line))
+
+
+def evolve_command(
+    config: Annotated[Path, typer.Argument(help="The evolution config (evolve.yml).")],
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (created, or resumed).")],
+    force: Annotated[bool, typer.Option("--force", help="Start over a run directory holding another config.")] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", min=0, help="Merge threads (0: all cores).")] = 0,
+    offline: Annotated[bool, typer.Option("--offline", help="Resolve Hub ids from the local cache only.")] = False,
+) -> None:
+    """Run an evolution (topk with kinship, greedy soup); re-running the same command resumes it."""
+    from .report import candidates_table
+    from .run import evolve
+
+    with LiveTable(err) as live:
+        run = evolve(config, run_dir, force=force, reporter=live, offline=offline, threads=threads)
+    out.print(candidates_table(run))
+    best = run.best
+    if best is not None:
+        print(
+            f"best: {best.label} search {best.objective_search:.4f}"
+            + (f" test {best.objective_test:.4f}" if best.objective_test is not None else "")
+            + f" · base search {run.base.objective_search:.4f} test {run.base.objective_test:.4f}"
+            + f" · stopped: {run.stop_reason}"
+        )
+
+
+@runs_app.command("show")
+def show_command(
+    run_dir: RunArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a score-by-generation PNG.")] = None,
+) -> None:
+    """Every candidate of a run: parents, recipe, kinship, scores, status, time."""
+    from .report import candidates_table, plot_progress
+    from .run import open_run
+
+    run = open_run(run_dir)
+    if plot is not None:
+        plot_progress(run, plot)
+        print(f"wrote {plot}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(run.to_dict(), indent=2))
+        return
+    out.print(candidates_table(run))
+    if run.stop_reason:
+        print(f"stopped: {run.stop_reason}")
+
+
+@runs_app.command("tree")
+def tree_command(
+    run_dir: RunArg,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the lineage as a PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print nodes and edges as JSON.")] = False,
+) -> None:
+    """The lineage: models as nodes (score), merges as edges (kinship)."""
+    from rich.tree import Tree
+
+    from .report import plot_tree
+    from .run import open_run
+
+    run = open_run(run_dir)
+    if plot is not None:
+        plot_tree(run, plot)
+        print(f"wrote {plot}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(run.tree(), indent=2))
+        return
+    children: dict[int, list[Candidate]] = {}
+    for c in run.candidates:
+        for p in c.parents:
+            children.setdefault(p, []).append(c)
+
+    def label(c: Candidate) -> str:
+        score = "" if c.objective_search is None else f" {c.objective_search:.4f}"
+        best = " [bold]best[/bold]" if c.id == run.best_id else ""
+        name = c.label if c.reference is not None else f"#{c.id}"
+        return f"{name} ({c.role}){score}{best}"
+
+    root = Tree(f"{run.path} ({run.strategy})")
+    shown: set[int] = set()
+
+    def add(node: Tree, c: Candidate) -> None:
+        branch = node.add(label(c))
+        if c.id in shown:
+            return
+        shown.add(c.id)
+        for child in children.get(c.id, []):
+            add(branch, child)
+
+    for c in run.candidates:
+        if c.role == "pool":
+            add(root, c)
+    out.print(root)
+
+
+@runs_app.command("best")
+def best_command(
+    run_dir: RunArg,
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the best model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = False,
+) -> None:
+    """Write the run's best model with a card listing its whole lineage."""
+    from .report import write_best
+    from .run import open_run
+
+    best = write_best(open_run(run_dir), out_dir, overwrite)
+    print(f"wrote {out_dir} (candidate #{best.id}, search {best.objective_search:.4f})")

@@ -1,0 +1,303 @@
+"""The evolution config (``evolve.yml``): parsed with PyYAML and validated into typed objects.
+
+Every key is either used or refused with a one-line error naming it and its line: a run that
+silently ignores part of its config would report results of an experiment nobody asked for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..merge_config import METHODS, RecipeError, _Lines, _where
+
+Strategy = Literal["topk", "greedy_soup"]
+STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup")
+# Strategies of the evolution issues that this version refuses by name rather than ignoring.
+PLANNED_STRATEGIES: tuple[str, ...] = ("cmaes",)
+KINSHIP_METRICS = ("pcc", "cs", "ed")
+# Keys of the `merge:` section: a mergekit recipe without its models (the strategy picks those).
+MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source")
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Hu et al.'s Top-k greedy merging, optionally with the kinship-guided exploration merge."""
+
+    k: int = 3
+    generations: int = 5
+    explore: Literal["kinship", "none"] = "kinship"
+    metric: Literal["pcc", "cs", "ed"] = "pcc"
+    stop_kinship: float | None = 0.9
+    patience: int = 1
+
+
+@dataclass(frozen=True)
+class GreedySoup:
+    """Wortsman et al.'s greedy soup: keep an ingredient when the soup's score does not drop."""
+
+    compare: Literal[">=", ">"] = ">="
+
+
+@dataclass(frozen=True)
+class EvaluatorSpec:
+    """How candidates are scored: exactly one of ``command``, ``python`` or ``lm_eval``."""
+
+    kind: Literal["command", "python", "lm_eval"]
+    command: str | None = None
+    python: str | None = None
+    lm_eval: Mapping[str, Any] = field(default_factory=dict)
+    timeout: float | None = None
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    """A validated evolution config; ``text`` is what was read (stored with the run)."""
+
+    pool: tuple[str, ...]
+    base_model: str
+    strategy: Strategy
+    topk: TopK
+    greedy_soup: GreedySoup
+    merge: Mapping[str, Any]
+    evaluator: EvaluatorSpec
+    weights: Mapping[str, float] | None
+    seed: int
+    keep: Literal["all", "top"]
+    max_failures: int
+    source: str
+    text: str
+    # Where relative model paths are resolved from: the config file's directory.
+    root: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the experiment: a run directory holds results of exactly one config."""
+        data = {
+            "pool": list(self.pool),
+            "base_model": self.base_model,
+            "strategy": self.strategy,
+            "topk": self.topk.__dict__,
+            "greedy_soup": self.greedy_soup.__dict__,
+            "merge": dict(self.merge),
+            "evaluator": {**self.evaluator.__dict__, "lm_eval": dict(self.evaluator.lm_eval)},
+            "weights": dict(self.weights) if self.weights is not None else None,
+            "seed": self.seed,
+            "keep": self.keep,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def model_path(self, reference: str) -> str:
+        """A model reference with relative local paths made absolute (from the config's directory)."""
+        candidate = self.root / reference
+        if not Path(reference).is_absolute() and (reference.startswith(".") or candidate.exists()):
+            return str(candidate.resolve())
+        return reference
+
+
+class _Checker:
+    def __init__(self, source: str, text: str | None) -> None:
+        self.source = source
+        self.lines = _Lines(text)
+
+    def fail(self, path: Sequence[str | int], message: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {_where(path)}{self.lines.line(path)}: {message}")
+
+    def keys(self, path: list[str | int], value: Any, known: Sequence[str]) -> Mapping[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise self.fail(path, "must be a mapping")
+        for key in value:
+            if key not in known:
+                raise self.fail([*path, key], f"unknown key (known: {', '.join(known)})")
+        return value
+
+    def integer(self, path: list[str | int], value: Any, low: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise self.fail(path, f"must be an integer >= {low}")
+        return value
+
+    def choice(self, path: list[str | int], value: Any, options: Sequence[str]) -> Any:
+        if value not in options:
+            raise self.fail(path, f"{value!r} is not one of {', '.join(options)}")
+        return value
+
+
+TOP_KEYS = (
+    "pool",
+    "base_model",
+    "strategy",
+    "topk",
+    "greedy_soup",
+    "merge",
+    "evaluator",
+    "objective",
+    "seed",
+    "keep",
+    "max_failures",
+    "name",
+)
+
+
+def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
+    """Reads ``evolve.yml`` (or a dict with its keys) and validates every key."""
+    if isinstance(config, Mapping):
+        raw: Any = dict(config)
+        text = yaml.safe_dump(raw, sort_keys=False)
+        check = _Checker("config", None)
+        root = Path.cwd()
+    else:
+        path = Path(config)
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise RecipeError(f"{path}: cannot read the config: {error.strerror or error}") from error
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise RecipeError(f"{path}:{where} invalid YAML: {getattr(error, 'problem', None) or error}") from error
+        check = _Checker(str(path), text)
+        root = path.resolve().parent
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{check.source}: an evolution config is a mapping (pool, base_model, strategy, ...)")
+    check.keys([], raw, TOP_KEYS)
+    strategy = raw.get("strategy", "topk")
+    if strategy in PLANNED_STRATEGIES:
+        raise check.fail(["strategy"], f"strategy {strategy!r} is not supported yet (supported: topk, greedy_soup)")
+    check.choice(["strategy"], strategy, STRATEGIES)
+    pool = raw.get("pool")
+    if not isinstance(pool, list) or len(pool) < 2 or not all(isinstance(p, str) for p in pool):
+        raise check.fail(["pool"], "a list of at least two model references is required")
+    if len(set(pool)) != len(pool):
+        raise check.fail(["pool"], "a model appears twice in the pool")
+    base = raw.get("base_model")
+    if not isinstance(base, str):
+        raise check.fail(["base_model"], "a base_model reference is required (the pool's common base)")
+    topk = _topk(check, raw.get("topk"), strategy)
+    soup = _soup(check, raw.get("greedy_soup"), strategy)
+    merge = _merge(check, raw.get("merge"), strategy)
+    evaluator = _evaluator(check, raw.get("evaluator"))
+    weights = _objective(check, raw.get("objective"))
+    seed = check.integer(["seed"], raw.get("seed", 0), 0)
+    keep = check.choice(["keep"], raw.get("keep", "all"), ("all", "top"))
+    max_failures = check.integer(["max_failures"], raw.get("max_failures", 5), 1)
+    if "name" in raw and not isinstance(raw["name"], str):
+        raise check.fail(["name"], "must be a string")
+    return EvolveConfig(
+        pool=tuple(pool),
+        base_model=base,
+        strategy=strategy,
+        topk=topk,
+        greedy_soup=soup,
+        merge=merge,
+        evaluator=evaluator,
+        weights=weights,
+        seed=seed,
+        keep=keep,
+        max_failures=max_failures,
+        source=check.source,
+        text=text,
+        root=root,
+    )
+
+
+def _topk(check: _Checker, value: Any, strategy: str) -> TopK:
+    if value is not None and strategy != "topk":
+        raise check.fail(["topk"], f"topk: settings given but the strategy is {strategy}")
+    section = check.keys(["topk"], value, ("k", "generations", "explore", "metric", "stop_kinship", "patience"))
+    at: list[str | int] = ["topk"]
+    stop = section.get("stop_kinship", 0.9)
+    if stop is not None and (isinstance(stop, bool) or not isinstance(stop, (int, float))):
+        raise check.fail([*at, "stop_kinship"], "must be a number or null (never stop on kinship)")
+    return TopK(
+        k=check.integer([*at, "k"], section.get("k", 3), 2),
+        generations=check.integer([*at, "generations"], section.get("generations", 5), 1),
+        explore=check.choice([*at, "explore"], section.get("explore", "kinship"), ("kinship", "none")),
+        metric=check.choice([*at, "metric"], section.get("metric", "pcc"), KINSHIP_METRICS),
+        stop_kinship=None if stop is None else float(stop),
+        patience=check.integer([*at, "patience"], section.get("patience", 1), 1),
+    )
+
+
+def _soup(check: _Checker, value: Any, strategy: str) -> GreedySoup:
+    if value is not None and strategy != "greedy_soup":
+        raise check.fail(["greedy_soup"], f"greedy_soup: settings given but the strategy is {strategy}")
+    section = check.keys(["greedy_soup"], value, ("compare",))
+    return GreedySoup(compare=check.choice(["greedy_soup", "compare"], section.get("compare", ">="), (">=", ">")))
+
+
+def _merge(check: _Checker, value: Any, strategy: str) -> Mapping[str, Any]:
+    section = dict(check.keys(["merge"], value, MERGE_KEYS))
+    default = "linear" if strategy == "greedy_soup" else "slerp"
+    method = section.setdefault("merge_method", default)
+    if method not in METHODS:
+        raise check.fail(["merge", "merge_method"], f"unknown merge_method {method!r}; supported: {', '.join(METHODS)}")
+    if strategy == "greedy_soup" and method != "linear":
+        raise check.fail(["merge", "merge_method"], "greedy_soup averages its ingredients: merge_method must be linear")
+    if strategy == "greedy_soup" and "weight" in (section.get("parameters") or {}):
+        raise check.fail(["merge", "parameters", "weight"], "a soup weighs its ingredients equally; remove weight")
+    if method in ("passthrough", "model_stock", "karcher", "multislerp") and strategy == "topk":
+        raise check.fail(["merge", "merge_method"], f"{method} is not a two-parent merge; topk merges pairs")
+    if method == "slerp":
+        section.setdefault("parameters", {"t": 0.5})
+    if "parameters" in section and not isinstance(section["parameters"], Mapping):
+        raise check.fail(["merge", "parameters"], "must be a mapping")
+    return section
+
+
+def _evaluator(check: _Checker, value: Any) -> EvaluatorSpec:
+    section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout"))
+    kinds = [k for k in ("command", "python", "lm_eval") if k in section]
+    if len(kinds) != 1:
+        raise check.fail(["evaluator"], "exactly one of command, python or lm_eval is required")
+    kind = kinds[0]
+    timeout = section.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise check.fail(["evaluator", "timeout"], "must be a positive number of seconds")
+    if timeout is not None and kind != "command":
+        raise check.fail(["evaluator", "timeout"], "timeout applies to command evaluators (this one runs in-process)")
+    if kind == "command":
+        if not isinstance(section["command"], str) or "{model}" not in section["command"]:
+            raise check.fail(["evaluator", "command"], "must be a command line containing {model}")
+        return EvaluatorSpec("command", command=section["command"], timeout=timeout)
+    if kind == "python":
+        if not isinstance(section["python"], str) or ":" not in section["python"]:
+            raise check.fail(["evaluator", "python"], "must name a callable as 'module:function'")
+        return EvaluatorSpec("python", python=section["python"], timeout=timeout)
+    lm = check.keys(
+        ["evaluator", "lm_eval"],
+        section["lm_eval"],
+        ("tasks", "model", "model_args", "limit", "num_fewshot", "batch_size", "device"),
+    )
+    tasks = lm.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise check.fail(["evaluator", "lm_eval", "tasks"], "a non-empty list of tasks is required")
+    for i, task in enumerate(tasks):
+        entry = {"name": task} if isinstance(task, str) else task
+        check.keys(["evaluator", "lm_eval", "tasks", i], entry, ("name", "weight", "metric"))
+        if not isinstance(entry.get("name"), str):
+            raise check.fail(["evaluator", "lm_eval", "tasks", i], "each task needs a name")
+    return EvaluatorSpec("lm_eval", lm_eval=dict(lm), timeout=timeout)
+
+
+def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
+    section = check.keys(["objective"], value, ("weights",))
+    weights = section.get("weights")
+    if weights is None:
+        return None
+    if not isinstance(weights, Mapping) or not weights:
+        raise check.fail(["objective", "weights"], "must map task names to weights")
+    for task, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise check.fail(["objective", "weights", task], "must be a number")
+    if sum(float(w) for w in weights.values()) == 0:
+        raise check.fail(["objective", "weights"], "the weights sum to zero")
+    return {str(k): float(v) for k, v in weights.items()}

@@ -1,0 +1,326 @@
+"""The evolution loop: propose candidates, merge, evaluate, record, select, repeat.
+
+Every step reads the store and writes one transaction, so a run killed at any moment resumes where it
+stopped: candidates are re-proposed by the same pure rules from the same stored scores (and so get the
+same ids), inserting an existing candidate is a no-op, and only a candidate left pending is worked on
+again. Nothing here holds state that the store does not."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+
+from .._core import model_tensors
+from ..errors import ModelkinError
+from ..kinship import kinship_matrix
+from ..merge_config import RecipeError, load_config
+from ..merging import merge
+from ..resolve import resolve
+from . import strategies
+from .config import EvolveConfig
+from .evaluators import EvaluationError, EvaluatorFn, ObjectiveError, objective
+from .recipes import pair_recipe, recipe_models, soup_recipe
+from .store import Candidate, Store
+
+MODELS_DIR = "models"
+SPLITS = ("search", "test")
+Reporter = Callable[[str, Candidate, Store], object]
+
+
+class RunError(ModelkinError, ValueError):
+    """The run cannot go on (bad pool, another config in the run directory, too many failures)."""
+
+
+@dataclass
+class Outcome:
+    """How a run ended."""
+
+    best: Candidate
+    stop_reason: str
+
+
+class Driver:
+    """Runs one evolution config in one run directory."""
+
+    def __init__(
+        self,
+        config: EvolveConfig,
+        run_dir: Path,
+        evaluator: EvaluatorFn,
+        *,
+        reporter: Reporter | None = None,
+        offline: bool = False,
+        threads: int = 0,
+    ) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        self.evaluate_fn = evaluator
+        self.report = reporter or (lambda event, candidate, store: None)
+        self.offline = offline
+        self.threads = threads
+        self.store = Store(run_dir)
+        self.failures_in_a_row = 0
+        self.base_path = ""
+
+    # --- setup -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Resolves and checks the models, then records the base and the pool (generation 0)."""
+        models = self.run_dir / MODELS_DIR
+        models.mkdir(exist_ok=True)
+        # A merge killed mid-write leaves its staging directory; the candidate is redone.
+        for stale in models.glob(".*.modelkin-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        base_ref = self.config.model_path(self.config.base_model)
+        self.base_path = str(resolve(base_ref, offline=self.offline))
+        expected = {name: shape for name, shape, _ in model_tensors(self.base_path)}
+        pool_paths = []
+        for ref in self.config.pool:
+            path = str(resolve(self.config.model_path(ref), offline=self.offline))
+            found = {name: shape for name, shape, _ in model_tensors(path)}
+            _check_fine_tune(ref, found, expected, self.config.base_model)
+            pool_paths.append(path)
+        # Refuse a merge section that cannot make a valid recipe before anything runs.
+        try:
+            if self.config.strategy == "topk":
+                load_config(pair_recipe(self.config.merge, pool_paths[0], pool_paths[1], self.base_path))
+            else:
+                load_config(soup_recipe(self.config.merge, pool_paths))
+        except RecipeError as error:
+            raise RecipeError(f"{self.config.source}: merge: {str(error).split(': ', 1)[-1]}") from error
+        self.store.add("base", 0, "base", reference=self.config.base_model, path=self.base_path)
+        for ref, path in zip(self.config.pool, pool_paths, strict=True):
+            self.store.add(f"pool:{ref}", 0, "pool", reference=ref, path=path)
+
+    # --- one candidate -----------------------------------------------------------------------
+    def materialize(self, candidate: Candidate) -> str:
+        """The candidate's model directory, re-made from its recipe when it was deleted."""
+        if candidate.path and Path(candidate.path).exists():
+            return candidate.path
+        if candidate.recipe is None:
+            raise RunError(f"model of {candidate.label} is gone: {candidate.path}")
+        for parent in candidate.parents:
+            self.materialize(self.store.get(parent))
+        out = self.run_dir / MODELS_DIR / f"c{candidate.id}"
+        start = time.perf_counter()
+        merge(candidate.recipe, out, overwrite=True, seed=self.config.seed, threads=self.threads, offline=self.offline)
+        self.store.record_merge(candidate.id, str(out), time.perf_counter() - start)
+        return str(out)
+
+    def score(self, candidate: Candidate, split: str) -> Candidate:
+        """Scores one split of a candidate (merging it first where needed); failures are recorded."""
+        candidate = self.store.get(candidate.id)
+        if split in candidate.scores or candidate.status == "failed":
+            return candidate
+        self.report("start", candidate, self.store)
+        try:
+            path = self.materialize(candidate)
+            start = time.perf_counter()
+            scores = self.evaluate_fn(path, split)
+            seconds = time.perf_counter() - start
+            value = objective(scores, self.config.weights)
+        except ObjectiveError:
+            raise
+        except (EvaluationError, ModelkinError, OSError, ValueError) as error:
+            self._fail(candidate, f"{type(error).__name__}: {error}")
+            return self.store.get(candidate.id)
+        except Exception as error:  # an evaluator's own bug fails its candidate, not the run
+            detail = traceback.format_exception_only(type(error), error)[-1].strip()
+            self._fail(candidate, detail)
+            return self.store.get(candidate.id)
+        self.store.record_scores(candidate.id, split, scores, value, seconds)
+        self.failures_in_a_row = 0
+        done = self.store.get(candidate.id)
+        self.report("done", done, self.store)
+        return done
+
+    def _fail(self, candidate: Candidate, error: str) -> None:
+        self.store.record_failure(candidate.id, error)
+        self.failures_in_a_row += 1
+        self.report("failed", self.store.get(candidate.id), self.store)
+        if self.failures_in_a_row >= self.config.max_failures:
+            raise RunError(
+                f"{self.failures_in_a_row} candidates failed in a row (max_failures); last: {error.splitlines()[0]}"
+            )
+
+    def propose(self, generation: int, role: str, parents: Sequence[Candidate], recipe: dict[str, object]) -> Candidate:
+        key = f"{role}:{','.join(str(p.id) for p in parents)}"
+        return self.store.add(key, generation, role, parents=[p.id for p in parents], recipe=recipe)
+
+    # --- kinship -----------------------------------------------------------------------------
+    def kinship(self, a: int, b: int) -> float:
+        value = self.store.kinship(a, b, self.config.topk.metric)
+        return math.nan if value is None else value
+
+    def measure_kinship(self, candidates: Sequence[Candidate]) -> None:
+        """Kinship of every not-yet-measured pair among ``candidates``, from one pass over their files
+        (all three metrics are stored: they come from the same sums)."""
+        ids = [c.id for c in candidates]
+        missing = [(a, b) for a, b in combinations(ids, 2) if self.store.kinship(a, b, "pcc") is None]
+        if not missing:
+            return
+        involved = [c for c in candidates if any(c.id in pair for pair in missing)]
+        paths = [self.materialize(c) for c in involved]
+        start = time.perf_counter()
+        result = kinship_matrix(paths, base=self.base_path, threads=self.threads, offline=self.offline)
+        values: dict[tuple[int, int, str], float] = {}
+        for i, a in enumerate(involved):
+            for j, b in enumerate(involved):
+                if i < j:
+                    for metric, matrix in result.metrics.items():
+                        values[(a.id, b.id, metric)] = float(matrix[i][j])
+        self.store.record_kinship(values)
+        self.store.add_kinship_time(time.perf_counter() - start)
+
+    # --- strategies --------------------------------------------------------------------------
+    def run(self) -> Outcome:
+        self.prepare()
+        base = self.store.by_key("base")
+        assert base is not None
+        for split in SPLITS:
+            base = self.score(base, split)
+        if base.status == "failed":
+            raise RunError(f"the base model could not be evaluated: {base.error}")
+        for member in self.pool():
+            for split in SPLITS:
+                self.score(member, split)
+        if not strategies.rank(self.pool()):
+            raise RunError("no pool model could be evaluated")
+        outcome = self.run_topk() if self.config.strategy == "topk" else self.run_soup()
+        self.store.set_meta(state="done", stop_reason=outcome.stop_reason, best=str(outcome.best.id))
+        return outcome
+
+    def pool(self) -> list[Candidate]:
+        return [c for c in self.store.candidates() if c.role == "pool"]
+
+    def population(self) -> list[Candidate]:
+        return [c for c in self.store.candidates() if c.role != "base"]
+
+    def run_topk(self) -> Outcome:
+        settings = self.config.topk
+        history = {g: top for g, top, _ in self.store.generations()}
+        if 0 not in history:
+            history[0] = [c.id for c in strategies.rank(self.pool())[: settings.k]]
+            self.store.record_generation(0, history[0], None)
+        stop = f"{settings.generations} generations done"
+        for generation in range(1, settings.generations + 1):
+            population = self.population()
+            top = strategies.rank(population)[: settings.k]
+            merged = strategies.merged_pairs(population)
+            tops = [history[g] for g in sorted(history) if g < generation]
+            if generation == 1:
+                pool = strategies.rank(self.pool())
+                pairs = [(a.id, b.id) for a, b in combinations(pool, 2)]
+            else:
+                if strategies.unchanged_for(tops, settings.patience):
+                    stop = f"top {settings.k} unchanged for {settings.patience} generation(s)"
+                    break
+                pairs = strategies.topk_pairs(top, merged)
+            explore = settings.explore == "kinship" and generation > 1 and bool(top)
+            taken = merged | {strategies.pair_key(a, b) for a, b in pairs}
+            options = [
+                c
+                for c in population
+                if explore
+                and c.status == "done"
+                and c.id != top[0].id
+                and strategies.pair_key(top[0].id, c.id) not in taken
+            ]
+            # One kinship pass per generation covers the stop rule (top k), the exploration
+            # choice (best against every option) and the parents of every proposed merge.
+            parents = [self.store.get(i) for pair in pairs for i in pair]
+            self.measure_kinship(list({c.id: c for c in [*top, *options, *parents]}.values()))
+            if (
+                generation > 1
+                and settings.stop_kinship is not None
+                and (strategies.kinship_saturated(top, self.kinship, settings.metric, settings.stop_kinship))
+            ):
+                stop = f"kinship ({settings.metric}) of every top-{settings.k} pair past {settings.stop_kinship}"
+                break
+            roles = ["merge"] * len(pairs)
+            if explore:
+                partner = strategies.explore_partner(top[0], options, taken, self.kinship, settings.metric)
+                if partner is not None:
+                    pairs.append((top[0].id, partner.id))
+                    roles.append("explore")
+            if not pairs:
+                stop = "every pair of the top k is merged already"
+                break
+            children = []
+            for (a, b), role in zip(pairs, roles, strict=True):
+                first, second = self.store.get(a), self.store.get(b)
+                paths = self.materialize(first), self.materialize(second)
+                recipe = pair_recipe(self.config.merge, *paths, self.base_path)
+                children.append(self.propose(generation, role, [first, second], recipe))
+            for child in children:
+                self.score(child, "search")
+            if generation not in history:
+                history[generation] = [c.id for c in strategies.rank(self.population())[: settings.k]]
+                self.store.record_generation(generation, history[generation], None)
+            self.prune(history[generation])
+        final = strategies.rank(self.population())[: settings.k]
+        for candidate in final:
+            self.score(candidate, "test")
+        return Outcome(self.store.get(final[0].id), stop)
+
+    def run_soup(self) -> Outcome:
+        ranked = strategies.rank(self.pool())
+        everything = [self.materialize(c) for c in self.pool()]
+        uniform = self.store.add(
+            "uniform_soup",
+            1,
+            "uniform_soup",
+            parents=[c.id for c in self.pool()],
+            recipe=soup_recipe(self.config.merge, everything),
+        )
+        self.score(uniform, "search")
+        soup = [ranked[0]]
+        current = ranked[0]
+        for step, ingredient in enumerate(ranked[1:], start=2):
+            trial = [*soup, ingredient]
+            recipe = soup_recipe(self.config.merge, [self.materialize(c) for c in trial])
+            key = "soup:" + ",".join(str(c.id) for c in trial)
+            proposed = self.store.add(key, step, "soup", parents=[c.id for c in trial], recipe=recipe)
+            candidate = self.score(proposed, "search")
+            if candidate.status != "done" or current.objective_search is None:
+                continue
+            assert candidate.objective_search is not None
+            compare = self.config.greedy_soup.compare
+            if strategies.soup_accepts(candidate.objective_search, current.objective_search, compare):
+                soup, current = trial, candidate
+        for candidate in (uniform, current):
+            self.score(candidate, "test")
+        kept = ", ".join(c.label for c in soup)
+        return Outcome(self.store.get(current.id), f"greedy soup of {len(soup)} ingredient(s): {kept}")
+
+    def prune(self, top: Sequence[int]) -> None:
+        """``keep: top``: deletes merged models outside the top k (re-made from their recipe if needed)."""
+        if self.config.keep != "top":
+            return
+        for candidate in self.population():
+            removable = candidate.recipe is not None and candidate.id not in top and candidate.path
+            if removable and candidate.path and Path(candidate.path).exists():
+                shutil.rmtree(candidate.path, ignore_errors=True)
+
+
+def _check_fine_tune(ref: str, found: dict[str, list[int]], expected: dict[str, list[int]], base: str) -> None:
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise RunError(f"pool model {ref} is not a fine-tune of {base}: it lacks tensor {missing[0]}")
+    extra = [n for n in found if n not in expected]
+    if extra:
+        raise RunError(f"pool model {ref} is not a fine-tune of {base}: it has tensor {extra[0]}, the base does not")
+    for name, shape in expected.items():
+        if found[name] != shape:
+            raise RunError(
+                f"pool model {ref} is not a fine-tune of {base}: tensor {name} has shape {found[name]},"
+                f" the base {shape}"
+            )
+
+
+__all__ = ["Driver", "Outcome", "RunError", "recipe_models"]

@@ -1,0 +1,229 @@
+"""Running an evolution (:func:`evolve`) and reading a run back (:class:`Run`): the Python API behind
+``modelkin evolve`` and ``modelkin runs``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import EvolveConfig, load_evolve_config
+from .driver import Driver, Reporter, RunError
+from .evaluators import EvaluatorFn, lm_eval_weights, make_evaluator
+from .store import STORE_NAME, Candidate, Store
+
+CONFIG_COPY = "evolve.yml"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory read back: its candidates, best model and lineage."""
+
+    path: Path
+    strategy: str
+    candidates: tuple[Candidate, ...]
+    kinship_pairs: Mapping[tuple[int, int], Mapping[str, float]]
+    generations: tuple[tuple[int, tuple[int, ...]], ...]
+    state: str
+    stop_reason: str | None
+    best_id: int | None
+    kinship_seconds: float
+    seed: int = 0
+
+    @property
+    def best(self) -> Candidate | None:
+        """The run's answer: the top model of topk, the final greedy soup (None while running)."""
+        return None if self.best_id is None else self.candidate(self.best_id)
+
+    @property
+    def base(self) -> Candidate:
+        return next(c for c in self.candidates if c.role == "base")
+
+    def candidate(self, id: int) -> Candidate:
+        for c in self.candidates:
+            if c.id == id:
+                return c
+        raise KeyError(f"no candidate #{id} in {self.path}")
+
+    def kinship_of(self, id: int) -> dict[str, dict[str, float | None]]:
+        """Every measured kinship of one candidate, keyed by the other candidate's id."""
+        out: dict[str, dict[str, float | None]] = {}
+        for (a, b), metrics in self.kinship_pairs.items():
+            if id in (a, b):
+                other = b if a == id else a
+                out[str(other)] = {m: (None if math.isnan(v) else v) for m, v in sorted(metrics.items())}
+        return out
+
+    def lineage(self, id: int) -> list[Candidate]:
+        """The candidate and all its ancestors, parents before children."""
+        seen: dict[int, Candidate] = {}
+
+        def visit(cid: int) -> None:
+            if cid in seen:
+                return
+            c = self.candidate(cid)
+            for p in c.parents:
+                visit(p)
+            seen[cid] = c
+
+        visit(id)
+        return list(seen.values())
+
+    def tree(self) -> dict[str, Any]:
+        """The lineage graph: models as nodes (with scores), merges as edges (with kinship)."""
+        nodes = [
+            {
+                "id": c.id,
+                "label": c.label,
+                "role": c.role,
+                "generation": c.generation,
+                "score": c.objective_search,
+                "status": c.status,
+            }
+            for c in self.candidates
+            if c.role != "base"
+        ]
+        edges = []
+        for c in self.candidates:
+            pair = self.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+            for p in c.parents:
+                edges.append({"parent": p, "child": c.id, "kinship": None if pair is None else pair.get("pcc")})
+        return {"nodes": nodes, "edges": edges}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The machine-readable run (``modelkin runs show --json``)."""
+        return {
+            "run": str(self.path),
+            "strategy": self.strategy,
+            "state": self.state,
+            "stop_reason": self.stop_reason,
+            "best": self.best_id,
+            "candidates": [self._candidate_dict(c) for c in self.candidates],
+        }
+
+    def _candidate_dict(self, c: Candidate) -> dict[str, Any]:
+        return {
+            "id": c.id,
+            "generation": c.generation,
+            "role": c.role,
+            "parents": list(c.parents),
+            "model": c.reference if c.reference is not None else c.path,
+            "recipe": c.recipe,
+            "status": c.status,
+            "scores": {split: dict(s) for split, s in c.scores.items()},
+            "objective": {"search": c.objective_search, "test": c.objective_test},
+            "kinship": self.kinship_of(c.id),
+            "error": c.error,
+            "seconds": {"merge": c.merge_s, "evaluate": c.eval_s},
+        }
+
+
+def open_run(run_dir: str | os.PathLike[str]) -> Run:
+    """Reads a run directory (read-only use; the store is opened, never changed)."""
+    path = Path(run_dir)
+    if not (path / STORE_NAME).is_file():
+        raise RunError(f"{path}: not a modelkin run directory (no {STORE_NAME})")
+    store = Store(path)
+    try:
+        best = store.get_meta("best")
+        return Run(
+            path=path,
+            strategy=store.get_meta("strategy") or "?",
+            candidates=tuple(store.candidates()),
+            kinship_pairs=store.all_kinship(),
+            generations=tuple((g, tuple(top)) for g, top, _ in store.generations()),
+            state=store.get_meta("state") or "running",
+            stop_reason=store.get_meta("stop_reason"),
+            best_id=None if best is None else int(best),
+            kinship_seconds=float(store.get_meta("kinship_s") or 0.0),
+            seed=int(store.get_meta("seed") or 0),
+        )
+    finally:
+        store.close()
+
+
+def evolve(
+    config: str | os.PathLike[str] | Mapping[str, Any],
+    run_dir: str | os.PathLike[str],
+    *,
+    evaluator: EvaluatorFn | None = None,
+    force: bool = False,
+    reporter: Reporter | None = None,
+    offline: bool = False,
+    threads: int = 0,
+) -> Run:
+    """Runs (or resumes) an evolution: ``config`` is an ``evolve.yml`` path or a dict of its keys,
+    ``run_dir`` holds the store and the merged models. A run directory holding another config is
+    refused unless ``force`` (which starts it over). ``evaluator`` overrides the config's with a
+    callable ``(model_path, split) -> {task: score}``."""
+    parsed = load_evolve_config(config if isinstance(config, Mapping) else Path(config))
+    if parsed.evaluator.kind == "lm_eval" and parsed.weights is None:
+        weights = lm_eval_weights(parsed.evaluator.lm_eval)
+        if weights is not None:
+            parsed = _with_weights(parsed, weights)
+    # Absolute, so the recipes stored with the candidates re-make them from any directory.
+    path = Path(run_dir).resolve()
+    _claim(path, parsed, force)
+    evaluate = make_evaluator(parsed.evaluator, evaluator)
+    driver = Driver(parsed, path, evaluate, reporter=reporter, offline=offline, threads=threads)
+    try:
+        driver.run()
+    finally:
+        driver.store.close()
+    return open_run(path)
+
+
+def _with_weights(config: EvolveConfig, weights: Mapping[str, float]) -> EvolveConfig:
+    from dataclasses import replace
+
+    return replace(config, weights=dict(weights))
+
+
+def _claim(path: Path, config: EvolveConfig, force: bool) -> None:
+    """Makes ``path`` this config's run directory, refusing one that holds another experiment."""
+    store_file = path / STORE_NAME
+    if store_file.exists():
+        store = Store(path)
+        try:
+            held = store.get_meta("fingerprint")
+        finally:
+            store.close()
+        if held != config.fingerprint:
+            if not force:
+                raise RunError(f"{path}: holds a run of a different config (pass --force to start it over)")
+            for name in (STORE_NAME, f"{STORE_NAME}-wal", f"{STORE_NAME}-shm", "models", CONFIG_COPY):
+                target = path / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    elif path.exists() and any(path.iterdir()) and not force:
+        raise RunError(f"{path}: exists, is not empty and is not a run directory (pass --force to use it)")
+    path.mkdir(parents=True, exist_ok=True)
+    store = Store(path)
+    try:
+        if store.get_meta("fingerprint") is None:
+            store.set_meta(
+                fingerprint=config.fingerprint,
+                strategy=config.strategy,
+                config=config.text,
+                config_source=config.source,
+                state="running",
+                seed=str(config.seed),
+            )
+            tmp = path / f".{CONFIG_COPY}.tmp"
+            tmp.write_text(config.text)
+            tmp.replace(path / CONFIG_COPY)
+        else:
+            store.set_meta(state="running")
+    finally:
+        store.close()
+
+
+def dump(run: Run) -> str:
+    return json.dumps(run.to_dict(), indent=2)
