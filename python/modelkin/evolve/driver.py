@@ -98,6 +98,11 @@ class Driver:
             self.store.add(f"pool:{ref}", 0, "pool", reference=ref, path=path)
 
     # --- one candidate -----------------------------------------------------------------------
+    def model_path(self, candidate: Candidate) -> str:
+        """Where a candidate's model lives (or will live once made): recipes name parents by it
+        without re-making pruned ones."""
+        return candidate.path or str(self.run_dir / MODELS_DIR / f"c{candidate.id}")
+
     def materialize(self, candidate: Candidate) -> str:
         """The candidate's model directory, re-made from its recipe when it was deleted."""
         if candidate.path and Path(candidate.path).exists():
@@ -106,7 +111,7 @@ class Driver:
             raise RunError(f"model of {candidate.label} is gone: {candidate.path}")
         for parent in candidate.parents:
             self.materialize(self.store.get(parent))
-        out = self.run_dir / MODELS_DIR / f"c{candidate.id}"
+        out = Path(self.model_path(candidate))
         start = time.perf_counter()
         merge(candidate.recipe, out, overwrite=True, seed=self.config.seed, threads=self.threads, offline=self.offline)
         self.store.record_merge(candidate.id, str(out), time.perf_counter() - start)
@@ -209,7 +214,9 @@ class Driver:
             self.store.record_generation(0, history[0], None)
         stop = f"{settings.generations} generations done"
         for generation in range(1, settings.generations + 1):
-            population = self.population()
+            # Decisions of generation g see only what generations before g made: on resume, the
+            # children of g already in the store must not change g's own choice of parents.
+            population = [c for c in self.population() if c.generation < generation]
             top = strategies.rank(population)[: settings.k]
             merged = strategies.merged_pairs(population)
             tops = [history[g] for g in sorted(history) if g < generation]
@@ -254,8 +261,7 @@ class Driver:
             children = []
             for (a, b), role in zip(pairs, roles, strict=True):
                 first, second = self.store.get(a), self.store.get(b)
-                paths = self.materialize(first), self.materialize(second)
-                recipe = pair_recipe(self.config.merge, *paths, self.base_path)
+                recipe = pair_recipe(self.config.merge, self.model_path(first), self.model_path(second), self.base_path)
                 children.append(self.propose(generation, role, [first, second], recipe))
             for child in children:
                 self.score(child, "search")
@@ -270,7 +276,7 @@ class Driver:
 
     def run_soup(self) -> Outcome:
         ranked = strategies.rank(self.pool())
-        everything = [self.materialize(c) for c in self.pool()]
+        everything = [self.model_path(c) for c in self.pool()]
         uniform = self.store.add(
             "uniform_soup",
             1,
@@ -283,7 +289,7 @@ class Driver:
         current = ranked[0]
         for step, ingredient in enumerate(ranked[1:], start=2):
             trial = [*soup, ingredient]
-            recipe = soup_recipe(self.config.merge, [self.materialize(c) for c in trial])
+            recipe = soup_recipe(self.config.merge, [self.model_path(c) for c in trial])
             key = "soup:" + ",".join(str(c.id) for c in trial)
             proposed = self.store.add(key, step, "soup", parents=[c.id for c in trial], recipe=recipe)
             candidate = self.score(proposed, "search")

@@ -1,0 +1,68 @@
+"""Shared pieces of the evolution tests: a small model family, fast deterministic evaluators (a
+Python callable and a command-line script), and config writers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from modelkin.safetensors_io import load_model, save_model
+
+HERE = Path(__file__).resolve().parent
+EVAL_SCRIPT = HERE / "fake_evaluator.py"
+
+
+def hashed_scores(model: str | Path, split: str) -> dict[str, float]:
+    """Deterministic scores from a model's weights: pseudo-random, so selection has work to do,
+    and the same bits always give the same scores (any change in a merge changes them)."""
+    tensors = load_model(model)
+    total = sum(float(np.abs(t.astype(np.float64)).sum()) for t in tensors.values())
+    layer = float(np.abs(tensors["model.layers.0.self_attn.q_proj.weight"].astype(np.float64)).sum())
+    offset = 0.0 if split == "search" else 0.01
+    return {"alpha": (total * 1e3) % 1.0 + offset, "beta": (layer * 1e4) % 1.0}
+
+
+def small_family(root: Path, n: int = 4, seed: int = 0, dtype: str = "F32") -> tuple[Path, list[Path]]:
+    """A base and ``n`` fine-tunes (2 layers, hidden 32), config.json included."""
+    rng = np.random.default_rng(seed)
+    hidden, inter, vocab = 32, 48, 40
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+        }
+    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
+              "hidden_size": hidden, "vocab_size": vocab, "torch_dtype": "float32"}
+    base = {k: rng.normal(0, 0.05, s) for k, s in shapes.items()}
+    base_path = save_model(root / "base", base, dtype, config=config)  # type: ignore[arg-type]
+    shared = {k: rng.normal(0, 0.01, s) for k, s in shapes.items()}
+    models = []
+    for i in range(n):
+        tensors = {k: base[k] + (0.5 if i % 2 else 0.0) * shared[k] + rng.normal(0, 0.01, s) for k, s in shapes.items()}
+        models.append(save_model(root / f"ft{i}", tensors, dtype, config=config))  # type: ignore[arg-type]
+    return base_path, models
+
+
+def write_config(path: Path, **config: Any) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def command_evaluator(extra: str = "") -> str:
+    """An evaluator command line running fake_evaluator.py with this interpreter."""
+    return f"{sys.executable} {EVAL_SCRIPT} {{model}} --split {{split}} {extra}".strip()
+
+
+def runs_json(run_dir: Path) -> dict[str, Any]:
+    from modelkin.evolve import open_run
+
+    return json.loads(json.dumps(open_run(run_dir).to_dict()))
