@@ -27,10 +27,12 @@ def hashed_scores(model: str | Path, split: str) -> dict[str, float]:
     return {"alpha": (total * 1e3) % 1.0 + offset, "beta": (layer * 1e4) % 1.0}
 
 
-def small_family(root: Path, n: int = 4, seed: int = 0, dtype: str = "F32") -> tuple[Path, list[Path]]:
+def small_family(
+    root: Path, n: int = 4, seed: int = 0, dtype: str = "F32", vocab: int = 40
+) -> tuple[Path, list[Path]]:
     """A base and ``n`` fine-tunes (2 layers, hidden 32), config.json included."""
     rng = np.random.default_rng(seed)
-    hidden, inter, vocab = 32, 48, 40
+    hidden, inter = 32, 48
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(2):
         p = f"model.layers.{i}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
@@ -285,6 +286,9 @@ def run_cli(command: Any, args: list[str] | None = None) -> int:
         return INTERRUPTED
     except (ModelkinError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as error:  # the run store (a full disk, a damaged file)
+        print(f"error: run store: {error}", file=sys.stderr)
         return 2
     if result == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code
         print("interrupted", file=sys.stderr)

@@ -79,8 +79,8 @@ class EvolveConfig:
     def fingerprint(self) -> str:
         """Identity of the experiment: a run directory holds results of exactly one config."""
         data = {
-            "pool": list(self.pool),
-            "base_model": self.base_model,
+            "pool": [self.model_path(p) for p in self.pool],
+            "base_model": self.model_path(self.base_model),
             "strategy": self.strategy,
             "topk": self.topk.__dict__,
             "greedy_soup": self.greedy_soup.__dict__,

@@ -70,31 +70,16 @@ class Driver:
 
     # --- setup -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Resolves and checks the models, then records the base and the pool (generation 0)."""
-        models = self.run_dir / MODELS_DIR
-        models.mkdir(exist_ok=True)
+        """Checks the models, then records the base and the pool (generation 0)."""
+        models = check_models(self.config, self.offline)
+        self.base_path = models.base
+        models_dir = self.run_dir / MODELS_DIR
+        models_dir.mkdir(exist_ok=True)
         # A merge killed mid-write leaves its staging directory; the candidate is redone.
-        for stale in models.glob(".*.modelkin-*"):
+        for stale in models_dir.glob(".*.modelkin-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        base_ref = self.config.model_path(self.config.base_model)
-        self.base_path = str(resolve(base_ref, offline=self.offline))
-        expected = {name: shape for name, shape, _ in model_tensors(self.base_path)}
-        pool_paths = []
-        for ref in self.config.pool:
-            path = str(resolve(self.config.model_path(ref), offline=self.offline))
-            found = {name: shape for name, shape, _ in model_tensors(path)}
-            _check_fine_tune(ref, found, expected, self.config.base_model)
-            pool_paths.append(path)
-        # Refuse a merge section that cannot make a valid recipe before anything runs.
-        try:
-            if self.config.strategy == "topk":
-                load_config(pair_recipe(self.config.merge, pool_paths[0], pool_paths[1], self.base_path))
-            else:
-                load_config(soup_recipe(self.config.merge, pool_paths))
-        except RecipeError as error:
-            raise RecipeError(f"{self.config.source}: merge: {str(error).split(': ', 1)[-1]}") from error
         self.store.add("base", 0, "base", reference=self.config.base_model, path=self.base_path)
-        for ref, path in zip(self.config.pool, pool_paths, strict=True):
+        for ref, path in zip(self.config.pool, models.pool, strict=True):
             self.store.add(f"pool:{ref}", 0, "pool", reference=ref, path=path)
 
     # --- one candidate -----------------------------------------------------------------------
@@ -190,7 +175,8 @@ class Driver:
         for split in SPLITS:
             base = self.score(base, split)
         if base.status == "failed":
-            raise RunError(f"the base model could not be evaluated: {base.error}")
+            first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
+            raise RunError(f"the base model could not be evaluated: {first_line}")
         for member in self.pool():
             for split in SPLITS:
                 self.score(member, split)
@@ -314,6 +300,35 @@ class Driver:
                 shutil.rmtree(candidate.path, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Models:
+    """The resolved paths of a config's base and pool."""
+
+    base: str
+    pool: tuple[str, ...]
+
+
+def check_models(config: EvolveConfig, offline: bool = False) -> Models:
+    """Resolves the base and the pool and refuses, before anything runs, a pool model that is not a
+    fine-tune of the base (another tensor set or shape) or a merge section that makes no valid recipe."""
+    base = str(resolve(config.model_path(config.base_model), offline=offline))
+    expected = {name: shape for name, shape, _ in model_tensors(base)}
+    pool = []
+    for ref in config.pool:
+        path = str(resolve(config.model_path(ref), offline=offline))
+        found = {name: shape for name, shape, _ in model_tensors(path)}
+        _check_fine_tune(ref, found, expected, config.base_model)
+        pool.append(path)
+    try:
+        if config.strategy == "topk":
+            load_config(pair_recipe(config.merge, pool[0], pool[1], base))
+        else:
+            load_config(soup_recipe(config.merge, pool))
+    except RecipeError as error:
+        raise RecipeError(f"{config.source}: merge: {str(error).split(': ', 1)[-1]}") from error
+    return Models(base, tuple(pool))
+
+
 def _check_fine_tune(ref: str, found: dict[str, list[int]], expected: dict[str, list[int]], base: str) -> None:
     missing = [n for n in expected if n not in found]
     if missing:
@@ -329,4 +344,4 @@ def _check_fine_tune(ref: str, found: dict[str, list[int]], expected: dict[str, 
             )
 
 
-__all__ = ["Driver", "Outcome", "RunError", "recipe_models"]
+__all__ = ["Driver", "Models", "Outcome", "RunError", "check_models", "recipe_models"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvolveConfig, load_evolve_config
-from .driver import Driver, Reporter, RunError
+from .driver import Driver, Reporter, RunError, check_models
 from .evaluators import EvaluatorFn, lm_eval_weights, make_evaluator
 from .store import STORE_NAME, Candidate, Store
 
@@ -168,6 +168,7 @@ def evolve(
             parsed = _with_weights(parsed, weights)
     # Absolute, so the recipes stored with the candidates re-make them from any directory.
     path = Path(run_dir).resolve()
+    check_models(parsed, offline)  # a bad pool is refused before the run directory is touched
     _claim(path, parsed, force)
     evaluate = make_evaluator(parsed.evaluator, evaluator)
     driver = Driver(parsed, path, evaluate, reporter=reporter, offline=offline, threads=threads)
