@@ -26,6 +26,9 @@ demo: build
 	printf 'models:\n  - model: demo-out/family/math-a\n    parameters: {weight: 1.0, density: 0.5}\n  - model: demo-out/family/code\n    parameters: {weight: 0.7, density: 0.5}\nmerge_method: ties\nbase_model: demo-out/family/base\ndtype: float32\nout_dtype: bfloat16\n' > demo-out/ties.yml
 	$(VENV)/bin/modelkin merge demo-out/ties.yml demo-out/merged-ties --seed 0
 	$(VENV)/bin/modelkin kinship demo-out/merged-ties demo-out/family/math-b --base demo-out/family/base --metric pcc
+	$(VENV)/bin/modelkin example --tasks demo-out/tasks
+	$(VENV)/bin/modelkin evolve demo-out/tasks/evolve.yml demo-out/evolve-run
+	$(VENV)/bin/modelkin runs tree demo-out/evolve-run --plot demo-out/lineage.png
 
 lint: build
 	cargo fmt --all --check
@@ -42,6 +45,7 @@ test: build
 bench: build
 	$(VENV)/bin/python benches/bench_kinship.py
 	$(VENV)/bin/python benches/bench_merge.py
+	$(VENV)/bin/python benches/bench_evolve.py
 
 clean:
 	rm -rf $(VENV) target demo-out

@@ -27,9 +27,7 @@ def hashed_scores(model: str | Path, split: str) -> dict[str, float]:
     return {"alpha": (total * 1e3) % 1.0 + offset, "beta": (layer * 1e4) % 1.0}
 
 
-def small_family(
-    root: Path, n: int = 4, seed: int = 0, dtype: str = "F32", vocab: int = 40
-) -> tuple[Path, list[Path]]:
+def small_family(root: Path, n: int = 4, seed: int = 0, dtype: str = "F32", vocab: int = 40) -> tuple[Path, list[Path]]:
     """A base and ``n`` fine-tunes (2 layers, hidden 32), config.json included."""
     rng = np.random.default_rng(seed)
     hidden, inter = 32, 48
@@ -42,8 +40,14 @@ def small_family(
             p + "mlp.up_proj.weight": (inter, hidden),
         }
     shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 2,
-              "hidden_size": hidden, "vocab_size": vocab, "torch_dtype": "float32"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": hidden,
+        "vocab_size": vocab,
+        "torch_dtype": "float32",
+    }
     base = {k: rng.normal(0, 0.05, s) for k, s in shapes.items()}
     base_path = save_model(root / "base", base, dtype, config=config)  # type: ignore[arg-type]
     shared = {k: rng.normal(0, 0.01, s) for k, s in shapes.items()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evolve_support import hashed_scores  # noqa: E402
+from evolve_support import hashed_scores
 
 
 def main() -> None:

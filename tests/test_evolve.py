@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 
 import modelkin.evolve as evo
 from conftest import run_cli
-from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
 from modelkin.safetensors_io import load_model
 
@@ -42,9 +42,7 @@ def test_topk_follows_algorithm_1(family, tmp_path):
     gen1 = [c for c in run.candidates if c.generation == 1]
     # Generation 1 merges every pair of the pool, and nothing else.
     pool_ids = {c.id for c in run.candidates if c.role == "pool"}
-    assert sorted(tuple(sorted(c.parents)) for c in gen1) == sorted(
-        (a, b) for a in pool_ids for b in pool_ids if a < b
-    )
+    assert sorted(tuple(sorted(c.parents)) for c in gen1) == sorted((a, b) for a in pool_ids for b in pool_ids if a < b)
     assert all(c.role == "merge" for c in gen1)
     tops = dict(run.generations)
     merged_before: set[tuple[int, int]] = {tuple(sorted(c.parents)) for c in gen1}  # type: ignore[misc]
@@ -52,9 +50,7 @@ def test_topk_follows_algorithm_1(family, tmp_path):
         children = [c for c in run.candidates if c.generation == gen]
         top = list(tops[gen - 1])
         merges = [c for c in children if c.role == "merge"]
-        expected = {
-            tuple(sorted((a, b))) for i, a in enumerate(top) for b in top[i + 1 :]
-        } - merged_before
+        expected = {tuple(sorted((a, b))) for i, a in enumerate(top) for b in top[i + 1 :]} - merged_before
         assert {tuple(sorted(c.parents)) for c in merges} == expected
         explore = [c for c in children if c.role == "explore"]
         assert len(explore) <= 1
@@ -65,8 +61,12 @@ def test_topk_follows_algorithm_1(family, tmp_path):
             # the partner is the least related model the best was not merged with yet
             taken = merged_before | expected
             options = [
-                o.id for o in run.candidates
-                if o.role != "base" and o.status == "done" and o.generation < gen and o.id != best
+                o.id
+                for o in run.candidates
+                if o.role != "base"
+                and o.status == "done"
+                and o.generation < gen
+                and o.id != best
                 and tuple(sorted((best, o.id))) not in taken
             ]
             pcc = {o: run.kinship_pairs[tuple(sorted((best, o)))]["pcc"] for o in options}  # type: ignore[index]

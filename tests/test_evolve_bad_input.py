@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evolve_support import command_evaluator, small_family, write_config
 
 import modelkin.evolve as evo
 from conftest import run_cli, tree_digest
-from evolve_support import command_evaluator, small_family, write_config
-from modelkin.safetensors_io import save_model
 from modelkin.evolve.store import STORE_NAME
+from modelkin.safetensors_io import save_model
 
 
 @pytest.fixture
@@ -39,7 +39,9 @@ def config_for(base: Path, pool: list[Path], evaluator: dict[str, object], **ext
     }
 
 
-def evolve_cli(tmp_path: Path, config: dict[str, object], *args: str, run: str = "run") -> subprocess.CompletedProcess[str]:
+def evolve_cli(
+    tmp_path: Path, config: dict[str, object], *args: str, run: str = "run"
+) -> subprocess.CompletedProcess[str]:
     path = write_config(tmp_path / f"{run}.yml", **config)
     return run_cli("evolve", str(path), str(tmp_path / run), *args)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from modelkin.evolve.family import MODELS, WEIGHTS, evaluate, load
-from modelkin.evolve.family.tasks import ANSWER_LEN, TASKS, TOKEN_ID, decode, examples, split_of
+from modelkin.evolve.family.tasks import TASKS, TOKEN_ID, decode, examples, split_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

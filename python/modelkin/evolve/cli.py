@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .run import Run
 from .store import Candidate, Store
 
 runs_app = typer.Typer(name="runs", help="Inspect evolution runs.", no_args_is_help=True, add_completion=False)
@@ -96,12 +97,26 @@ def evolve_command(
     out.print(candidates_table(run))
     best = run.best
     if best is not None:
-        print(
-            f"best: {best.label} search {best.objective_search:.4f}"
-            + (f" test {best.objective_test:.4f}" if best.objective_test is not None else "")
-            + f" · base search {run.base.objective_search:.4f} test {run.base.objective_test:.4f}"
-            + f" · stopped: {run.stop_reason}"
-        )
+        out.print(best_table(run, best))
+    print(f"stopped: {run.stop_reason}")
+
+
+def best_table(run: Run, best: Candidate) -> Table:
+    """The best model against its parents and the base, on both splits."""
+    table = Table(title=f"best: {best.label} ({best.role})")
+    for column in ("model", "role", "search", "test"):
+        table.add_column(column, justify="right" if column in ("search", "test") else "left")
+    pool = [c for c in run.candidates if c.role == "pool" and c.objective_search is not None]
+    top_pool = max(pool, key=lambda c: c.objective_search or 0.0, default=None)
+    rows = [best, *(run.candidate(p) for p in best.parents)]
+    rows += [c for c in (top_pool,) if c is not None and c not in rows] + [run.base]
+    for c in rows:
+        role = "best" if c.id == best.id else "parent" if c.id in best.parents else c.role
+        role = "best of pool" if c is top_pool and c.id not in best.parents else role
+        search = "" if c.objective_search is None else f"{c.objective_search:.4f}"
+        test = "" if c.objective_test is None else f"{c.objective_test:.4f}"
+        table.add_row(c.label, role, search, test)
+    return table
 
 
 @runs_app.command("show")
