@@ -87,13 +87,21 @@ def evolve_command(
     force: Annotated[bool, typer.Option("--force", help="Start over a run directory holding another config.")] = False,
     threads: Annotated[int, typer.Option("--threads", "-j", min=0, help="Merge threads (0: all cores).")] = 0,
     offline: Annotated[bool, typer.Option("--offline", help="Resolve Hub ids from the local cache only.")] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=1, help="Evaluate this many candidates at once, locally.")
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run evaluations as Ray tasks: ADDRESS, auto, or local.")
+    ] = None,
 ) -> None:
     """Run an evolution (topk with kinship, greedy soup); re-running the same command resumes it."""
     from .report import candidates_table
     from .run import evolve
 
     with LiveTable(err) as live:
-        run = evolve(config, run_dir, force=force, reporter=live, offline=offline, threads=threads)
+        run = evolve(
+            config, run_dir, force=force, reporter=live, offline=offline, threads=threads, workers=workers, ray=ray
+        )
     out.print(candidates_table(run))
     best = run.best
     if best is not None:

@@ -74,6 +74,9 @@ class EvolveConfig:
     text: str
     # Where relative model paths are resolved from: the config file's directory.
     root: Path
+    # Resources, not part of the experiment (they change no decision): not in the fingerprint.
+    workers: int = 1
+    ray: str | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -141,6 +144,8 @@ TOP_KEYS = (
     "seed",
     "keep",
     "max_failures",
+    "workers",
+    "ray",
     "name",
 )
 
@@ -189,6 +194,11 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     seed = check.integer(["seed"], raw.get("seed", 0), 0)
     keep = check.choice(["keep"], raw.get("keep", "all"), ("all", "top"))
     max_failures = check.integer(["max_failures"], raw.get("max_failures", 5), 1)
+    workers = check.integer(["workers"], raw.get("workers", 1), 1)
+    ray_section = check.keys(["ray"], raw.get("ray"), ("address",))
+    ray = ray_section.get("address") if "ray" in raw else None
+    if "ray" in raw and not isinstance(ray, str):
+        raise check.fail(["ray", "address"], "an address is required (host:port, auto, or local)")
     if "name" in raw and not isinstance(raw["name"], str):
         raise check.fail(["name"], "must be a string")
     return EvolveConfig(
@@ -206,6 +216,8 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         source=check.source,
         text=text,
         root=root,
+        workers=workers,
+        ray=ray,
     )
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -24,11 +23,13 @@ from ..merging import merge
 from ..resolve import resolve
 from . import strategies
 from .config import EvolveConfig
-from .evaluators import EvaluationError, EvaluatorFn, ObjectiveError, objective
+from .evaluators import EvaluationError, check_scores, objective
+from .executors import Executor, Job
 from .recipes import pair_recipe, recipe_models, soup_recipe
 from .store import Candidate, Store
 
 MODELS_DIR = "models"
+SCRATCH_DIR = "scratch"
 SPLITS = ("search", "test")
 Reporter = Callable[[str, Candidate, Store], object]
 
@@ -52,7 +53,7 @@ class Driver:
         self,
         config: EvolveConfig,
         run_dir: Path,
-        evaluator: EvaluatorFn,
+        executor: Executor,
         *,
         reporter: Reporter | None = None,
         offline: bool = False,
@@ -60,7 +61,7 @@ class Driver:
     ) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.evaluate_fn = evaluator
+        self.executor = executor
         self.report = reporter or (lambda event, candidate, store: None)
         self.offline = offline
         self.threads = threads
@@ -77,6 +78,9 @@ class Driver:
         models_dir.mkdir(exist_ok=True)
         # A merge killed mid-write leaves its staging directory; the candidate is redone.
         for stale in models_dir.glob(".*.modelkin-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        (self.run_dir / SCRATCH_DIR).mkdir(exist_ok=True)
+        for stale in (self.run_dir / SCRATCH_DIR).iterdir():
             shutil.rmtree(stale, ignore_errors=True)
         self.store.add("base", 0, "base", reference=self.config.base_model, path=self.base_path)
         for ref, path in zip(self.config.pool, models.pool, strict=True):
@@ -102,32 +106,47 @@ class Driver:
         self.store.record_merge(candidate.id, str(out), time.perf_counter() - start)
         return str(out)
 
-    def score(self, candidate: Candidate, split: str) -> Candidate:
-        """Scores one split of a candidate (merging it first where needed); failures are recorded."""
-        candidate = self.store.get(candidate.id)
-        if split in candidate.scores or candidate.status == "failed":
-            return candidate
-        self.report("start", candidate, self.store)
-        try:
-            path = self.materialize(candidate)
-            start = time.perf_counter()
-            scores = self.evaluate_fn(path, split)
-            seconds = time.perf_counter() - start
-            value = objective(scores, self.config.weights)
-        except ObjectiveError:
-            raise
-        except (EvaluationError, ModelkinError, OSError, ValueError) as error:
-            self._fail(candidate, f"{type(error).__name__}: {error}")
-            return self.store.get(candidate.id)
-        except Exception as error:  # an evaluator's own bug fails its candidate, not the run
-            detail = traceback.format_exception_only(type(error), error)[-1].strip()
-            self._fail(candidate, detail)
-            return self.store.get(candidate.id)
-        self.store.record_scores(candidate.id, split, scores, value, seconds)
-        self.failures_in_a_row = 0
-        done = self.store.get(candidate.id)
-        self.report("done", done, self.store)
-        return done
+    def score(self, candidate: Candidate, split: str, *, scratch: bool = False) -> Candidate:
+        """Scores one split of one candidate (see :meth:`score_many`)."""
+        self.score_many([(candidate, split)], scratch=scratch)
+        return self.store.get(candidate.id)
+
+    def score_many(self, items: Sequence[tuple[Candidate, str]], *, scratch: bool = False) -> None:
+        """Scores candidates (merging each first where needed) on the executor's workers, all at
+        once; results are recorded as they arrive, failures as failed candidates. ``scratch``
+        models live in a scratch directory and are deleted once evaluated."""
+        jobs = []
+        for item, split in items:
+            candidate = self.store.get(item.id)
+            if split in candidate.scores or candidate.status == "failed":
+                continue
+            model = self.model_path(candidate) if not scratch else str(self.run_dir / SCRATCH_DIR / f"c{candidate.id}")
+            recipe = None
+            if candidate.recipe is not None and not Path(model).exists():
+                # Parents pruned by `keep: top` are re-made here, before a worker needs them.
+                for parent in candidate.parents:
+                    self.materialize(self.store.get(parent))
+                recipe = dict(candidate.recipe)
+            elif not Path(model).exists():
+                self._fail(candidate, f"model of {candidate.label} is gone: {model}")
+                continue
+            self.report("start", candidate, self.store)
+            jobs.append(Job(candidate.id, split, model, recipe, scratch, self.config.seed, self.threads))
+        for result in self.executor.run(jobs):
+            candidate = self.store.get(result.candidate)
+            if result.merge_s is not None and not scratch:
+                self.store.record_merge(candidate.id, self.model_path(candidate), result.merge_s)
+            if result.scores is None:
+                self._fail(candidate, result.error or "unknown error")
+                continue
+            try:
+                value = objective(check_scores(result.scores, "evaluator"), self.config.weights)
+            except EvaluationError as error:
+                self._fail(candidate, str(error))
+                continue
+            self.store.record_scores(candidate.id, result.split, result.scores, value, result.eval_s)
+            self.failures_in_a_row = 0
+            self.report("done", self.store.get(candidate.id), self.store)
 
     def _fail(self, candidate: Candidate, error: str) -> None:
         self.store.record_failure(candidate.id, error)
@@ -177,9 +196,7 @@ class Driver:
         if base.status == "failed":
             first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
             raise RunError(f"the base model could not be evaluated: {first_line}")
-        for member in self.pool():
-            for split in SPLITS:
-                self.score(member, split)
+        self.score_many([(member, split) for member in self.pool() for split in SPLITS])
         if not strategies.rank(self.pool()):
             raise RunError("no pool model could be evaluated")
         outcome = self.run_topk() if self.config.strategy == "topk" else self.run_soup()
@@ -249,44 +266,46 @@ class Driver:
                 first, second = self.store.get(a), self.store.get(b)
                 recipe = pair_recipe(self.config.merge, self.model_path(first), self.model_path(second), self.base_path)
                 children.append(self.propose(generation, role, [first, second], recipe))
-            for child in children:
-                self.score(child, "search")
+            self.score_many([(child, "search") for child in children])
             if generation not in history:
                 history[generation] = [c.id for c in strategies.rank(self.population())[: settings.k]]
                 self.store.record_generation(generation, history[generation], None)
             self.prune(history[generation])
         final = strategies.rank(self.population())[: settings.k]
-        for candidate in final:
-            self.score(candidate, "test")
+        self.score_many([(candidate, "test") for candidate in final])
         return Outcome(self.store.get(final[0].id), stop)
 
     def run_soup(self) -> Outcome:
         ranked = strategies.rank(self.pool())
+        merge_section = self.config.merge
         everything = [self.model_path(c) for c in self.pool()]
         uniform = self.store.add(
             "uniform_soup",
             1,
             "uniform_soup",
             parents=[c.id for c in self.pool()],
-            recipe=soup_recipe(self.config.merge, everything),
+            recipe=soup_recipe(merge_section, everything),
         )
-        self.score(uniform, "search")
+
+        def trial(ingredients: list[Candidate], step: int) -> Candidate:
+            recipe = soup_recipe(merge_section, [self.model_path(c) for c in ingredients])
+            key = "soup:" + ",".join(str(c.id) for c in ingredients)
+            return self.store.add(key, step, "soup", parents=[c.id for c in ingredients], recipe=recipe)
+
         soup = [ranked[0]]
         current = ranked[0]
+        # The uniform soup does not depend on the greedy steps: it runs beside the first one.
+        first = [(trial([ranked[0], ranked[1]], 2), "search")] if len(ranked) > 1 else []
+        self.score_many([(uniform, "search"), *first])
         for step, ingredient in enumerate(ranked[1:], start=2):
-            trial = [*soup, ingredient]
-            recipe = soup_recipe(self.config.merge, [self.model_path(c) for c in trial])
-            key = "soup:" + ",".join(str(c.id) for c in trial)
-            proposed = self.store.add(key, step, "soup", parents=[c.id for c in trial], recipe=recipe)
-            candidate = self.score(proposed, "search")
+            candidate = self.score(trial([*soup, ingredient], step), "search")
             if candidate.status != "done" or current.objective_search is None:
                 continue
             assert candidate.objective_search is not None
             compare = self.config.greedy_soup.compare
             if strategies.soup_accepts(candidate.objective_search, current.objective_search, compare):
-                soup, current = trial, candidate
-        for candidate in (uniform, current):
-            self.score(candidate, "test")
+                soup, current = [*soup, ingredient], candidate
+        self.score_many([(candidate, "test") for candidate in (uniform, current)])
         kept = ", ".join(c.label for c in soup)
         return Outcome(self.store.get(current.id), f"greedy soup of {len(soup)} ingredient(s): {kept}")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 from .config import EvolveConfig, load_evolve_config
 from .driver import Driver, Reporter, RunError, check_models
 from .evaluators import EvaluatorFn, lm_eval_weights, make_evaluator
+from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
 from .store import STORE_NAME, Candidate, Store
 
 CONFIG_COPY = "evolve.yml"
@@ -156,11 +158,15 @@ def evolve(
     reporter: Reporter | None = None,
     offline: bool = False,
     threads: int = 0,
+    workers: int | None = None,
+    ray: str | None = None,
 ) -> Run:
     """Runs (or resumes) an evolution: ``config`` is an ``evolve.yml`` path or a dict of its keys,
     ``run_dir`` holds the store and the merged models. A run directory holding another config is
     refused unless ``force`` (which starts it over). ``evaluator`` overrides the config's with a
-    callable ``(model_path, split) -> {task: score}``."""
+    callable ``(model_path, split) -> {task: score}``. ``workers`` evaluates that many candidates at
+    once in local worker processes; ``ray`` (an address, ``auto``, or ``local`` for a private
+    cluster on this machine) runs them as Ray tasks instead. Neither changes the run's decisions."""
     parsed = load_evolve_config(config if isinstance(config, Mapping) else Path(config))
     if parsed.evaluator.kind == "lm_eval" and parsed.weights is None:
         weights = lm_eval_weights(parsed.evaluator.lm_eval)
@@ -169,14 +175,44 @@ def evolve(
     # Absolute, so the recipes stored with the candidates re-make them from any directory.
     path = Path(run_dir).resolve()
     check_models(parsed, offline)  # a bad pool is refused before the run directory is touched
-    _claim(path, parsed, force)
-    evaluate = make_evaluator(parsed.evaluator, evaluator)
-    driver = Driver(parsed, path, evaluate, reporter=reporter, offline=offline, threads=threads)
+    executor = make_executor(parsed, path, evaluator, workers or parsed.workers, ray or parsed.ray)
+    try:
+        _claim(path, parsed, force)
+    except BaseException:
+        executor.close()
+        raise
+    driver = Driver(parsed, path, executor, reporter=reporter, offline=offline, threads=threads)
     try:
         driver.run()
     finally:
         driver.store.close()
+        executor.close()
     return open_run(path)
+
+
+def make_executor(
+    config: EvolveConfig, run_dir: Path, override: EvaluatorFn | None, workers: int, ray: str | None
+) -> Executor:
+    """The serial executor (one worker), a local pool, or Ray, as asked."""
+    if workers < 1:
+        raise RunError(f"workers must be at least 1, not {workers}")
+    evaluate = make_evaluator(config.evaluator, override)  # imports a 'module:function' now, in the driver
+    if ray is not None:
+        executor = RayExecutor(ray, config.evaluator, override, workers if workers > 1 else 0)
+        models = check_models(config)
+        executor.check_paths([p for p in (models.base, *models.pool, str(run_dir)) if Path(p).is_absolute()])
+        return executor
+    if workers == 1:
+        return SerialExecutor(evaluate)
+    if override is not None:
+        try:
+            pickle.dumps(override)
+        except Exception as error:
+            raise RunError(
+                f"workers > 1 needs an evaluator that can be sent to worker processes (a module-level"
+                f" function), not {override!r}: {error}"
+            ) from error
+    return LocalPoolExecutor(workers, config.evaluator, override)
 
 
 def _with_weights(config: EvolveConfig, weights: Mapping[str, float]) -> EvolveConfig:

@@ -1,0 +1,280 @@
+"""Where merges and evaluations run: in the driver's process (one worker), in a pool of local
+worker processes (``--workers N``), or as Ray tasks on a cluster (``--ray ADDRESS``).
+
+A job is one candidate and one split: merge its recipe when its model is not there yet, evaluate,
+return the scores. Workers never touch the run store; the driver records what comes back. Workers
+that finish early take the next job. A worker that dies mid-job (its process killed) has the job
+retried once on another worker, then the job fails: nothing already finished is lost.
+
+Models reach workers by reference: local paths must be visible to every worker (one machine, or a
+shared filesystem) and Hub ids are resolved by each worker from its own cache."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import socket
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import EvaluatorSpec
+from .evaluators import EvaluatorFn, make_evaluator
+
+# Environment variables that size the BLAS and OpenMP thread pools of a worker process.
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One evaluation: ``model`` is made from ``recipe`` first when it does not exist; ``scratch``
+    models are deleted after the evaluation (CMA-ES candidates: re-made from their recipe if needed)."""
+
+    candidate: int
+    split: str
+    model: str
+    recipe: dict[str, Any] | None = None
+    scratch: bool = False
+    seed: int = 0
+    threads: int = 0
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a worker sends back: scores, or the error that failed the candidate."""
+
+    candidate: int
+    split: str
+    scores: dict[str, float] | None
+    error: str | None
+    merge_s: float | None
+    eval_s: float
+    worker: str = ""
+
+
+class Executor(Protocol):
+    """Runs jobs, yielding each result as soon as it is ready (in any order)."""
+
+    workers: int
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]: ...
+
+    def close(self) -> None: ...
+
+
+def run_job(job: Job, evaluate: EvaluatorFn) -> JobResult:
+    """Merges (if needed) and evaluates one job; every failure becomes the result's error."""
+    from ..merging import merge
+
+    where = f"{socket.gethostname()}:{os.getpid()}"
+    merge_s = None
+    try:
+        if job.recipe is not None and not Path(job.model).exists():
+            start = time.perf_counter()
+            merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
+            merge_s = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = dict(evaluate(job.model, job.split))
+        return JobResult(job.candidate, job.split, scores, None, merge_s, time.perf_counter() - start, where)
+    except Exception as error:  # the candidate fails, the worker goes on
+        return JobResult(job.candidate, job.split, None, f"{type(error).__name__}: {error}", merge_s, 0.0, where)
+    finally:
+        if job.scratch:
+            shutil.rmtree(job.model, ignore_errors=True)
+
+
+class SerialExecutor:
+    """One worker: the driver's own process (any evaluator callable works, nothing is pickled)."""
+
+    workers = 1
+
+    def __init__(self, evaluate: EvaluatorFn) -> None:
+        self.evaluate = evaluate
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        for job in jobs:
+            yield run_job(job, self.evaluate)
+
+    def close(self) -> None:
+        pass
+
+
+def _worker_main(conn: Connection, spec: EvaluatorSpec, override: EvaluatorFn | None) -> None:
+    evaluate = make_evaluator(spec, override)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(run_job(job, evaluate))
+
+
+@dataclass
+class _Worker:
+    process: multiprocessing.process.BaseProcess
+    conn: Connection
+    job: Job | None = None
+
+
+class LocalPoolExecutor:
+    """``workers`` worker processes on this machine, each sized to its share of the cores."""
+
+    def __init__(self, workers: int, spec: EvaluatorSpec, override: EvaluatorFn | None) -> None:
+        self.workers = workers
+        self.spec = spec
+        self.override = override
+        self.context = multiprocessing.get_context("spawn")
+        self.pool: list[_Worker] = []
+        self.threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def _spawn(self) -> _Worker:
+        parent, child = self.context.Pipe()
+        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+        # A spawned process reads its thread settings at start: BLAS sizes its pool when numpy
+        # loads, before any code of ours runs in it.
+        os.environ.update(dict.fromkeys(_THREAD_VARS, str(self.threads)))
+        try:
+            process = self.context.Process(target=_worker_main, args=(child, self.spec, self.override), daemon=True)
+            process.start()
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        child.close()
+        return _Worker(process, parent)
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        pending = deque(jobs)
+        attempts: dict[tuple[int, str], int] = {}
+        while len(self.pool) < min(self.workers, len(pending)):
+            self.pool.append(self._spawn())
+        while pending or any(w.job is not None for w in self.pool):
+            for worker in self.pool:
+                if worker.job is None and pending:
+                    worker.job = pending.popleft()
+                    key = (worker.job.candidate, worker.job.split)
+                    attempts[key] = attempts.get(key, 0) + 1
+                    worker.conn.send(worker.job)
+            busy = [w for w in self.pool if w.job is not None]
+            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if worker.conn in ready or worker.process.sentinel in ready:
+                    result = self._collect(worker)
+                    job = worker.job
+                    assert job is not None
+                    worker.job = None
+                    if result is not None:
+                        yield result
+                        continue
+                    # The worker died mid-job: replace it, retry the job once elsewhere.
+                    self.pool.remove(worker)
+                    self.pool.append(self._spawn())
+                    if attempts[(job.candidate, job.split)] < 2:
+                        pending.appendleft(job)
+                    else:
+                        yield JobResult(job.candidate, job.split, None, "worker died twice during this job", None, 0.0)
+
+    @staticmethod
+    def _collect(worker: _Worker) -> JobResult | None:
+        try:
+            if worker.conn.poll():
+                result = worker.conn.recv()
+                assert isinstance(result, JobResult)
+                return result
+        except (EOFError, OSError):
+            pass
+        worker.process.join(timeout=5)
+        return None
+
+    def close(self) -> None:
+        for worker in self.pool:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                worker.conn.send(None)
+        for worker in self.pool:
+            worker.process.join(timeout=10)
+            if worker.process.is_alive():
+                worker.process.kill()
+        self.pool = []
+
+
+def _ray_job(job: Job, spec: EvaluatorSpec, override: EvaluatorFn | None) -> JobResult:
+    return run_job(job, make_evaluator(spec, override))
+
+
+def _ray_visible(paths: list[str]) -> tuple[str, list[str]]:
+    return socket.gethostname(), [p for p in paths if not Path(p).exists()]
+
+
+class RayExecutor:
+    """Jobs as Ray tasks (one CPU each) on a running cluster; Ray retries a task once when its
+    worker process dies. ``ray`` is imported only here (``pip install 'modelkin[ray]'``)."""
+
+    def __init__(self, address: str, spec: EvaluatorSpec, override: EvaluatorFn | None, workers: int) -> None:
+        from .driver import RunError
+
+        try:
+            import ray
+        except ImportError as error:
+            raise RunError("--ray needs Ray: pip install 'modelkin[ray]'") from error
+        self.ray: Any = ray  # untyped library: its calls are checked by the tests
+        try:
+            if address == "local":
+                ray.init(
+                    num_cpus=workers or None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                    ignore_reinit_error=True,
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False, ignore_reinit_error=True)
+        except Exception as error:  # ConnectionError, RuntimeError, ValueError, depending on the failure
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RunError(f"--ray {address}: cannot reach a Ray cluster ({first})") from error
+        self.workers = int(self.ray.cluster_resources().get("CPU", 1))
+        self.spec = spec
+        self.override = override
+        self.remote = ray.remote(num_cpus=1, max_retries=1)(_ray_job)
+
+    def check_paths(self, paths: Sequence[str]) -> None:
+        """Refuses local paths that some node of the cluster cannot see."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .driver import RunError
+
+        check = self.ray.remote(num_cpus=0)(_ray_visible)
+        nodes = [n["NodeID"] for n in self.ray.nodes() if n.get("Alive")]
+        refs = [
+            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(list(paths))
+            for node in nodes
+        ]
+        for host, missing in self.ray.get(refs):
+            if missing:
+                raise RunError(
+                    f"Ray worker on {host} cannot see {missing[0]}: models and the run directory reach"
+                    " workers by path (use a shared filesystem, or Hub ids)"
+                )
+
+    def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
+        ray = self.ray
+        refs = {self.remote.remote(job, self.spec, self.override): job for job in jobs}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            for ref in done:
+                job = refs[ref]
+                try:
+                    yield ray.get(ref)
+                except ray.exceptions.RayError as error:  # the worker died twice (Ray retried once)
+                    detail = type(error).__name__
+                    yield JobResult(job.candidate, job.split, None, f"Ray task failed: {detail}", None, 0.0)
+
+    def close(self) -> None:
+        self.ray.shutdown()
