@@ -15,11 +15,22 @@ from typing import Any, Literal
 import yaml
 
 from ..merge_config import METHODS, RecipeError, _Lines, _where
+from .genome import METHOD_PARAMS, NEEDS_BASE, GenomeSpec
 
-Strategy = Literal["topk", "greedy_soup"]
-STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup")
-# Strategies of the evolution issues that this version refuses by name rather than ignoring.
-PLANNED_STRATEGIES: tuple[str, ...] = ("cmaes",)
+Strategy = Literal["topk", "greedy_soup", "cmaes"]
+STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup", "cmaes")
+# Strategies that this version refuses by name rather than ignoring.
+PLANNED_STRATEGIES: tuple[str, ...] = ()
+# mergekit-evolve's top-level keys besides genome: its lm-eval tasks and how they are run.
+MERGEKIT_EVOLVE_KEYS = (
+    "tasks",
+    "limit",
+    "num_fewshot",
+    "shuffle",
+    "random_init",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+)
 KINSHIP_METRICS = ("pcc", "cs", "ed")
 # Keys of the `merge:` section: a mergekit recipe without its models (the strategy picks those).
 MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source")
@@ -45,6 +56,19 @@ class GreedySoup:
 
 
 @dataclass(frozen=True)
+class Cmaes:
+    """CMA-ES settings (the ``cmaes`` package): popsize None is its default 4 + floor(3 ln n);
+    ``penalty`` None scores a failed candidate as the worst seen so far."""
+
+    sigma0: float = 1 / 6
+    popsize: int | None = None
+    max_evals: int = 100
+    seed: int | None = None
+    penalty: float | None = None
+    random_init: bool = False
+
+
+@dataclass(frozen=True)
 class EvaluatorSpec:
     """How candidates are scored: exactly one of ``command``, ``python`` or ``lm_eval``."""
 
@@ -60,7 +84,7 @@ class EvolveConfig:
     """A validated evolution config; ``text`` is what was read (stored with the run)."""
 
     pool: tuple[str, ...]
-    base_model: str
+    base_model: str | None
     strategy: Strategy
     topk: TopK
     greedy_soup: GreedySoup
@@ -74,6 +98,8 @@ class EvolveConfig:
     text: str
     # Where relative model paths are resolved from: the config file's directory.
     root: Path
+    genome: GenomeSpec | None = None
+    cmaes: Cmaes = field(default_factory=Cmaes)
     # Resources, not part of the experiment (they change no decision): not in the fingerprint.
     workers: int = 1
     ray: str | None = None
@@ -83,7 +109,7 @@ class EvolveConfig:
         """Identity of the experiment: a run directory holds results of exactly one config."""
         data = {
             "pool": [self.model_path(p) for p in self.pool],
-            "base_model": self.model_path(self.base_model),
+            "base_model": None if self.base_model is None else self.model_path(self.base_model),
             "strategy": self.strategy,
             "topk": self.topk.__dict__,
             "greedy_soup": self.greedy_soup.__dict__,
@@ -92,6 +118,8 @@ class EvolveConfig:
             "weights": dict(self.weights) if self.weights is not None else None,
             "seed": self.seed,
             "keep": self.keep,
+            "genome": None if self.genome is None else self.genome.__dict__,
+            "cmaes": self.cmaes.__dict__,
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -147,6 +175,9 @@ TOP_KEYS = (
     "workers",
     "ray",
     "name",
+    "genome",
+    "cmaes",
+    *MERGEKIT_EVOLVE_KEYS,
 )
 
 
@@ -174,22 +205,36 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{check.source}: an evolution config is a mapping (pool, base_model, strategy, ...)")
     check.keys([], raw, TOP_KEYS)
-    strategy = raw.get("strategy", "topk")
+    # A mergekit-evolve config (genome + tasks, no strategy) runs as the CMA-ES search it describes.
+    strategy = raw.get("strategy", "cmaes" if "genome" in raw else "topk")
     if strategy in PLANNED_STRATEGIES:
-        raise check.fail(["strategy"], f"strategy {strategy!r} is not supported yet (supported: topk, greedy_soup)")
+        raise check.fail(["strategy"], f"strategy {strategy!r} is not supported yet")
     check.choice(["strategy"], strategy, STRATEGIES)
-    pool = raw.get("pool")
+    genome = None
+    if strategy == "cmaes":
+        for key in ("pool", "base_model", "merge"):
+            if key in raw:
+                raise check.fail([key], f"strategy cmaes takes its models and method from genome:, not {key}:")
+        genome = _genome(check, raw.get("genome"))
+        pool: Any = list(genome.models)
+        base = genome.base_model
+    else:
+        for key in ("genome", "cmaes"):
+            if key in raw:
+                raise check.fail([key], f"{key}: is for strategy cmaes (this config's strategy is {strategy})")
+        pool = raw.get("pool")
+        base = raw.get("base_model")
+        if not isinstance(base, str):
+            raise check.fail(["base_model"], "a base_model reference is required (the pool's common base)")
     if not isinstance(pool, list) or len(pool) < 2 or not all(isinstance(p, str) for p in pool):
         raise check.fail(["pool"], "a list of at least two model references is required")
     if len(set(pool)) != len(pool):
         raise check.fail(["pool"], "a model appears twice in the pool")
-    base = raw.get("base_model")
-    if not isinstance(base, str):
-        raise check.fail(["base_model"], "a base_model reference is required (the pool's common base)")
     topk = _topk(check, raw.get("topk"), strategy)
     soup = _soup(check, raw.get("greedy_soup"), strategy)
-    merge = _merge(check, raw.get("merge"), strategy)
-    evaluator = _evaluator(check, raw.get("evaluator"))
+    merge = _merge(check, raw.get("merge"), strategy) if strategy != "cmaes" else {}
+    evaluator = _evaluator(check, raw.get("evaluator"), raw)
+    cmaes = _cmaes(check, raw.get("cmaes"), raw.get("random_init", False))
     weights = _objective(check, raw.get("objective"))
     seed = check.integer(["seed"], raw.get("seed", 0), 0)
     keep = check.choice(["keep"], raw.get("keep", "all"), ("all", "top"))
@@ -218,6 +263,8 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         root=root,
         workers=workers,
         ray=ray,
+        genome=genome,
+        cmaes=cmaes,
     )
 
 
@@ -265,7 +312,22 @@ def _merge(check: _Checker, value: Any, strategy: str) -> Mapping[str, Any]:
     return section
 
 
-def _evaluator(check: _Checker, value: Any) -> EvaluatorSpec:
+def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any]) -> EvaluatorSpec:
+    if "tasks" in raw:
+        if value is not None:
+            raise check.fail(["tasks"], "tasks: configure the lm_eval evaluator; give either tasks: or evaluator:")
+        if raw.get("shuffle"):
+            raise check.fail(["shuffle"], "shuffle: true is not supported (lm-eval's own sample order is used)")
+        settings = {
+            k: raw[k]
+            for k in ("tasks", "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn")
+            if k in raw
+        }
+        value = {"lm_eval": settings}
+    else:
+        for key in MERGEKIT_EVOLVE_KEYS:
+            if key in raw and key != "random_init":
+                raise check.fail([key], f"{key}: configures lm-eval tasks; it needs tasks:")
     section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout"))
     kinds = [k for k in ("command", "python", "lm_eval") if k in section]
     if len(kinds) != 1:
@@ -284,10 +346,20 @@ def _evaluator(check: _Checker, value: Any) -> EvaluatorSpec:
         if not isinstance(section["python"], str) or ":" not in section["python"]:
             raise check.fail(["evaluator", "python"], "must name a callable as 'module:function'")
         return EvaluatorSpec("python", python=section["python"], timeout=timeout)
-    lm = check.keys(
+    lm: Mapping[str, Any] = check.keys(
         ["evaluator", "lm_eval"],
         section["lm_eval"],
-        ("tasks", "model", "model_args", "limit", "num_fewshot", "batch_size", "device"),
+        (
+            "tasks",
+            "model",
+            "model_args",
+            "limit",
+            "num_fewshot",
+            "batch_size",
+            "device",
+            "apply_chat_template",
+            "fewshot_as_multiturn",
+        ),
     )
     tasks = lm.get("tasks")
     if not isinstance(tasks, list) or not tasks:
@@ -298,6 +370,96 @@ def _evaluator(check: _Checker, value: Any) -> EvaluatorSpec:
         if not isinstance(entry.get("name"), str):
             raise check.fail(["evaluator", "lm_eval", "tasks", i], "each task needs a name")
     return EvaluatorSpec("lm_eval", lm_eval=dict(lm), timeout=timeout)
+
+
+GENOME_KEYS = (
+    "models",
+    "merge_method",
+    "base_model",
+    "tokenizer_source",
+    "layer_granularity",
+    "normalize",
+    "allow_negative_weights",
+    "filters",
+    "smooth",
+    "dtype",
+)
+
+
+def _genome(check: _Checker, value: Any) -> GenomeSpec:
+    if value is None:
+        raise check.fail(["genome"], "strategy cmaes needs a genome: section (mergekit-evolve's keys)")
+    section = check.keys(["genome"], value, GENOME_KEYS)
+    at: list[str | int] = ["genome"]
+    models = section.get("models")
+    if not isinstance(models, list) or len(models) < 2:
+        raise check.fail([*at, "models"], "a list of at least two model references is required")
+    refs = [m if isinstance(m, str) else m.get("model") if isinstance(m, Mapping) else None for m in models]
+    if not all(isinstance(r, str) for r in refs):
+        raise check.fail([*at, "models"], "each model is a reference (or a mapping with model:)")
+    method = section.get("merge_method")
+    if method not in METHOD_PARAMS:
+        raise check.fail([*at, "merge_method"], f"{method!r} is not a genome method ({', '.join(METHOD_PARAMS)})")
+    base = section.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise check.fail([*at, "base_model"], "must be a model reference")
+    if method in NEEDS_BASE and base is None:
+        raise check.fail([*at, "base_model"], f"{method} needs a base_model")
+    granularity = check.integer([*at, "layer_granularity"], section.get("layer_granularity", 0) or 0, 0)
+    filters = section.get("filters") or []
+    if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
+        raise check.fail([*at, "filters"], "must be a list of tensor-name substrings")
+    for key in ("allow_negative_weights", "smooth"):
+        if not isinstance(section.get(key, False), bool):
+            raise check.fail([*at, key], "must be true or false")
+    normalize = section.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise check.fail([*at, "normalize"], "must be true, false or null (the method's default)")
+    if method == "slerp" and (section.get("smooth") or filters):
+        raise check.fail([*at, "merge_method"], "slerp genomes take neither smooth nor filters (as mergekit-evolve)")
+    dtype = section.get("dtype", "bfloat16")
+    if dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise check.fail([*at, "dtype"], "must be float32, bfloat16, float16 or float64")
+    return GenomeSpec(
+        models=tuple(str(r) for r in refs),
+        merge_method=str(method),
+        base_model=base,
+        tokenizer_source=section.get("tokenizer_source"),
+        layer_granularity=granularity,
+        normalize=normalize,
+        allow_negative_weights=bool(section.get("allow_negative_weights", False)),
+        filters=tuple(filters),
+        smooth=bool(section.get("smooth", False)),
+        dtype=str(dtype),
+    )
+
+
+def _cmaes(check: _Checker, value: Any, random_init: Any) -> Cmaes:
+    section = check.keys(["cmaes"], value, ("sigma0", "popsize", "max_evals", "seed", "penalty", "random_init"))
+    at: list[str | int] = ["cmaes"]
+    sigma0 = section.get("sigma0", 1 / 6)
+    if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or sigma0 <= 0:
+        raise check.fail([*at, "sigma0"], "must be a positive number")
+    popsize = section.get("popsize")
+    if popsize is not None:
+        popsize = check.integer([*at, "popsize"], popsize, 2)
+    penalty = section.get("penalty")
+    if penalty is not None and (isinstance(penalty, bool) or not isinstance(penalty, (int, float))):
+        raise check.fail([*at, "penalty"], "must be a number (the score of a failed candidate) or null")
+    seed = section.get("seed")
+    if seed is not None:
+        seed = check.integer([*at, "seed"], seed, 0)
+    init = section.get("random_init", random_init)
+    if not isinstance(init, bool):
+        raise check.fail(["random_init"], "must be true or false")
+    return Cmaes(
+        sigma0=float(sigma0),
+        popsize=popsize,
+        max_evals=check.integer([*at, "max_evals"], section.get("max_evals", 100), 1),
+        seed=seed,
+        penalty=None if penalty is None else float(penalty),
+        random_init=init,
+    )
 
 
 def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:

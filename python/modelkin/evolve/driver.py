@@ -7,6 +7,8 @@ again. Nothing here holds state that the store does not."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import shutil
 import time
@@ -18,13 +20,14 @@ from pathlib import Path
 from .._core import model_tensors
 from ..errors import ModelkinError
 from ..kinship import kinship_matrix
-from ..merge_config import RecipeError, load_config
+from ..merge_config import RecipeError, layer_of, load_config
 from ..merging import merge
 from ..resolve import resolve
 from . import strategies
 from .config import EvolveConfig
 from .evaluators import EvaluationError, check_scores, objective
 from .executors import Executor, Job
+from .genome import Genome, GenomeSpec
 from .recipes import pair_recipe, recipe_models, soup_recipe
 from .store import Candidate, Store
 
@@ -67,13 +70,15 @@ class Driver:
         self.threads = threads
         self.store = Store(run_dir)
         self.failures_in_a_row = 0
-        self.base_path = ""
+        self.base_path: str | None = None
+        self.genome: Genome | None = None
 
     # --- setup -------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Checks the models, then records the base and the pool (generation 0)."""
         models = check_models(self.config, self.offline)
         self.base_path = models.base
+        self.genome = models.genome
         models_dir = self.run_dir / MODELS_DIR
         models_dir.mkdir(exist_ok=True)
         # A merge killed mid-write leaves its staging directory; the candidate is redone.
@@ -82,7 +87,8 @@ class Driver:
         (self.run_dir / SCRATCH_DIR).mkdir(exist_ok=True)
         for stale in (self.run_dir / SCRATCH_DIR).iterdir():
             shutil.rmtree(stale, ignore_errors=True)
-        self.store.add("base", 0, "base", reference=self.config.base_model, path=self.base_path)
+        if self.base_path is not None:
+            self.store.add("base", 0, "base", reference=self.config.base_model, path=self.base_path)
         for ref, path in zip(self.config.pool, models.pool, strict=True):
             self.store.add(f"pool:{ref}", 0, "pool", reference=ref, path=path)
 
@@ -176,7 +182,7 @@ class Driver:
         involved = [c for c in candidates if any(c.id in pair for pair in missing)]
         paths = [self.materialize(c) for c in involved]
         start = time.perf_counter()
-        result = kinship_matrix(paths, base=self.base_path, threads=self.threads, offline=self.offline)
+        result = kinship_matrix(paths, base=self.base_path_required(), threads=self.threads, offline=self.offline)
         values: dict[tuple[int, int, str], float] = {}
         for i, a in enumerate(involved):
             for j, b in enumerate(involved):
@@ -190,16 +196,23 @@ class Driver:
     def run(self) -> Outcome:
         self.prepare()
         base = self.store.by_key("base")
-        assert base is not None
-        for split in SPLITS:
-            base = self.score(base, split)
-        if base.status == "failed":
-            first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
-            raise RunError(f"the base model could not be evaluated: {first_line}")
+        if base is not None:  # a reference row: scored on both splits, a parent only if in the pool
+            for split in SPLITS:
+                base = self.score(base, split)
+            if base.status == "failed":
+                first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
+                raise RunError(f"the base model could not be evaluated: {first_line}")
         self.score_many([(member, split) for member in self.pool() for split in SPLITS])
-        if not strategies.rank(self.pool()):
+        if not strategies.rank(self.pool()) and self.config.strategy != "cmaes":
             raise RunError("no pool model could be evaluated")
-        outcome = self.run_topk() if self.config.strategy == "topk" else self.run_soup()
+        if self.config.strategy == "cmaes":
+            from .search import run_cmaes
+
+            outcome = run_cmaes(self)
+        elif self.config.strategy == "topk":
+            outcome = self.run_topk()
+        else:
+            outcome = self.run_soup()
         self.store.set_meta(state="done", stop_reason=outcome.stop_reason, best=str(outcome.best.id))
         return outcome
 
@@ -208,6 +221,10 @@ class Driver:
 
     def population(self) -> list[Candidate]:
         return [c for c in self.store.candidates() if c.role != "base"]
+
+    def base_path_required(self) -> str:
+        assert self.base_path is not None, "topk and greedy_soup always have a base"
+        return self.base_path
 
     def run_topk(self) -> Outcome:
         settings = self.config.topk
@@ -264,7 +281,8 @@ class Driver:
             children = []
             for (a, b), role in zip(pairs, roles, strict=True):
                 first, second = self.store.get(a), self.store.get(b)
-                recipe = pair_recipe(self.config.merge, self.model_path(first), self.model_path(second), self.base_path)
+                path_a, path_b = self.model_path(first), self.model_path(second)
+                recipe = pair_recipe(self.config.merge, path_a, path_b, self.base_path_required())
                 children.append(self.propose(generation, role, [first, second], recipe))
             self.score_many([(child, "search") for child in children])
             if generation not in history:
@@ -321,23 +339,34 @@ class Driver:
 
 @dataclass(frozen=True)
 class Models:
-    """The resolved paths of a config's base and pool."""
+    """The resolved paths of a config's base (None: a cmaes genome without one) and pool, and the
+    genome over them (cmaes)."""
 
-    base: str
+    base: str | None
     pool: tuple[str, ...]
+    genome: Genome | None = None
 
 
 def check_models(config: EvolveConfig, offline: bool = False) -> Models:
     """Resolves the base and the pool and refuses, before anything runs, a pool model that is not a
-    fine-tune of the base (another tensor set or shape) or a merge section that makes no valid recipe."""
-    base = str(resolve(config.model_path(config.base_model), offline=offline))
-    expected = {name: shape for name, shape, _ in model_tensors(base)}
-    pool = []
-    for ref in config.pool:
-        path = str(resolve(config.model_path(ref), offline=offline))
+    fine-tune of the base (another tensor set or shape), a merge section that makes no valid recipe,
+    or a genome that does not fit the models."""
+    base = None if config.base_model is None else str(resolve(config.model_path(config.base_model), offline=offline))
+    pool = [str(resolve(config.model_path(ref), offline=offline)) for ref in config.pool]
+    reference, reference_name = (base, config.base_model) if base is not None else (pool[0], config.pool[0])
+    assert reference is not None and reference_name is not None
+    expected = {name: shape for name, shape, _ in model_tensors(reference)}
+    for ref, path in zip(config.pool, pool, strict=True):
         found = {name: shape for name, shape, _ in model_tensors(path)}
-        _check_fine_tune(ref, found, expected, config.base_model)
-        pool.append(path)
+        _check_fine_tune(ref, found, expected, reference_name)
+    if config.genome is not None:
+        genome = build_genome(config, config.genome, base, pool, list(expected))
+        try:
+            load_config(genome.recipe(genome.initial()))
+        except RecipeError as error:
+            raise RecipeError(f"{config.source}: genome: {str(error).split(': ', 1)[-1]}") from error
+        return Models(base, tuple(pool), genome)
+    assert base is not None
     try:
         if config.strategy == "topk":
             load_config(pair_recipe(config.merge, pool[0], pool[1], base))
@@ -346,6 +375,40 @@ def check_models(config: EvolveConfig, offline: bool = False) -> Models:
     except RecipeError as error:
         raise RecipeError(f"{config.source}: merge: {str(error).split(': ', 1)[-1]}") from error
     return Models(base, tuple(pool))
+
+
+def build_genome(
+    config: EvolveConfig, spec: GenomeSpec, base: str | None, pool: Sequence[str], tensors: Sequence[str]
+) -> Genome:
+    """The genome over resolved models, its layer count read as mergekit-evolve reads it (the first
+    model's config.json ``num_hidden_layers``, else the layer numbers in the tensor names)."""
+    first = Path(pool[0])
+    layers = 0
+    with contextlib.suppress(OSError, ValueError):
+        layers = int(
+            json.loads(((first if first.is_dir() else first.parent) / "config.json").read_text()).get(
+                "num_hidden_layers"
+            )
+            or 0
+        )
+    if not layers:
+        found = [layer_of(n) for n in tensors]
+        layers = max((x for x in found if x is not None), default=-1) + 1
+    where = f"{config.source}: genome"
+    if layers < 1:
+        raise RecipeError(f"{where}: cannot tell the layer count of {config.pool[0]} (no num_hidden_layers)")
+    if spec.layer_granularity > 0 and layers % spec.layer_granularity:
+        raise RecipeError(f"{where}.layer_granularity: {layers} layers are not divisible by {spec.layer_granularity}")
+    for pattern in spec.filters:
+        if not any(pattern in name for name in tensors):
+            raise RecipeError(f"{where}.filters: {pattern!r} matches no tensor of {config.pool[0]}")
+    genome = Genome(spec, layers, pool, base)
+    if spec.merge_method == "slerp" and genome.groups > 1:
+        raise RecipeError(
+            f"{where}.layer_granularity: a slerp genome with {genome.groups} layer groups needs a base model per"
+            " slice, which modelkin's slices do not support yet (use layer_granularity: 0)"
+        )
+    return genome
 
 
 def _check_fine_tune(ref: str, found: dict[str, list[int]], expected: dict[str, list[int]], base: str) -> None:

@@ -134,6 +134,7 @@ def lm_eval_evaluator(settings: Mapping[str, Any]) -> EvaluatorFn:
                 num_fewshot=settings.get("num_fewshot"),
                 batch_size=settings.get("batch_size", 1),
                 device=settings.get("device"),
+                **{k: settings[k] for k in ("apply_chat_template", "fewshot_as_multiturn") if k in settings},
             )
         except Exception as error:
             raise EvaluationError(f"lm_eval failed on {model}: {type(error).__name__}: {error}") from error

@@ -12,15 +12,17 @@ shared filesystem) and Hub ids are resolved by each worker from its own cache.""
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import secrets
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -105,50 +107,41 @@ class SerialExecutor:
         pass
 
 
-def _worker_main(conn: Connection, spec: EvaluatorSpec, override: EvaluatorFn | None) -> None:
-    evaluate = make_evaluator(spec, override)
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        conn.send(run_job(job, evaluate))
-
-
 @dataclass
 class _Worker:
-    process: multiprocessing.process.BaseProcess
+    process: subprocess.Popen[bytes]
     conn: Connection
     job: Job | None = None
 
 
 class LocalPoolExecutor:
-    """``workers`` worker processes on this machine, each sized to its share of the cores."""
+    """``workers`` worker processes on this machine (``python -m modelkin.evolve.worker``), each
+    sized to its share of the cores. Plain subprocesses rather than multiprocessing's spawn, which
+    re-imports the caller's main module: a driver started from a notebook or stdin works too."""
 
     def __init__(self, workers: int, spec: EvaluatorSpec, override: EvaluatorFn | None) -> None:
         self.workers = workers
         self.spec = spec
         self.override = override
-        self.context = multiprocessing.get_context("spawn")
         self.pool: list[_Worker] = []
         self.threads = max(1, (os.cpu_count() or 1) // workers)
+        self.authkey = secrets.token_bytes(16)
+        self.listener = Listener(authkey=self.authkey)
 
     def _spawn(self) -> _Worker:
-        parent, child = self.context.Pipe()
-        saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-        # A spawned process reads its thread settings at start: BLAS sizes its pool when numpy
-        # loads, before any code of ours runs in it.
-        os.environ.update(dict.fromkeys(_THREAD_VARS, str(self.threads)))
-        try:
-            process = self.context.Process(target=_worker_main, args=(child, self.spec, self.override), daemon=True)
-            process.start()
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
-        child.close()
-        return _Worker(process, parent)
+        env = dict(os.environ)
+        # BLAS sizes its thread pool when numpy loads: set before the process starts.
+        env.update(dict.fromkeys(_THREAD_VARS, str(self.threads)))
+        # A callable evaluator travels by reference: the worker imports it from the driver's path.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
+        env["MODELKIN_WORKER_KEY"] = self.authkey.hex()
+        address = self.listener.address
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelkin.evolve.worker", str(address)], env=env, stdin=subprocess.DEVNULL
+        )
+        conn = self.listener.accept()
+        conn.send((self.spec, self.override))
+        return _Worker(process, conn)
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
         pending = deque(jobs)
@@ -163,45 +156,40 @@ class LocalPoolExecutor:
                     attempts[key] = attempts.get(key, 0) + 1
                     worker.conn.send(worker.job)
             busy = [w for w in self.pool if w.job is not None]
-            ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            ready = wait([w.conn for w in busy])
             for worker in busy:
-                if worker.conn in ready or worker.process.sentinel in ready:
-                    result = self._collect(worker)
-                    job = worker.job
-                    assert job is not None
-                    worker.job = None
-                    if result is not None:
-                        yield result
-                        continue
+                if worker.conn not in ready:
+                    continue
+                job = worker.job
+                assert job is not None
+                worker.job = None
+                try:
+                    result = worker.conn.recv()
+                except (EOFError, OSError):
                     # The worker died mid-job: replace it, retry the job once elsewhere.
+                    worker.process.wait()
                     self.pool.remove(worker)
                     self.pool.append(self._spawn())
                     if attempts[(job.candidate, job.split)] < 2:
                         pending.appendleft(job)
                     else:
                         yield JobResult(job.candidate, job.split, None, "worker died twice during this job", None, 0.0)
-
-    @staticmethod
-    def _collect(worker: _Worker) -> JobResult | None:
-        try:
-            if worker.conn.poll():
-                result = worker.conn.recv()
+                    continue
                 assert isinstance(result, JobResult)
-                return result
-        except (EOFError, OSError):
-            pass
-        worker.process.join(timeout=5)
-        return None
+                yield result
 
     def close(self) -> None:
         for worker in self.pool:
-            with contextlib.suppress(BrokenPipeError, OSError):
+            with contextlib.suppress(OSError):
                 worker.conn.send(None)
         for worker in self.pool:
-            worker.process.join(timeout=10)
-            if worker.process.is_alive():
+            try:
+                worker.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
                 worker.process.kill()
+                worker.process.wait()
         self.pool = []
+        self.listener.close()
 
 
 def _ray_job(job: Job, spec: EvaluatorSpec, override: EvaluatorFn | None) -> JobResult:

@@ -200,7 +200,10 @@ def make_executor(
     if ray is not None:
         executor = RayExecutor(ray, config.evaluator, override, workers if workers > 1 else 0)
         models = check_models(config)
-        executor.check_paths([p for p in (models.base, *models.pool, str(run_dir)) if Path(p).is_absolute()])
+        # The run directory may not exist yet: its nearest existing ancestor must be visible.
+        where = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+        paths = [p for p in (models.base, *models.pool, str(where)) if p is not None]
+        executor.check_paths([p for p in paths if Path(p).is_absolute()])
         return executor
     if workers == 1:
         return SerialExecutor(evaluate)

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     merge_s REAL,
     eval_s REAL,
     created REAL NOT NULL,
-    finished REAL
+    finished REAL,
+    genes TEXT
 );
 CREATE TABLE IF NOT EXISTS kinship (
     a INTEGER NOT NULL, b INTEGER NOT NULL, metric TEXT NOT NULL, value REAL,
@@ -68,6 +69,8 @@ class Candidate:
     error: str | None
     merge_s: float | None
     eval_s: float | None
+    # The CMA-ES genotype this candidate was made from (None for other strategies).
+    genes: tuple[float, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -121,12 +124,14 @@ class Store:
         reference: str | None = None,
         recipe: Mapping[str, Any] | None = None,
         path: str | None = None,
+        genes: Sequence[float] | None = None,
     ) -> Candidate:
         """Inserts a candidate unless one with ``key`` exists; returns the stored one either way."""
         with self.transaction() as db:
             db.execute(
-                "INSERT OR IGNORE INTO candidates (key, generation, role, parents, reference, recipe, path, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO candidates"
+                " (key, generation, role, parents, reference, recipe, path, created, genes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     generation,
@@ -136,6 +141,7 @@ class Store:
                     None if recipe is None else json.dumps(recipe, sort_keys=True),
                     path,
                     time.time(),
+                    None if genes is None else json.dumps([float(g) for g in genes]),
                 ),
             )
         found = self.by_key(key)
@@ -204,6 +210,7 @@ class Store:
             error=error,
             merge_s=merge_s,
             eval_s=eval_s,
+            genes=None if row[17] is None else tuple(json.loads(row[17])),
         )
 
     # --- kinship -----------------------------------------------------------------------------

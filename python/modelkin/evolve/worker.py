@@ -1,0 +1,29 @@
+"""A local worker process (``python -m modelkin.evolve.worker ADDRESS``): connects back to the
+driver's pool, receives the evaluator, then runs jobs until told to stop."""
+
+from __future__ import annotations
+
+import ast
+import os
+import sys
+from multiprocessing.connection import Client
+
+from .evaluators import make_evaluator
+from .executors import run_job
+
+
+def main() -> None:
+    text = sys.argv[1]
+    address = ast.literal_eval(text) if text.startswith("(") else text
+    conn = Client(address, authkey=bytes.fromhex(os.environ.pop("MODELKIN_WORKER_KEY")))
+    spec, override = conn.recv()
+    evaluate = make_evaluator(spec, override)
+    while True:
+        job = conn.recv()
+        if job is None:
+            return
+        conn.send(run_job(job, evaluate))
+
+
+if __name__ == "__main__":
+    main()
