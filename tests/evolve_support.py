@@ -72,3 +72,25 @@ def runs_json(run_dir: Path) -> dict[str, Any]:
     from modelkin.evolve import open_run
 
     return json.loads(json.dumps(open_run(run_dir).to_dict()))
+
+
+def mortal_scores(model: str | Path, split: str) -> dict[str, float]:
+    """hashed_scores, except that the worker process evaluating a model named in $EVOLVE_TEST_DIE or
+    in the file $EVOLVE_TEST_DIR/victims ("c12,c15": a file reaches workers started before the test
+    chose) kills itself with SIGKILL mid-evaluation: once per model (a marker file in $EVOLVE_TEST_DIR
+    remembers), or every time when $EVOLVE_TEST_DIE_ALWAYS is set."""
+    import os
+    import signal
+
+    name = Path(model).name
+    listed = os.environ.get("EVOLVE_TEST_DIE", "")
+    victims = Path(os.environ.get("EVOLVE_TEST_DIR", "/nonexistent")) / "victims"
+    if victims.exists():
+        listed += "," + victims.read_text()
+    doomed = set(filter(None, listed.split(",")))
+    if name in doomed:
+        marker = Path(os.environ["EVOLVE_TEST_DIR"]) / f"died-{name}-{split}"
+        if os.environ.get("EVOLVE_TEST_DIE_ALWAYS") or not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+    return hashed_scores(model, split)

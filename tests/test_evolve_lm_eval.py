@@ -43,7 +43,8 @@ def test_adapter_passes_settings_and_reads_metrics(fake_lm_eval):
     assert call["model"] == "hf" and call["model_args"] == "pretrained=/models/c3,dtype=float32"
     assert call["tasks"] == ["arc_easy", "gsm8k"]
     assert (call["limit"], call["num_fewshot"], call["batch_size"], call["device"]) == (50, 5, 4, "cpu")
-    assert lm_eval_weights(settings) == {"gsm8k": 2.0}
+    assert lm_eval_weights(settings) == {"arc_easy": 1.0, "gsm8k": 2.0}
+    assert lm_eval_weights({"tasks": ["a", {"name": "b"}]}) is None
 
 
 def test_adapter_refuses_a_missing_metric(fake_lm_eval):

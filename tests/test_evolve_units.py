@@ -66,6 +66,7 @@ def test_soup_rule():
 def test_objective_and_scores():
     assert objective({"a": 1.0, "b": 0.0}, None) == 0.5
     assert objective({"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 1.0}) == 0.75
+    assert objective({"acc": 0.5, "ppl": 2.0}, {"acc": 1.0, "ppl": -1.0}) == (0.5 - 2.0) / 2
     with pytest.raises(ObjectiveError, match="'c'"):
         objective({"a": 1.0}, {"c": 1.0})
     for bad in ({}, [], {"a": "x"}, {"a": math.nan}, {"a": math.inf}, {"a": True}):
@@ -96,8 +97,10 @@ def test_recipes_are_valid_mergekit_recipes():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"strategy": "cmaes"}, "not supported yet"),
-        ({"strategy": "random"}, "not one of topk, greedy_soup"),
+        ({"strategy": "cmaes"}, "pool:"),
+        ({"strategy": "cmaes", "pool": None, "base_model": None}, "needs a genome"),
+        ({"strategy": "topk", "genome": {"models": ["a", "b"], "merge_method": "linear"}}, "for strategy cmaes"),
+        ({"strategy": "random"}, "not one of topk, greedy_soup, cmaes"),
         ({"pool": ["a"]}, "at least two"),
         ({"pool": ["a", "a"]}, "twice"),
         ({"base_model": None}, "base_model"),
@@ -118,15 +121,16 @@ def test_recipes_are_valid_mergekit_recipes():
         ({"evaluator": {"lm_eval": {"tasks": []}}}, "non-empty list"),
         ({"evaluator": {"lm_eval": {"tasks": ["x"], "fewshot": 5}}}, "unknown key"),
         ({"objective": {"weights": {"a": "x"}}}, "must be a number"),
-        ({"objective": {"weights": {"a": 0}}}, "sum to zero"),
+        ({"objective": {"weights": {"a": 0}}}, "every weight is zero"),
         ({"objective": {"target": 1}}, "unknown key"),
         ({"keep": "some"}, "not one of all, top"),
         ({"max_failures": 0}, "integer >= 1"),
     ],
 )
 def test_config_refuses_with_the_key(change, message):
+    config = {k: v for k, v in {**BASE, **change}.items() if v is not None}
     with pytest.raises(RecipeError, match=None) as error:
-        load_evolve_config({**BASE, **change})
+        load_evolve_config(config)
     assert message in str(error.value)
 
 

@@ -472,6 +472,6 @@ def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
     for task, weight in weights.items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise check.fail(["objective", "weights", task], "must be a number")
-    if sum(float(w) for w in weights.values()) == 0:
-        raise check.fail(["objective", "weights"], "the weights sum to zero")
+    if all(float(w) == 0 for w in weights.values()):
+        raise check.fail(["objective", "weights"], "every weight is zero")
     return {str(k): float(v) for k, v in weights.items()}

@@ -365,6 +365,9 @@ def check_models(config: EvolveConfig, offline: bool = False) -> Models:
             load_config(genome.recipe(genome.initial()))
         except RecipeError as error:
             raise RecipeError(f"{config.source}: genome: {str(error).split(': ', 1)[-1]}") from error
+        from .search import plan
+
+        plan(config, genome)
         return Models(base, tuple(pool), genome)
     assert base is not None
     try:

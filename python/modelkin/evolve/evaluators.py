@@ -44,7 +44,9 @@ def check_scores(raw: Any, where: str) -> Scores:
 
 
 def objective(scores: Mapping[str, float], weights: Mapping[str, float] | None) -> float:
-    """The weighted mean of the task scores (the plain mean without weights)."""
+    """Σ wᵢ·scoreᵢ / Σ |wᵢ|: the weighted mean of the task scores for positive weights (the plain
+    mean without weights); a negative weight makes a lower-is-better task (perplexity) count against,
+    as in mergekit-evolve, whose weighted sum ranks candidates the same way."""
     if weights is None:
         return sum(scores.values()) / len(scores)
     missing = [t for t in weights if t not in scores]
@@ -53,7 +55,7 @@ def objective(scores: Mapping[str, float], weights: Mapping[str, float] | None) 
             f"objective names task {missing[0]!r}, which the evaluator does not report"
             f" (it reports: {', '.join(sorted(scores))})"
         )
-    return sum(w * scores[t] for t, w in weights.items()) / sum(weights.values())
+    return sum(w * scores[t] for t, w in weights.items()) / sum(abs(w) for w in weights.values())
 
 
 def command_evaluator(template: str, timeout: float | None) -> EvaluatorFn:
@@ -151,9 +153,12 @@ def lm_eval_evaluator(settings: Mapping[str, Any]) -> EvaluatorFn:
 
 
 def lm_eval_weights(settings: Mapping[str, Any]) -> dict[str, float] | None:
-    """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``), if any."""
-    tasks = [t for t in settings.get("tasks", []) if isinstance(t, Mapping) and "weight" in t]
-    return {str(t["name"]): float(t["weight"]) for t in tasks} or None
+    """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``, default 1),
+    or None when no task sets one (then the objective is the plain mean)."""
+    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get("tasks", [])]
+    if not any("weight" in t for t in tasks):
+        return None
+    return {str(t["name"]): float(t.get("weight", 1.0)) for t in tasks}
 
 
 def make_evaluator(spec: EvaluatorSpec, override: EvaluatorFn | None = None) -> EvaluatorFn:

@@ -192,6 +192,20 @@ class LocalPoolExecutor:
         self.listener.close()
 
 
+def _probe(address: str) -> None:
+    """Fails fast on a host:port nobody listens on (ray.init retries such an address for minutes)."""
+    from .driver import RunError
+
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return  # auto, local: ray.init answers those at once
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise RunError(f"--ray {address}: cannot reach a Ray cluster ({error.strerror or error})") from error
+
+
 def _ray_job(job: Job, spec: EvaluatorSpec, override: EvaluatorFn | None) -> JobResult:
     return run_job(job, make_evaluator(spec, override))
 
@@ -212,6 +226,7 @@ class RayExecutor:
         except ImportError as error:
             raise RunError("--ray needs Ray: pip install 'modelkin[ray]'") from error
         self.ray: Any = ray  # untyped library: its calls are checked by the tests
+        _probe(address)
         try:
             if address == "local":
                 ray.init(

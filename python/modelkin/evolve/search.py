@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
+from ..merge_config import RecipeError
+from .config import EvolveConfig
+from .genome import Genome
 from .store import Candidate
 
 if TYPE_CHECKING:
@@ -28,6 +31,18 @@ def default_popsize(n: int) -> int:
     return 4 + int(3 * math.log(n))
 
 
+def plan(config: EvolveConfig, genome: Genome) -> tuple[int, int]:
+    """(population size, generations) of a search: whole generations within ``max_evals``."""
+    settings = config.cmaes
+    popsize = settings.popsize or default_popsize(genome.size)
+    generations = settings.max_evals // popsize
+    if generations < 1:
+        raise RecipeError(
+            f"{config.source}: cmaes.max_evals: {settings.max_evals} is less than one population of {popsize}"
+        )
+    return popsize, generations
+
+
 def run_cmaes(driver: Driver) -> Outcome:
     from cmaes import CMA
 
@@ -36,11 +51,8 @@ def run_cmaes(driver: Driver) -> Outcome:
     config, store, genome = driver.config, driver.store, driver.genome
     assert genome is not None
     settings = config.cmaes
-    popsize = settings.popsize or default_popsize(genome.size)
+    popsize, generations = plan(config, genome)
     seed = settings.seed if settings.seed is not None else config.seed
-    generations = settings.max_evals // popsize
-    if generations < 1:
-        raise RunError(f"cmaes.max_evals {settings.max_evals} is less than one population of {popsize}")
     x0 = genome.initial(random=settings.random_init, seed=seed)
     optimizer = CMA(mean=x0, sigma=settings.sigma0, seed=seed, population_size=popsize)
     best: Candidate | None = None

@@ -6,13 +6,24 @@ from __future__ import annotations
 import ast
 import os
 import sys
+import threading
+import time
 from multiprocessing.connection import Client
 
 from .evaluators import make_evaluator
 from .executors import run_job
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A driver killed with SIGKILL cannot stop its workers: they stop themselves when orphaned,
+    instead of finishing an evaluation nobody will record."""
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)
+
+
 def main() -> None:
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     text = sys.argv[1]
     address = ast.literal_eval(text) if text.startswith("(") else text
     conn = Client(address, authkey=bytes.fromhex(os.environ.pop("MODELKIN_WORKER_KEY")))
