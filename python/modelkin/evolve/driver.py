@@ -117,7 +117,9 @@ class Driver:
         self.score_many([(candidate, split)], scratch=scratch)
         return self.store.get(candidate.id)
 
-    def score_many(self, items: Sequence[tuple[Candidate, str]], *, scratch: bool = False) -> None:
+    def score_many(
+        self, items: Sequence[tuple[Candidate, str]], *, scratch: bool = False, count_failures: bool = True
+    ) -> None:
         """Scores candidates (merging each first where needed) on the executor's workers, all at
         once; results are recorded as they arrive, failures as failed candidates. ``scratch``
         models live in a scratch directory and are deleted once evaluated."""
@@ -143,19 +145,22 @@ class Driver:
             if result.merge_s is not None and not scratch:
                 self.store.record_merge(candidate.id, self.model_path(candidate), result.merge_s)
             if result.scores is None:
-                self._fail(candidate, result.error or "unknown error")
+                self._fail(candidate, result.error or "unknown error", count_failures)
                 continue
             try:
                 value = objective(check_scores(result.scores, "evaluator"), self.config.weights)
             except EvaluationError as error:
-                self._fail(candidate, str(error))
+                self._fail(candidate, str(error), count_failures)
                 continue
             self.store.record_scores(candidate.id, result.split, result.scores, value, result.eval_s)
             self.failures_in_a_row = 0
             self.report("done", self.store.get(candidate.id), self.store)
 
-    def _fail(self, candidate: Candidate, error: str) -> None:
+    def _fail(self, candidate: Candidate, error: str, count: bool = True) -> None:
         self.store.record_failure(candidate.id, error)
+        if not count:
+            self.report("failed", self.store.get(candidate.id), self.store)
+            return
         self.failures_in_a_row += 1
         self.report("failed", self.store.get(candidate.id), self.store)
         if self.failures_in_a_row >= self.config.max_failures:
@@ -196,13 +201,16 @@ class Driver:
     def run(self) -> Outcome:
         self.prepare()
         base = self.store.by_key("base")
-        if base is not None:  # a reference row: scored on both splits, a parent only if in the pool
-            for split in SPLITS:
-                base = self.score(base, split)
+        # The base (a reference row, a parent only if in the pool) and the pool are scored on both
+        # splits at once; their failures do not count towards max_failures (the run stops below if
+        # the base or every pool model fails).
+        references = [*([base] if base is not None else []), *self.pool()]
+        self.score_many([(c, split) for c in references for split in SPLITS], count_failures=False)
+        if base is not None:
+            base = self.store.get(base.id)
             if base.status == "failed":
                 first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
                 raise RunError(f"the base model could not be evaluated: {first_line}")
-        self.score_many([(member, split) for member in self.pool() for split in SPLITS])
         if not strategies.rank(self.pool()) and self.config.strategy != "cmaes":
             raise RunError("no pool model could be evaluated")
         if self.config.strategy == "cmaes":

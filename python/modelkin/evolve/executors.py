@@ -128,7 +128,7 @@ class LocalPoolExecutor:
         self.authkey = secrets.token_bytes(16)
         self.listener = Listener(authkey=self.authkey)
 
-    def _spawn(self) -> _Worker:
+    def _start(self) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         # BLAS sizes its thread pool when numpy loads: set before the process starts.
         env.update(dict.fromkeys(_THREAD_VARS, str(self.threads)))
@@ -136,18 +136,23 @@ class LocalPoolExecutor:
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
         env["MODELKIN_WORKER_KEY"] = self.authkey.hex()
         address = self.listener.address
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "modelkin.evolve.worker", str(address)], env=env, stdin=subprocess.DEVNULL
         )
-        conn = self.listener.accept()
-        conn.send((self.spec, self.override))
-        return _Worker(process, conn)
+
+    def _spawn(self, count: int) -> None:
+        """Starts ``count`` workers at once (each takes a moment to import), then connects them."""
+        processes = {p.pid: p for p in (self._start() for _ in range(count))}
+        for _ in range(count):
+            conn = self.listener.accept()
+            pid = conn.recv()  # connections arrive in any order: each worker says which it is
+            conn.send((self.spec, self.override))
+            self.pool.append(_Worker(processes.pop(pid), conn))
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
         pending = deque(jobs)
         attempts: dict[tuple[int, str], int] = {}
-        while len(self.pool) < min(self.workers, len(pending)):
-            self.pool.append(self._spawn())
+        self._spawn(max(0, min(self.workers, len(pending)) - len(self.pool)))
         while pending or any(w.job is not None for w in self.pool):
             for worker in self.pool:
                 if worker.job is None and pending:
@@ -169,7 +174,7 @@ class LocalPoolExecutor:
                     # The worker died mid-job: replace it, retry the job once elsewhere.
                     worker.process.wait()
                     self.pool.remove(worker)
-                    self.pool.append(self._spawn())
+                    self._spawn(1)
                     if attempts[(job.candidate, job.split)] < 2:
                         pending.appendleft(job)
                     else:

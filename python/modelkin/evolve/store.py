@@ -174,7 +174,7 @@ class Store:
         with self.transaction() as db:
             db.execute(
                 f"UPDATE candidates SET scores = ?, {column} = ?, status = ?, eval_s = COALESCE(eval_s, 0) + ?,"
-                " finished = ?, error = NULL WHERE id = ?",
+                " finished = ? WHERE id = ?",
                 (json.dumps(merged, sort_keys=True), objective, status, seconds, time.time(), id),
             )
 

@@ -27,6 +27,7 @@ def main() -> None:
     text = sys.argv[1]
     address = ast.literal_eval(text) if text.startswith("(") else text
     conn = Client(address, authkey=bytes.fromhex(os.environ.pop("MODELKIN_WORKER_KEY")))
+    conn.send(os.getpid())
     spec, override = conn.recv()
     evaluate = make_evaluator(spec, override)
     while True:

@@ -6,6 +6,7 @@ the bundled task family (tiny models, short sequences), not for real LLMs."""
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,12 +14,33 @@ import numpy as np
 import numpy.typing as npt
 
 Array = npt.NDArray[np.float64]
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_heap_kept = False
+
+
+def _keep_heap() -> None:
+    """Keeps the forward pass's temporaries (a few MB each) on the heap. glibc serves blocks above
+    its mmap threshold with fresh mappings and trims the heap eagerly, so every temporary page-faults
+    again: measured 100k faults and 0.86 s per evaluation of a fine-tune, 0.34 s with the thresholds
+    raised (and then one BLAS thread is as fast as two). Process-wide, once; a no-op off glibc."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 128 << 20)
 
 
 class LlamaModel:
     """Weights and config of a Llama checkpoint, ready to run."""
 
     def __init__(self, tensors: Mapping[str, npt.NDArray[Any]], config: Mapping[str, Any]) -> None:
+        _keep_heap()
         self.w = {name: np.asarray(t, dtype=np.float64) for name, t in tensors.items()}
         self.layers = int(config["num_hidden_layers"])
         self.heads = int(config["num_attention_heads"])

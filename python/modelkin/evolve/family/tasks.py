@@ -7,6 +7,7 @@ This module needs only numpy: the training script (torch) and the evaluator both
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -61,9 +62,10 @@ def split_of(index: int) -> str:
     return "search" if bucket == 0 else "test" if bucket == 1 else "train"
 
 
+@functools.cache
 def examples(task: str, split: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(prompts, answers) of ``task`` in ``split`` as token ids, shapes (n, 6) and (n, 4); the
-    evaluation splits hold at most EVAL_PROMPTS evenly spaced inputs."""
+    evaluation splits hold at most EVAL_PROMPTS evenly spaced inputs. Cached, read-only."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r} (tasks: {', '.join(TASKS)})")
     if split not in SPLITS:
@@ -79,7 +81,10 @@ def examples(task: str, split: str) -> tuple[npt.NDArray[np.int64], npt.NDArray[
     keep = np.arange(len(prompts))
     if split != "train" and len(prompts) > EVAL_PROMPTS:
         keep = np.linspace(0, len(prompts) - 1, EVAL_PROMPTS).round().astype(np.int64)
-    return np.array(prompts, dtype=np.int64)[keep], np.array(answers, dtype=np.int64)[keep]
+    out = np.array(prompts, dtype=np.int64)[keep], np.array(answers, dtype=np.int64)[keep]
+    for array in out:
+        array.flags.writeable = False  # cached: shared by every caller
+    return out
 
 
 def decode(ids: npt.ArrayLike) -> str:
