@@ -154,14 +154,10 @@ class LocalPoolExecutor:
         attempts: dict[tuple[int, str], int] = {}
         self._spawn(max(0, min(self.workers, len(pending)) - len(self.pool)))
         while pending or any(w.job is not None for w in self.pool):
-            for worker in self.pool:
-                if worker.job is None and pending:
-                    worker.job = pending.popleft()
-                    key = (worker.job.candidate, worker.job.split)
-                    attempts[key] = attempts.get(key, 0) + 1
-                    worker.conn.send(worker.job)
+            self._assign(pending, attempts)
             busy = [w for w in self.pool if w.job is not None]
             ready = wait([w.conn for w in busy])
+            results = []
             for worker in busy:
                 if worker.conn not in ready:
                     continue
@@ -178,10 +174,23 @@ class LocalPoolExecutor:
                     if attempts[(job.candidate, job.split)] < 2:
                         pending.appendleft(job)
                     else:
-                        yield JobResult(job.candidate, job.split, None, "worker died twice during this job", None, 0.0)
+                        results.append(
+                            JobResult(job.candidate, job.split, None, "worker died twice during this job", None, 0.0)
+                        )
                     continue
                 assert isinstance(result, JobResult)
-                yield result
+                results.append(result)
+            # Freed workers take their next job before the driver records these results.
+            self._assign(pending, attempts)
+            yield from results
+
+    def _assign(self, pending: deque[Job], attempts: dict[tuple[int, str], int]) -> None:
+        for worker in self.pool:
+            if worker.job is None and pending:
+                worker.job = pending.popleft()
+                key = (worker.job.candidate, worker.job.split)
+                attempts[key] = attempts.get(key, 0) + 1
+                worker.conn.send(worker.job)
 
     def close(self) -> None:
         for worker in self.pool:
