@@ -166,10 +166,10 @@ def stored_scores(run_dir: Path) -> int:
 def test_search_driver_killed_resumes_without_repeating(family, tmp_path, workers):
     base, pool = family
     log = tmp_path / "log"
-    config = search_config(base, pool, {"command": command_evaluator(f"--sleep 0.05 --log {log}")}, max_evals=30)
+    config = search_config(base, pool, {"command": command_evaluator(f"--sleep 0.25 --log {log}")}, max_evals=30)
     path = write_config(tmp_path / "s.yml", **config)
     reference_path = write_config(
-        tmp_path / "r.yml", **{**config, "evaluator": {"command": command_evaluator("--sleep 0.05")}}
+        tmp_path / "r.yml", **{**config, "evaluator": {"command": command_evaluator("--sleep 0.25")}}
     )
 
     def driver(config_path: Path, run_dir: Path) -> subprocess.Popen[bytes]:

@@ -59,12 +59,12 @@ def test_sigkill_at_random_points_resumes_to_the_same_run(tmp_path):
         "strategy": "topk",
         "topk": {"k": 3, "generations": 4, "explore": "kinship", "stop_kinship": None, "patience": 4},
         "merge": {"merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32"},
-        "evaluator": {"command": command_evaluator(f"--sleep 0.05 --log {log}")},
+        "evaluator": {"command": command_evaluator(f"--sleep 0.25 --log {log}")},
         "keep": "top",
     }
     path = write_config(tmp_path / "evolve.yml", **config)
     reference_config = write_config(
-        tmp_path / "reference.yml", **{**config, "evaluator": {"command": command_evaluator("--sleep 0.05")}}
+        tmp_path / "reference.yml", **{**config, "evaluator": {"command": command_evaluator("--sleep 0.25")}}
     )
     reference = evolve_process(reference_config, tmp_path / "reference")
     assert reference.wait(timeout=300) == 0, reference.stderr.read() if reference.stderr else ""
