@@ -208,3 +208,75 @@ def test_unknown_metric_is_a_usage_error(fam):
     proc = run_cli(*kin(fam), "--metric", "xyz")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"parameters": {"densty": 0.5}}, "ties has no parameter 'densty'"),
+        ({"model_params": {"weight": 1.0, "scale": 0.0}}, "ties has no parameter 'scale'"),
+        ({"chat_template": "chatml"}, "chat_template is not supported yet"),
+        ({"model_key": {"layer_range": [0, 1]}}, "unknown key"),
+    ],
+)
+def test_recipe_keys_are_used_or_refused(tmp_path, change, message):
+    """Nothing in a recipe is silently ignored: a misspelt or unsupported key is refused by name."""
+    from modelkin.merge_config import RecipeError, load_config
+
+    recipe: dict = {
+        "merge_method": "ties",
+        "base_model": "z",
+        "models": [
+            {"model": "a", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "b", "parameters": {"weight": 1.0}},
+        ],
+    }
+    if "parameters" in change:
+        recipe["parameters"] = change["parameters"]
+    if "model_params" in change:
+        recipe["models"][0]["parameters"] = change["model_params"]
+    if "model_key" in change:
+        recipe["models"][0].update(change["model_key"])
+    if "chat_template" in change:
+        recipe["chat_template"] = change["chat_template"]
+    with pytest.raises(RecipeError) as error:
+        load_config(recipe)
+    assert message in str(error.value)
+
+
+def test_slice_level_keys_and_passthrough_scale_are_refused():
+    from modelkin.merge_config import RecipeError, load_config
+
+    with pytest.raises(RecipeError, match="slice-level base_model is not supported yet"):
+        load_config(
+            {
+                "merge_method": "linear",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "base_model": "a"}],
+            }
+        )
+    with pytest.raises(RecipeError, match="passthrough has no parameter 'scale'"):
+        load_config(
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {
+                        "sources": [
+                            {
+                                "model": "a",
+                                "layer_range": [0, 1],
+                                "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}]},
+                            }
+                        ]
+                    }
+                ],
+            }
+        )
+    with pytest.raises(RecipeError, match="filter_wise: true is not supported yet"):
+        load_config(
+            {
+                "merge_method": "model_stock",
+                "base_model": "z",
+                "models": ["a", "b", "z"],
+                "parameters": {"filter_wise": True},
+            }
+        )

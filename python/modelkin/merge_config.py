@@ -204,6 +204,8 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         raise fail(["tokenizer_source"], "tokenizer_source: union is not supported yet (use base or a model)")
     if "tokenizer" in raw:
         raise fail(["tokenizer"], "the tokenizer: section is not supported yet (use tokenizer_source)")
+    if "chat_template" in raw:
+        raise fail(["chat_template"], "chat_template is not supported yet (it would not be written)")
     slices: list[tuple[ModelEntry, ...]] | None = None
     if "slices" in raw:
         if "models" in raw:
@@ -212,6 +214,9 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         if not isinstance(raw["slices"], list) or not raw["slices"]:
             raise fail(["slices"], "a non-empty list of slices is required")
         for i, item in enumerate(raw["slices"]):
+            for key in item if isinstance(item, Mapping) else ():
+                if key != "sources":
+                    raise fail(["slices", i, key], f"slice-level {key} is not supported yet (only sources)")
             sources = item.get("sources") if isinstance(item, Mapping) else None
             if not isinstance(sources, list) or not sources:
                 raise fail(["slices", i], "each slice needs a non-empty 'sources' list")
@@ -267,6 +272,10 @@ def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
         entry = {"model": entry}
     if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
         raise fail(path, "each entry needs a 'model' string")
+    allowed = ("model", "parameters", "layer_range") if "sources" in path else ("model", "parameters")
+    for key in entry:
+        if key not in allowed:
+            raise fail([*path, key], f"unknown key (known here: {', '.join(allowed)})")
     if "+" in entry["model"] and not Path(entry["model"]).exists():
         raise fail([*path, "model"], "LoRA references (model+lora) are not supported")
     params = entry.get("parameters") or {}
@@ -306,6 +315,7 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
             if key not in entry.parameters and key not in config.parameters:
                 raise fail(["models", i], f"{method.name} needs '{key}' for {entry.model}")
         for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
+            _check_names(fail, scope, method, params)
             for key, value in params.items():
                 _check_value(fail, [*scope, key], key, value)
 
@@ -322,8 +332,29 @@ def _check_slices(config: MergeConfig, fail: Any) -> None:
                 (["slices", i, "sources", j, "parameters"], entry.parameters),
                 (["parameters"], config.parameters),
             ):
+                _check_names(fail, scope, method, params)
                 for key, value in params.items():
                     _check_value(fail, [*scope, key], key, value)
+
+
+def known_parameters(method: MethodSpec) -> tuple[str, ...]:
+    """Every parameter a method reads, at any scope (mergekit lets a global value stand for a
+    per-model one and the reverse)."""
+    return tuple(
+        dict.fromkeys(
+            [*method.required_global, *method.global_defaults, *method.required_tensor, *method.tensor_defaults]
+        )
+    )
+
+
+def _check_names(fail: Any, path: Sequence[Any], method: MethodSpec, params: Mapping[str, Any]) -> None:
+    known = known_parameters(method)
+    for key, value in params.items():
+        if key not in known:
+            names = ", ".join(known) or "none"
+            raise fail([*path, key], f"{method.name} has no parameter {key!r} (its parameters: {names})")
+        if key == "filter_wise" and value is True:
+            raise fail([*path, key], "model_stock with filter_wise: true is not supported yet")
 
 
 def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None:
