@@ -241,3 +241,12 @@ def test_bundled_task_family_evolves(tmp_path):
     assert soup.best is not None and soup.best.objective_test is not None
     assert soup.best.objective_search >= uniform.objective_search  # type: ignore[operator]
     assert not math.isnan(soup.best.objective_test)
+
+
+def test_modelkin_evolve_is_callable(family, tmp_path):
+    import modelkin
+
+    base, pool = family
+    run = modelkin.evolve(topk_config(base, pool, generations=1), tmp_path / "run")
+    assert isinstance(run, modelkin.evolve.Run) and run.best is not None
+    assert run.tree()["nodes"] and run.candidates == modelkin.evolve.open_run(tmp_path / "run").candidates

@@ -32,8 +32,13 @@ __all__ = [
     "TensorKinship",
     "UnsupportedFormatError",
     "__version__",
+    "evolve",
     "kinship",
     "kinship_matrix",
     "merge",
     "resolve",
 ]
+
+# Last: the evolution package imports the merge engine, which reads __version__ from here.
+# modelkin.evolve is callable: modelkin.evolve(config, run_dir) runs an evolution.
+from . import evolve

@@ -4,6 +4,10 @@ Strategies: ``topk`` (Hu et al. 2024, Top-k greedy merging with the kinship-guid
 merge) and ``greedy_soup`` (Wortsman et al. 2022). Nothing here is imported by ``modelkin`` itself
 until it is used, and optional heavy dependencies (lm_eval) are imported only when asked for."""
 
+import sys
+import types
+from typing import Any
+
 from .config import EvolveConfig, load_evolve_config
 from .driver import RunError
 from .evaluators import EvaluationError, ObjectiveError
@@ -21,3 +25,14 @@ __all__ = [
     "load_evolve_config",
     "open_run",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """Lets ``modelkin.evolve(config, run_dir)`` run an evolution, as the package's own name reads;
+    ``modelkin.evolve.evolve`` is the same function, for type checkers."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Run:
+        return evolve(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
