@@ -144,3 +144,35 @@ def test_hub_revision_and_missing_repo(family_factory, tmp_path, monkeypatch):
     )
     assert proc.returncode == 2
     assert "org/missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_tables_show_short_names_and_full_paths_below(family_factory, tmp_path):
+    fam = family_factory()
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "fine-tune-number-one"
+    deep.parent.mkdir(parents=True)
+    deep.symlink_to(fam.models[0])
+    proc = run_cli("kinship", str(deep), str(fam.models[1]), "--base", str(fam.base))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    title = f"kinship of fine-tune-number-one and {fam.models[1].name} (base {fam.base.name})"
+    assert lines[0].strip() == title, "the title stays on one line"
+    assert f"fine-tune-number-one: {deep}" in proc.stdout
+
+
+def test_merge_prints_the_parents_kinship_as_a_table(family_factory, tmp_path):
+    fam = family_factory(n=3)
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam.base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in fam.models],
+        "dtype": "float32",
+    }
+    path = tmp_path / "r.yml"
+    path.write_text(json.dumps(recipe))
+    proc = run_cli("merge", str(path), str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert "[[" not in proc.stdout, "no raw nested list"
+    rows = [ln for ln in proc.stdout.splitlines() if fam.models[0].name in ln and fam.models[1].name in ln]
+    assert len(rows) == 1
+    provenance = json.loads((tmp_path / "out" / "modelkin.json").read_text())
+    assert f"{provenance['kinship']['pcc'][0][1]:.6g}" in rows[0]

@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 out = Console()
+console = out  # for commands whose OUT argument shadows `out`
 INTERRUPTED = 130
 
 
@@ -111,14 +112,25 @@ def kinship_command(
     _print_kinship(result, per_tensor)
 
 
+def _short(reference: str) -> str:
+    """A model's short name for titles and headers: its last path component (or repo name)."""
+    return Path(reference).name or reference
+
+
 def _print_kinship(result: KinshipResult, per_tensor: bool) -> None:
-    table = Table(title=f"kinship of {result.models[0]} and {result.models[1]} (base {result.base})")
+    # Short names in the title (long paths wrapped it word by word); the full references below.
+    a, b = result.models
+    title = f"kinship of {_short(a)} and {_short(b)} (base {_short(result.base)})"
+    table = Table(title=title, min_width=len(title))
     table.add_column("metric")
     table.add_column(f"value ({result.mode})", justify="right")
     for name, value in result.metrics.items():
         table.add_row(name, _fmt(value))
     out.print(table)
-    out.print(f"{result.n:,} elements in {result.tensors} tensors")
+    out.print(f"{result.n:,} elements in {result.tensors} tensors", soft_wrap=True)
+    for label, reference in ((_short(a), a), (_short(b), b), ("base", result.base)):
+        if label != reference:
+            out.print(f"{label}: {reference}", soft_wrap=True, highlight=False)
     if per_tensor and result.per_tensor:
         detail = Table(title="per tensor (lowest pcc first)")
         for column in ("tensor", "n", "pcc", "cs", "ed"):
@@ -208,7 +220,16 @@ def merge_command(
         )
     print(f"wrote {result.path} ({result.method}, {result.bytes_written / 1e6:.1f} MB of tensors)")
     if result.kinship is not None and len(result.parents) > 1:
-        print(f"parents' pcc against the base: {result.kinship['pcc']}")
+        table = Table(title=f"kinship of the parents (base {_short(result.base or '')})")
+        for column in ("model A", "model B", "pcc", "cs", "ed"):
+            table.add_column(column, justify="right" if column in METRICS else "left")
+        for i, a in enumerate(result.parents):
+            for j in range(i + 1, len(result.parents)):
+                values = [result.kinship[m][i][j] for m in METRICS]
+                table.add_row(
+                    _short(a), _short(result.parents[j]), *("n/a" if v is None else f"{v:.6g}" for v in values)
+                )
+        console.print(table)
 
 
 @app.command("methods")
