@@ -687,3 +687,24 @@ def test_merge_progress_ends_at_its_total(tmp_path, fam, monkeypatch, method, dt
     merge(write_recipe(tmp_path, recipe), tmp_path / "out", progress=lambda d, t: calls.append((d, t)))
     done, total = calls[-1]
     assert total > 0 and done == total
+
+
+def test_config_dtype_keys_agree_and_follow_the_inputs(family_factory, tmp_path):
+    """config.json gets `dtype` and `torch_dtype` alike (transformers 5 reads `dtype`); with no dtype
+    in the recipe the output keeps the inputs' stored dtype, as mergekit does."""
+    from modelkin._core import model_tensors
+
+    fam = family_factory(n=2, dtype="F32")
+    (fam.base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
+    recipe = {"merge_method": "passthrough", "models": [{"model": str(fam.models[0])}]}
+    merge(recipe, tmp_path / "kept")
+    assert {d for _, _, d in model_tensors(str(tmp_path / "kept"))} == {"F32"}
+    recipe = {
+        "merge_method": "linear",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (fam.base, *fam.models)],
+        "dtype": "bfloat16",
+    }
+    merge(recipe, tmp_path / "bf16")
+    written = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert written["dtype"] == written["torch_dtype"] == "bfloat16"
+    assert {d for _, _, d in model_tensors(str(tmp_path / "bf16"))} == {"BF16"}

@@ -377,9 +377,14 @@ def _all_numbers(value: Any) -> list[float]:
     return []
 
 
-def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None) -> str:
-    """The safetensors dtype of the output: out_dtype, else dtype, else the base's torch_dtype."""
-    for name in (config.out_dtype, config.dtype, (base_config or {}).get("torch_dtype")):
+def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None, stored: str | None = None) -> str:
+    """The safetensors dtype of the output: out_dtype, else dtype, else (as mergekit, which then keeps
+    the loaded tensors' dtype) the base's stored dtype, else its config.json dtype (``dtype``, as
+    transformers 5 writes it, or ``torch_dtype``)."""
+    base = base_config or {}
+    if stored in ("F64", "F32", "F16", "BF16"):
+        base = {"dtype": {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[stored]}
+    for name in (config.out_dtype, config.dtype, base.get("dtype"), base.get("torch_dtype")):
         if isinstance(name, str) and name in _DTYPES:
             return _DTYPES[name]
     return "BF16"

@@ -211,7 +211,8 @@ def merge(
         plan = _plan_slices(config, names, base_ref)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
         base_config = {**(base_config or {}), "num_hidden_layers": out_layers}
-    out_dtype = out_dtype_name(config, base_config)
+    reference_tensors = model_tensors(str(paths[base_ref or inputs[0].model]))
+    out_dtype = out_dtype_name(config, base_config, reference_tensors[0][2] if reference_tensors else None)
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.modelkin-", dir=parent))
@@ -284,7 +285,10 @@ def _write_metadata(
 ) -> None:
     torch_dtype = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
     if base_config is not None:
-        (staging / "config.json").write_text(json.dumps({**base_config, "torch_dtype": torch_dtype}, indent=2))
+        # Both keys, agreeing: transformers 5 reads `dtype`, older versions `torch_dtype`.
+        (staging / "config.json").write_text(
+            json.dumps({**base_config, "dtype": torch_dtype, "torch_dtype": torch_dtype}, indent=2)
+        )
     tokenizer_ref = config.tokenizer_source if config.tokenizer_source not in (None, "base") else base_ref
     tokenizer_dir = _model_dir(paths.get(tokenizer_ref or inputs[0].model) or resolve(str(tokenizer_ref)))
     for file in tokenizer_dir.iterdir():
