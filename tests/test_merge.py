@@ -288,6 +288,20 @@ def test_karcher(tmp_path, fam):
     check_close(out, {k: karcher([m[k] for m in models]) for k in models[0]})
 
 
+def test_karcher_includes_the_base_model(tmp_path, fam):
+    """mergekit 0.1.5 gathers base_model into karcher's mean like any other model."""
+    recipe = {
+        "models": [{"model": str(m)} for m in fam.models],
+        "base_model": str(fam.base),
+        "merge_method": "karcher",
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    check_close(out, {k: karcher([*(m[k] for m in models), base[k]]) for k in models[0]})
+
+
 def test_passthrough_copies(tmp_path, family_factory):
     fam = family_factory(n=1, dtype="F32")
     recipe = {"models": [{"model": str(fam.models[0])}], "merge_method": "passthrough", "out_dtype": "float32"}

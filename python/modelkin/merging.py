@@ -194,10 +194,13 @@ def merge(
     paths = {ref: resolve(ref, offline=offline) for ref in refs}
     _check_output(out_path, list(paths.values()), overwrite)
     method = config.method
-    # linear, karcher and passthrough ignore base_model (as in mergekit); nuslerp and multislerp
-    # work on task vectors when one is given.
+    # linear and passthrough ignore base_model (as in mergekit); nuslerp and multislerp work on task
+    # vectors when one is given; karcher averages it with the models (mergekit 0.1.5 gathers every
+    # model of the recipe, base_model included, into the mean).
     base_ref = None if method.name in ("linear", "karcher", "passthrough") else config.base_model
     inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
+    if method.name == "karcher" and config.base_model and all(m.model != config.base_model for m in inputs):
+        inputs.append(ModelEntry(config.base_model, {}))
     base_config = _read_json(_model_dir(paths[base_ref or inputs[0].model]) / "config.json")
     layers = int((base_config or {}).get("num_hidden_layers") or 0)
     if not layers:
