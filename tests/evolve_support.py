@@ -94,3 +94,36 @@ def mortal_scores(model: str | Path, split: str) -> dict[str, float]:
             marker.write_text(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
     return hashed_scores(model, split)
+
+
+def search_config(
+    base: Path, pool: list[Path], evaluator: dict[str, Any] | None = None, **cmaes: Any
+) -> dict[str, Any]:
+    """A CMA-ES config over per-layer task_arithmetic weights (float32 merges)."""
+    return {
+        "strategy": "cmaes",
+        "genome": {
+            "models": [str(p) for p in pool],
+            "base_model": str(base),
+            "merge_method": "task_arithmetic",
+            "layer_granularity": 1,
+            "dtype": "float32",
+        },
+        "cmaes": {"max_evals": 24, "seed": 3, **cmaes},
+        "evaluator": evaluator or {"python": "evolve_support:hashed_scores"},
+    }
+
+
+def stored_scores(run_dir: Path) -> int:
+    """How many (candidate, split) scores a run's store holds (0 before it exists)."""
+    import sqlite3
+
+    if not (run_dir / "run.sqlite").exists():
+        return 0
+    try:
+        db = sqlite3.connect(f"file:{run_dir / 'run.sqlite'}?mode=ro", uri=True, timeout=5)
+        rows = db.execute("SELECT scores FROM candidates").fetchall()
+        db.close()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0
+    return sum(len(json.loads(r[0])) for r in rows)

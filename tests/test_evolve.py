@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 
 import modelkin.evolve as evo
 from conftest import run_cli
+from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
 from modelkin.safetensors_io import load_model
 

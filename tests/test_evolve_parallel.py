@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -19,26 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evolve_support import command_evaluator, runs_json, small_family, write_config
 
 import modelkin.evolve as evo
+from evolve_support import command_evaluator, runs_json, search_config, small_family, stored_scores, write_config
 
 TESTS = Path(__file__).resolve().parent
-
-
-def search_config(base: Path, pool: list[Path], evaluator: dict[str, Any], max_evals: int = 24) -> dict[str, Any]:
-    return {
-        "strategy": "cmaes",
-        "genome": {
-            "models": [str(p) for p in pool],
-            "base_model": str(base),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 1,
-            "dtype": "float32",
-        },
-        "cmaes": {"max_evals": max_evals, "seed": 5},
-        "evaluator": evaluator,
-    }
 
 
 def outcome(run: evo.Run) -> list[tuple[Any, ...]]:
@@ -61,7 +45,7 @@ def mortal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_two_local_workers_give_the_same_search(family, tmp_path):
     base, pool = family
-    config = search_config(base, pool, {"python": "evolve_support:hashed_scores"})
+    config = search_config(base, pool, {"python": "evolve_support:hashed_scores"}, seed=5)
     one = evo.evolve(config, tmp_path / "one")
     two = evo.evolve(config, tmp_path / "two", workers=2)
     assert outcome(one) == outcome(two)
@@ -78,7 +62,7 @@ def test_two_local_workers_give_the_same_search(family, tmp_path):
 
 def test_local_worker_killed_mid_evaluation_is_retried_once(family, tmp_path, mortal, monkeypatch):
     base, pool = family
-    config = search_config(base, pool, {"python": "evolve_support:mortal_scores"})
+    config = search_config(base, pool, {"python": "evolve_support:mortal_scores"}, seed=5)
     reference = evo.evolve(config, tmp_path / "reference")
     searched = [c for c in reference.candidates if c.role == "search"]
     victims = [f"c{searched[1].id}", f"c{searched[4].id}"]
@@ -139,7 +123,7 @@ def test_ray_cluster_search_with_a_worker_killed(family, tmp_path, ray_cluster, 
     address, marker_dir = ray_cluster
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("EVOLVE_TEST_DIR", str(marker_dir))
-    config = search_config(base, pool, {"python": "evolve_support:mortal_scores"})
+    config = search_config(base, pool, {"python": "evolve_support:mortal_scores"}, seed=5)
     reference = evo.evolve(config, tmp_path / "reference")
     searched = [c for c in reference.candidates if c.role == "search"]
     victim = f"c{searched[2].id}"
@@ -150,23 +134,13 @@ def test_ray_cluster_search_with_a_worker_killed(family, tmp_path, ray_cluster, 
     assert (marker_dir / f"died-{victim}-search").exists(), "the victim's worker was killed once"
 
 
-def stored_scores(run_dir: Path) -> int:
-    if not (run_dir / "run.sqlite").exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{run_dir / 'run.sqlite'}?mode=ro", uri=True, timeout=5)
-        rows = db.execute("SELECT scores FROM candidates").fetchall()
-        db.close()
-    except sqlite3.OperationalError:
-        return 0
-    return sum(len(json.loads(r[0])) for r in rows)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_search_driver_killed_resumes_without_repeating(family, tmp_path, workers):
     base, pool = family
     log = tmp_path / "log"
-    config = search_config(base, pool, {"command": command_evaluator(f"--sleep 0.25 --log {log}")}, max_evals=30)
+    config = search_config(
+        base, pool, {"command": command_evaluator(f"--sleep 0.25 --log {log}")}, max_evals=30, seed=5
+    )
     path = write_config(tmp_path / "s.yml", **config)
     reference_path = write_config(
         tmp_path / "r.yml", **{**config, "evaluator": {"command": command_evaluator("--sleep 0.25")}}

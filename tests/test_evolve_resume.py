@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-from evolve_support import command_evaluator, runs_json, small_family, write_config
+from evolve_support import command_evaluator, runs_json, small_family, stored_scores, write_config
 
 KILLS = 10
 
@@ -26,19 +24,6 @@ def evolve_process(config: Path, run_dir: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
     )
-
-
-def stored_scores(run_dir: Path) -> int:
-    """How many (candidate, split) scores the store holds (0 before it exists)."""
-    if not (run_dir / "run.sqlite").exists():
-        return 0
-    try:
-        db = sqlite3.connect(f"file:{run_dir / 'run.sqlite'}?mode=ro", uri=True, timeout=5)
-        rows = db.execute("SELECT scores FROM candidates").fetchall()
-        db.close()
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return 0
-    return sum(len(json.loads(r[0])) for r in rows)
 
 
 def comparable(run_dir: Path) -> tuple[object, list[tuple[object, ...]]]:

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from evolve_support import hashed_scores, small_family, write_config
 
 import modelkin.evolve as evo
 from conftest import run_cli
+from evolve_support import hashed_scores, search_config, small_family, write_config
 from modelkin.evolve.genome import Genome, GenomeSpec
 from modelkin.evolve.search import BEST_CONFIG, default_popsize
 from modelkin.merge_config import load_config
@@ -89,21 +89,6 @@ def test_default_popsize():
 @pytest.fixture
 def family(tmp_path: Path) -> tuple[Path, list[Path]]:
     return small_family(tmp_path / "fam", n=3)
-
-
-def search_config(base: Path, pool: list[Path], **cmaes: Any) -> dict[str, Any]:
-    return {
-        "strategy": "cmaes",
-        "genome": {
-            "models": [str(p) for p in pool],
-            "base_model": str(base),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 1,
-            "dtype": "float32",
-        },
-        "cmaes": {"max_evals": 24, "seed": 3, **cmaes},
-        "evaluator": {"python": "evolve_support:hashed_scores"},
-    }
 
 
 def replay(run: evo.Run, popsize: int, sigma0: float, seed: int) -> None:
