@@ -21,7 +21,7 @@ from .progress import PassProgress
 
 app = typer.Typer(
     name="modelkin",
-    help="Measure how related fine-tuned models are (model kinship).",
+    help="Measure how related fine-tuned models are (model kinship), merge them, and evolve merges.",
     add_completion=False,
     pretty_exceptions_enable=False,
     no_args_is_help=True,

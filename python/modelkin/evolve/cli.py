@@ -94,7 +94,7 @@ def evolve_command(
         str | None, typer.Option("--ray", help="Run evaluations as Ray tasks: ADDRESS, auto, or local.")
     ] = None,
 ) -> None:
-    """Run an evolution (topk with kinship, greedy soup); re-running the same command resumes it."""
+    """Run an evolution (topk with kinship, greedy soup, CMA-ES recipe search); re-run to resume."""
     from .report import candidates_table
     from .run import evolve
 
