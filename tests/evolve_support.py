@@ -127,3 +127,28 @@ def stored_scores(run_dir: Path) -> int:
     except sqlite3.OperationalError:  # the schema is not there yet
         return 0
     return sum(len(json.loads(r[0])) for r in rows)
+
+
+def recorded_evaluations(run_dir: Path) -> set[tuple[str, str]]:
+    """(model path, split) of every score the store holds: the names fake_evaluator.py logs."""
+    from modelkin.evolve import open_run
+
+    if not (run_dir / "run.sqlite").exists():
+        return set()
+    out = set()
+    for c in open_run(run_dir).candidates:
+        paths = {c.path} if c.path else set()
+        if c.recipe is not None:  # scratch (search) or kept (models/) copies
+            paths |= {str(run_dir.resolve() / "scratch" / f"c{c.id}"), str(run_dir.resolve() / "models" / f"c{c.id}")}
+        out |= {(p, split) for p in paths for split in c.scores}
+    return out
+
+
+def evaluations_after(log: Path, offset: int) -> list[tuple[str, str]]:
+    """(model, split) of the evaluations that finished after the log's first ``offset`` lines."""
+    lines = log.read_text().splitlines()[offset:] if log.exists() else []
+    return [tuple(ln.split(" ", 1)[1].rsplit(" ", 1)) for ln in lines if ln.startswith("end ")]  # type: ignore[misc]
+
+
+def log_length(log: Path) -> int:
+    return len(log.read_text().splitlines()) if log.exists() else 0
