@@ -46,6 +46,7 @@ bench: build
 	$(VENV)/bin/python benches/bench_kinship.py
 	$(VENV)/bin/python benches/bench_merge.py
 	$(VENV)/bin/python benches/bench_evolve.py
+	$(VENV)/bin/python benches/bench_search.py
 
 clean:
 	rm -rf $(VENV) target demo-out
