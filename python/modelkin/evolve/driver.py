@@ -28,7 +28,7 @@ from .config import EvolveConfig
 from .evaluators import EvaluationError, check_scores, objective
 from .executors import Executor, Job
 from .genome import Genome, GenomeSpec
-from .recipes import pair_recipe, recipe_models, soup_recipe
+from .recipes import pair_recipe, soup_recipe
 from .store import Candidate, Store
 
 MODELS_DIR = "models"
@@ -437,4 +437,4 @@ def _check_fine_tune(ref: str, found: dict[str, list[int]], expected: dict[str, 
             )
 
 
-__all__ = ["Driver", "Models", "Outcome", "RunError", "check_models", "recipe_models"]
+__all__ = ["Driver", "Models", "Outcome", "RunError", "check_models"]

@@ -37,10 +37,3 @@ def soup_recipe(merge: Mapping[str, Any], ingredients: Sequence[str]) -> dict[st
     if merge.get("parameters"):
         recipe["parameters"] = dict(merge["parameters"])
     return recipe
-
-
-def recipe_models(recipe: Mapping[str, Any]) -> list[str]:
-    """Every model path a recipe reads (its models and base_model)."""
-    models = [str(m["model"] if isinstance(m, Mapping) else m) for m in recipe.get("models", [])]
-    base = recipe.get("base_model")
-    return list(dict.fromkeys([*models, *([str(base)] if base else [])]))

@@ -32,7 +32,7 @@ def candidates_table(run: Run, title: str | None = None) -> Table:
     for column in ("id", "gen", "role", "model / parents", "parents' pcc", "search", "test", "status", "s"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for c in run.candidates:
-        pair = run.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+        pair = run.parents_kinship(c)
         seconds = (c.merge_s or 0.0) + (c.eval_s or 0.0)
         status = c.status if c.error is None else f"{c.status}: {c.error.splitlines()[0][:60]}"
         marker = " *" if c.id == run.best_id else ""
@@ -66,7 +66,7 @@ def plot_tree(run: Run, path: Path) -> None:
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * max(len(r) for r in by_gen.values())), 1.8 * len(by_gen) + 1))
     for c in nodes:
-        pair = run.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+        pair = run.parents_kinship(c)
         for p in c.parents:
             if p not in where:
                 continue
@@ -137,7 +137,7 @@ def lineage_card(run: Run, best: Candidate) -> str:
     base_scores = f"{_num(base.objective_search)} | {_num(base.objective_test)}"
     lines.append(f"| `{base.label}` (base) | reference | | | {base_scores} |")
     for c in run.lineage(best.id):
-        pair = run.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+        pair = run.parents_kinship(c)
         lines.append(
             f"| `{c.label}` | {c.role} | {_parents(run, c)} | {_num(pair.get('pcc')) if pair else ''} |"
             f" {_num(c.objective_search)} | {_num(c.objective_test)} |"
@@ -175,7 +175,7 @@ def write_best(run: Run, out: Path, overwrite: bool = False) -> Candidate:
         card = target / "README.md"
         previous = card.read_text() if card.exists() else f"# {best.label}\n"
         card.write_text(previous.rstrip() + "\n\n" + lineage_card(run, best))
-        lineage: list[dict[str, Any]] = [run._candidate_dict(c) for c in run.lineage(best.id)]
+        lineage: list[dict[str, Any]] = [run.candidate_dict(c) for c in run.lineage(best.id)]
         (target / "modelkin_lineage.json").write_text(json.dumps(lineage, indent=2))
         if out.exists():
             shutil.rmtree(out)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -52,6 +51,10 @@ class Run:
                 return c
         raise KeyError(f"no candidate #{id} in {self.path}")
 
+    def parents_kinship(self, c: Candidate) -> Mapping[str, float] | None:
+        """The kinship of a merge's two parents (None for pool members and soups of more)."""
+        return self.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+
     def kinship_of(self, id: int) -> dict[str, dict[str, float | None]]:
         """Every measured kinship of one candidate, keyed by the other candidate's id."""
         out: dict[str, dict[str, float | None]] = {}
@@ -92,7 +95,7 @@ class Run:
         ]
         edges = []
         for c in self.candidates:
-            pair = self.kinship_pairs.get((min(c.parents), max(c.parents))) if len(c.parents) == 2 else None
+            pair = self.parents_kinship(c)
             for p in c.parents:
                 edges.append({"parent": p, "child": c.id, "kinship": None if pair is None else pair.get("pcc")})
         return {"nodes": nodes, "edges": edges}
@@ -105,10 +108,11 @@ class Run:
             "state": self.state,
             "stop_reason": self.stop_reason,
             "best": self.best_id,
-            "candidates": [self._candidate_dict(c) for c in self.candidates],
+            "candidates": [self.candidate_dict(c) for c in self.candidates],
         }
 
-    def _candidate_dict(self, c: Candidate) -> dict[str, Any]:
+    def candidate_dict(self, c: Candidate) -> dict[str, Any]:
+        """One candidate as ``runs show --json`` prints it."""
         return {
             "id": c.id,
             "generation": c.generation,
@@ -263,7 +267,3 @@ def _claim(path: Path, config: EvolveConfig, force: bool) -> None:
             store.set_meta(state="running")
     finally:
         store.close()
-
-
-def dump(run: Run) -> str:
-    return json.dumps(run.to_dict(), indent=2)

@@ -161,10 +161,6 @@ class Store:
     def candidates(self) -> list[Candidate]:
         return [self._candidate(r) for r in self.db.execute("SELECT * FROM candidates ORDER BY id")]
 
-    def set_path(self, id: int, path: str | None) -> None:
-        with self.transaction() as db:
-            db.execute("UPDATE candidates SET path = ? WHERE id = ?", (path, id))
-
     def record_scores(self, id: int, split: str, scores: Mapping[str, float], objective: float, seconds: float) -> None:
         """Stores one split's scores; the candidate is done once its search split is scored."""
         current = self.get(id)
