@@ -268,7 +268,7 @@ def test_spherical_interpolation(tmp_path, fam, method, with_base):
     }
     if with_base:
         recipe["base_model"] = str(fam.base)
-    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)
     out = read_safetensors(tmp_path / "out")
     base, models = inputs(fam)
     expected = {}
@@ -282,7 +282,7 @@ def test_spherical_interpolation(tmp_path, fam, method, with_base):
 
 def test_karcher(tmp_path, fam):
     recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "out_dtype": "float32"}
-    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)
     out = read_safetensors(tmp_path / "out")
     _, models = inputs(fam)
     check_close(out, {k: karcher([m[k] for m in models]) for k in models[0]})
@@ -296,7 +296,7 @@ def test_karcher_includes_the_base_model(tmp_path, fam):
         "merge_method": "karcher",
         "out_dtype": "float32",
     }
-    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)
     out = read_safetensors(tmp_path / "out")
     base, models = inputs(fam)
     check_close(out, {k: karcher([*(m[k] for m in models), base[k]]) for k in models[0]})
@@ -562,7 +562,7 @@ def test_hub_ids_and_revisions_resolve_for_merges(tmp_path, fam, monkeypatch):
         "base_model": "org/base",
         "out_dtype": "float32",
     }
-    result = merge(write_recipe(tmp_path, recipe), tmp_path / "out", offline=True)
+    result = merge(write_recipe(tmp_path, recipe), tmp_path / "out", offline=True, precise=True)
     assert result.parents == ("org/ft-a@v2", "org/ft-b")
     provenance = json.loads((tmp_path / "out" / "modelkin.json").read_text())
     assert provenance["parents"] == ["org/ft-a@v2", "org/ft-b"] and provenance["base"] == "org/base"

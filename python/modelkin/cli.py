@@ -200,6 +200,9 @@ def merge_command(
     out: Annotated[Path, typer.Argument(help="Output directory (written atomically).")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random methods (dare_*).")] = 0,
+    precise: Annotated[
+        bool, typer.Option("--precise", help="Compute exactly in float64 and round once (not mergekit's bits).")
+    ] = False,
     threads: ThreadsOpt = 0,
     out_shard_size: Annotated[str, typer.Option("--out-shard-size", help="Largest output shard, e.g. 2GB.")] = "5GB",
     offline: OfflineOpt = False,
@@ -213,6 +216,7 @@ def merge_command(
             out,
             overwrite=overwrite,
             seed=seed,
+            precise=precise,
             threads=threads,
             out_shard_size=out_shard_size,
             offline=offline,

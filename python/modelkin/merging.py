@@ -185,9 +185,14 @@ def merge(
     threads: int = 0,
     out_shard_size: str | int = "5GB",
     offline: bool = False,
+    precise: bool = False,
     progress: Callable[[int, int], object] | None = None,
 ) -> MergeResult:
-    """Runs a mergekit recipe (a YAML path or a dict with the same keys) into directory ``out``."""
+    """Runs a mergekit recipe (a YAML path or a dict with the same keys) into directory ``out``.
+
+    By default the arithmetic is mergekit's: in the recipe's ``dtype`` (else the inputs' stored
+    dtype), rounded after each operation as torch rounds it, so the output has mergekit's bits.
+    ``precise=True`` computes exactly in float64 and rounds once to the output dtype."""
     config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
     out_path = Path(out)
     refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
@@ -216,6 +221,7 @@ def merge(
         base_config = {**(base_config or {}), "num_hidden_layers": out_layers}
     reference_tensors = model_tensors(str(paths[base_ref or inputs[0].model]))
     out_dtype = out_dtype_name(config, base_config, reference_tensors[0][2] if reference_tensors else None)
+    compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.modelkin-", dir=parent))
@@ -229,9 +235,7 @@ def merge(
             "lambda": float(options.get("lambda", 1.0)),
             "seed": seed,
             "out_dtype": out_dtype,
-            # dtype: float32 reproduces mergekit's float32 arithmetic bit for bit; anything else
-            # (float64, half types, or no dtype) computes exactly in float64.
-            "compute": "float32" if config.dtype in ("float32", "fp32") else "float64",
+            "compute": compute,
             "out_dir": str(staging),
             "max_shard_bytes": parse_size(out_shard_size),
             "threads": threads,
@@ -251,6 +255,7 @@ def merge(
         if kinship is not None:
             kinship = {k: [[None if v != v else v for v in row] for row in m] for k, m in kinship.items()}
         parents = tuple(m.model for m in inputs)
+        options = {**options, "arithmetic": compute if not precise else "float64 (precise)"}
         _write_metadata(staging, config, paths, base_ref, inputs, out_dtype, base_config, options, kinship, parents)
         _publish(staging, out_path)
     except OSError as error:
@@ -261,6 +266,24 @@ def merge(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return MergeResult(out_path, method.name, parents, base_ref, kinship, int(report["bytes_written"]))
+
+
+def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
+    """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
+    as torch promotes them (bf16 with f16 gives float32)."""
+    names = {"float64": "float64", "float32": "float32", "fp32": "float32", "float16": "float16",
+             "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    if dtype is not None:
+        return names[dtype]
+    kinds = {{"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s or "", "float32") for s in stored}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "float64" if "float64" in kinds else "float32"
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The stored dtype of a model's first floating tensor."""
+    return next((d for _, _, d in model_tensors(str(path)) if d in ("F64", "F32", "F16", "BF16")), None)
 
 
 def _publish(staging: Path, out: Path) -> None:
@@ -311,11 +334,21 @@ def _write_metadata(
         "modelkin_version": __version__,
     }
     (staging / "modelkin.json").write_text(json.dumps(provenance, indent=2, default=str))
-    (staging / "README.md").write_text(_model_card(config, base_ref, parents, kinship))
+    (staging / "README.md").write_text(_model_card(config, base_ref, parents, kinship, _arithmetic_text(options["arithmetic"])))
+
+
+def _arithmetic_text(compute: str) -> str:
+    if compute.endswith("(precise)"):
+        return "exact (float64, rounded once to the output dtype; `--precise`)"
+    return f"{compute}, rounded after each operation as mergekit does"
 
 
 def _model_card(
-    config: MergeConfig, base: str | None, parents: tuple[str, ...], kinship: dict[str, list[list[float | None]]] | None
+    config: MergeConfig,
+    base: str | None,
+    parents: tuple[str, ...],
+    kinship: dict[str, list[list[float | None]]] | None,
+    arithmetic: str,
 ) -> str:
     front = ["---", "base_model:"] + [f"- {p}" for p in ([base] if base else []) + list(parents)]
     front += ["library_name: transformers", "tags:", "- mergekit", "- merge", "- modelkin", "---", ""]
@@ -328,6 +361,7 @@ def _model_card(
     if base:
         body += [f"Base model: `{base}`", ""]
     body += ["Parents:", *[f"- `{p}`" for p in parents], ""]
+    body += [f"Arithmetic: {arithmetic}.", ""]
     if kinship is not None:
         body += [
             "## Kinship of the parents",

@@ -9,6 +9,7 @@ use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
 use super::statistics::{keep_mask, variance_bits, TensorStatistics};
+use super::half_ops::Half;
 use super::{with_block, Compute, MergeJob, Method, Resolved, BLOCKS_IN_FLIGHT};
 use crate::encode::encode;
 use crate::error::Result;
@@ -74,8 +75,8 @@ fn merge_block(
         let (base, inputs) =
             if tensor.base.is_some() { (Some(views[0]), &views[1..]) } else { (None, views) };
         match job.compute {
-            Compute::Float32 => combine_block::<true>(job, index, tensor, stats, first, base, inputs),
             Compute::Float64 => combine_block::<false>(job, index, tensor, stats, first, base, inputs),
+            _ => combine_block::<true>(job, index, tensor, stats, first, base, inputs),
         }
     })
 }
@@ -109,7 +110,11 @@ fn combine_block<const F32: bool>(
         // In float32 mode every operation is rounded to f32 in mergekit's order, so results match
         // mergekit's `dtype: float32` bit for bit; in float64 mode `r` is the identity.
         let r = round::<F32>;
+        let half = job.compute.half();
         match (job.method, &base) {
+            (method, Some(z)) if method.task_vectors() && half.is_some() => {
+                task_vector_half_block(job, index, tensor, stats, inputs, z, first, merged, half.expect("half"))
+            }
             (Method::Linear, _) => {
                 let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
                 let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));
@@ -120,16 +125,21 @@ fn combine_block<const F32: bool>(
                     *out = if job.normalize { r(sum / total) } else { sum };
                 }
             }
-            (Method::Slerp | Method::ModelStock, Some(z)) => {
+            (Method::Slerp, Some(z)) => {
+                // mergekit's slerp works in float32 from half inputs too, rounding once at the end.
                 let (s0, s1) = (r(stats.mix.0), r(stats.mix.1));
+                for (e, out) in merged.iter_mut().enumerate() {
+                    *out = r(r(s0 * r(z[e])) + r(s1 * r(inputs[0][e])));
+                }
+            }
+            (Method::ModelStock, Some(z)) => {
+                // Every step in the working dtype: with half arithmetic each one is rounded to it.
+                let h = |v: f64| half.map_or(r(v), |h| f64::from(h.round(v as f32)));
+                let (s0, s1) = (h(stats.mix.0), h(stats.mix.1));
                 let count = inputs.len() as f64;
                 for (e, out) in merged.iter_mut().enumerate() {
-                    let other = if job.method == Method::Slerp {
-                        r(inputs[0][e])
-                    } else {
-                        r(inputs.iter().fold(0.0, |acc, x| r(acc + r(x[e]))) / count)
-                    };
-                    *out = r(r(s0 * r(z[e])) + r(s1 * other));
+                    let other = h(inputs.iter().fold(0.0, |acc, x| h(acc + r(x[e]))) / count);
+                    *out = h(h(s0 * r(z[e])) + h(s1 * other));
                 }
             }
             (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
@@ -149,6 +159,10 @@ fn combine_block<const F32: bool>(
                 }
             }
             _ => merged.copy_from_slice(inputs[0]),
+        }
+        if let Some(h) = half {
+            // The result is held in the half type before it is cast to out_dtype, as mergekit's is.
+            merged.iter_mut().for_each(|v| *v = h.load(*v));
         }
         let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
         encode(job.out_dtype, merged, &mut bytes);
@@ -263,6 +277,66 @@ fn task_vector_block<T>(
             *out = (z + m).as_();
         }
     });
+}
+
+/// Generalised task arithmetic in mergekit's half-precision order: every elementwise step rounded
+/// to the half type, the sums over the models accumulated in f32 and rounded once, the weights
+/// held in the half type and `lambda` (a Python scalar) in f32.
+#[allow(clippy::too_many_arguments)]
+fn task_vector_half_block(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    inputs: &[&[f64]],
+    z: &[f64],
+    first: usize,
+    merged: &mut [f64],
+    half: Half,
+) {
+    let h = |v: f32| half.round(v);
+    let masks: Vec<Option<Vec<bool>>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
+        .collect();
+    let weights: Vec<f32> = stats.weights.iter().map(|&w| h(w as f32)).collect();
+    // The L1 rescale factor is a ratio of two half-precision sums: a half value itself.
+    let scales: Vec<f32> = stats.scale.iter().map(|&s| h(s as f32)).collect();
+    let lambda = job.lambda as f32;
+    let total = weights.iter().fold(0.0f32, |acc, &w| acc + w);
+    let total = h(total);
+    let total = if f64::from(total).abs() < 1e-8 { 1.0 } else { total };
+    let k = inputs.len();
+    let mut contributions = vec![0.0f32; k];
+    for (e, out) in merged.iter_mut().enumerate() {
+        let zb = z[e] as f32;
+        for (i, c) in contributions.iter_mut().enumerate() {
+            let kept = masks[i].as_ref().is_none_or(|m| m[e]);
+            let delta = if kept { h(inputs[i][e] as f32 - zb) } else { 0.0 };
+            let delta = if scales[i] == 1.0 { delta } else { h(delta * scales[i]) };
+            *c = h(delta * weights[i]);
+        }
+        let (mixed, divisor) = if job.method.sign_consensus() {
+            let sum = h(contributions.iter().fold(0.0f32, |acc, &c| acc + c));
+            let majority = if sum >= 0.0 { 1.0f32 } else { -1.0 };
+            let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
+            for (&c, &w) in contributions.iter().zip(&weights) {
+                // sign(c) == majority: zeros never vote.
+                if c != 0.0 && (c > 0.0) == (majority > 0.0) {
+                    mixed += c;
+                    divisor += w;
+                }
+            }
+            let divisor = h(divisor);
+            (h(mixed), if divisor == 0.0 { 1.0 } else { divisor })
+        } else {
+            (h(contributions.iter().fold(0.0f32, |acc, &c| acc + c)), total)
+        };
+        let mixed = if job.normalize { h(mixed / divisor) } else { mixed };
+        let mixed = if job.lambda == 1.0 { mixed } else { h(mixed * lambda) };
+        *out = f64::from(h(zb + mixed));
+    }
 }
 
 /// SCE: selected entries (high variance across task vectors), energy weights, sign election on the

@@ -7,6 +7,7 @@
 
 mod combine;
 mod float32;
+mod half_ops;
 mod radix;
 mod sort_order;
 mod spherical;
@@ -177,14 +178,33 @@ pub enum Compute {
     Float64,
     /// Every operation rounded to float32 in mergekit's order, as mergekit's `dtype: float32`.
     Float32,
+    /// Inputs loaded as bfloat16 and every operation rounded as mergekit's `dtype: bfloat16`.
+    Bfloat16,
+    /// Inputs loaded as float16 and every operation rounded as mergekit's `dtype: float16`.
+    Float16,
 }
 
 impl Compute {
+    /// The half type inputs are loaded in and operations rounded to, if any.
+    pub(crate) fn half(self) -> Option<half_ops::Half> {
+        match self {
+            Compute::Bfloat16 => Some(half_ops::Half::Bf16),
+            Compute::Float16 => Some(half_ops::Half::F16),
+            _ => None,
+        }
+    }
+
+    /// Whether whole-tensor statistics follow torch's float32 reductions: mergekit's slerp and
+    /// linear compute in float32 from half inputs too.
+    pub(crate) fn float32_order(self) -> bool {
+        self != Compute::Float64
+    }
+
     /// Rounds one result to the working precision.
     pub(crate) fn rounding(self) -> fn(f64) -> f64 {
         match self {
             Compute::Float64 => |v| v,
-            Compute::Float32 => |v| f64::from(v as f32),
+            Compute::Float32 | Compute::Bfloat16 | Compute::Float16 => |v| f64::from(v as f32),
         }
     }
 }
@@ -257,11 +277,18 @@ struct Source<'m> {
     model: &'m Model,
     entry: &'m TensorEntry,
     dtype: FloatDtype,
+    /// The half type mergekit's arithmetic works in (`dtype: bfloat16`/`float16`), if any.
+    half: Option<half_ops::Half>,
+    /// Whether loading rounds the stored values to `half` (they are not stored in it already).
+    rounds_on_load: bool,
 }
 
 impl Source<'_> {
     fn read(&self, first: usize, out: &mut [f64]) {
         self.model.read_f64(self.entry, self.dtype, first, out);
+        if let (Some(h), true) = (self.half, self.rounds_on_load) {
+            out.iter_mut().for_each(|v| *v = h.load(*v));
+        }
     }
 }
 
@@ -292,6 +319,7 @@ pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
 }
 
 fn source<'m>(
+    job: &MergeJob,
     models: &'m [Model],
     index: usize,
     name: &str,
@@ -315,7 +343,14 @@ fn source<'m>(
             });
         }
     }
-    Ok((Source { model, entry, dtype: model.float_dtype(name, entry)? }, cut))
+    let dtype = model.float_dtype(name, entry)?;
+    let half = job.compute.half();
+    // Loading bf16 values as bf16 (or f16 as f16) changes nothing.
+    let rounds_on_load = !matches!(
+        (half, dtype),
+        (None, _) | (Some(half_ops::Half::Bf16), FloatDtype::BF16) | (Some(half_ops::Half::F16), FloatDtype::F16)
+    );
+    Ok((Source { model, entry, dtype, half, rounds_on_load }, cut))
 }
 
 fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m>>> {
@@ -325,7 +360,7 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
             // The base's shape is the output's; fine-tunes with extra vocabulary rows are cut to it.
             let (base, mut shape) = match (job.base, &recipe.base_tensor) {
                 (Some(b), Some(name)) => {
-                    let (s, shape) = source(models, b, name, None, None)?;
+                    let (s, shape) = source(job, models, b, name, None, None)?;
                     (Some(s), Some(shape))
                 }
                 _ => (None, None),
@@ -333,7 +368,7 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
             let mut inputs = Vec::with_capacity(recipe.inputs.len());
             for input in &recipe.inputs {
                 let rows = shape.as_ref().and_then(|s| s.first().copied());
-                let (s, cut) = source(models, input.model, &input.tensor, rows, shape.as_deref())?;
+                let (s, cut) = source(job, models, input.model, &input.tensor, rows, shape.as_deref())?;
                 shape.get_or_insert(cut);
                 inputs.push(s);
             }
@@ -408,7 +443,7 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
         _ if job.method == Method::Sce => 3,
         // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
-        _ if job.method == Method::Slerp && job.compute == Compute::Float32 => 2,
+        _ if job.method == Method::Slerp && job.compute.float32_order() => 2,
         _ if matches!(
             job.method,
             Method::Slerp | Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher
@@ -437,9 +472,12 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// |x − z| rounded to f32, as bits: the magnitude mergekit ranks by (it works in float32).
-fn magnitude_bits(x: f64, z: f64) -> u32 {
-    ((x as f32) - (z as f32)).abs().to_bits()
+/// |x − z| rounded to f32 (then to the half type mergekit works in, if any), as bits: the
+/// magnitude mergekit ranks by.
+#[inline(always)]
+fn magnitude_bits(x: f64, z: f64, half: Option<half_ops::Half>) -> u32 {
+    let d = (x as f32) - (z as f32);
+    half.map_or(d, |h| h.round(d)).abs().to_bits()
 }
 
 /// Sets `out[e]` to `key(e, magnitude)` for elements `first + e` of input − base, the magnitude as
@@ -453,17 +491,20 @@ fn map_magnitudes<T>(
     out: &mut [T],
     key: impl Fn(usize, u32) -> T,
 ) {
-    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 {
+    // With half arithmetic the difference itself is rounded to the half type.
+    let half = base.half;
+    if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 && !input.rounds_on_load {
         let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
         let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
         let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
         for (e, (o, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
-            *o = key(e, (widen(x) - widen(z)).abs().to_bits());
+            let d = widen(x) - widen(z);
+            *o = key(e, half.map_or(d, |h| h.round(d)).abs().to_bits());
         }
     } else {
         with_block(&[base, input], first, out.len(), |v| {
             for (e, (o, (x, z))) in out.iter_mut().zip(v[1].iter().zip(v[0])).enumerate() {
-                *o = key(e, magnitude_bits(*x, *z));
+                *o = key(e, magnitude_bits(*x, *z, half));
             }
         });
     }

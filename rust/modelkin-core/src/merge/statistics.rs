@@ -12,6 +12,7 @@ use super::{
     float32, magnitude_bits, no_base, radix, read_bytes, sort_order, uniform, with_block, Compute, MergeJob,
     Method, Resolved, Source, Sparsification,
 };
+use super::half_ops::Half;
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
 
@@ -74,7 +75,7 @@ pub(super) fn keep_mask(
             x.iter()
                 .zip(z)
                 .map(|(x, z)| {
-                    let bits = magnitude_bits(*x, *z);
+                    let bits = magnitude_bits(*x, *z, job.compute.half());
                     bits >= low && bits < high
                 })
                 .collect(),
@@ -98,7 +99,7 @@ pub(super) fn keep_mask(
             for start in (0..len).step_by(row) {
                 let end = (start + row).min(len);
                 magnitudes.clear();
-                magnitudes.extend((start..end).map(|e| magnitude_bits(x[e], z[e])));
+                magnitudes.extend((start..end).map(|e| magnitude_bits(x[e], z[e], job.compute.half())));
                 order.clear();
                 order.extend(0..end - start);
                 order.sort_by_key(|&e| (magnitudes[e], e));
@@ -283,7 +284,7 @@ fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(
             })?;
             ab / (norm(aa.sqrt()) * norm(bb.sqrt()))
         }
-        Compute::Float32 => {
+        _ => {
             // mergekit divides by torch's float32 norms (chunked), then sums x/|x| · y/|y| per chunk
             // with torch's float32 sum, and sums the chunks' results.
             let norms = float32::chunked_norms(&sources, n, SLERP_CHUNK, progress)?;
@@ -322,17 +323,22 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
             let norms = (0..k).map(|i| gram[i * k + i].sqrt()).collect();
             (gram, norms)
         }
-        Compute::Float32 => float32_task_vector_dots(tensor, progress)?,
+        _ => float32_task_vector_dots(tensor, job.compute.half(), progress)?,
     };
-    let r = job.compute.rounding();
+    // Each step rounded to the working dtype; reductions (the mean) accumulate in f32 first.
+    let half = job.compute.half();
+    let f32r = job.compute.rounding();
+    let r = |v: f64| half.map_or(f32r(v), |h| h.load(v));
     let mut cosines = Vec::new();
     for i in 0..k {
         for j in i + 1..k {
-            let norm_product = r(norms[i] * norms[j]).max(r(1e-6));
+            let norm_product = r(r(norms[i]) * r(norms[j])).max(r(1e-6));
             cosines.push(r(r(gram[i * k + j]) / norm_product).clamp(-1.0, 1.0));
         }
     }
-    let cos = r(cosines.iter().fold(0.0, |sum, c| r(sum + c)) / cosines.len().max(1) as f64);
+    // torch's mean of a half tensor divides the f32 sum and rounds once.
+    let sum = cosines.iter().fold(0.0, |sum, c| f32r(sum + c));
+    let cos = r(f32r(sum / cosines.len().max(1) as f64));
     let count = k as f64;
     let denominator = r(1.0 + r((count - 1.0) * cos));
     let t = if denominator.abs() < 1e-6 { 0.0 } else { r(r(count * cos) / denominator) };
@@ -341,7 +347,15 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
 
 /// The task vectors' pairwise dot products and norms as mergekit takes them in float32: each a
 /// torch float32 reduction over the whole tensor in order, so this sweep is sequential.
-fn float32_task_vector_dots(tensor: &Resolved, progress: &Progress) -> Result<(Vec<f64>, Vec<f64>)> {
+///
+/// With half arithmetic each difference and product is rounded to the half type first (the
+/// reductions still accumulate in f32, as torch's do).
+fn float32_task_vector_dots(
+    tensor: &Resolved,
+    half: Option<Half>,
+    progress: &Progress,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let h = |v: f32| half.map_or(v, |h| h.round(v));
     let k = tensor.inputs.len();
     let n = tensor.numel;
     let sources = tensor.sources();
@@ -356,7 +370,7 @@ fn float32_task_vector_dots(tensor: &Resolved, progress: &Progress) -> Result<(V
         with_block(&sources, first, len, |v| {
             for (delta, x) in deltas.iter_mut().zip(&v[1..]) {
                 delta.clear();
-                delta.extend(x.iter().zip(v[0]).map(|(x, z)| *x as f32 - *z as f32));
+                delta.extend(x.iter().zip(v[0]).map(|(x, z)| h(*x as f32 - *z as f32)));
             }
         });
         for (norm, delta) in norms.iter_mut().zip(&deltas) {
@@ -364,7 +378,7 @@ fn float32_task_vector_dots(tensor: &Resolved, progress: &Progress) -> Result<(V
         }
         for i in 0..k {
             for j in i + 1..k {
-                dots[i * k + j].add(deltas[i].iter().zip(&deltas[j]).map(|(a, b)| a * b));
+                dots[i * k + j].add(deltas[i].iter().zip(&deltas[j]).map(|(a, b)| h(a * b)));
             }
         }
         progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
