@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.7,<2" "numpy>=1.22" "typer>=0.12" "rich>=13" "huggingface_hub>=0.23" "pyyaml>=6" "cmaes>=0.10" \
-		"pytest>=8" "ruff>=0.6" "mypy>=1.10" "matplotlib>=3.6" "ray[default]>=2.9"
+		"pytest>=8" "ml_dtypes>=0.3" "ruff>=0.6" "mypy>=1.10" "matplotlib>=3.6" "ray[default]>=2.9"
 	touch $(STAMP)
 
 build: $(STAMP)

@@ -14,6 +14,17 @@ import numpy as np
 Array = np.ndarray
 
 
+def stored_dtypes(directory: Path) -> dict[str, str]:
+    """Each tensor's safetensors dtype in a model directory."""
+    out: dict[str, str] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with file.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        out.update({name: info["dtype"] for name, info in header.items() if name != "__metadata__"})
+    return out
+
+
 def read_safetensors(directory: Path) -> dict[str, Array]:
     """Every tensor of a model directory, widened to float64 (numpy only)."""
     out: dict[str, Array] = {}
