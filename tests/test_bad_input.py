@@ -244,7 +244,7 @@ def test_recipe_keys_are_used_or_refused(tmp_path, change, message):
     assert message in str(error.value)
 
 
-def test_slice_level_keys_and_passthrough_scale_are_refused():
+def test_slice_level_keys_and_unsupported_options_are_refused():
     from modelkin.merge_config import RecipeError, load_config
 
     with pytest.raises(RecipeError, match="slice-level base_model is not supported yet"):
@@ -252,23 +252,6 @@ def test_slice_level_keys_and_passthrough_scale_are_refused():
             {
                 "merge_method": "linear",
                 "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "base_model": "a"}],
-            }
-        )
-    with pytest.raises(RecipeError, match="passthrough has no parameter 'scale'"):
-        load_config(
-            {
-                "merge_method": "passthrough",
-                "slices": [
-                    {
-                        "sources": [
-                            {
-                                "model": "a",
-                                "layer_range": [0, 1],
-                                "parameters": {"scale": [{"filter": "o_proj", "value": 0.0}]},
-                            }
-                        ]
-                    }
-                ],
             }
         )
     with pytest.raises(RecipeError, match="filter_wise: true is not supported yet"):

@@ -31,7 +31,7 @@ from modelkin.merging import merge
 
 @pytest.fixture
 def fam(family_factory):
-    return family_factory(n=3, dtype="BF16", shards=2, extra_vocab=(0, 4, 0))
+    return family_factory(n=3, dtype="BF16", shards=2)
 
 
 def inputs(fam):
@@ -385,8 +385,8 @@ BAD_RECIPES = [
     ({"merge_method": "frobnicate"}, "supported: linear"),
     ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "exactly two models"),
     ({"merge_method": "model_stock", "models": "two"}, "three models"),
-    ({"merge_method": "ties", "density": 1.5}, "outside (0, 1]"),
-    ({"merge_method": "ties", "density": 0.0}, "outside (0, 1]"),
+    ({"merge_method": "ties", "density": 1.5}, "outside [0, 1]"),
+    ({"merge_method": "ties", "density": -0.1}, "outside [0, 1]"),
     ({"merge_method": "ties", "weight": []}, "empty list"),
     ({"merge_method": "della_linear", "density": 0.1}, "density ± epsilon"),
     ({"merge_method": "frankenmerge"}, "unknown merge_method"),
@@ -722,3 +722,17 @@ def test_config_dtype_keys_agree_and_follow_the_inputs(family_factory, tmp_path)
     written = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert written["dtype"] == written["torch_dtype"] == "bfloat16"
     assert {d for _, _, d in model_tensors(str(tmp_path / "bf16"))} == {"BF16"}
+
+
+def test_a_different_vocabulary_size_is_refused(tmp_path, family_factory):
+    """mergekit 0.1.5 refuses models whose embedding rows differ; cutting them would pair the rows of
+    unrelated tokens, so modelkin refuses too, naming the file, the tensor and both shapes."""
+    other = family_factory(n=2, dtype="BF16", extra_vocab=(0, 4))
+    recipe = {
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in other.models],
+        "merge_method": "task_arithmetic",
+        "base_model": str(other.base),
+    }
+    with pytest.raises(modelkin.ShapeMismatchError, match=r"embed_tokens.weight' has shape \[68, 24\], the base"):
+        merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -86,13 +86,22 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "karcher", "Riemannian (Karcher) mean of the models' directions", False, {"max_iter": 10, "tol": 1e-5}
         ),
-        MethodSpec("passthrough", "copy one model's tensors", False, {}),
+        MethodSpec("passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}),
+        MethodSpec(
+            "nearswap",
+            "take the other model's value where it is within t of the base's",
+            True,
+            {},
+            required_global=("t",),
+        ),
     )
 }
 # Methods of mergekit 0.1.5 that a later version of modelkin will add.
 PLANNED: tuple[str, ...] = ()
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# Decoder layer N of every architecture mergekit knows: `layers.N.` (Llama-like), `h.N.` (GPT-2,
+# Bloom, Falcon), `blocks.N.`/`block.N.`/`layer.N.` (see architecture.py).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {
     "float64": "F64",
     "fp64": "F64",
@@ -299,10 +308,14 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         raise fail(["models"], "model_stock needs at least three models counting the base")
     if method.name == "nuslerp" and len(others) != 2:
         raise fail(["models"], "nuslerp needs exactly two models besides the base")
-    if method.name == "nuslerp" and (
-        config.parameters.get("nuslerp_flatten", True) is not True or config.parameters.get("nuslerp_row_wise")
-    ):
-        raise fail(["parameters"], "nuslerp over rows or columns is not supported yet (nuslerp_flatten: true only)")
+    # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default).
+    if method.name == "nuslerp" and config.parameters.get("nuslerp_flatten", True) is not True:
+        raise fail(
+            ["parameters", "nuslerp_flatten"],
+            "nuslerp over rows or columns (nuslerp_flatten: false) is not supported yet",
+        )
+    if method.name == "nearswap" and len(others) != 1:
+        raise fail(["models"], "nearswap needs exactly one model besides the base_model")
     if method.name == "passthrough" and len(config.models) != 1:
         raise fail(["models"], "passthrough with models: takes exactly one model")
     for key in method.required_global:
@@ -363,8 +376,8 @@ def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None
         raise fail(path, "an empty list is not a valid parameter value (a gradient needs at least one number)")
     if key == "density":
         for v in values:
-            if not 0 < v <= 1:
-                raise fail(path, f"density {v} is outside (0, 1]")
+            if not 0 <= v <= 1:
+                raise fail(path, f"density {v} is outside [0, 1]")
 
 
 def _all_numbers(value: Any) -> list[float]:

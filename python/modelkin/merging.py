@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from ._core import model_tensors, run_merge
+from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .merge_config import (
     METHODS,
     MergeConfig,
@@ -36,7 +37,6 @@ TOKENIZER_FILES = re.compile(
 # exactly as torch's sort does: 8 bytes per element. Larger tensors fall back to the streamed rule
 # (ties go all in or all out), so memory stays bounded whatever the model size.
 SORT_ORDER_BYTES = 512 << 20
-_LAYER_PREFIX = re.compile(r"^(.*?layers\.)\d+\.")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)
 
 
@@ -100,17 +100,25 @@ def _plan_models(
     ]
 
 
-def _plan_slices(config: MergeConfig, tensors: list[str], base_ref: str | None) -> list[PlannedOutput]:
-    """`slices:` recipes (frankenmerges): output layers numbered in slice order; the embeddings come
-    from the first slice's sources and the final norm and head from the last slice's, as in mergekit."""
+def _plan_slices(
+    config: MergeConfig, tensors: list[str], base_ref: str | None, naming: LayerNaming
+) -> list[PlannedOutput]:
+    """`slices:` recipes (frankenmerges): output layers numbered in slice order under the
+    architecture's layer prefix; the tensors before the first layer (embeddings) come from the
+    first slice's sources and those after the last (final norm, head) from the last slice's, as in
+    mergekit."""
     slices = config.slices or ()
-    by_layer = [n for n in tensors if layer_of(n) is not None]
-    first_layer = min((layer_of(n) or 0) for n in by_layer) if by_layer else 0
-    layer_suffixes = list(dict.fromkeys(_LAYER_PREFIX.sub("", n) for n in by_layer if layer_of(n) == first_layer))
-    prefix = _LAYER_PREFIX.search(by_layer[0]).group(1) if by_layer else "model.layers."  # type: ignore[union-attr]
+    prefix = naming.prefix
+    by_layer = [n for n in tensors if naming.layer_of(n) is not None]
+    layer_suffixes = list(
+        dict.fromkeys(n[len(prefix) :].partition(".")[2] for n in by_layer if naming.layer_of(n) == 0)
+    )
     outputs: list[PlannedOutput] = []
-    pre = [n for n in tensors if layer_of(n) is None and "embed" in n]
-    post = [n for n in tensors if layer_of(n) is None and "embed" not in n]
+    # Stored order puts embeddings first in most files, not all: GPT-2 stores `wte`/`wpe` beside
+    # `ln_f`, so "embed"-like names (wte, wpe, embed_*) go first and the rest last.
+    non_layer = [n for n in tensors if naming.layer_of(n) is None]
+    pre = [n for n in non_layer if re.search(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.", n)]
+    post = [n for n in non_layer if n not in pre]
 
     def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
         inputs = [(e, name) for e in slice_sources if e.model != base_ref]
@@ -146,10 +154,10 @@ def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutp
         entries = []
         for entry, source_name in inputs:
             density = float(lookup(config, entry, "density", name, t, method.tensor_defaults.get("density", 1.0)))
-            if not 0 < density <= 1:
-                raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside (0, 1]")
+            if not 0 <= density <= 1:
+                raise RecipeError(f"density {density} for {entry.model} at tensor {name} is outside [0, 1]")
             epsilon = float(lookup(config, entry, "epsilon", name, t, method.tensor_defaults.get("epsilon", 0.0)))
-            della = method.name.startswith("della") and density < 1
+            della = method.name.startswith("della") and 0 < density < 1
             if della and not (density - epsilon > 0 and density + epsilon < 1):
                 raise RecipeError(
                     f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
@@ -158,7 +166,10 @@ def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutp
                 {
                     "model": index[entry.model],
                     "tensor": source_name,
-                    "weight": float(lookup(config, entry, "weight", name, t, 1.0)),
+                    # passthrough's `scale` travels as the input's weight (the factor it is multiplied by).
+                    "weight": float(
+                        lookup(config, entry, "scale" if method.name == "passthrough" else "weight", name, t, 1.0)
+                    ),
                     "density": density,
                     "gamma": float(lookup(config, entry, "gamma", name, t, method.tensor_defaults.get("gamma", 0.0))),
                     "epsilon": epsilon,
@@ -207,18 +218,20 @@ def merge(
     if method.name == "karcher" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
     base_config = _read_json(_model_dir(paths[base_ref or inputs[0].model]) / "config.json")
-    layers = int((base_config or {}).get("num_hidden_layers") or 0)
+    names = [n for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
+    counts = [int(v) for k in COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)]
+    layers = counts[0] if counts else 0
     if not layers:
-        found = [layer_of(n) for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
+        found = [layer_of(n) for n in names]
         layers = max((x for x in found if x is not None), default=0) + 1
     options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
-    names = [n for n, _, _ in model_tensors(str(paths[base_ref or inputs[0].model]))]
     if config.slices is None:
         plan = _plan_models(names, base_ref, inputs, layers)
     else:
-        plan = _plan_slices(config, names, base_ref)
+        naming = layer_naming(base_config, names, base_ref or inputs[0].model)
+        plan = _plan_slices(config, names, base_ref, naming)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
-        base_config = {**(base_config or {}), "num_hidden_layers": out_layers}
+        base_config = {**(base_config or {}), naming.count_key: out_layers}
     reference_tensors = model_tensors(str(paths[base_ref or inputs[0].model]))
     out_dtype = out_dtype_name(config, base_config, reference_tensors[0][2] if reference_tensors else None)
     compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])

@@ -143,6 +143,29 @@ fn combine_block<const F32: bool>(
                 }
             }
             (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
+            (Method::Nearswap, Some(a)) => {
+                // weight = clamp(t / max(|a − b|, 1e-6), 0, 1); out = weight·b + (1 − weight)·a,
+                // each step in the working dtype (t and 1e-6 are Python scalars: float32).
+                let h = |v: f64| half.map_or(r(v), |h| h.load(v));
+                let t = r(tensor.recipe.t);
+                let floor = h(r(1e-6));
+                for (e, out) in merged.iter_mut().enumerate() {
+                    let (a, b) = (a[e], inputs[0][e]);
+                    let distance = h(a - b).abs().max(floor);
+                    let weight = h(r(t / distance)).clamp(0.0, 1.0);
+                    *out = h(h(weight * b) + h(h(1.0 - weight) * a));
+                }
+            }
+            (Method::Passthrough, _) => {
+                // mergekit multiplies by a Python float (float32 in half arithmetic).
+                let scale = stats.weights[0];
+                if scale == 1.0 {
+                    merged.copy_from_slice(inputs[0]);
+                } else {
+                    let scale = if half.is_some() { r(scale) } else { scale };
+                    merged.iter_mut().zip(inputs[0]).for_each(|(out, &x)| *out = r(x * scale));
+                }
+            }
             (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
                 let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
                 for (e, out) in merged.iter_mut().enumerate() {

@@ -66,8 +66,10 @@ pub enum Method {
     Multislerp,
     /// The Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
     Karcher,
-    /// Copies one model's tensor.
+    /// Copies one model's tensor, times its `scale` (mergekit's per-input parameter).
     Passthrough,
+    /// Takes the other model's value where it is within `t` of the base's: weight = t/|a − b|.
+    Nearswap,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +121,7 @@ pub struct MergeInput {
     pub model: usize,
     /// Tensor name in that model.
     pub tensor: String,
-    /// `weight` parameter.
+    /// `weight` parameter (passthrough: its `scale`).
     #[serde(default = "one")]
     pub weight: f64,
     /// `density` parameter.
@@ -142,7 +144,7 @@ pub struct TensorRecipe {
     pub base_tensor: Option<String>,
     /// The merged models, in the config's order (the base excluded).
     pub inputs: Vec<MergeInput>,
-    /// `t` parameter (slerp).
+    /// `t` parameter (slerp, nearswap).
     #[serde(default)]
     pub t: f64,
     /// `select_topk` parameter (sce).
@@ -357,7 +359,8 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
     job.tensors
         .iter()
         .map(|recipe| {
-            // The base's shape is the output's; fine-tunes with extra vocabulary rows are cut to it.
+            // The base's shape is the output's. A fine-tune with another vocabulary size is refused,
+            // as mergekit 0.1.5 refuses it: cutting its rows would pair unrelated tokens' rows.
             let (base, mut shape) = match (job.base, &recipe.base_tensor) {
                 (Some(b), Some(name)) => {
                     let (s, shape) = source(job, models, b, name, None, None)?;
@@ -367,8 +370,7 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
             };
             let mut inputs = Vec::with_capacity(recipe.inputs.len());
             for input in &recipe.inputs {
-                let rows = shape.as_ref().and_then(|s| s.first().copied());
-                let (s, cut) = source(job, models, input.model, &input.tensor, rows, shape.as_deref())?;
+                let (s, cut) = source(job, models, input.model, &input.tensor, None, shape.as_deref())?;
                 shape.get_or_insert(cut);
                 inputs.push(s);
             }

@@ -141,6 +141,11 @@ impl TensorStatistics {
                 if input.density >= 1.0 {
                     continue;
                 }
+                if input.density <= 0.0 {
+                    // mergekit's pruning keeps nothing at density 0: the task vector drops out.
+                    stats.keep[i] = Keep::None;
+                    continue;
+                }
                 match sparsification {
                     Sparsification::Magnitude => {
                         // mergekit keeps at least one element of a non-empty tensor.
