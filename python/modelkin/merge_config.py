@@ -136,6 +136,9 @@ class MergeConfig:
     raw: Mapping[str, Any]
     # `slices:` recipes: the sources of each output slice, in order.
     slices: tuple[tuple[ModelEntry, ...], ...] | None = None
+    # Keys mergekit accepts and ignores for this method (a per-model `weight` on slerp, say): each a
+    # one-line warning, printed and recorded in modelkin.json, never dropped silently.
+    ignored: list[str] = field(default_factory=list)
 
 
 class _Lines:
@@ -328,7 +331,7 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
             if key not in entry.parameters and key not in config.parameters:
                 raise fail(["models", i], f"{method.name} needs '{key}' for {entry.model}")
         for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
-            _check_names(fail, scope, method, params)
+            _check_names(fail, scope, method, params, config.ignored)
             for key, value in params.items():
                 _check_value(fail, [*scope, key], key, value)
 
@@ -345,7 +348,7 @@ def _check_slices(config: MergeConfig, fail: Any) -> None:
                 (["slices", i, "sources", j, "parameters"], entry.parameters),
                 (["parameters"], config.parameters),
             ):
-                _check_names(fail, scope, method, params)
+                _check_names(fail, scope, method, params, config.ignored)
                 for key, value in params.items():
                     _check_value(fail, [*scope, key], key, value)
 
@@ -360,9 +363,19 @@ def known_parameters(method: MethodSpec) -> tuple[str, ...]:
     )
 
 
-def _check_names(fail: Any, path: Sequence[Any], method: MethodSpec, params: Mapping[str, Any]) -> None:
+def _check_names(
+    fail: Any, path: Sequence[Any], method: MethodSpec, params: Mapping[str, Any], ignored: list[str]
+) -> None:
     known = known_parameters(method)
     for key, value in params.items():
+        if key == "weight" and key not in known:
+            # mergekit's own suite gives every method a per-model weight and its methods that take
+            # none ignore it; refusing would break such recipes, so it is ignored out loud.
+            where = ".".join(str(p) for p in [*path, key])
+            message = f"{where}: {method.name} takes no weight; ignored, as mergekit ignores it"
+            if message not in ignored:
+                ignored.append(message)
+            continue
         if key not in known:
             names = ", ".join(known) or "none"
             raise fail([*path, key], f"{method.name} has no parameter {key!r} (its parameters: {names})")

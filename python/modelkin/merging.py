@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -205,6 +206,8 @@ def merge(
     dtype), rounded after each operation as torch rounds it, so the output has mergekit's bits.
     ``precise=True`` computes exactly in float64 and rounds once to the output dtype."""
     config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
+    for message in config.ignored:
+        print(f"warning: {message}", file=sys.stderr)
     out_path = Path(out)
     refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
     paths = {ref: resolve(ref, offline=offline) for ref in refs}
@@ -344,6 +347,7 @@ def _write_metadata(
             "models": {m.model: dict(m.parameters) for m in config.models},
         },
         "kinship": kinship,
+        "ignored": list(config.ignored),
         "modelkin_version": __version__,
     }
     (staging / "modelkin.json").write_text(json.dumps(provenance, indent=2, default=str))

@@ -152,7 +152,8 @@ fn combine_block<const F32: bool>(
                 for (e, out) in merged.iter_mut().enumerate() {
                     let (a, b) = (a[e], inputs[0][e]);
                     let distance = h(a - b).abs().max(floor);
-                    let weight = h(r(t / distance)).clamp(0.0, 1.0);
+                    // `t / tensor` is torch's __rtruediv__: reciprocal(tensor) * t, two roundings.
+                    let weight = h(r(h(1.0 / distance) * t)).clamp(0.0, 1.0);
                     *out = h(h(weight * b) + h(h(1.0 - weight) * a));
                 }
             }
