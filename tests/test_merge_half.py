@@ -155,7 +155,7 @@ def test_precise_rounds_once_and_the_card_says_which(models):
 
 def test_no_dtype_computes_in_the_stored_dtype(models, tmp_path):
     """Without `dtype` mergekit keeps the loaded tensors' dtype: bf16 inputs give bf16 arithmetic."""
-    root, values = models
+    _, values = models
     r = rounding("bfloat16")
     for name in ("base", "ft0", "ft1", "ft2"):
         i = ["base", "ft0", "ft1", "ft2"].index(name)

@@ -86,7 +86,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "karcher", "Riemannian (Karcher) mean of the models' directions", False, {"max_iter": 10, "tol": 1e-5}
         ),
-        MethodSpec("passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}),
+        MethodSpec(
+            "passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}
+        ),
         MethodSpec(
             "nearswap",
             "take the other model's value where it is within t of the base's",

@@ -287,11 +287,21 @@ def merge(
 def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
     """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
     as torch promotes them (bf16 with f16 gives float32)."""
-    names = {"float64": "float64", "float32": "float32", "fp32": "float32", "float16": "float16",
-             "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    names = {
+        "float64": "float64",
+        "float32": "float32",
+        "fp32": "float32",
+        "float16": "float16",
+        "fp16": "float16",
+        "bfloat16": "bfloat16",
+        "bf16": "bfloat16",
+    }
     if dtype is not None:
         return names[dtype]
-    kinds = {{"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s or "", "float32") for s in stored}
+    kinds = {
+        {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s or "", "float32")
+        for s in stored
+    }
     if len(kinds) == 1:
         return kinds.pop()
     return "float64" if "float64" in kinds else "float32"
@@ -351,7 +361,9 @@ def _write_metadata(
         "modelkin_version": __version__,
     }
     (staging / "modelkin.json").write_text(json.dumps(provenance, indent=2, default=str))
-    (staging / "README.md").write_text(_model_card(config, base_ref, parents, kinship, _arithmetic_text(options["arithmetic"])))
+    (staging / "README.md").write_text(
+        _model_card(config, base_ref, parents, kinship, _arithmetic_text(options["arithmetic"]))
+    )
 
 
 def _arithmetic_text(compute: str) -> str:

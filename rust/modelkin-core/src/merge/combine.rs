@@ -8,8 +8,8 @@ use multiversion::multiversion;
 use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
-use super::statistics::{keep_mask, variance_bits, TensorStatistics};
 use super::half_ops::Half;
+use super::statistics::{keep_mask, variance_bits, TensorStatistics};
 use super::{with_block, Compute, MergeJob, Method, Resolved, BLOCKS_IN_FLIGHT};
 use crate::encode::encode;
 use crate::error::Result;
@@ -112,9 +112,17 @@ fn combine_block<const F32: bool>(
         let r = round::<F32>;
         let half = job.compute.half();
         match (job.method, &base) {
-            (method, Some(z)) if method.task_vectors() && half.is_some() => {
-                task_vector_half_block(job, index, tensor, stats, inputs, z, first, merged, half.expect("half"))
-            }
+            (method, Some(z)) if method.task_vectors() && half.is_some() => task_vector_half_block(
+                job,
+                index,
+                tensor,
+                stats,
+                inputs,
+                z,
+                first,
+                merged,
+                half.expect("half"),
+            ),
             (Method::Linear, _) => {
                 let weights: Vec<f64> = stats.weights.iter().map(|&w| r(w)).collect();
                 let total = weights.iter().fold(0.0, |acc, &w| r(acc + w));

@@ -350,7 +350,9 @@ fn source<'m>(
     // Loading bf16 values as bf16 (or f16 as f16) changes nothing.
     let rounds_on_load = !matches!(
         (half, dtype),
-        (None, _) | (Some(half_ops::Half::Bf16), FloatDtype::BF16) | (Some(half_ops::Half::F16), FloatDtype::F16)
+        (None, _)
+            | (Some(half_ops::Half::Bf16), FloatDtype::BF16)
+            | (Some(half_ops::Half::F16), FloatDtype::F16)
     );
     Ok((Source { model, entry, dtype, half, rounds_on_load }, cut))
 }

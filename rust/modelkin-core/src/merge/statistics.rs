@@ -8,11 +8,11 @@ use std::sync::Arc;
 use multiversion::multiversion;
 use rayon::prelude::*;
 
+use super::half_ops::Half;
 use super::{
     float32, magnitude_bits, no_base, radix, read_bytes, sort_order, uniform, with_block, Compute, MergeJob,
     Method, Resolved, Source, Sparsification,
 };
-use super::half_ops::Half;
 use crate::error::{Error, Result};
 use crate::kinship::Progress;
 
