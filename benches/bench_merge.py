@@ -1,9 +1,10 @@
 """Merge benchmark and mergekit compatibility, measured in the same run.
 
-    python benches/bench_merge.py [--params 2.65e8] [--mergekit PATH/TO/mergekit-yaml]
+    python benches/bench_merge.py [--params 2.65e8] [--dtype bfloat16] [--mergekit PATH/TO/mergekit-yaml]
 
 Generates a Llama-shaped bf16 family (base + 3 fine-tunes, with config.json) under bench-data/,
-runs the same TIES recipe with modelkin and (when found) mergekit on the CPU, and prints wall time,
+runs the same TIES recipe (`dtype: bfloat16` by default) with modelkin and (when found) mergekit on
+the CPU, and prints wall time,
 peak RSS and the speed ratio. Then, on a small family, it runs several methods with both tools
 (`dtype: float32`, `out_dtype: bfloat16`) and prints the share of bit-identical elements.
 """
@@ -75,14 +76,16 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return time.perf_counter() - start, peak[0] / 1024
 
 
-def recipe(method: str, base: Path, models: list[Path], params: list[dict]) -> dict:
+def recipe(method: str, base: Path, models: list[Path], params: list[dict], dtype: str = "float32") -> dict:
+    # dtype float32 with a bf16 output is the compatibility baseline; a half dtype is what most
+    # published recipes say (mergekit then rounds after each op, and so does modelkin).
+    precision = {"dtype": "float32", "out_dtype": "bfloat16"} if dtype == "float32" else {"dtype": dtype}
     return {
         "models": [{"model": str(m), "parameters": p} for m, p in zip(models, params, strict=True)]
         + ([{"model": str(base)}] if method == "slerp" else []),
         "merge_method": method,
         "base_model": str(base),
-        "dtype": "float32",
-        "out_dtype": "bfloat16",
+        **precision,
         **({"parameters": {"t": 0.3}} if method == "slerp" else {}),
     }
 
@@ -111,13 +114,16 @@ def main() -> None:
     parser.add_argument("--mergekit", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable")
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
     parser.add_argument("--keep", action="store_true", help="keep the outputs for inspection")
+    parser.add_argument("--dtype", default="bfloat16", help="the TIES recipe's dtype (bfloat16, float32)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.data if args.data.exists() else None))
     ours_cmd = [sys.executable, "-c", "import sys, modelkin.merging as m; m.merge(sys.argv[1], sys.argv[2])"]
 
-    print(f"# TIES of 3 fine-tunes, ~{args.params:.3g} parameters per model, bf16", flush=True)
+    print(f"# TIES of 3 fine-tunes, ~{args.params:.3g} parameters per model, bf16, dtype {args.dtype}", flush=True)
     base, models = model_dirs(args.data / f"merge-{int(args.params)}", args.params)
-    ties = recipe("ties", base, models, [{"weight": w, "density": d} for w, d in ((1.0, 0.5), (0.6, 0.7), (0.5, 0.9))])
+    ties = recipe(
+        "ties", base, models, [{"weight": w, "density": d} for w, d in ((1.0, 0.5), (0.6, 0.7), (0.5, 0.9))], args.dtype
+    )
     path = work / "ties.yml"
     path.write_text(json.dumps(ties))
     for p in [base, *models]:
