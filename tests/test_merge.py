@@ -349,7 +349,8 @@ def test_output_layout_and_provenance(tmp_path, fam):
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     provenance = json.loads((out / "modelkin.json").read_text())
-    assert set(provenance) == {"parents", "base", "method", "parameters", "kinship", "modelkin_version"}
+    assert set(provenance) == {"parents", "base", "method", "parameters", "kinship", "ignored", "modelkin_version"}
+    assert provenance["ignored"] == []
     assert provenance["parents"] == [str(m) for m in fam.models]
     expected = modelkin.kinship_matrix(fam.models, base=fam.base)
     for metric in ("pcc", "cs", "ed"):
