@@ -71,21 +71,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("method", list(CASES))
-def test_same_tensors_as_mergekit(tmp_path, family, method):
-    params, required = CASES[method]
+def case_recipe(family, method: str, precision: dict) -> dict:
+    """The recipe of one CASES entry on the example family, with the given dtype keys."""
+    params, _ = CASES[method]
     names = ["math-a", "code", "math-code"][: len(params)]
     recipe = {
         "models": [{"model": str(family[n]), "parameters": p} for n, p in zip(names, params, strict=True)],
         "merge_method": method,
-        "dtype": "float32",
-        "out_dtype": "bfloat16",
+        **precision,
     }
     if method != "linear":
         recipe["base_model"] = str(family["base"])
     if method == "slerp":
         recipe["models"].append({"model": str(family["base"])})
         recipe["parameters"] = {"t": 0.3}
+    return recipe
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_same_tensors_as_mergekit(tmp_path, family, method):
+    _, required = CASES[method]
+    recipe = case_recipe(family, method, {"dtype": "float32", "out_dtype": "bfloat16"})
     ours, theirs = run_both(tmp_path, recipe)
     assert set(ours) == set(theirs)
     same = total = 0
@@ -108,18 +114,7 @@ def test_every_dtype_gives_mergekits_bits(tmp_path, family, method, dtype):
     each torch operation; modelkin follows that order, so every element is identical."""
     if method == "slerp" and dtype == "float32":
         pytest.skip("mergekit's batched float32 slerp norms are not reproduced (1 ulp factors)")
-    params, _ = CASES[method]
-    names = ["math-a", "code", "math-code"][: len(params)]
-    recipe = {
-        "models": [{"model": str(family[n]), "parameters": p} for n, p in zip(names, params, strict=True)],
-        "merge_method": method,
-        "dtype": dtype,
-    }
-    if method != "linear":
-        recipe["base_model"] = str(family["base"])
-    if method == "slerp":
-        recipe["models"].append({"model": str(family["base"])})
-        recipe["parameters"] = {"t": 0.3}
+    recipe = case_recipe(family, method, {"dtype": dtype})
     ours, theirs = run_both(tmp_path, recipe)
     assert stored_dtypes(tmp_path / "ours") == stored_dtypes(tmp_path / "theirs")
     for name, value in theirs.items():

@@ -236,11 +236,7 @@ fn task_vector_block<T>(
     f64: AsPrimitive<T>,
     T: AsPrimitive<f64>,
 {
-    let masks: Vec<Option<Vec<bool>>> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
-        .collect();
+    let masks = block_masks(job, index, tensor, stats, inputs, z, first);
     let weights: Vec<T> = stats.weights.iter().map(|&w| w.as_()).collect();
     let scales: Vec<T> = stats.scale.iter().map(|&s| s.as_()).collect();
     let lambda: T = job.lambda.as_();
@@ -311,6 +307,23 @@ fn task_vector_block<T>(
     });
 }
 
+/// Each input's pruning mask over this block (`None` keeps all).
+fn block_masks(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    inputs: &[&[f64]],
+    z: &[f64],
+    first: usize,
+) -> Vec<Option<Vec<bool>>> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
+        .collect()
+}
+
 /// Generalised task arithmetic in mergekit's half-precision order: every elementwise step rounded
 /// to the half type, the sums over the models accumulated in f32 and rounded once, the weights
 /// held in the half type and `lambda` (a Python scalar) in f32.
@@ -327,11 +340,7 @@ fn task_vector_half_block(
     half: Half,
 ) {
     let h = |v: f32| half.round(v);
-    let masks: Vec<Option<Vec<bool>>> = inputs
-        .iter()
-        .enumerate()
-        .map(|(i, x)| keep_mask(job, index, i, &stats.keep[i], x, z, first, tensor.row))
-        .collect();
+    let masks = block_masks(job, index, tensor, stats, inputs, z, first);
     let weights: Vec<f32> = stats.weights.iter().map(|&w| h(w as f32)).collect();
     // The L1 rescale factor is a ratio of two half-precision sums: a half value itself.
     let scales: Vec<f32> = stats.scale.iter().map(|&s| h(s as f32)).collect();
