@@ -8,7 +8,7 @@ use multiversion::multiversion;
 use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
-use super::half_ops::Half;
+use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
 use super::statistics::{keep_mask, variance_bits, TensorStatistics};
 use super::{with_block, Compute, MergeJob, Method, Resolved, BLOCKS_IN_FLIGHT};
 use crate::encode::encode;
@@ -339,45 +339,91 @@ fn task_vector_half_block(
     merged: &mut [f64],
     half: Half,
 ) {
-    let h = |v: f32| half.round(v);
     let masks = block_masks(job, index, tensor, stats, inputs, z, first);
+    match half {
+        Half::Bf16 => task_vector_rounded::<Bf16Rounding>(job, stats, inputs, z, &masks, merged),
+        Half::F16 => task_vector_rounded::<F16Rounding>(job, stats, inputs, z, &masks, merged),
+    }
+}
+
+/// [`task_vector_half_block`]'s arithmetic for one half type, column by column (one input at a
+/// time over the whole block) so that the loops and the branchless rounding vectorise; the
+/// per-element order of operations is mergekit's.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn task_vector_rounded<R: Rounding>(
+    job: &MergeJob,
+    stats: &TensorStatistics,
+    inputs: &[&[f64]],
+    z: &[f64],
+    masks: &[Option<Vec<bool>>],
+    merged: &mut [f64],
+) {
+    let h = R::round;
     let weights: Vec<f32> = stats.weights.iter().map(|&w| h(w as f32)).collect();
     // The L1 rescale factor is a ratio of two half-precision sums: a half value itself.
     let scales: Vec<f32> = stats.scale.iter().map(|&s| h(s as f32)).collect();
     let lambda = job.lambda as f32;
-    let total = weights.iter().fold(0.0f32, |acc, &w| acc + w);
-    let total = h(total);
-    let total = if f64::from(total).abs() < 1e-8 { 1.0 } else { total };
-    let k = inputs.len();
-    let mut contributions = vec![0.0f32; k];
-    for (e, out) in merged.iter_mut().enumerate() {
-        let zb = z[e] as f32;
+    let total = h(weights.iter().fold(0.0f32, |acc, &w| acc + w));
+    let total = if total.abs() < 1e-8 { 1.0 } else { total };
+    let len = merged.len();
+    CONTRIBUTIONS.with_borrow_mut(|scratch| {
+        scratch.resize_with(inputs.len() + 4, Vec::new);
+        // Scratch kept as f64 and viewed as f32, shared with the other task-vector path.
+        let mut views: Vec<&mut [f32]> = scratch
+            .iter_mut()
+            .map(|b| {
+                b.resize(len, 0.0);
+                &mut bytemuck::cast_slice_mut::<f64, f32>(b)[..len]
+            })
+            .collect();
+        let (contributions, rest) = views.split_at_mut(inputs.len());
+        let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
+        // The inputs were rounded to the half type on load: exact in f32.
+        base.iter_mut().zip(z).for_each(|(b, &z)| *b = z as f32);
+        let base = &**base;
         for (i, c) in contributions.iter_mut().enumerate() {
-            let kept = masks[i].as_ref().is_none_or(|m| m[e]);
-            let delta = if kept { h(inputs[i][e] as f32 - zb) } else { 0.0 };
-            let delta = if scales[i] == 1.0 { delta } else { h(delta * scales[i]) };
-            *c = h(delta * weights[i]);
+            let (x, w, s) = (inputs[i], weights[i], scales[i]);
+            c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = h(x as f32 - z));
+            if let Some(mask) = &masks[i] {
+                // torch multiplies by the mask: exact, and free of branches.
+                c.iter_mut().zip(mask).for_each(|(c, &kept)| *c *= if kept { 1.0 } else { 0.0 });
+            }
+            if s != 1.0 {
+                c.iter_mut().for_each(|c| *c = h(*c * s));
+            }
+            c.iter_mut().for_each(|c| *c = h(*c * w));
         }
-        let (mixed, divisor) = if job.method.sign_consensus() {
-            let sum = h(contributions.iter().fold(0.0f32, |acc, &c| acc + c));
-            let majority = if sum >= 0.0 { 1.0f32 } else { -1.0 };
-            let (mut mixed, mut divisor) = (0.0f32, 0.0f32);
-            for (&c, &w) in contributions.iter().zip(&weights) {
-                // sign(c) == majority: zeros never vote.
-                if c != 0.0 && (c > 0.0) == (majority > 0.0) {
-                    mixed += c;
-                    divisor += w;
+        // `sum(dim=0)`: accumulated in f32 in model order, rounded once.
+        mixed.iter_mut().for_each(|m| *m = 0.0);
+        for c in contributions.iter() {
+            mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m += c);
+        }
+        mixed.iter_mut().for_each(|m| *m = h(*m));
+        if job.method.sign_consensus() {
+            // sign(c) == majority (+1 on a tie): zeros never agree.
+            majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= 0.0 { 1.0 } else { -1.0 });
+            mixed.iter_mut().for_each(|m| *m = 0.0);
+            divisor.iter_mut().for_each(|d| *d = 0.0);
+            for (c, &w) in contributions.iter().zip(&weights) {
+                for (((sum, div), &c), &m) in
+                    mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
+                {
+                    let agrees = if ((c > 0.0) & (m > 0.0)) | ((c < 0.0) & (m < 0.0)) { 1.0 } else { 0.0 };
+                    *sum += c * agrees;
+                    *div += w * agrees;
                 }
             }
-            let divisor = h(divisor);
-            (h(mixed), if divisor == 0.0 { 1.0 } else { divisor })
+            mixed.iter_mut().for_each(|m| *m = h(*m));
+            divisor.iter_mut().for_each(|d| *d = if h(*d) == 0.0 { 1.0 } else { h(*d) });
         } else {
-            (h(contributions.iter().fold(0.0f32, |acc, &c| acc + c)), total)
-        };
-        let mixed = if job.normalize { h(mixed / divisor) } else { mixed };
-        let mixed = if job.lambda == 1.0 { mixed } else { h(mixed * lambda) };
-        *out = f64::from(h(zb + mixed));
-    }
+            divisor.iter_mut().for_each(|d| *d = total);
+        }
+        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
+            let m = if job.normalize { h(m / d) } else { m };
+            let m = if job.lambda == 1.0 { m } else { h(m * lambda) };
+            *out = f64::from(h(z + m));
+        }
+    });
 }
 
 /// SCE: selected entries (high variance across task vectors), energy weights, sign election on the
