@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from merge_reference import read_safetensors, stored_dtypes
+from peer import check_loads, peer_python
 from modelkin.merge_config import RecipeError
 from modelkin.merging import merge
 from modelkin.safetensors_io import save_model
@@ -28,11 +29,11 @@ from modelkin.safetensors_io import save_model
 MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
 
 
-def picollama(path: Path, seed: int) -> str:
+def picollama(path: Path, seed: int, vocab: int = 64) -> str:
     """tests/common.py make_picollama: LlamaForCausalLM, hidden 32, intermediate 48, 16 heads, 2
-    layers, vocabulary 64, float32, untied head."""
+    layers, vocabulary 64 (or ``vocab``), float32, untied head."""
     rng = np.random.default_rng(seed)
-    h, i, v = 32, 48, 64
+    h, i, v = 32, 48, vocab
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for layer in range(2):
         p = f"model.layers.{layer}."
@@ -125,6 +126,9 @@ def run_and_check_merge(tmp_path: Path, config: dict, deterministic: bool = True
     tensors = read_safetensors(out)
     for name, value in tensors.items():
         assert not np.isnan(value).any(), f"{name} contains NaN"
+    python = peer_python(MERGEKIT)
+    if python is not None:
+        check_loads(python, out)
     if MERGEKIT is not None and deterministic:
         theirs = tmp_path / "theirs"
         shutil.rmtree(theirs, ignore_errors=True)

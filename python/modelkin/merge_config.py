@@ -8,11 +8,14 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .errors import ModelkinError
+
+if TYPE_CHECKING:
+    from .vocabulary import TokenizerSpec
 
 
 class RecipeError(ModelkinError, ValueError):
@@ -134,6 +137,9 @@ class MergeConfig:
     dtype: str | None
     out_dtype: str | None
     tokenizer_source: str | None
+    # The output vocabulary asked for (`tokenizer_source` or the `tokenizer:` section).
+    tokenizer: TokenizerSpec | None
+    chat_template: str | None
     text: str
     raw: Mapping[str, Any]
     # `slices:` recipes: the sources of each output slice, in order.
@@ -214,12 +220,9 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         hint = " (planned, not supported yet)" if method_name in PLANNED else ""
         raise fail(["merge_method"], f"unknown merge_method {method_name!r}{hint}; supported: {', '.join(METHODS)}")
     method = METHODS[method_name]
-    if raw.get("tokenizer_source") == "union":
-        raise fail(["tokenizer_source"], "tokenizer_source: union is not supported yet (use base or a model)")
-    if "tokenizer" in raw:
-        raise fail(["tokenizer"], "the tokenizer: section is not supported yet (use tokenizer_source)")
-    if "chat_template" in raw:
-        raise fail(["chat_template"], "chat_template is not supported yet (it would not be written)")
+    template = raw.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise fail(["chat_template"], "chat_template must be a name (chatml, llama3, ...), auto or a Jinja template")
     slices: list[tuple[ModelEntry, ...]] | None = None
     if "slices" in raw:
         if "models" in raw:
@@ -265,6 +268,14 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None and raw[key] not in _DTYPES:
             raise fail([key], f"unsupported dtype {raw[key]!r} (float64, float32, float16, bfloat16)")
+    # Imported here: the vocabulary module raises this module's RecipeError.
+    from .vocabulary import parse_spec
+
+    refs = {m.model for m in models} | ({base} if base else set())
+    try:
+        tokenizer = parse_spec(raw, refs)
+    except RecipeError as error:
+        raise fail(["tokenizer" if "tokenizer" in raw else "tokenizer_source"], str(error)) from None
     config = MergeConfig(
         method=method,
         models=tuple(models),
@@ -273,6 +284,8 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         dtype=raw.get("dtype"),
         out_dtype=raw.get("out_dtype"),
         tokenizer_source=raw.get("tokenizer_source"),
+        tokenizer=tokenizer,
+        chat_template=template,
         text=text,
         raw=raw,
         slices=tuple(slices) if slices is not None else None,

@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from ._core import model_tensors, run_merge
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
+from .chat_template import resolve_template, write_template
 from .merge_config import (
     METHODS,
     MergeConfig,
@@ -29,6 +30,8 @@ from .merge_config import (
     out_dtype_name,
 )
 from .resolve import resolve
+from .vocabulary import VOCAB_TENSOR, OutputVocabulary, lay_out, write_tokenizer
+from .vocabulary import build as build_vocabulary
 
 TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
@@ -147,7 +150,15 @@ def _plan_slices(
     return outputs
 
 
-def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutput]) -> list[dict[str, Any]]:
+def _recipes(
+    config: MergeConfig,
+    paths: dict[str, Path],
+    plan: list[PlannedOutput],
+    base_ref: str | None,
+    redirect: Mapping[tuple[str, str], int],
+) -> list[dict[str, Any]]:
+    """The engine's tensor recipes; ``redirect`` sends a (model, tensor) to another file of the
+    job (its vocabulary laid out in the output tokenizer's order)."""
     index = {ref: i for i, ref in enumerate(paths)}
     method = config.method
     tensors = []
@@ -165,7 +176,7 @@ def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutp
                 )
             entries.append(
                 {
-                    "model": index[entry.model],
+                    "model": redirect.get((entry.model, source_name), index[entry.model]),
                     "tensor": source_name,
                     # passthrough's `scale` travels as the input's weight (the factor it is multiplied by).
                     "weight": float(
@@ -180,6 +191,7 @@ def _recipes(config: MergeConfig, paths: dict[str, Path], plan: list[PlannedOutp
             {
                 "name": name,
                 "base_tensor": base_tensor,
+                "base_model": redirect.get((base_ref, base_tensor)) if base_ref and base_tensor else None,
                 "inputs": entries,
                 "t": float(lookup(config, None, "t", name, t, 0.0)),
                 "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),
@@ -242,8 +254,21 @@ def merge(
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.modelkin-", dir=parent))
     try:
+        models = [str(paths[ref]) for ref in paths]
+        redirect: dict[tuple[str, str], int] = {}
+        vocabulary = None
+        if config.tokenizer is not None:
+            vocabulary, files = _lay_out_vocabulary(config, refs, paths, plan, base_ref, staging / ".vocabulary")
+            for key, file in files.items():
+                redirect[key] = len(models)
+                models.append(str(file))
+            if base_config is not None:
+                base_config = {**base_config, "vocab_size": vocabulary.rows}
+        template = None
+        if config.chat_template is not None:
+            template = resolve_template(config.chat_template, [_model_dir(paths[r]) for r in refs])
         job = {
-            "models": [str(paths[ref]) for ref in paths],
+            "models": models,
             "base": list(paths).index(base_ref) if base_ref is not None else None,
             "method": method.name,
             "normalize": bool(options.get("normalize", False)),
@@ -262,7 +287,7 @@ def merge(
                 "max_iter": int(options.get("max_iter", 10)),
                 "tol": float(options.get("tol", 1e-5)),
             },
-            "tensors": _recipes(config, paths, plan),
+            "tensors": _recipes(config, paths, plan, base_ref, redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.
             "kinship": config.slices is None,
         }
@@ -272,7 +297,14 @@ def merge(
             kinship = {k: [[None if v != v else v for v in row] for row in m] for k, m in kinship.items()}
         parents = tuple(m.model for m in inputs)
         options = {**options, "arithmetic": compute if not precise else "float64 (precise)"}
+        shutil.rmtree(staging / ".vocabulary", ignore_errors=True)
         _write_metadata(staging, config, paths, base_ref, inputs, out_dtype, base_config, options, kinship, parents)
+        if vocabulary is not None:
+            write_tokenizer(vocabulary, staging, TOKENIZER_FILES)
+        if template is not None:
+            write_template(staging, template)
+        elif config.chat_template == "auto":
+            print("warning: chat_template: auto found no template among the models; none written", file=sys.stderr)
         _publish(staging, out_path)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -282,6 +314,30 @@ def merge(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return MergeResult(out_path, method.name, parents, base_ref, kinship, int(report["bytes_written"]))
+
+
+def _lay_out_vocabulary(
+    config: MergeConfig,
+    refs: list[str],
+    paths: dict[str, Path],
+    plan: list[PlannedOutput],
+    base_ref: str | None,
+    scratch: Path,
+) -> tuple[OutputVocabulary, dict[tuple[str, str], Path]]:
+    """The output vocabulary and every token-indexed input laid out in its order (scratch files)."""
+    assert config.tokenizer is not None
+    token_base = config.base_model or refs[0]
+    source = config.tokenizer.source
+    locations = dict(paths)
+    if source not in ("base", "union") and source not in paths:
+        locations[source] = resolve(source)
+    vocabulary = build_vocabulary(config.tokenizer, token_base, refs, locations)
+    tensors: dict[str, list[tuple[str, str]]] = {}
+    for name, inputs, base_tensor, _ in plan:
+        if VOCAB_TENSOR.search(name):
+            feeds = [(base_ref, base_tensor)] if base_ref and base_tensor else []
+            tensors[name] = feeds + [(entry.model, tensor) for entry, tensor in inputs]
+    return vocabulary, lay_out(vocabulary, config.tokenizer, token_base, tensors, paths, scratch)
 
 
 def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
@@ -341,11 +397,12 @@ def _write_metadata(
         (staging / "config.json").write_text(
             json.dumps({**base_config, "dtype": torch_dtype, "torch_dtype": torch_dtype}, indent=2)
         )
-    tokenizer_ref = config.tokenizer_source if config.tokenizer_source not in (None, "base") else base_ref
-    tokenizer_dir = _model_dir(paths.get(tokenizer_ref or inputs[0].model) or resolve(str(tokenizer_ref)))
-    for file in tokenizer_dir.iterdir():
-        if file.is_file() and TOKENIZER_FILES.match(file.name):
-            shutil.copyfile(file, staging / file.name)
+    if config.tokenizer is None:
+        # No tokenizer request: the base's (else the first model's) files, as mergekit copies them.
+        tokenizer_dir = _model_dir(paths[base_ref or inputs[0].model])
+        for file in tokenizer_dir.iterdir():
+            if file.is_file() and TOKENIZER_FILES.match(file.name):
+                shutil.copyfile(file, staging / file.name)
     (staging / "mergekit_config.yml").write_text(config.text)
     provenance = {
         "parents": list(parents),

@@ -143,3 +143,42 @@ def load_model(directory: str | Path) -> dict[str, npt.NDArray[np.float32]]:
     for file in files:
         out.update(load_file(file))
     return out
+
+
+def _tensor_file(model: Path, name: str) -> Path:
+    """The safetensors file of a model (a file, or a directory with one file or an index) that
+    holds tensor ``name``."""
+    if model.is_file():
+        return model
+    index = model / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text()).get("weight_map", {})
+        if name in weight_map:
+            return model / weight_map[name]
+    for file in sorted(model.glob("*.safetensors")):
+        (size,) = struct.unpack("<Q", file.open("rb").read(8))
+        with file.open("rb") as f:
+            f.seek(8)
+            if name in json.loads(f.read(size)):
+                return file
+    raise KeyError(f"{model}: no tensor {name}")
+
+
+def read_tensor(model: str | Path, name: str) -> tuple[npt.NDArray[np.float64], Dtype]:
+    """One tensor of a model, widened exactly to float64, with its stored dtype. Reads only that
+    tensor's bytes (for the few token-indexed tensors laid out in Python before a merge)."""
+    file = _tensor_file(Path(model), name)
+    with file.open("rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(size))[name]
+        begin, end = info["data_offsets"]
+        f.seek(8 + size + begin)
+        raw = f.read(end - begin)
+    kind = info["dtype"]
+    if kind == "BF16":
+        values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    elif kind in _NUMPY:
+        values = np.frombuffer(raw, dtype=_NUMPY[kind]).astype(np.float64)
+    else:
+        raise ValueError(f"{file}: tensor {name} has dtype {kind} (F64, F32, F16, BF16 are read)")
+    return values.reshape(info["shape"]), kind

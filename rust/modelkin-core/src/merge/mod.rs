@@ -142,6 +142,10 @@ pub struct TensorRecipe {
     pub name: String,
     /// The base model's tensor name, for methods that use a base.
     pub base_tensor: Option<String>,
+    /// The model the base tensor is read from when not the job's base (a vocabulary laid out
+    /// in the output tokenizer's order, written to a scratch file beforehand).
+    #[serde(default)]
+    pub base_model: Option<usize>,
     /// The merged models, in the config's order (the base excluded).
     pub inputs: Vec<MergeInput>,
     /// `t` parameter (slerp, nearswap).
@@ -363,7 +367,7 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
         .map(|recipe| {
             // The base's shape is the output's. A fine-tune with another vocabulary size is refused,
             // as mergekit 0.1.5 refuses it: cutting its rows would pair unrelated tokens' rows.
-            let (base, mut shape) = match (job.base, &recipe.base_tensor) {
+            let (base, mut shape) = match (recipe.base_model.or(job.base), &recipe.base_tensor) {
                 (Some(b), Some(name)) => {
                     let (s, shape) = source(job, models, b, name, None, None)?;
                     (Some(s), Some(shape))
