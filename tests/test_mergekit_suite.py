@@ -19,9 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import yaml
+from peer import check_loads, peer_python
 
 from merge_reference import read_safetensors, stored_dtypes
-from peer import check_loads, peer_python
 from modelkin.merge_config import RecipeError
 from modelkin.merging import merge
 from modelkin.safetensors_io import save_model

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from peer import check_loads, load_in_transformers, peer_python
+from test_mergekit_suite import MERGEKIT, picollama
 
 from merge_reference import read_safetensors
 from modelkin.merge_config import RecipeError, load_config
 from modelkin.merging import merge
 from modelkin.vocabulary import _vocab_of
-from peer import check_loads, load_in_transformers, peer_python
-from test_mergekit_suite import MERGEKIT, picollama
 
 PEER = peer_python(MERGEKIT)
 
@@ -54,7 +54,7 @@ def make_tokenizer(directory: Path, vocab_size: int, added_tokens: list[str]) ->
             "fuse_unk": False,
             "byte_fallback": False,
             "ignore_merges": False,
-            "vocab": dict(zip(tokens, range(vocab_size))),
+            "vocab": {t: i for i, t in enumerate(tokens)},
             "merges": [],
         },
     }
