@@ -224,7 +224,12 @@ def slerp(t: float, v0: Array, v1: Array) -> Array:
     return np.sin(theta - theta * t) / np.sin(theta) * v0 + np.sin(theta * t) / np.sin(theta) * v1
 
 
-def model_stock(base: Array, models: list[Array]) -> Array:
+def model_stock(base: Array, models: list[Array], filter_wise: bool = False) -> Array:
+    """Model Stock; ``filter_wise`` takes one factor per row along the last axis (1-D tensors whole)."""
+    if filter_wise and base.ndim >= 2:
+        flat = [m.reshape(-1, base.shape[-1]) for m in models]
+        rows = [model_stock(b, [m[r] for m in flat]) for r, b in enumerate(base.reshape(-1, base.shape[-1]))]
+        return np.stack(rows).reshape(base.shape)
     offsets = [(x - base).ravel() for x in models]
     cosines = []
     for i in range(len(offsets)):
@@ -233,7 +238,9 @@ def model_stock(base: Array, models: list[Array]) -> Array:
             cosines.append(np.clip(offsets[i] @ offsets[j] / norms, -1, 1))
     cos = float(np.mean(cosines))
     n = len(models)
-    t = n * cos / (1 + (n - 1) * cos)
+    denominator = 1 + (n - 1) * cos
+    # mergekit 0.1.5 keeps the base where the denominator vanishes.
+    t = 0.0 if abs(denominator) < 1e-6 else n * cos / denominator
     return t * (sum(models) / n) + (1 - t) * base
 
 

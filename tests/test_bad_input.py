@@ -254,12 +254,3 @@ def test_slice_level_keys_and_unsupported_options_are_refused():
                 "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "base_model": "a"}],
             }
         )
-    with pytest.raises(RecipeError, match="filter_wise: true is not supported yet"):
-        load_config(
-            {
-                "merge_method": "model_stock",
-                "base_model": "z",
-                "models": ["a", "b", "z"],
-                "parameters": {"filter_wise": True},
-            }
-        )

@@ -215,6 +215,17 @@ def test_model_stock(tmp_path, fam):
     check_close(out, {k: model_stock(base[k], [m[k] for m in models]) for k in base})
 
 
+def test_model_stock_filter_wise(tmp_path, fam):
+    """One factor per row along the last axis; 1-D tensors (norms) keep one factor."""
+    _, out = run_recipe(tmp_path, fam, "model_stock", [{}, {}, {}], {"filter_wise": True})
+    base, models = inputs(fam)
+    expected = {k: model_stock(base[k], [m[k] for m in models], filter_wise=True) for k in base}
+    check_close(out, expected)
+    name = next(k for k in base if base[k].ndim == 2)
+    whole = model_stock(base[name], [m[name] for m in models])
+    assert np.abs(expected[name] - whole).max() > 1e-4, "filter_wise changes the 2-D tensors"
+
+
 @pytest.mark.parametrize("topk", [1.0, 0.5])
 def test_sce(tmp_path, fam, topk):
     _, out = run_recipe(tmp_path, fam, "sce", [{}, {}, {}], {"select_topk": topk})

@@ -215,8 +215,10 @@ def test_nuslerp_merges_flattened(tmp_path, models, base, row_wise):
     run_and_check_merge(tmp_path, config, deterministic=False)
 
 
-def test_model_stock_merge(tmp_path, models):
-    config = two_model_config(models["b"], models["c"], "model_stock", models["a"])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_merge(tmp_path, models, filter_wise):
+    params = {"filter_wise": True} if filter_wise else None
+    config = two_model_config(models["b"], models["c"], "model_stock", models["a"], params)
     run_and_check_merge(tmp_path, config)
 
 
@@ -224,7 +226,6 @@ def test_model_stock_merge(tmp_path, models):
     ("method", "base", "params", "refusal"),
     [
         ("della", "c", {"density": 0.66, "epsilon": 1.35, "lambda": 0.5}, "della needs density ± epsilon"),
-        ("model_stock", "a", {"filter_wise": True}, "filter_wise: true is not supported yet"),
         ("nuslerp", None, {"nuslerp_row_wise": True, "nuslerp_flatten": False}, "nuslerp_flatten: false"),
         ("ram", "c", None, "ram"),
         ("ramplus_tl", "c", {"r": 0.05, "alpha": 1.0}, "ramplus_tl"),
@@ -234,9 +235,7 @@ def test_model_stock_merge(tmp_path, models):
 def test_refused_by_name(tmp_path, models, method, base, params, refusal):
     """The suite's invalid-epsilon case, and the recipes modelkin does not run yet: refused before
     anything is written, the message naming what is unsupported."""
-    first = models["b"] if method == "model_stock" else models["a"]
-    second = models["c"] if method == "model_stock" else models["b"]
-    config = two_model_config(first, second, method, models[base] if base else None, params)
+    config = two_model_config(models["a"], models["b"], method, models[base] if base else None, params)
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(yaml.safe_dump(config))
     with pytest.raises(RecipeError, match=refusal):

@@ -382,7 +382,7 @@ def _check_names(
     fail: Any, path: Sequence[Any], method: MethodSpec, params: Mapping[str, Any], ignored: list[str]
 ) -> None:
     known = known_parameters(method)
-    for key, value in params.items():
+    for key in params:
         if key == "weight" and key not in known:
             # mergekit's own suite gives every method a per-model weight and its methods that take
             # none ignore it; refusing would break such recipes, so it is ignored out loud.
@@ -394,8 +394,12 @@ def _check_names(
         if key not in known:
             names = ", ".join(known) or "none"
             raise fail([*path, key], f"{method.name} has no parameter {key!r} (its parameters: {names})")
-        if key == "filter_wise" and value is True:
-            raise fail([*path, key], "model_stock with filter_wise: true is not supported yet")
+        if method.name == "task_arithmetic" and key in ("density", "rescale"):
+            # mergekit 0.1.5 declares both for task_arithmetic but prunes nothing: no effect.
+            where = ".".join(str(p) for p in [*path, key])
+            message = f"{where}: task_arithmetic does not prune; ignored, as mergekit ignores it"
+            if message not in ignored:
+                ignored.append(message)
 
 
 def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None:

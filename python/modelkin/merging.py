@@ -281,6 +281,7 @@ def merge(
             "max_shard_bytes": parse_size(out_shard_size),
             "threads": threads,
             "sort_order_bytes": SORT_ORDER_BYTES,
+            "filter_wise": bool(options.get("filter_wise", False)),
             "spherical": {
                 "normalize_weights": bool(options.get("normalize_weights", True)),
                 "eps": float(options.get("eps", 1e-8)),

@@ -143,9 +143,11 @@ fn combine_block<const F32: bool>(
             (Method::ModelStock, Some(z)) => {
                 // Every step in the working dtype: with half arithmetic each one is rounded to it.
                 let h = |v: f64| half.map_or(r(v), |h| f64::from(h.round(v as f32)));
-                let (s0, s1) = (h(stats.mix.0), h(stats.mix.1));
                 let count = inputs.len() as f64;
+                let cols = tensor.shape.last().copied().unwrap_or(1).max(1);
                 for (e, out) in merged.iter_mut().enumerate() {
+                    let (s0, s1) = stats.mix_rows.as_ref().map_or(stats.mix, |rows| rows[(first + e) / cols]);
+                    let (s0, s1) = (h(s0), h(s1));
                     let other = h(inputs.iter().fold(0.0, |acc, x| h(acc + r(x[e]))) / count);
                     *out = h(h(s0 * r(z[e])) + h(s1 * other));
                 }

@@ -252,6 +252,9 @@ pub struct MergeJob {
     /// Measure the parents' kinship while merging (every tensor must have the same inputs).
     #[serde(default = "yes")]
     pub kinship: bool,
+    /// model_stock: one interpolation factor per row (along the last axis) instead of per tensor.
+    #[serde(default)]
+    pub filter_wise: bool,
     /// Options of nuslerp, multislerp and karcher.
     #[serde(default)]
     pub spherical: SphericalOptions,

@@ -46,6 +46,8 @@ pub(super) struct TensorStatistics {
     pub scale: Vec<f64>,
     /// (s0, s1): output = s0·base + s1·other (slerp), or (1 − t, t) for model stock.
     pub mix: (f64, f64),
+    /// model_stock `filter_wise`: (1 − t, t) per row along the last axis.
+    pub mix_rows: Option<Vec<(f64, f64)>>,
     /// SCE: entries whose variance across task vectors is at least this (f32 bits) are kept.
     pub variance_floor: Option<u32>,
     /// SCE: per-input weights from the task vectors' energy.
@@ -127,6 +129,7 @@ impl TensorStatistics {
             keep: vec![Keep::All; k],
             scale: vec![1.0; k],
             mix: (0.0, 1.0),
+            mix_rows: None,
             variance_floor: None,
             weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
             combination: None,
@@ -236,13 +239,18 @@ impl TensorStatistics {
                 }
             }
             for i in 0..k {
-                if job.rescale && matches!(stats.keep[i], Keep::Random { .. } | Keep::Della { .. }) {
+                // mergekit 0.1.5 rescales every sparsification (magnitude pruning too) when asked.
+                if job.rescale && !matches!(stats.keep[i], Keep::All | Keep::None) {
                     stats.scale[i] = l1_rescale(job, index, i, &stats.keep[i], tensor, progress)?;
                 }
             }
         }
         match job.method {
             Method::Slerp => stats.mix = slerp_mix(job, tensor, progress)?,
+            // filter_wise leaves 1-D tensors whole (mergekit makes them one row).
+            Method::ModelStock if job.filter_wise && tensor.shape.len() >= 2 => {
+                stats.mix_rows = Some(model_stock_rows(job, tensor, progress)?)
+            }
             Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
             Method::Nuslerp | Method::Multislerp | Method::Karcher => {
                 let gram = gram(tensor, progress)?;
@@ -330,6 +338,11 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
         }
         _ => float32_task_vector_dots(tensor, job.compute.half(), progress)?,
     };
+    Ok(stock_mix(job, k, &gram, &norms))
+}
+
+/// Model Stock's (1 − t, t) from the task vectors' dot products and norms.
+fn stock_mix(job: &MergeJob, k: usize, gram: &[f64], norms: &[f64]) -> (f64, f64) {
     // Each step rounded to the working dtype; reductions (the mean) accumulate in f32 first.
     let half = job.compute.half();
     let f32r = job.compute.rounding();
@@ -347,7 +360,79 @@ fn model_stock_factors(job: &MergeJob, tensor: &Resolved, progress: &Progress) -
     let count = k as f64;
     let denominator = r(1.0 + r((count - 1.0) * cos));
     let t = if denominator.abs() < 1e-6 { 0.0 } else { r(r(count * cos) / denominator) };
-    Ok((r(1.0 - t), t))
+    (r(1.0 - t), t)
+}
+
+/// Model Stock with `filter_wise: true`: one (1 − t, t) per row along the last axis, from the
+/// rows' norms and dot products (torch's per-row float32 reductions outside float64). Rows are
+/// finished in order during one sequential sweep, so only one row's accumulators are held.
+fn model_stock_rows(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<Vec<(f64, f64)>> {
+    tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let k = tensor.inputs.len();
+    let n = tensor.numel;
+    let cols = tensor.shape.last().copied().unwrap_or(1).max(1);
+    let half = job.compute.half();
+    let exact = job.compute == Compute::Float64;
+    let h = |v: f32| half.map_or(v, |h| h.round(v));
+    let sources = tensor.sources();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let fresh_norms = || vec![float32::LaneNorm::new(cols); k];
+    let fresh_dots = || vec![float32::TorchSum::new(cols, 1); k * k];
+    let (mut norms, mut dots) = (fresh_norms(), fresh_dots());
+    let mut exact_gram = vec![0.0f64; k * k];
+    let mut out = Vec::with_capacity(n / cols);
+    let mut deltas: Vec<Vec<f64>> = vec![Vec::new(); k];
+    for first in (0..n).step_by(tensor.block) {
+        progress.check()?;
+        let len = tensor.block.min(n - first);
+        with_block(&sources, first, len, |v| {
+            for (delta, x) in deltas.iter_mut().zip(&v[1..]) {
+                delta.clear();
+                delta.extend(x.iter().zip(v[0]).map(|(x, z)| {
+                    if exact {
+                        x - z
+                    } else {
+                        f64::from(h(*x as f32 - *z as f32))
+                    }
+                }));
+            }
+        });
+        let mut at = 0;
+        while at < len {
+            let row_end = ((first + at) / cols + 1) * cols;
+            let end = (row_end - first).min(len);
+            for i in 0..k {
+                let a = &deltas[i][at..end];
+                if exact {
+                    for j in i..k {
+                        exact_gram[i * k + j] +=
+                            a.iter().zip(&deltas[j][at..end]).map(|(x, y)| x * y).sum::<f64>();
+                    }
+                } else {
+                    norms[i].add(a.iter().map(|v| *v as f32));
+                    for j in i + 1..k {
+                        let b = &deltas[j][at..end];
+                        dots[i * k + j].add(a.iter().zip(b).map(|(x, y)| h(*x as f32 * *y as f32)));
+                    }
+                }
+            }
+            if first + end == row_end {
+                let (gram, row_norms): (Vec<f64>, Vec<f64>) = if exact {
+                    let norms = (0..k).map(|i| exact_gram[i * k + i].sqrt()).collect();
+                    (std::mem::replace(&mut exact_gram, vec![0.0; k * k]), norms)
+                } else {
+                    let gram = dots.iter().map(|d| f64::from(d.finish())).collect();
+                    let finished = norms.iter().map(|m| f64::from(m.finish())).collect();
+                    (norms, dots) = (fresh_norms(), fresh_dots());
+                    (gram, finished)
+                };
+                out.push(stock_mix(job, k, &gram, &row_norms));
+            }
+            at = end;
+        }
+        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+    }
+    Ok(out)
 }
 
 /// The task vectors' pairwise dot products and norms as mergekit takes them in float32: each a
