@@ -451,3 +451,24 @@ def model_stock_float32(base: Array, models: list[Array], threads: int) -> Array
         average = average + w
     average = (average / count).astype(np.float32)
     return (t * average + (np.float32(1) - t) * z).astype(np.float32)
+
+
+def ram(base: Array, models: list[Array], epsilon: float = 1e-5, lambdas: list[float] | None = None) -> Array:
+    """mergekit's ram (``lambdas`` None) and ramplus_tl's combination: entries above epsilon count;
+    one contributor keeps its entry (times its lambda), several are averaged."""
+    deltas = np.stack([m - base for m in models])
+    contributes = np.abs(deltas) > epsilon
+    count = contributes.sum(axis=0)
+    scale = np.ones(len(models)) if lambdas is None else np.asarray(lambdas, dtype=np.float64)
+    unique = np.where(count == 1, deltas * scale.reshape((-1,) + (1,) * base.ndim), 0.0)
+    shared = np.where(count > 1, deltas / np.maximum(count, 1), 0.0)
+    return base + (np.where(contributes, unique + shared, 0.0)).sum(axis=0)
+
+
+def ramplus_lambdas(base: Array, models: list[Array], r: float, alpha: float, epsilon: float) -> list[float]:
+    """ramplus_tl's per-model lambda: 1 + r * clamp(shared / max(unique, epsilon), 0, alpha)."""
+    contributes = np.abs(np.stack([m - base for m in models])) > epsilon
+    count = contributes.sum(axis=0)
+    shared = (contributes & (count > 1)).reshape(len(models), -1).sum(axis=1)
+    unique = (contributes & (count == 1)).reshape(len(models), -1).sum(axis=1)
+    return [1 + r * min(max(s / max(u, epsilon), 0.0), alpha) for s, u in zip(shared, unique, strict=True)]

@@ -215,6 +215,23 @@ def test_model_stock(tmp_path, fam):
     check_close(out, {k: model_stock(base[k], [m[k] for m in models]) for k in base})
 
 
+@pytest.mark.parametrize("plus", [False, True])
+def test_ram(tmp_path, fam, plus):
+    """ram and ramplus_tl against the float64 reference; epsilon high enough that some entries are
+    shared, some unique and some dropped."""
+    from merge_reference import ram, ramplus_lambdas
+
+    params = {"epsilon": 0.01, **({"r": 0.5, "alpha": 0.8} if plus else {})}
+    _, out = run_recipe(tmp_path, fam, "ramplus_tl" if plus else "ram", [{}, {}, {}], params)
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        ms = [m[k] for m in models]
+        lambdas = ramplus_lambdas(base[k], ms, 0.5, 0.8, 0.01) if plus else None
+        expected[k] = ram(base[k], ms, 0.01, lambdas)
+    check_close(out, expected)
+
+
 def test_model_stock_filter_wise(tmp_path, fam):
     """One factor per row along the last axis; 1-D tensors (norms) keep one factor."""
     _, out = run_recipe(tmp_path, fam, "model_stock", [{}, {}, {}], {"filter_wise": True})

@@ -189,6 +189,8 @@ def test_passthrough_scale(tmp_path, models):
         ("nearswap", "a", {"t": 0.0001}, True),
         ("della", "c", {"density": 0.66, "epsilon": 0.05, "lambda": 0.5}, False),
         ("karcher", "c", {"max_iter": 5, "tol": 1e-5}, False),
+        ("ram", "c", None, True),
+        ("ramplus_tl", "c", {"r": 0.05, "alpha": 1.0}, True),
     ],
 )
 def test_two_model_merges(tmp_path, models, method, base, params, deterministic):
@@ -198,7 +200,7 @@ def test_two_model_merges(tmp_path, models, method, base, params, deterministic)
     out = run_and_check_merge(tmp_path, config, deterministic)
     assert set(read_safetensors(out)) == set(stored_dtypes(Path(models["a"])))
     ignored = json.loads((out / "modelkin.json").read_text())["ignored"]
-    assert bool(ignored) == (method in ("slerp", "sce", "nearswap", "karcher")), ignored
+    assert bool(ignored) == (method in ("slerp", "sce", "nearswap", "karcher", "ram", "ramplus_tl")), ignored
 
 
 @pytest.mark.parametrize("base", [None, "c"])
@@ -227,8 +229,6 @@ def test_model_stock_merge(tmp_path, models, filter_wise):
     [
         ("della", "c", {"density": 0.66, "epsilon": 1.35, "lambda": 0.5}, "della needs density ± epsilon"),
         ("nuslerp", None, {"nuslerp_row_wise": True, "nuslerp_flatten": False}, "nuslerp_flatten: false"),
-        ("ram", "c", None, "ram"),
-        ("ramplus_tl", "c", {"r": 0.05, "alpha": 1.0}, "ramplus_tl"),
         ("arcee_fusion", "a", None, "arcee_fusion"),
     ],
 )

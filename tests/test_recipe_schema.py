@@ -65,6 +65,8 @@ NEW_VALUE: dict[str, object] = {
     "max_iter": 1,
     "tol": 0.5,
     "int8_mask": "flip",
+    "r": 0.5,
+    "alpha": 0.05,
 }
 # What a method needs to run at all in these tests (its required parameters and a pruning density
 # for the rescale, gamma and epsilon to act on).
@@ -78,6 +80,8 @@ BASELINE: dict[str, dict[str, object]] = {
     "ties": {"density": 0.5},
     "dare_ties": {"density": 0.5},
     "dare_linear": {"density": 0.5},
+    # Entries some models contribute alone, so that RAM+'s λ acts.
+    "ramplus_tl": {"epsilon": 0.03},
 }
 # Parameters mergekit declares for a method and then never reads: modelkin runs the recipe, warns and
 # records the key in modelkin.json's `ignored`.

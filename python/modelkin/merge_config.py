@@ -93,6 +93,18 @@ METHODS: dict[str, MethodSpec] = {
             "passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}
         ),
         MethodSpec(
+            "ram",
+            "keep task-vector entries one model contributes, average the shared ones",
+            True,
+            {"epsilon": 1e-5},
+        ),
+        MethodSpec(
+            "ramplus_tl",
+            "RAM with each model's own entries scaled by its shared-to-unique ratio",
+            True,
+            {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+        ),
+        MethodSpec(
             "nearswap",
             "take the other model's value where it is within t of the base's",
             True,

@@ -250,6 +250,9 @@ def merge(
     reference_tensors = model_tensors(str(paths[base_ref or inputs[0].model]))
     out_dtype = out_dtype_name(config, base_config, reference_tensors[0][2] if reference_tensors else None)
     compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
+    if method.name == "ramplus_tl" and config.out_dtype is None and compute in ("bfloat16", "float16"):
+        # RAM+'s float32 λ promotes its result to float32, and mergekit writes it so.
+        out_dtype = "F32"
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.modelkin-", dir=parent))
@@ -282,6 +285,11 @@ def merge(
             "threads": threads,
             "sort_order_bytes": SORT_ORDER_BYTES,
             "filter_wise": bool(options.get("filter_wise", False)),
+            "ram": {
+                "epsilon": float(options.get("epsilon", 1e-5)),
+                "r": float(options.get("r", 0.1)),
+                "alpha": float(options.get("alpha", 0.2)),
+            },
             "spherical": {
                 "normalize_weights": bool(options.get("normalize_weights", True)),
                 "eps": float(options.get("eps", 1e-8)),

@@ -153,6 +153,10 @@ fn combine_block<const F32: bool>(
                 }
             }
             (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
+            (Method::Ram, Some(z)) => super::ram::ram_block(job, None, inputs, z, merged),
+            (Method::RamplusTl, Some(z)) => {
+                super::ram::ram_block(job, Some(&stats.weights), inputs, z, merged)
+            }
             (Method::Nearswap, Some(a)) => {
                 // weight = clamp(t / max(|a − b|, 1e-6), 0, 1); out = weight·b + (1 − weight)·a,
                 // each step in the working dtype (t and 1e-6 are Python scalars: float32).
@@ -194,9 +198,14 @@ fn combine_block<const F32: bool>(
             }
             _ => merged.copy_from_slice(inputs[0]),
         }
-        if let Some(h) = half {
-            // The result is held in the half type before it is cast to out_dtype, as mergekit's is.
-            merged.iter_mut().for_each(|v| *v = h.load(*v));
+        // The result is held in the half type before it is cast to out_dtype, as mergekit's is
+        // (RAM+'s float32 λ promotes its result to float32).
+        match half.filter(|_| job.method != Method::RamplusTl) {
+            Some(Half::Bf16) => {
+                merged.iter_mut().for_each(|v| *v = f64::from(Bf16Rounding::round(*v as f32)))
+            }
+            Some(Half::F16) => merged.iter_mut().for_each(|v| *v = f64::from(F16Rounding::round(*v as f32))),
+            None => {}
         }
         let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
         encode(job.out_dtype, merged, &mut bytes);
@@ -385,15 +394,21 @@ fn task_vector_rounded<R: Rounding>(
         let base = &**base;
         for (i, c) in contributions.iter_mut().enumerate() {
             let (x, w, s) = (inputs[i], weights[i], scales[i]);
-            c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = h(x as f32 - z));
-            if let Some(mask) = &masks[i] {
-                // torch multiplies by the mask: exact, and free of branches.
-                c.iter_mut().zip(mask).for_each(|(c, &kept)| *c *= if kept { 1.0 } else { 0.0 });
+            // δ = x − z, times the mask (torch multiplies by it: exact, and free of branches), the
+            // rescale when there is one, the weight; each step rounded. One fused pass per input.
+            let step = |x: f64, z: f32, kept: f32| {
+                let d = h(x as f32 - z) * kept;
+                let d = if s == 1.0 { d } else { h(d * s) };
+                h(d * w)
+            };
+            match &masks[i] {
+                None => c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = step(x, z, 1.0)),
+                Some(mask) => c
+                    .iter_mut()
+                    .zip(x.iter().zip(base))
+                    .zip(mask)
+                    .for_each(|((c, (&x, &z)), &kept)| *c = step(x, z, if kept { 1.0 } else { 0.0 })),
             }
-            if s != 1.0 {
-                c.iter_mut().for_each(|c| *c = h(*c * s));
-            }
-            c.iter_mut().for_each(|c| *c = h(*c * w));
         }
         // `sum(dim=0)`: accumulated in f32 in model order, rounded once.
         mixed.iter_mut().for_each(|m| *m = 0.0);

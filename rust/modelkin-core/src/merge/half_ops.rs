@@ -39,6 +39,16 @@ pub(crate) trait Rounding {
     fn round(v: f32) -> f32;
 }
 
+/// No rounding: float32 arithmetic.
+pub(crate) struct NoRounding;
+
+impl Rounding for NoRounding {
+    #[inline(always)]
+    fn round(v: f32) -> f32 {
+        v
+    }
+}
+
 /// bfloat16 rounding: the upper 16 bits of the f32, rounded to nearest even.
 pub(crate) struct Bf16Rounding;
 

@@ -9,6 +9,7 @@ mod combine;
 mod float32;
 mod half_ops;
 mod radix;
+mod ram;
 mod sort_order;
 mod spherical;
 mod statistics;
@@ -25,6 +26,7 @@ use crate::kinship::{cut_shape, with_threads, KinshipReport, Progress, TensorSta
 use crate::model::{Model, TensorEntry};
 use crate::writer::{OutputTensor, ShardedWriter};
 
+pub use ram::RamOptions;
 use statistics::TensorStatistics;
 
 /// Elements per row block of the merge.
@@ -70,6 +72,10 @@ pub enum Method {
     Passthrough,
     /// Takes the other model's value where it is within `t` of the base's: weight = t/|a − b|.
     Nearswap,
+    /// RAM: entries one model contributes kept whole, shared ones averaged over contributors.
+    Ram,
+    /// RAM+ (tensor-local): RAM with each model's unique entries scaled by its λ.
+    RamplusTl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,6 +258,9 @@ pub struct MergeJob {
     /// Measure the parents' kinship while merging (every tensor must have the same inputs).
     #[serde(default = "yes")]
     pub kinship: bool,
+    /// Options of ram and ramplus_tl.
+    #[serde(default)]
+    pub ram: RamOptions,
     /// model_stock: one interpolation factor per row (along the last axis) instead of per tensor.
     #[serde(default)]
     pub filter_wise: bool,
@@ -450,14 +459,19 @@ fn read_bytes(tensor: &Resolved) -> u64 {
 /// Extra full reads of the tensor the method's statistics take (for the progress total).
 fn statistics_passes(job: &MergeJob) -> u64 {
     match job.method.sparsification() {
-        Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2,
+        Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2 + u64::from(job.rescale),
         Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
         _ if job.method == Method::Sce => 3,
         // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
         _ if job.method == Method::Slerp && job.compute.float32_order() => 2,
         _ if matches!(
             job.method,
-            Method::Slerp | Method::ModelStock | Method::Nuslerp | Method::Multislerp | Method::Karcher
+            Method::Slerp
+                | Method::ModelStock
+                | Method::Nuslerp
+                | Method::Multislerp
+                | Method::Karcher
+                | Method::RamplusTl
         ) =>
         {
             1
@@ -507,10 +521,10 @@ fn map_magnitudes<T>(
     if base.dtype == FloatDtype::BF16 && input.dtype == FloatDtype::BF16 && !input.rounds_on_load {
         let z = base.model.raw_bytes(base.entry, base.dtype, first, out.len());
         let x = input.model.raw_bytes(input.entry, input.dtype, first, out.len());
-        let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
-        for (e, (o, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
-            let d = widen(x) - widen(z);
-            *o = key(e, half.map_or(d, |h| h.round(d)).abs().to_bits());
+        match half {
+            None => bf16_magnitudes::<half_ops::NoRounding, T>(x, z, out, key),
+            Some(half_ops::Half::Bf16) => bf16_magnitudes::<half_ops::Bf16Rounding, T>(x, z, out, key),
+            Some(half_ops::Half::F16) => bf16_magnitudes::<half_ops::F16Rounding, T>(x, z, out, key),
         }
     } else {
         with_block(&[base, input], first, out.len(), |v| {
@@ -518,6 +532,21 @@ fn map_magnitudes<T>(
                 *o = key(e, magnitude_bits(*x, *z, half));
             }
         });
+    }
+}
+
+/// [`map_magnitudes`] over stored bf16 bytes, with the difference rounded by `R` (branch-free, so
+/// the loop vectorises).
+#[inline(always)]
+fn bf16_magnitudes<R: half_ops::Rounding, T>(
+    x: &[u8],
+    z: &[u8],
+    out: &mut [T],
+    key: impl Fn(usize, u32) -> T,
+) {
+    let widen = |b: &[u8]| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
+    for (e, (o, (x, z))) in out.iter_mut().zip(x.chunks_exact(2).zip(z.chunks_exact(2))).enumerate() {
+        *o = key(e, R::round(widen(x) - widen(z)).abs().to_bits());
     }
 }
 

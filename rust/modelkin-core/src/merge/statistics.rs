@@ -269,6 +269,11 @@ impl TensorStatistics {
                 stats.combination = Some((base, coefficients));
             }
             Method::Sce => sce_statistics(job, tensor, &mut stats, progress)?,
+            Method::Ram => {
+                tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+            }
+            // RAM+'s λ per input travels as its weight.
+            Method::RamplusTl => stats.weights = super::ram::ramplus_lambdas(job, tensor, progress)?,
             _ => {}
         }
         Ok(stats)

@@ -1,0 +1,171 @@
+//! RAM and RAM+ (tensor-local), mergekit's `ram` and `ramplus_tl`: task-vector entries above
+//! `epsilon` in magnitude count as contributions; an entry only one model contributes is kept
+//! whole (RAM+: scaled by that model's λ), one several contribute is averaged over them.
+//!
+//! λᵢ = 1 + r·clamp(sharedᵢ / max(uniqueᵢ, ε), 0, α), from how many of model i's contributions the
+//! tensor shares with other models and how many are its own; torch computes it in float32.
+
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+
+use super::half_ops::{Bf16Rounding, F16Rounding, Half, NoRounding, Rounding};
+use super::{no_base, with_block, Compute, MergeJob, Resolved, BLOCK};
+use crate::error::Result;
+use crate::kinship::Progress;
+
+/// RAM's options (mergekit's defaults when absent).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(default)]
+pub struct RamOptions {
+    /// Magnitude above which a task-vector entry contributes.
+    pub epsilon: f64,
+    /// RAM+: strength of the shared-to-unique rescale.
+    pub r: f64,
+    /// RAM+: cap of the shared-to-unique ratio.
+    pub alpha: f64,
+}
+
+impl Default for RamOptions {
+    fn default() -> Self {
+        RamOptions { epsilon: 1e-5, r: 0.1, alpha: 0.2 }
+    }
+}
+
+/// The contribution threshold as torch compares it: a Python float against a tensor is cast to
+/// the tensor's dtype first.
+fn threshold(job: &MergeJob) -> f64 {
+    let eps = job.ram.epsilon;
+    match job.compute {
+        Compute::Float64 => eps,
+        Compute::Float32 => f64::from(eps as f32),
+        Compute::Bfloat16 => f64::from(Bf16Rounding::round(eps as f32)),
+        Compute::Float16 => f64::from(F16Rounding::round(eps as f32)),
+    }
+}
+
+/// Rounds a task-vector entry to the working dtype.
+fn delta(compute: Compute, x: f64, z: f64) -> f64 {
+    match compute {
+        Compute::Float64 => x - z,
+        Compute::Float32 => f64::from(x as f32 - z as f32),
+        Compute::Bfloat16 => f64::from(Bf16Rounding::round(x as f32 - z as f32)),
+        Compute::Float16 => f64::from(F16Rounding::round(x as f32 - z as f32)),
+    }
+}
+
+/// RAM+'s λ per input: one sweep counting, per input, its contributions shared with another input
+/// and those only it makes.
+pub(super) fn ramplus_lambdas(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
+    tensor.base.as_ref().ok_or_else(|| no_base(job))?;
+    let k = tensor.inputs.len();
+    let n = tensor.numel;
+    let eps = threshold(job);
+    let sources = tensor.sources();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let counts = (0..n.div_ceil(BLOCK))
+        .into_par_iter()
+        .map(|b| -> Result<Vec<(u64, u64)>> {
+            progress.check()?;
+            let (first, len) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
+            let counts = with_block(&sources, first, len, |v| {
+                let mut counts = vec![(0u64, 0u64); k];
+                for (e, &z) in v[0].iter().enumerate() {
+                    let contributes = |i: usize| delta(job.compute, v[1 + i][e], z).abs() > eps;
+                    let total = (0..k).filter(|&i| contributes(i)).count();
+                    for (i, c) in counts.iter_mut().enumerate() {
+                        if contributes(i) {
+                            if total > 1 {
+                                c.0 += 1;
+                            } else {
+                                c.1 += 1;
+                            }
+                        }
+                    }
+                }
+                counts
+            });
+            progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+            Ok(counts)
+        })
+        .try_reduce(
+            || vec![(0, 0); k],
+            |a, b| Ok(a.iter().zip(&b).map(|(x, y)| (x.0 + y.0, x.1 + y.1)).collect()),
+        )?;
+    let (r, alpha, eps) = (job.ram.r, job.ram.alpha, job.ram.epsilon);
+    Ok(counts
+        .iter()
+        .map(|&(shared, unique)| {
+            if job.compute == Compute::Float64 {
+                let rho = shared as f64 / (unique as f64).max(eps);
+                1.0 + r * rho.clamp(0.0, alpha)
+            } else {
+                // int64 counts / a float32 clamp: float32 throughout, with r and α as f32 scalars.
+                let rho = shared as f32 / (unique as f32).max(eps as f32);
+                f64::from(1.0 + r as f32 * rho.clamp(0.0, alpha as f32))
+            }
+        })
+        .collect())
+}
+
+/// One block of RAM (`lambdas` None) or RAM+ (one λ per input), in mergekit's order of roundings.
+pub(super) fn ram_block(
+    job: &MergeJob,
+    lambdas: Option<&[f64]>,
+    inputs: &[&[f64]],
+    z: &[f64],
+    merged: &mut [f64],
+) {
+    match job.compute.half() {
+        None if job.compute == Compute::Float64 => ram_exact(job, lambdas, inputs, z, merged),
+        None => ram_rounded::<NoRounding>(job, lambdas, inputs, z, merged),
+        Some(Half::Bf16) => ram_rounded::<Bf16Rounding>(job, lambdas, inputs, z, merged),
+        Some(Half::F16) => ram_rounded::<F16Rounding>(job, lambdas, inputs, z, merged),
+    }
+}
+
+fn ram_exact(job: &MergeJob, lambdas: Option<&[f64]>, inputs: &[&[f64]], z: &[f64], merged: &mut [f64]) {
+    let eps = job.ram.epsilon;
+    for (e, out) in merged.iter_mut().enumerate() {
+        let deltas = inputs.iter().map(|x| x[e] - z[e]);
+        let count = deltas.clone().filter(|d| d.abs() > eps).count();
+        let sum: f64 = deltas
+            .enumerate()
+            .filter(|(_, d)| d.abs() > eps)
+            .map(|(i, d)| if count == 1 { d * lambdas.map_or(1.0, |l| l[i]) } else { d / count as f64 })
+            .sum();
+        *out = z[e] + sum;
+    }
+}
+
+/// torch's steps in the working dtype `R` (f32 for float32): the shared entries divided by the
+/// count and rounded; RAM's unique entries as they are, RAM+'s promoted to float32 by its
+/// float32 λ (the sum and the result then stay float32, rounded to the output dtype once).
+fn ram_rounded<R: Rounding>(
+    job: &MergeJob,
+    lambdas: Option<&[f64]>,
+    inputs: &[&[f64]],
+    z: &[f64],
+    merged: &mut [f64],
+) {
+    let h = R::round;
+    let eps = threshold(job) as f32;
+    let lambdas: Option<Vec<f32>> = lambdas.map(|l| l.iter().map(|&v| v as f32).collect());
+    for (e, out) in merged.iter_mut().enumerate() {
+        let zb = z[e] as f32;
+        let count = inputs.iter().filter(|x| h(x[e] as f32 - zb).abs() > eps).count();
+        let mut sum = 0.0f32;
+        for (i, x) in inputs.iter().enumerate() {
+            let d = h(x[e] as f32 - zb);
+            if d.abs() <= eps || d.is_nan() {
+                continue;
+            }
+            sum += match (&lambdas, count) {
+                (Some(l), 1) => d * l[i],
+                (None, 1) => d,
+                _ => h(d / count as f32),
+            };
+        }
+        *out = f64::from(if lambdas.is_some() { zb + sum } else { h(zb + h(sum)) });
+    }
+}
