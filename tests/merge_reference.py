@@ -259,7 +259,14 @@ def sce(base: Array, models: list[Array], select_topk: float) -> Array:
     return base + (tvs * w).sum(axis=0) / np.maximum(w.sum(axis=0), 1e-6)
 
 
-def nuslerp(t: float, v0: Array, v1: Array) -> Array:
+def nuslerp(t: float, v0: Array, v1: Array, flatten: bool = True, row_wise: bool = False) -> Array:
+    """mergekit's nuslerp: over the flattened tensors, else per row along the last axis (or with
+    ``row_wise`` per vector along the first axis)."""
+    if not flatten and v0.ndim >= 2:
+        a0, a1 = (np.moveaxis(v, 0, -1) for v in (v0, v1)) if row_wise else (v0, v1)
+        rows = [nuslerp(t, x, y) for x, y in zip(a0.reshape(-1, a0.shape[-1]), a1.reshape(-1, a1.shape[-1]), strict=True)]
+        out = np.stack(rows).reshape(a0.shape)
+        return np.moveaxis(out, -1, 0) if row_wise else out
     a, b = v0.ravel(), v1.ravel()
     ua, ub = a / max(np.linalg.norm(a), 1e-7), b / max(np.linalg.norm(b), 1e-7)
     cos = np.clip(ua @ ub, -1, 1)

@@ -308,6 +308,29 @@ def test_spherical_interpolation(tmp_path, fam, method, with_base):
     check_close(out, expected)
 
 
+@pytest.mark.parametrize("with_base", [False, True])
+@pytest.mark.parametrize("row_wise", [False, True])
+def test_nuslerp_per_vector(tmp_path, fam, row_wise, with_base):
+    """nuslerp_flatten: false interpolates each row (or, row-wise, each vector along the first
+    axis) on its own."""
+    recipe = {
+        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(fam.models[:2], [0.3, 0.9], strict=True)],
+        "merge_method": "nuslerp",
+        "out_dtype": "float32",
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": row_wise},
+    }
+    if with_base:
+        recipe["base_model"] = str(fam.base)
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {}
+    for k in base:
+        z = base[k] if with_base else 0.0
+        expected[k] = z + nuslerp(0.75, models[0][k] - z, models[1][k] - z, flatten=False, row_wise=row_wise)
+    check_close(out, expected)
+
+
 def test_karcher(tmp_path, fam):
     recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "out_dtype": "float32"}
     merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)

@@ -86,6 +86,8 @@ BASELINE: dict[str, dict[str, object]] = {
 # Parameters mergekit declares for a method and then never reads: modelkin runs the recipe, warns and
 # records the key in modelkin.json's `ignored`.
 DECLARED_UNUSED = {("task_arithmetic", "density"), ("task_arithmetic", "rescale")}
+# nuslerp_row_wise only acts with nuslerp_flatten: false (mergekit ignores it otherwise).
+DECLARED_UNUSED |= {("nuslerp", "nuslerp_row_wise")}
 
 
 @pytest.fixture(scope="module")
@@ -146,22 +148,19 @@ def test_every_method_parameter_is_used(tmp_path, trio, method, name, scope):
         after_config = recipe(method, trio, global_parameters, {name: value})
     if method == "passthrough" and name == "scale":
         after_config = recipe(method, trio, {}, {"scale": value})
-    if method == "nuslerp" and name in ("nuslerp_row_wise", "nuslerp_flatten") and value is False:
-        # flatten false is refused by name until it is implemented; row_wise needs it.
-        with pytest.raises(RecipeError, match="nuslerp_flatten"):
-            run(tmp_path, "after", {**after_config, "parameters": {"nuslerp_flatten": False}})
-        return
     after = run(tmp_path, "after", after_config)
     if (method, name) in DECLARED_UNUSED:
         ignored = json.loads((tmp_path / "after" / "modelkin.json").read_text())["ignored"]
         assert not differs(before, after) and any(name in line and "ignored" in line for line in ignored), ignored
     elif name in NO_NUMERIC_EFFECT:
         assert not differs(before, after), NO_NUMERIC_EFFECT[name]
-    elif method == "nuslerp" and name == "nuslerp_row_wise":
-        # mergekit ignores row_wise while flatten is true (the default): so does modelkin.
-        assert not differs(before, after)
     else:
         assert differs(before, after), f"{method}: {name}={value!r} changed nothing"
+    if method == "nuslerp" and name == "nuslerp_row_wise":
+        flat_off = {**global_parameters, "nuslerp_flatten": False}
+        rows = run(tmp_path, "rows", recipe(method, trio, flat_off))
+        columns = run(tmp_path, "columns", recipe(method, trio, {**flat_off, name: True}))
+        assert differs(rows, columns), "with nuslerp_flatten: false, row_wise changes the vectors"
 
 
 @pytest.mark.parametrize("method", sorted(set(MERGEKIT_PARAMETERS) - set(METHODS)))

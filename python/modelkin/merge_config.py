@@ -338,11 +338,11 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         raise fail(["models"], "model_stock needs at least three models counting the base")
     if method.name == "nuslerp" and len(others) != 2:
         raise fail(["models"], "nuslerp needs exactly two models besides the base")
-    # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default).
-    if method.name == "nuslerp" and config.parameters.get("nuslerp_flatten", True) is not True:
-        raise fail(
-            ["parameters", "nuslerp_flatten"],
-            "nuslerp over rows or columns (nuslerp_flatten: false) is not supported yet",
+    if method.name == "nuslerp" and config.parameters.get("nuslerp_row_wise") and config.parameters.get(
+        "nuslerp_flatten", True
+    ):
+        config.ignored.append(
+            "parameters.nuslerp_row_wise: ignored while nuslerp_flatten is true, as mergekit ignores it"
         )
     if method.name == "nearswap" and len(others) != 1:
         raise fail(["models"], "nearswap needs exactly one model besides the base_model")

@@ -295,6 +295,9 @@ def merge(
                 "eps": float(options.get("eps", 1e-8)),
                 "max_iter": int(options.get("max_iter", 10)),
                 "tol": float(options.get("tol", 1e-5)),
+                # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default).
+                "flatten": bool(options.get("nuslerp_flatten", True)),
+                "row_wise": bool(options.get("nuslerp_row_wise", False)),
             },
             "tensors": _recipes(config, paths, plan, base_ref, redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.

@@ -9,8 +9,9 @@ use num_traits::{AsPrimitive, Float};
 use rayon::prelude::*;
 
 use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
-use super::statistics::{keep_mask, variance_bits, TensorStatistics};
-use super::{with_block, Compute, MergeJob, Method, Resolved, BLOCKS_IN_FLIGHT};
+use super::statistics::{keep_mask, value_free_mask, variance_bits, TensorStatistics};
+use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
+use crate::dtype::FloatDtype;
 use crate::encode::encode;
 use crate::error::Result;
 use crate::kinship::Progress;
@@ -22,6 +23,10 @@ thread_local! {
     static MERGED: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread scratch of the task-vector combination, reused block after block.
     static CONTRIBUTIONS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread f32 decode buffers of the half-precision task-vector path (base first).
+    static F32_BUFFERS: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-thread decoded base (f64) for the kinship moments of that path.
+    static BASE_F64: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread delta buffers for the kinship moments, reused block after block.
     static DELTAS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -71,6 +76,13 @@ fn merge_block(
     first: usize,
     len: usize,
 ) -> (Vec<u8>, Option<Moments>) {
+    if let (Some(half), Some(base)) = (job.compute.half(), &tensor.base) {
+        if job.method.task_vectors()
+            && stats.keep.iter().all(|k| value_free_mask(job, index, 0, k, first, 0).is_some())
+        {
+            return task_vector_half_f32(job, index, tensor, stats, base, first, len, half);
+        }
+    }
     with_block(&tensor.sources(), first, len, |views| {
         let (base, inputs) =
             if tensor.base.is_some() { (Some(views[0]), &views[1..]) } else { (None, views) };
@@ -181,6 +193,14 @@ fn combine_block<const F32: bool>(
                     merged.iter_mut().zip(inputs[0]).for_each(|(out, &x)| *out = r(x * scale));
                 }
             }
+            (Method::Nuslerp, _) if stats.vector_combinations.is_some() => {
+                let vectors = stats.vector_combinations.as_ref().expect("measured");
+                for (e, out) in merged.iter_mut().enumerate() {
+                    let [a, b] = vectors[super::statistics::vector_of(job, tensor, first + e)];
+                    let z = base.map_or(0.0, |z| z[e]);
+                    *out = r(z + a * (inputs[0][e] - z) + b * (inputs[1][e] - z));
+                }
+            }
             (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
                 let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
                 for (e, out) in merged.iter_mut().enumerate() {
@@ -209,21 +229,102 @@ fn combine_block<const F32: bool>(
         }
         let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
         encode(job.out_dtype, merged, &mut bytes);
-        let moments = base.map(|z| {
-            DELTAS.with_borrow_mut(|deltas| {
-                deltas.resize_with(inputs.len(), Vec::new);
-                let mut means = Vec::with_capacity(inputs.len());
-                for (delta, x) in deltas.iter_mut().zip(&tensor.inputs) {
-                    delta.resize(len, 0.0);
-                    let bytes = x.model.raw_bytes(x.entry, x.dtype, first, len);
-                    means.push(crate::kernel::stored_delta_and_sum(x.dtype, bytes, z, delta) / len as f64);
-                }
-                let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
-                Moments::from_chunk(&views, &means)
-            })
-        });
+        let moments = base.map(|z| block_moments(tensor, first, z));
         (bytes, moments)
     })
+}
+
+/// The moments of the parents' deltas against the base over one block, from the stored input
+/// bytes and the decoded base.
+fn block_moments(tensor: &Resolved, first: usize, z: &[f64]) -> Moments {
+    let len = z.len();
+    DELTAS.with_borrow_mut(|deltas| {
+        deltas.resize_with(tensor.inputs.len(), Vec::new);
+        let mut means = Vec::with_capacity(tensor.inputs.len());
+        for (delta, x) in deltas.iter_mut().zip(&tensor.inputs) {
+            delta.resize(len, 0.0);
+            let bytes = x.model.raw_bytes(x.entry, x.dtype, first, len);
+            means.push(crate::kernel::stored_delta_and_sum(x.dtype, bytes, z, delta) / len as f64);
+        }
+        let views: Vec<&[f64]> = deltas.iter().map(Vec::as_slice).collect();
+        Moments::from_chunk(&views, &means)
+    })
+}
+
+/// The GTA family in half arithmetic when no pruning rule needs the values (kept whole, a
+/// replayed-sort mask, random): the inputs are decoded straight to f32 (exact for a half type),
+/// which halves the decoding and lets the arithmetic run twice as wide as from f64.
+#[allow(clippy::too_many_arguments)]
+fn task_vector_half_f32(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    base: &Source,
+    first: usize,
+    len: usize,
+    half: Half,
+) -> (Vec<u8>, Option<Moments>) {
+    let masks: Vec<Option<Vec<bool>>> = stats
+        .keep
+        .iter()
+        .enumerate()
+        .map(|(i, k)| value_free_mask(job, index, i, k, first, len).expect("checked by the caller"))
+        .collect();
+    F32_BUFFERS.with_borrow_mut(|buffers| {
+        buffers.resize_with(tensor.inputs.len() + 1, Vec::new);
+        for (buffer, source) in buffers.iter_mut().zip(std::iter::once(base).chain(&tensor.inputs)) {
+            buffer.resize(len, 0.0);
+            decode_f32(source, first, &mut buffer[..len]);
+        }
+        let (z, inputs) = buffers.split_first().expect("base");
+        let inputs: Vec<&[f32]> = inputs.iter().map(|b| &b[..len]).collect();
+        let z = &z[..len];
+        MERGED.with_borrow_mut(|merged| {
+            merged.resize(len, 0.0);
+            let merged = &mut merged[..len];
+            match half {
+                Half::Bf16 => task_vector_rounded::<Bf16Rounding>(job, stats, &inputs, z, &masks, merged),
+                Half::F16 => task_vector_rounded::<F16Rounding>(job, stats, &inputs, z, &masks, merged),
+            }
+            let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
+            encode(job.out_dtype, merged, &mut bytes);
+            let moments = BASE_F64.with_borrow_mut(|z64| {
+                z64.resize(len, 0.0);
+                base.read(first, &mut z64[..len]);
+                block_moments(tensor, first, &z64[..len])
+            });
+            (bytes, Some(moments))
+        })
+    })
+}
+
+/// Decodes a block of a source to f32, rounded to the half type on load where mergekit's load
+/// rounds it. f32 holds every bf16, f16 and f32 value exactly.
+fn decode_f32(source: &Source, first: usize, out: &mut [f32]) {
+    let bytes = source.model.raw_bytes(source.entry, source.dtype, first, out.len());
+    match source.dtype {
+        FloatDtype::BF16 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(o, b)| *o = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+        FloatDtype::F16 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(2))
+            .for_each(|(o, b)| *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
+        FloatDtype::F32 => out
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+            .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        _ => BASE_F64.with_borrow_mut(|wide| {
+            wide.resize(out.len(), 0.0);
+            source.read(first, &mut wide[..out.len()]);
+            out.iter_mut().zip(wide.iter()).for_each(|(o, &w)| *o = w as f32);
+        }),
+    }
+    if let (Some(h), true) = (source.half, source.rounds_on_load) {
+        out.iter_mut().for_each(|v| *v = h.round(*v));
+    }
 }
 
 /// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
@@ -351,9 +452,13 @@ fn task_vector_half_block(
     half: Half,
 ) {
     let masks = block_masks(job, index, tensor, stats, inputs, z, first);
+    // The streamed and DELLA rules read the f64 views; the arithmetic runs on f32 copies.
+    let narrow = |v: &[f64]| v.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+    let (zf, xs): (Vec<f32>, Vec<Vec<f32>>) = (narrow(z), inputs.iter().map(|x| narrow(x)).collect());
+    let xs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
     match half {
-        Half::Bf16 => task_vector_rounded::<Bf16Rounding>(job, stats, inputs, z, &masks, merged),
-        Half::F16 => task_vector_rounded::<F16Rounding>(job, stats, inputs, z, &masks, merged),
+        Half::Bf16 => task_vector_rounded::<Bf16Rounding>(job, stats, &xs, &zf, &masks, merged),
+        Half::F16 => task_vector_rounded::<F16Rounding>(job, stats, &xs, &zf, &masks, merged),
     }
 }
 
@@ -364,8 +469,8 @@ fn task_vector_half_block(
 fn task_vector_rounded<R: Rounding>(
     job: &MergeJob,
     stats: &TensorStatistics,
-    inputs: &[&[f64]],
-    z: &[f64],
+    inputs: &[&[f32]],
+    z: &[f32],
     masks: &[Option<Vec<bool>>],
     merged: &mut [f64],
 ) {
@@ -389,15 +494,15 @@ fn task_vector_rounded<R: Rounding>(
             .collect();
         let (contributions, rest) = views.split_at_mut(inputs.len());
         let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
-        // The inputs were rounded to the half type on load: exact in f32.
-        base.iter_mut().zip(z).for_each(|(b, &z)| *b = z as f32);
+        // The inputs were rounded to the half type on load.
+        base.copy_from_slice(z);
         let base = &**base;
         for (i, c) in contributions.iter_mut().enumerate() {
             let (x, w, s) = (inputs[i], weights[i], scales[i]);
             // δ = x − z, times the mask (torch multiplies by it: exact, and free of branches), the
             // rescale when there is one, the weight; each step rounded. One fused pass per input.
-            let step = |x: f64, z: f32, kept: f32| {
-                let d = h(x as f32 - z) * kept;
+            let step = |x: f32, z: f32, kept: f32| {
+                let d = h(x - z) * kept;
                 let d = if s == 1.0 { d } else { h(d * s) };
                 h(d * w)
             };

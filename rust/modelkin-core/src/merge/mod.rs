@@ -174,11 +174,22 @@ pub struct SphericalOptions {
     pub max_iter: usize,
     /// karcher: convergence tolerance.
     pub tol: f64,
+    /// nuslerp: one interpolation over the flattened tensors (else per vector).
+    pub flatten: bool,
+    /// nuslerp without flattening: vectors along the first axis instead of rows.
+    pub row_wise: bool,
 }
 
 impl Default for SphericalOptions {
     fn default() -> Self {
-        SphericalOptions { normalize_weights: true, eps: 1e-8, max_iter: 10, tol: 1e-5 }
+        SphericalOptions {
+            normalize_weights: true,
+            eps: 1e-8,
+            max_iter: 10,
+            tol: 1e-5,
+            flatten: true,
+            row_wise: false,
+        }
     }
 }
 

@@ -54,6 +54,38 @@ pub(super) struct TensorStatistics {
     pub weights: Vec<f64>,
     /// Spherical methods: output = base_coefficient·base + Σ `coefficients[i]`·`input[i]`.
     pub combination: Option<(f64, Vec<f64>)>,
+    /// nuslerp without `nuslerp_flatten`: the two coefficients per vector (see [`vector_of`]).
+    pub vector_combinations: Option<Vec<[f64; 2]>>,
+}
+
+/// The pruning mask of a rule that needs no values (all, none, a replayed-sort bitmask, random),
+/// or `None` for a rule that reads them (a magnitude range, DELLA). `len` elements from `first`.
+pub(super) fn value_free_mask(
+    job: &MergeJob,
+    tensor_index: usize,
+    input: usize,
+    keep: &Keep,
+    first: usize,
+    len: usize,
+) -> Option<Option<Vec<bool>>> {
+    match *keep {
+        Keep::All => Some(None),
+        Keep::None => Some(Some(vec![false; len])),
+        Keep::Mask(ref kept) => {
+            // Magnitude pruning's blocks are BLOCK long, so each starts on a word of the mask.
+            debug_assert!(first.is_multiple_of(64));
+            let mut mask = Vec::with_capacity(len);
+            for word in &kept[first / 64..(first + len).div_ceil(64)] {
+                mask.extend((0..64).map(|j| word >> j & 1 == 1));
+            }
+            mask.truncate(len);
+            Some(Some(mask))
+        }
+        Keep::Random { density } => Some(Some(
+            (0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect(),
+        )),
+        Keep::Range { .. } | Keep::Della { .. } => None,
+    }
 }
 
 /// Which entries of a block of one input survive pruning; `None` keeps all.
@@ -70,9 +102,10 @@ pub(super) fn keep_mask(
     row: usize,
 ) -> Option<Vec<bool>> {
     let len = x.len();
+    if let Some(mask) = value_free_mask(job, tensor_index, input, keep, first, len) {
+        return mask;
+    }
     match *keep {
-        Keep::All => None,
-        Keep::None => Some(vec![false; len]),
         Keep::Range { low, high } => Some(
             x.iter()
                 .zip(z)
@@ -82,19 +115,7 @@ pub(super) fn keep_mask(
                 })
                 .collect(),
         ),
-        Keep::Mask(ref kept) => {
-            // Magnitude pruning's blocks are BLOCK long, so each starts on a word of the mask.
-            debug_assert!(first.is_multiple_of(64));
-            let mut mask = Vec::with_capacity(len);
-            for word in &kept[first / 64..(first + len).div_ceil(64)] {
-                mask.extend((0..64).map(|j| word >> j & 1 == 1));
-            }
-            mask.truncate(len);
-            Some(mask)
-        }
-        Keep::Random { density } => {
-            Some((0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect())
-        }
+        Keep::All | Keep::None | Keep::Mask(_) | Keep::Random { .. } => unreachable!("value-free rules"),
         Keep::Della { density, epsilon } => {
             let mut mask = vec![false; len];
             let (mut order, mut magnitudes): (Vec<usize>, Vec<u32>) = (Vec::with_capacity(row), Vec::new());
@@ -133,6 +154,7 @@ impl TensorStatistics {
             variance_floor: None,
             weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
             combination: None,
+            vector_combinations: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -252,6 +274,9 @@ impl TensorStatistics {
                 stats.mix_rows = Some(model_stock_rows(job, tensor, progress)?)
             }
             Method::ModelStock => stats.mix = model_stock_factors(job, tensor, progress)?,
+            Method::Nuslerp if !job.spherical.flatten => {
+                stats.vector_combinations = Some(nuslerp_vectors(job, tensor, &stats.weights, progress)?)
+            }
             Method::Nuslerp | Method::Multislerp | Method::Karcher => {
                 let gram = gram(tensor, progress)?;
                 let weights = stats.weights.clone();
@@ -481,6 +506,82 @@ fn float32_task_vector_dots(
     let dots = dots.iter().map(|d| f64::from(d.finish())).collect();
     Ok((dots, norms.iter().map(|norm| f64::from(norm.finish())).collect()))
 }
+
+/// The vector element `e` belongs to in nuslerp without flattening: rows along the last axis, or
+/// with `nuslerp_row_wise` the vectors along the first axis (mergekit transposes it last).
+pub(super) fn vector_of(job: &MergeJob, tensor: &Resolved, e: usize) -> usize {
+    if tensor.shape.len() < 2 {
+        0
+    } else if job.spherical.row_wise {
+        e % tensor.row
+    } else {
+        e / tensor.shape.last().copied().unwrap_or(1).max(1)
+    }
+}
+
+/// nuslerp per vector: each vector's 2×2 Gram matrix of the two inputs (or their task vectors),
+/// exact, then the flattened rule on it. Blocks are summed in order, a batch at a time, so the
+/// result does not depend on the threads and memory stays a batch of per-vector sums.
+fn nuslerp_vectors(
+    job: &MergeJob,
+    tensor: &Resolved,
+    weights: &[f64],
+    progress: &Progress,
+) -> Result<Vec<[f64; 2]>> {
+    let vectors = if tensor.shape.len() < 2 {
+        1
+    } else if job.spherical.row_wise {
+        tensor.row
+    } else {
+        tensor.numel / tensor.shape.last().copied().unwrap_or(1).max(1)
+    };
+    let relative = usize::from(tensor.base.is_some());
+    let sources = tensor.sources();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let (n, block) = (tensor.numel, tensor.block);
+    let mut total = vec![[0.0f64; 3]; vectors];
+    let blocks: Vec<usize> = (0..n.div_ceil(block)).collect();
+    for batch in blocks.chunks(BATCH) {
+        let parts = batch
+            .par_iter()
+            .map(|&b| -> Result<(usize, Vec<[f64; 3]>)> {
+                progress.check()?;
+                let (first, len) = (b * block, block.min(n - b * block));
+                // Only the vectors this block touches: a run of rows, or every column.
+                let low = (0..len).map(|e| vector_of(job, tensor, first + e)).min().unwrap_or(0);
+                let high = (0..len).map(|e| vector_of(job, tensor, first + e)).max().unwrap_or(0);
+                let mut sums = vec![[0.0f64; 3]; high + 1 - low];
+                with_block(&sources, first, len, |v| {
+                    for e in 0..len {
+                        let z = if relative == 1 { v[0][e] } else { 0.0 };
+                        let (a, b) = (v[relative][e] - z, v[relative + 1][e] - z);
+                        let s = &mut sums[vector_of(job, tensor, first + e) - low];
+                        s[0] += a * a;
+                        s[1] += a * b;
+                        s[2] += b * b;
+                    }
+                });
+                progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                Ok((low, sums))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (low, sums) in parts {
+            for (t, s) in total[low..].iter_mut().zip(sums) {
+                (0..3).for_each(|i| t[i] += s[i]);
+            }
+        }
+    }
+    Ok(total
+        .iter()
+        .map(|g| {
+            let c = crate::merge::spherical::nuslerp(&[g[0], g[1], g[1], g[2]], weights);
+            [c[0], c[1]]
+        })
+        .collect())
+}
+
+/// Blocks of a per-vector sum computed in parallel before they are added in order.
+const BATCH: usize = 16;
 
 /// The Gram matrix Σ vᵢ·vⱼ of the inputs, or of their task vectors when there is a base.
 fn gram(tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
