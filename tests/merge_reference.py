@@ -264,7 +264,9 @@ def nuslerp(t: float, v0: Array, v1: Array, flatten: bool = True, row_wise: bool
     ``row_wise`` per vector along the first axis)."""
     if not flatten and v0.ndim >= 2:
         a0, a1 = (np.moveaxis(v, 0, -1) for v in (v0, v1)) if row_wise else (v0, v1)
-        rows = [nuslerp(t, x, y) for x, y in zip(a0.reshape(-1, a0.shape[-1]), a1.reshape(-1, a1.shape[-1]), strict=True)]
+        rows = [
+            nuslerp(t, x, y) for x, y in zip(a0.reshape(-1, a0.shape[-1]), a1.reshape(-1, a1.shape[-1]), strict=True)
+        ]
         out = np.stack(rows).reshape(a0.shape)
         return np.moveaxis(out, -1, 0) if row_wise else out
     a, b = v0.ravel(), v1.ravel()
@@ -479,3 +481,24 @@ def ramplus_lambdas(base: Array, models: list[Array], r: float, alpha: float, ep
     shared = (contributes & (count > 1)).reshape(len(models), -1).sum(axis=1)
     unique = (contributes & (count == 1)).reshape(len(models), -1).sum(axis=1)
     return [1 + r * min(max(s / max(u, epsilon), 0.0), alpha) for s, u in zip(shared, unique, strict=True)]
+
+
+def arcee_fusion(base: Array, other: Array) -> Array:
+    """mergekit's arcee_fusion with exact quartiles: importance = |x - z| * KL(softmax(x) + 1e-8 ||
+    softmax(z) + 1e-8) of the row (last axis), keyed at float32; x's change kept where importance >=
+    median + 1.5 IQR, the quartile ranks (q * (n - 1)) in float32, truncated."""
+
+    def softmax(v: Array) -> Array:
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True) + 1e-8
+
+    rows_x = other.reshape(-1, other.shape[-1]) if other.ndim >= 2 else other.reshape(1, -1)
+    rows_z = base.reshape(rows_x.shape)
+    p, q = softmax(rows_x), softmax(rows_z)
+    kl = (p * np.log(p / q)).sum(axis=-1, keepdims=True)
+    importance = (np.abs(rows_x - rows_z) * kl).astype(np.float32).ravel()
+    ordered = np.sort(importance)
+    n = importance.size
+    q1, median, q3 = (float(ordered[int(np.float32(f) * np.float32(n - 1))]) for f in (0.25, 0.5, 0.75))
+    keep = importance.astype(np.float64) >= median + 1.5 * (q3 - q1)
+    return base + (other - base) * keep.reshape(base.shape)

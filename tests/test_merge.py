@@ -215,6 +215,27 @@ def test_model_stock(tmp_path, fam):
     check_close(out, {k: model_stock(base[k], [m[k] for m in models]) for k in base})
 
 
+def test_arcee_fusion(tmp_path, fam):
+    """The other model's changes where their importance is an outlier, against the float64
+    reference; some entries change and most do not."""
+    from merge_reference import arcee_fusion
+
+    recipe = {
+        "models": [{"model": str(fam.models[0])}],
+        "base_model": str(fam.base),
+        "merge_method": "arcee_fusion",
+        "out_dtype": "float32",
+    }
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out", precise=True)
+    out = read_safetensors(tmp_path / "out")
+    base, models = inputs(fam)
+    expected = {k: arcee_fusion(base[k], models[0][k]) for k in base}
+    check_close(out, expected)
+    name = next(k for k in base if base[k].ndim == 2)
+    changed = np.mean(out[name] != base[name].astype(np.float32))
+    assert 0 < changed < 0.5, changed
+
+
 @pytest.mark.parametrize("plus", [False, True])
 def test_ram(tmp_path, fam, plus):
     """ram and ramplus_tl against the float64 reference; epsilon high enough that some entries are
@@ -314,7 +335,9 @@ def test_nuslerp_per_vector(tmp_path, fam, row_wise, with_base):
     """nuslerp_flatten: false interpolates each row (or, row-wise, each vector along the first
     axis) on its own."""
     recipe = {
-        "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(fam.models[:2], [0.3, 0.9], strict=True)],
+        "models": [
+            {"model": str(m), "parameters": {"weight": w}} for m, w in zip(fam.models[:2], [0.3, 0.9], strict=True)
+        ],
         "merge_method": "nuslerp",
         "out_dtype": "float32",
         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": row_wise},

@@ -93,6 +93,12 @@ METHODS: dict[str, MethodSpec] = {
             "passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}
         ),
         MethodSpec(
+            "arcee_fusion",
+            "keep the other model's changes whose softmax-KL importance is an outlier (median + 1.5 IQR)",
+            True,
+            {},
+        ),
+        MethodSpec(
             "ram",
             "keep task-vector entries one model contributes, average the shared ones",
             True,
@@ -338,12 +344,16 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         raise fail(["models"], "model_stock needs at least three models counting the base")
     if method.name == "nuslerp" and len(others) != 2:
         raise fail(["models"], "nuslerp needs exactly two models besides the base")
-    if method.name == "nuslerp" and config.parameters.get("nuslerp_row_wise") and config.parameters.get(
-        "nuslerp_flatten", True
+    if (
+        method.name == "nuslerp"
+        and config.parameters.get("nuslerp_row_wise")
+        and config.parameters.get("nuslerp_flatten", True)
     ):
         config.ignored.append(
             "parameters.nuslerp_row_wise: ignored while nuslerp_flatten is true, as mergekit ignores it"
         )
+    if method.name == "arcee_fusion" and len(others) != 1:
+        raise fail(["models"], "arcee_fusion needs exactly one model besides the base_model")
     if method.name == "nearswap" and len(others) != 1:
         raise fail(["models"], "nearswap needs exactly one model besides the base_model")
     if method.name == "passthrough" and len(config.models) != 1:

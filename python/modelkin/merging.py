@@ -250,8 +250,13 @@ def merge(
     reference_tensors = model_tensors(str(paths[base_ref or inputs[0].model]))
     out_dtype = out_dtype_name(config, base_config, reference_tensors[0][2] if reference_tensors else None)
     compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
-    if method.name == "ramplus_tl" and config.out_dtype is None and compute in ("bfloat16", "float16"):
-        # RAM+'s float32 λ promotes its result to float32, and mergekit writes it so.
+    if (
+        method.name in ("ramplus_tl", "arcee_fusion")
+        and config.out_dtype is None
+        and compute in ("bfloat16", "float16")
+    ):
+        # RAM+'s float32 λ (arcee_fusion's float32 mask) promotes the result to float32, and mergekit
+        # writes it so.
         out_dtype = "F32"
     parent = out_path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -165,6 +165,17 @@ fn combine_block<const F32: bool>(
                 }
             }
             (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
+            (Method::ArceeFusion, Some(z)) => {
+                // z + (x − z)·mask: the difference in the working dtype, then (the mask being
+                // float32) the sum in float32, which mergekit writes as it is.
+                let fusion = stats.fusion.as_ref().expect("measured");
+                let h = |v: f64| half.map_or(r(v), |h| h.load(v));
+                for (e, out) in merged.iter_mut().enumerate() {
+                    let x = inputs[0][e];
+                    let kept = fusion.keeps(job.compute, first + e, x, z[e]);
+                    *out = if kept { r(z[e] + h(x - z[e])) } else { z[e] };
+                }
+            }
             (Method::Ram, Some(z)) => super::ram::ram_block(job, None, inputs, z, merged),
             (Method::RamplusTl, Some(z)) => {
                 super::ram::ram_block(job, Some(&stats.weights), inputs, z, merged)
@@ -219,8 +230,8 @@ fn combine_block<const F32: bool>(
             _ => merged.copy_from_slice(inputs[0]),
         }
         // The result is held in the half type before it is cast to out_dtype, as mergekit's is
-        // (RAM+'s float32 λ promotes its result to float32).
-        match half.filter(|_| job.method != Method::RamplusTl) {
+        // (RAM+'s float32 λ and arcee_fusion's float32 mask promote theirs to float32).
+        match half.filter(|_| !matches!(job.method, Method::RamplusTl | Method::ArceeFusion)) {
             Some(Half::Bf16) => {
                 merged.iter_mut().for_each(|v| *v = f64::from(Bf16Rounding::round(*v as f32)))
             }

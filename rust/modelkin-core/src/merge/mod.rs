@@ -7,6 +7,7 @@
 
 mod combine;
 mod float32;
+mod fusion;
 mod half_ops;
 mod radix;
 mod ram;
@@ -76,6 +77,8 @@ pub enum Method {
     Ram,
     /// RAM+ (tensor-local): RAM with each model's unique entries scaled by its λ.
     RamplusTl,
+    /// Arcee Fusion: the other model's changes where their softmax-KL importance is an outlier.
+    ArceeFusion,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -487,6 +490,8 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         {
             1
         }
+        // The rows' KL divergences, then the two histogram passes of the quartiles.
+        _ if job.method == Method::ArceeFusion => 3,
         _ => 0,
     }
 }

@@ -24,6 +24,11 @@ pub(super) struct Boundary {
 }
 
 impl Boundary {
+    /// The key (f32 bits) at the rank.
+    pub(super) fn value(self) -> u32 {
+        self.value
+    }
+
     /// The smallest key to keep when keeping ascending ranks ≥ `rank`. Ties at the boundary go
     /// all in or all out, whichever side holds most of them: mergekit breaks them by the
     /// (arbitrary) order of an unstable sort, and all-or-nothing minimises the expected mismatch.

@@ -56,6 +56,8 @@ pub(super) struct TensorStatistics {
     pub combination: Option<(f64, Vec<f64>)>,
     /// nuslerp without `nuslerp_flatten`: the two coefficients per vector (see [`vector_of`]).
     pub vector_combinations: Option<Vec<[f64; 2]>>,
+    /// arcee_fusion: the rows' KL divergences and the importance threshold.
+    pub fusion: Option<super::fusion::Fusion>,
 }
 
 /// The pruning mask of a rule that needs no values (all, none, a replayed-sort bitmask, random),
@@ -155,6 +157,7 @@ impl TensorStatistics {
             weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
             combination: None,
             vector_combinations: None,
+            fusion: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -294,6 +297,7 @@ impl TensorStatistics {
                 stats.combination = Some((base, coefficients));
             }
             Method::Sce => sce_statistics(job, tensor, &mut stats, progress)?,
+            Method::ArceeFusion => stats.fusion = Some(super::fusion::measure(job, tensor, progress)?),
             Method::Ram => {
                 tensor.base.as_ref().ok_or_else(|| no_base(job))?;
             }
