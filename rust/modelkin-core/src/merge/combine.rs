@@ -344,7 +344,6 @@ fn decode_f32(source: &Source, first: usize, out: &mut [f32]) {
 /// operation is the f64 one rounded to f32), at twice the SIMD width of emulating that rounding in
 /// f64.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn task_vector_block<T>(
     job: &MergeJob,
     index: usize,
@@ -359,6 +358,30 @@ fn task_vector_block<T>(
     f64: AsPrimitive<T>,
     T: AsPrimitive<f64>,
 {
+    // The scratch is borrowed here, outside the multiversioned body: a closure inside it
+    // would be compiled without its target features.
+    CONTRIBUTIONS.with_borrow_mut(|scratch| {
+        task_vector_block_in::<T>(job, index, tensor, stats, inputs, z, first, merged, scratch)
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn task_vector_block_in<T>(
+    job: &MergeJob,
+    index: usize,
+    tensor: &Resolved,
+    stats: &TensorStatistics,
+    inputs: &[&[f64]],
+    z: &[f64],
+    first: usize,
+    merged: &mut [f64],
+    scratch: &mut Vec<Vec<f64>>,
+) where
+    T: Float + Pod,
+    f64: AsPrimitive<T>,
+    T: AsPrimitive<f64>,
+{
     let masks = block_masks(job, index, tensor, stats, inputs, z, first);
     let weights: Vec<T> = stats.weights.iter().map(|&w| w.as_()).collect();
     let scales: Vec<T> = stats.scale.iter().map(|&s| s.as_()).collect();
@@ -367,67 +390,62 @@ fn task_vector_block<T>(
     let len = merged.len();
     // Column by column (one input at a time over the whole block) so the loops vectorise; the
     // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
-    CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        scratch.resize_with(inputs.len() + 4, Vec::new);
-        // Scratch kept as f64 and viewed as `T`, so one set of thread-local buffers serves both.
-        let mut views: Vec<&mut [T]> = scratch
-            .iter_mut()
-            .map(|b| {
-                b.resize(len, 0.0);
-                &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
-            })
-            .collect();
-        let (contributions, rest) = views.split_at_mut(inputs.len());
-        let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
-        base.iter_mut().zip(z).for_each(|(b, &z)| *b = z.as_());
-        let base = &**base;
-        for (i, c) in contributions.iter_mut().enumerate() {
-            let (x, w, s) = (inputs[i], weights[i], scales[i]);
-            let contribution = |x: f64, z: T| w * ((x.as_() - z) * s);
-            match &masks[i] {
-                None => {
-                    c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = contribution(x, z))
-                }
-                // Multiplying by 1 or 0 is exact, and keeps the loop free of branches.
-                Some(mask) => {
-                    c.iter_mut().zip(x.iter().zip(base)).zip(mask).for_each(|((c, (&x, &z)), &kept)| {
-                        *c = contribution(x, z) * if kept { one } else { zero }
-                    })
-                }
+    scratch.resize_with(inputs.len() + 4, Vec::new);
+    // Scratch kept as f64 and viewed as `T`, so one set of thread-local buffers serves both.
+    let mut views: Vec<&mut [T]> = scratch
+        .iter_mut()
+        .map(|b| {
+            b.resize(len, 0.0);
+            &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
+        })
+        .collect();
+    let (contributions, rest) = views.split_at_mut(inputs.len());
+    let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
+    base.iter_mut().zip(z).for_each(|(b, &z)| *b = z.as_());
+    let base = &**base;
+    for (i, c) in contributions.iter_mut().enumerate() {
+        let (x, w, s) = (inputs[i], weights[i], scales[i]);
+        let contribution = |x: f64, z: T| w * ((x.as_() - z) * s);
+        match &masks[i] {
+            None => c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = contribution(x, z)),
+            // Multiplying by 1 or 0 is exact, and keeps the loop free of branches.
+            Some(mask) => {
+                c.iter_mut().zip(x.iter().zip(base)).zip(mask).for_each(|((c, (&x, &z)), &kept)| {
+                    *c = contribution(x, z) * if kept { one } else { zero }
+                })
             }
         }
+    }
+    mixed.iter_mut().for_each(|m| *m = zero);
+    for c in contributions.iter() {
+        mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m = *m + c);
+    }
+    if job.method.sign_consensus() {
+        // Majority sign of the weighted deltas (+1 on a tie); zeros never vote. Adding c·1 or
+        // c·0 is exact, so the selection needs no branch.
+        majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= zero { one } else { -one });
         mixed.iter_mut().for_each(|m| *m = zero);
-        for c in contributions.iter() {
-            mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m = *m + c);
-        }
-        if job.method.sign_consensus() {
-            // Majority sign of the weighted deltas (+1 on a tie); zeros never vote. Adding c·1 or
-            // c·0 is exact, so the selection needs no branch.
-            majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= zero { one } else { -one });
-            mixed.iter_mut().for_each(|m| *m = zero);
-            divisor.iter_mut().for_each(|d| *d = zero);
-            for (c, &w) in contributions.iter().zip(&weights) {
-                for (((sum, div), &c), &m) in
-                    mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
-                {
-                    let agrees =
-                        if ((c > zero) & (m > zero)) | ((c < zero) & (m < zero)) { one } else { zero };
-                    *sum = *sum + c * agrees;
-                    *div = *div + w * agrees;
-                }
+        divisor.iter_mut().for_each(|d| *d = zero);
+        for (c, &w) in contributions.iter().zip(&weights) {
+            for (((sum, div), &c), &m) in
+                mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
+            {
+                let agrees = if ((c > zero) & (m > zero)) | ((c < zero) & (m < zero)) { one } else { zero };
+                *sum = *sum + c * agrees;
+                *div = *div + w * agrees;
             }
-            divisor.iter_mut().for_each(|d| *d = if *d == zero { one } else { *d });
-        } else {
-            let total = weights.iter().fold(zero, |acc, &w| acc + w);
-            let total = if total.abs().as_() < 1e-8 { one } else { total };
-            divisor.iter_mut().for_each(|d| *d = total);
         }
-        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
-            let m = if job.normalize { m / d } else { m };
-            let m = if lambda == one { m } else { m * lambda };
-            *out = (z + m).as_();
-        }
-    });
+        divisor.iter_mut().for_each(|d| *d = if *d == zero { one } else { *d });
+    } else {
+        let total = weights.iter().fold(zero, |acc, &w| acc + w);
+        let total = if total.abs().as_() < 1e-8 { one } else { total };
+        divisor.iter_mut().for_each(|d| *d = total);
+    }
+    for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
+        let m = if job.normalize { m / d } else { m };
+        let m = if lambda == one { m } else { m * lambda };
+        *out = (z + m).as_();
+    }
 }
 
 /// Each input's pruning mask over this block (`None` keeps all).
@@ -476,7 +494,6 @@ fn task_vector_half_block(
 /// [`task_vector_half_block`]'s arithmetic for one half type, column by column (one input at a
 /// time over the whole block) so that the loops and the branchless rounding vectorise; the
 /// per-element order of operations is mergekit's.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn task_vector_rounded<R: Rounding>(
     job: &MergeJob,
     stats: &TensorStatistics,
@@ -484,6 +501,24 @@ fn task_vector_rounded<R: Rounding>(
     z: &[f32],
     masks: &[Option<Vec<bool>>],
     merged: &mut [f64],
+) {
+    // The scratch is borrowed here, outside the multiversioned body: a closure inside it
+    // would be compiled without its target features.
+    CONTRIBUTIONS.with_borrow_mut(|scratch| {
+        task_vector_rounded_in::<R>(job, stats, inputs, z, masks, merged, scratch)
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn task_vector_rounded_in<R: Rounding>(
+    job: &MergeJob,
+    stats: &TensorStatistics,
+    inputs: &[&[f32]],
+    z: &[f32],
+    masks: &[Option<Vec<bool>>],
+    merged: &mut [f64],
+    scratch: &mut Vec<Vec<f64>>,
 ) {
     let h = R::round;
     let weights: Vec<f32> = stats.weights.iter().map(|&w| h(w as f32)).collect();
@@ -493,70 +528,68 @@ fn task_vector_rounded<R: Rounding>(
     let total = h(weights.iter().fold(0.0f32, |acc, &w| acc + w));
     let total = if total.abs() < 1e-8 { 1.0 } else { total };
     let len = merged.len();
-    CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        scratch.resize_with(inputs.len() + 4, Vec::new);
-        // Scratch kept as f64 and viewed as f32, shared with the other task-vector path.
-        let mut views: Vec<&mut [f32]> = scratch
-            .iter_mut()
-            .map(|b| {
-                b.resize(len, 0.0);
-                &mut bytemuck::cast_slice_mut::<f64, f32>(b)[..len]
-            })
-            .collect();
-        let (contributions, rest) = views.split_at_mut(inputs.len());
-        let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
-        // The inputs were rounded to the half type on load.
-        base.copy_from_slice(z);
-        let base = &**base;
-        for (i, c) in contributions.iter_mut().enumerate() {
-            let (x, w, s) = (inputs[i], weights[i], scales[i]);
-            // δ = x − z, times the mask (torch multiplies by it: exact, and free of branches), the
-            // rescale when there is one, the weight; each step rounded. One fused pass per input.
-            let step = |x: f32, z: f32, kept: f32| {
-                let d = h(x - z) * kept;
-                let d = if s == 1.0 { d } else { h(d * s) };
-                h(d * w)
-            };
-            match &masks[i] {
-                None => c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = step(x, z, 1.0)),
-                Some(mask) => c
-                    .iter_mut()
-                    .zip(x.iter().zip(base))
-                    .zip(mask)
-                    .for_each(|((c, (&x, &z)), &kept)| *c = step(x, z, if kept { 1.0 } else { 0.0 })),
-            }
+    scratch.resize_with(inputs.len() + 4, Vec::new);
+    // Scratch kept as f64 and viewed as f32, shared with the other task-vector path.
+    let mut views: Vec<&mut [f32]> = scratch
+        .iter_mut()
+        .map(|b| {
+            b.resize(len, 0.0);
+            &mut bytemuck::cast_slice_mut::<f64, f32>(b)[..len]
+        })
+        .collect();
+    let (contributions, rest) = views.split_at_mut(inputs.len());
+    let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
+    // The inputs were rounded to the half type on load.
+    base.copy_from_slice(z);
+    let base = &**base;
+    for (i, c) in contributions.iter_mut().enumerate() {
+        let (x, w, s) = (inputs[i], weights[i], scales[i]);
+        // δ = x − z, times the mask (torch multiplies by it: exact, and free of branches), the
+        // rescale when there is one, the weight; each step rounded. One fused pass per input.
+        let step = |x: f32, z: f32, kept: f32| {
+            let d = h(x - z) * kept;
+            let d = if s == 1.0 { d } else { h(d * s) };
+            h(d * w)
+        };
+        match &masks[i] {
+            None => c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = step(x, z, 1.0)),
+            Some(mask) => c
+                .iter_mut()
+                .zip(x.iter().zip(base))
+                .zip(mask)
+                .for_each(|((c, (&x, &z)), &kept)| *c = step(x, z, if kept { 1.0 } else { 0.0 })),
         }
-        // `sum(dim=0)`: accumulated in f32 in model order, rounded once.
+    }
+    // `sum(dim=0)`: accumulated in f32 in model order, rounded once.
+    mixed.iter_mut().for_each(|m| *m = 0.0);
+    for c in contributions.iter() {
+        mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m += c);
+    }
+    mixed.iter_mut().for_each(|m| *m = h(*m));
+    if job.method.sign_consensus() {
+        // sign(c) == majority (+1 on a tie): zeros never agree.
+        majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= 0.0 { 1.0 } else { -1.0 });
         mixed.iter_mut().for_each(|m| *m = 0.0);
-        for c in contributions.iter() {
-            mixed.iter_mut().zip(c.iter()).for_each(|(m, &c)| *m += c);
+        divisor.iter_mut().for_each(|d| *d = 0.0);
+        for (c, &w) in contributions.iter().zip(&weights) {
+            for (((sum, div), &c), &m) in
+                mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
+            {
+                let agrees = if ((c > 0.0) & (m > 0.0)) | ((c < 0.0) & (m < 0.0)) { 1.0 } else { 0.0 };
+                *sum += c * agrees;
+                *div += w * agrees;
+            }
         }
         mixed.iter_mut().for_each(|m| *m = h(*m));
-        if job.method.sign_consensus() {
-            // sign(c) == majority (+1 on a tie): zeros never agree.
-            majority.iter_mut().zip(mixed.iter()).for_each(|(s, &m)| *s = if m >= 0.0 { 1.0 } else { -1.0 });
-            mixed.iter_mut().for_each(|m| *m = 0.0);
-            divisor.iter_mut().for_each(|d| *d = 0.0);
-            for (c, &w) in contributions.iter().zip(&weights) {
-                for (((sum, div), &c), &m) in
-                    mixed.iter_mut().zip(divisor.iter_mut()).zip(c.iter()).zip(majority.iter())
-                {
-                    let agrees = if ((c > 0.0) & (m > 0.0)) | ((c < 0.0) & (m < 0.0)) { 1.0 } else { 0.0 };
-                    *sum += c * agrees;
-                    *div += w * agrees;
-                }
-            }
-            mixed.iter_mut().for_each(|m| *m = h(*m));
-            divisor.iter_mut().for_each(|d| *d = if h(*d) == 0.0 { 1.0 } else { h(*d) });
-        } else {
-            divisor.iter_mut().for_each(|d| *d = total);
-        }
-        for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
-            let m = if job.normalize { h(m / d) } else { m };
-            let m = if job.lambda == 1.0 { m } else { h(m * lambda) };
-            *out = f64::from(h(z + m));
-        }
-    });
+        divisor.iter_mut().for_each(|d| *d = if h(*d) == 0.0 { 1.0 } else { h(*d) });
+    } else {
+        divisor.iter_mut().for_each(|d| *d = total);
+    }
+    for ((out, (&m, &d)), &z) in merged.iter_mut().zip(mixed.iter().zip(divisor.iter())).zip(base) {
+        let m = if job.normalize { h(m / d) } else { m };
+        let m = if job.lambda == 1.0 { m } else { h(m * lambda) };
+        *out = f64::from(h(z + m));
+    }
 }
 
 /// SCE: selected entries (high variance across task vectors), energy weights, sign election on the
