@@ -1,5 +1,7 @@
 """modelkin: exact, streaming model kinship for fine-tuned LLMs."""
 
+import importlib
+
 from ._core import __version__
 from .errors import (
     DtypeError,
@@ -39,6 +41,12 @@ __all__ = [
     "resolve",
 ]
 
-# Last: the evolution package imports the merge engine, which reads __version__ from here.
-# modelkin.evolve is callable: modelkin.evolve(config, run_dir) runs an evolution.
-from . import evolve
+
+
+def __getattr__(name: str) -> object:
+    """``modelkin.evolve`` (callable: ``modelkin.evolve(config, run_dir)`` runs an evolution) is
+    imported on first use, so that merging and kinship do not pay for loading it."""
+    if name == "evolve":
+        # import_module, not `from . import`: that would ask this hook again for the attribute.
+        return importlib.import_module(".evolve", __name__)
+    raise AttributeError(f"module 'modelkin' has no attribute {name!r}")

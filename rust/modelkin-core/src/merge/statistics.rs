@@ -76,11 +76,10 @@ pub(super) fn value_free_mask(
         Keep::Mask(ref kept) => {
             // Magnitude pruning's blocks are BLOCK long, so each starts on a word of the mask.
             debug_assert!(first.is_multiple_of(64));
-            let mut mask = Vec::with_capacity(len);
-            for word in &kept[first / 64..(first + len).div_ceil(64)] {
-                mask.extend((0..64).map(|j| word >> j & 1 == 1));
+            let mut mask = vec![false; len];
+            for (chunk, word) in mask.chunks_mut(64).zip(&kept[first / 64..]) {
+                chunk.iter_mut().enumerate().for_each(|(j, m)| *m = word >> j & 1 == 1);
             }
-            mask.truncate(len);
             Some(Some(mask))
         }
         Keep::Random { density } => Some(Some(
