@@ -215,7 +215,7 @@ def test_unknown_metric_is_a_usage_error(fam):
     [
         ({"parameters": {"densty": 0.5}}, "ties has no parameter 'densty'"),
         ({"model_params": {"weight": 1.0, "scale": 0.0}}, "ties has no parameter 'scale'"),
-        ({"chat_template": "chatml"}, "chat_template is not supported yet"),
+        ({"chat_template": 5}, "chat_template must be a name"),
         ({"model_key": {"layer_range": [0, 1]}}, "unknown key"),
     ],
 )
