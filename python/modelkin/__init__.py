@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 
-
 def __getattr__(name: str) -> object:
     """``modelkin.evolve`` (callable: ``modelkin.evolve(config, run_dir)`` runs an evolution) is
     imported on first use, so that merging and kinship do not pay for loading it."""
