@@ -390,15 +390,7 @@ fn task_vector_block_in<T>(
     let len = merged.len();
     // Column by column (one input at a time over the whole block) so the loops vectorise; the
     // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
-    scratch.resize_with(inputs.len() + 4, Vec::new);
-    // Scratch kept as f64 and viewed as `T`, so one set of thread-local buffers serves both.
-    let mut views: Vec<&mut [T]> = scratch
-        .iter_mut()
-        .map(|b| {
-            b.resize(len, 0.0);
-            &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
-        })
-        .collect();
+    let mut views = scratch_views::<T>(scratch, inputs.len() + 4, len);
     let (contributions, rest) = views.split_at_mut(inputs.len());
     let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
     base.iter_mut().zip(z).for_each(|(b, &z)| *b = z.as_());
@@ -446,6 +438,20 @@ fn task_vector_block_in<T>(
         let m = if lambda == one { m } else { m * lambda };
         *out = (z + m).as_();
     }
+}
+
+/// `count` scratch buffers of `len` values of `T`: kept as f64 and viewed as `T`, so one set of
+/// thread-local buffers serves every task-vector path.
+#[inline(always)]
+fn scratch_views<T: Pod>(scratch: &mut Vec<Vec<f64>>, count: usize, len: usize) -> Vec<&mut [T]> {
+    scratch.resize_with(count, Vec::new);
+    scratch
+        .iter_mut()
+        .map(|b| {
+            b.resize(len, 0.0);
+            &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
+        })
+        .collect()
 }
 
 /// Each input's pruning mask over this block (`None` keeps all).
@@ -528,15 +534,7 @@ fn task_vector_rounded_in<R: Rounding>(
     let total = h(weights.iter().fold(0.0f32, |acc, &w| acc + w));
     let total = if total.abs() < 1e-8 { 1.0 } else { total };
     let len = merged.len();
-    scratch.resize_with(inputs.len() + 4, Vec::new);
-    // Scratch kept as f64 and viewed as f32, shared with the other task-vector path.
-    let mut views: Vec<&mut [f32]> = scratch
-        .iter_mut()
-        .map(|b| {
-            b.resize(len, 0.0);
-            &mut bytemuck::cast_slice_mut::<f64, f32>(b)[..len]
-        })
-        .collect();
+    let mut views = scratch_views::<f32>(scratch, inputs.len() + 4, len);
     let (contributions, rest) = views.split_at_mut(inputs.len());
     let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
     // The inputs were rounded to the half type on load.
