@@ -9,11 +9,13 @@ mod combine;
 mod float32;
 mod fusion;
 mod half_ops;
+mod model_stock;
 mod radix;
 mod ram;
 mod sort_order;
 mod spherical;
 mod statistics;
+mod task_vectors;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
