@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use rayon::prelude::*;
 
 use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
-use super::statistics::{value_free_mask, variance_bits, TensorStatistics};
+use super::statistics::{value_free_mask, variance_bits, Keep, TensorStatistics};
 use super::task_vectors::{task_vector_block, task_vector_half_block, task_vector_rounded};
 use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
 use crate::dtype::FloatDtype;
@@ -73,9 +73,7 @@ fn merge_block(
     len: usize,
 ) -> (Vec<u8>, Option<Moments>) {
     if let (Some(half), Some(base)) = (job.compute.half(), &tensor.base) {
-        if job.method.task_vectors()
-            && stats.keep.iter().all(|k| value_free_mask(job, index, 0, k, first, 0).is_some())
-        {
+        if job.method.task_vectors() && !stats.keep.iter().any(Keep::reads_values) {
             return task_vector_half_f32(job, index, tensor, stats, base, first, len, half);
         }
     }

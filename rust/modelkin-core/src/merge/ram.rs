@@ -70,16 +70,18 @@ pub(super) fn ramplus_lambdas(job: &MergeJob, tensor: &Resolved, progress: &Prog
             let (first, len) = (b * BLOCK, BLOCK.min(n - b * BLOCK));
             let counts = with_block(&sources, first, len, |v| {
                 let mut counts = vec![(0u64, 0u64); k];
+                let mut contributes = vec![false; k];
                 for (e, &z) in v[0].iter().enumerate() {
-                    let contributes = |i: usize| delta(job.compute, v[1 + i][e], z).abs() > eps;
-                    let total = (0..k).filter(|&i| contributes(i)).count();
-                    for (i, c) in counts.iter_mut().enumerate() {
-                        if contributes(i) {
-                            if total > 1 {
-                                c.0 += 1;
-                            } else {
-                                c.1 += 1;
-                            }
+                    contributes
+                        .iter_mut()
+                        .enumerate()
+                        .for_each(|(i, c)| *c = delta(job.compute, v[1 + i][e], z).abs() > eps);
+                    let total = contributes.iter().filter(|&&c| c).count();
+                    for (c, _) in counts.iter_mut().zip(&contributes).filter(|(_, &c)| c) {
+                        if total > 1 {
+                            c.0 += 1;
+                        } else {
+                            c.1 += 1;
                         }
                     }
                 }
@@ -151,12 +153,14 @@ fn ram_rounded<R: Rounding>(
     let h = R::round;
     let eps = threshold(job) as f32;
     let lambdas: Option<Vec<f32>> = lambdas.map(|l| l.iter().map(|&v| v as f32).collect());
+    let mut deltas = vec![0.0f32; inputs.len()];
     for (e, out) in merged.iter_mut().enumerate() {
         let zb = z[e] as f32;
-        let count = inputs.iter().filter(|x| h(x[e] as f32 - zb).abs() > eps).count();
+        deltas.iter_mut().zip(inputs).for_each(|(d, x)| *d = h(x[e] as f32 - zb));
+        // NaN compares false, so it never contributes, as in torch.
+        let count = deltas.iter().filter(|d| d.abs() > eps).count();
         let mut sum = 0.0f32;
-        for (i, x) in inputs.iter().enumerate() {
-            let d = h(x[e] as f32 - zb);
+        for (i, &d) in deltas.iter().enumerate() {
             if d.abs() <= eps || d.is_nan() {
                 continue;
             }

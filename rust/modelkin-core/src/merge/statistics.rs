@@ -38,6 +38,14 @@ pub(super) enum Keep {
     },
 }
 
+impl Keep {
+    /// Whether the rule decides from the values (a magnitude range, DELLA's ranks) rather than
+    /// from what the statistics pass stored ([`value_free_mask`] answers the others).
+    pub(super) fn reads_values(&self) -> bool {
+        matches!(self, Keep::Range { .. } | Keep::Della { .. })
+    }
+}
+
 /// What the output pass of one tensor needs to know.
 pub(super) struct TensorStatistics {
     pub keep: Vec<Keep>,
