@@ -20,7 +20,7 @@ from conftest import run_cli
 from evolve_support import hashed_scores, search_config, small_family, write_config
 from modelkin.evolve.genome import Genome, GenomeSpec
 from modelkin.evolve.search import BEST_CONFIG, default_popsize
-from modelkin.merge_config import load_config
+from modelkin.recipe import load_config
 
 
 def spec(**kw: Any) -> GenomeSpec:

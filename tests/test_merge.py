@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import modelkin
+import modelkin.planner
 from conftest import run_cli, tree_digest
 from merge_reference import (
     breadcrumbs_mask,
@@ -25,7 +26,7 @@ from merge_reference import (
     slerp,
     task_vector_merge,
 )
-from modelkin.merge_config import evaluate, gradient_position
+from modelkin.parameters import evaluate, gradient_position
 from modelkin.merging import merge
 
 
@@ -105,7 +106,7 @@ def test_task_arithmetic_with_lambda(tmp_path, fam):
 @pytest.mark.parametrize("torch_ties", [True, False], ids=["torch-order", "streamed"])
 def test_ties(tmp_path, fam, monkeypatch, torch_ties):
     if not torch_ties:
-        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", 0)
+        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", 0)
     densities = [0.5, 0.3, 0.9]
     params = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities, strict=True)]
     _, out = run_recipe(tmp_path, fam, "ties", params)
@@ -128,7 +129,7 @@ def test_ties(tmp_path, fam, monkeypatch, torch_ties):
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs(tmp_path, fam, monkeypatch, method, torch_ties):
     if not torch_ties:
-        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", 0)
+        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", 0)
     params = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in WEIGHTS]
     _, out = run_recipe(tmp_path, fam, method, params)
     base, models = inputs(fam)
@@ -429,7 +430,7 @@ def test_output_layout_and_provenance(tmp_path, fam):
     expected = modelkin.kinship_matrix(fam.models, base=fam.base)
     for metric in ("pcc", "cs", "ed"):
         np.testing.assert_allclose(np.array(provenance["kinship"][metric]), expected[metric], rtol=1e-9)
-    assert result.kinship == provenance["kinship"]
+    assert result.kinship is not None and result.kinship.to_dict()["metrics"] == provenance["kinship"]
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model:") and "| pcc |" in card and "merge_method: ties" in card
     # the merged model is itself a readable model
@@ -458,8 +459,8 @@ def test_cli_merge_and_methods(tmp_path, fam):
 
 BAD_RECIPES = [
     ({"merge_method": "frobnicate"}, "supported: linear"),
-    ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "exactly two models"),
-    ({"merge_method": "model_stock", "models": "two"}, "three models"),
+    ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "slerp merges exactly 1 model besides the base_model"),
+    ({"merge_method": "model_stock", "models": "two"}, "model_stock merges at least 2 models besides the base_model"),
     ({"merge_method": "ties", "density": 1.5}, "outside [0, 1]"),
     ({"merge_method": "ties", "density": -0.1}, "outside [0, 1]"),
     ({"merge_method": "ties", "weight": []}, "empty list"),
@@ -761,7 +762,7 @@ def test_reference_float32_sum_is_torchs(threads):
 )
 def test_merge_progress_ends_at_its_total(tmp_path, fam, monkeypatch, method, dtype, sort_bytes):
     if sort_bytes is not None:
-        monkeypatch.setattr(modelkin.merging, "SORT_ORDER_BYTES", sort_bytes)
+        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", sort_bytes)
     models = fam.models[:1] if method == "slerp" else fam.models
     params = {"ties": {"weight": 0.5, "density": 0.5}}.get(method, {})
     recipe = {

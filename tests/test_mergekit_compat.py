@@ -126,7 +126,7 @@ def test_streamed_tie_rule_is_bit_identical_when_no_entry_ties_with_a_threshold(
     """Tensors over the sort-order budget use the streamed threshold; with no ties it is exact."""
     from modelkin import example, merging
 
-    monkeypatch.setattr(merging, "SORT_ORDER_BYTES", 0)
+    monkeypatch.setattr(planner, "SORT_ORDER_BYTES", 0)
     from modelkin.safetensors_io import save_model
 
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ import yaml
 from peer import check_loads, peer_python
 
 from merge_reference import read_safetensors, stored_dtypes
-from modelkin.merge_config import RecipeError
+from modelkin.recipe import RecipeError
 from modelkin.merging import merge
 from modelkin.safetensors_io import save_model
 

@@ -12,7 +12,7 @@ import pytest
 from test_mergekit_suite import picollama
 
 from merge_reference import read_safetensors, stored_dtypes
-from modelkin.merge_config import METHODS, RecipeError
+from modelkin.recipe import METHODS, RecipeError
 from modelkin.merging import merge
 
 # mergekit 0.1.5: each method's parameters (name, scope), from its registry's specs.

@@ -10,12 +10,14 @@ from .errors import (
     ModelkinError,
     ModelReferenceError,
     NonFiniteError,
+    RecipeError,
     ShapeMismatchError,
     UnsupportedFormatError,
 )
 from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
-from .merge_config import RecipeError
-from .merging import MergeResult, merge
+from .merging import MergedModel, MergeResult, merge
+from .methods import methods
+from .planner import MergePlan, PlannedTensor, plan
 from .resolve import resolve
 
 __all__ = [
@@ -24,11 +26,14 @@ __all__ = [
     "InvalidModelError",
     "KinshipMatrix",
     "KinshipResult",
+    "MergePlan",
     "MergeResult",
+    "MergedModel",
     "MissingTensorError",
     "ModelReferenceError",
     "ModelkinError",
     "NonFiniteError",
+    "PlannedTensor",
     "RecipeError",
     "ShapeMismatchError",
     "TensorKinship",
@@ -38,6 +43,8 @@ __all__ = [
     "kinship",
     "kinship_matrix",
     "merge",
+    "methods",
+    "plan",
     "resolve",
 ]
 

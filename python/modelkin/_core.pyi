@@ -1,15 +1,22 @@
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from typing_extensions import Self, final
+
+from .job import MergeJob
 
 __all__ = [
     "DtypeError",
     "InvalidModelError",
     "KinshipPlan",
     "KinshipStats",
+    "MergeOutcome",
+    "MergedTensors",
+    "MethodInfo",
+    "ParameterInfo",
+    "RecipeError",
     "MissingTensorError",
     "ModelReferenceError",
     "ModelkinError",
@@ -17,6 +24,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedFormatError",
     "__version__",
+    "methods",
     "model_tensors",
     "run_merge",
 ]
@@ -31,6 +39,8 @@ class ShapeMismatchError(ModelkinError): ...
 class DtypeError(ModelkinError): ...
 class NonFiniteError(ModelkinError): ...
 class ModelReferenceError(ModelkinError): ...
+class RecipeError(ModelkinError, ValueError):
+    """A merge recipe, argument or option is invalid; the message names the key (and, for YAML, its line)."""
 
 _MomentBlock = tuple[int, int, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]
 
@@ -55,8 +65,8 @@ class KinshipStats:
 class KinshipPlan:
     def __new__(
         cls,
-        base: str,
-        models: Sequence[str],
+        base: str | MergedTensors,
+        models: Sequence[str | MergedTensors],
         *,
         skip_missing: bool = False,
         count_tied_embeddings_twice: bool = False,
@@ -81,5 +91,90 @@ class KinshipPlan:
     ) -> KinshipStats: ...
     def report(self, blocks: Sequence[_MomentBlock], skipped: Sequence[tuple[str, str]]) -> KinshipStats: ...
 
-def model_tensors(path: str) -> list[tuple[str, list[int], str]]: ...
-def run_merge(job: str, *, progress: Callable[[int, int], object] | None = None) -> dict[str, Any]: ...
+def model_tensors(path: str) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of every tensor of a model, in storage order."""
+
+@final
+class MergedTensors:
+    """A merged model held in memory: one safetensors image, read by numpy arrays without copies."""
+
+    @property
+    def names(self) -> list[str]:
+        """Tensor names in storage order."""
+    def info(self, name: str) -> tuple[list[int], str]:
+        """(shape, safetensors dtype name) of a tensor; KeyError naming it when there is none."""
+    def raw(self, name: str) -> npt.NDArray[np.uint8]:
+        """The stored bytes of a tensor as a uint8 array sharing this object's memory (no copy)."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data held."""
+    def save(self, directory: str, max_shard_bytes: int) -> int:
+        """Writes the tensors into `directory` (which must exist) as `modelkin merge` writes them."""
+
+@final
+class MergeOutcome:
+    """What a merge produced besides its files."""
+
+    @property
+    def bytes_written(self) -> int: ...
+    @property
+    def kinship(self) -> KinshipStats | None:
+        """The parents' kinship against the base, measured while merging (none without a base)."""
+    @property
+    def model(self) -> MergedTensors | None:
+        """The merged model, when the job had no output directory."""
+
+def run_merge(job: MergeJob, *, progress: Callable[[int, int], object] | None = None) -> MergeOutcome:
+    """Runs the merge described by `job` with the GIL released."""
+
+@final
+class ParameterInfo:
+    """One parameter of a merge method."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def scope(self) -> Literal["global", "per_model"]: ...
+    @property
+    def required(self) -> bool: ...
+    @property
+    def default(self) -> float | int | bool | None: ...
+    @property
+    def range(self) -> tuple[float, float, bool, bool] | None:
+        """(low, high, low_open, high_open) when its values are limited."""
+    @property
+    def range_text(self) -> str | None:
+        """The range in interval notation: "[0, 1]"."""
+    @property
+    def help(self) -> str: ...
+    @property
+    def ignored(self) -> str | None:
+        """Why it is accepted and has no effect (mergekit declares it and ignores it), if so."""
+
+@final
+class MethodInfo:
+    """One merge method: a row of the core's method table."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def summary(self) -> str: ...
+    @property
+    def base(self) -> Literal["required", "optional", "input", "ignored"]: ...
+    @property
+    def min_models(self) -> int: ...
+    @property
+    def max_models(self) -> int | None: ...
+    @property
+    def parameters(self) -> list[ParameterInfo]: ...
+    @property
+    def statistics(self) -> Literal["none", "sparsification", "norms", "variance", "importance"]: ...
+    @property
+    def sparsification(self) -> Literal["magnitude", "random", "magnitude_outliers", "della"] | None: ...
+    @property
+    def sign_consensus(self) -> bool: ...
+    @property
+    def task_vectors(self) -> bool: ...
+
+def methods() -> list[MethodInfo]:
+    """Every merge method, in the table's order."""

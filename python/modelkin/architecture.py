@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .merge_config import RecipeError
+from .recipe import RecipeError
 
 # The layer-stack names of the architectures mergekit knows (its architecture/*.json templates):
 # `model.layers.N.` (Llama, Mistral, Qwen, Gemma, Granite, ...), `transformer.h.N.` / `h.N.`

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .merge_config import RecipeError
+from .recipe import RecipeError
 
 # The conversation formats mergekit knows by name, written here in their common published form.
 NAMED: dict[str, str] = {

@@ -8,7 +8,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from .errors import ModelkinError
 from .evolve.cli import evolve_command, runs_app
 from .kinship import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
 from .progress import PassProgress
+
+if TYPE_CHECKING:
+    from ._core import ParameterInfo
 
 app = typer.Typer(
     name="modelkin",
@@ -185,13 +188,18 @@ def matrix_command(
 def _print_matrix(result: KinshipMatrix) -> None:
     labels = [Path(n).name or n for n in result.names]
     for name, values in result.metrics.items():
-        table = Table(title=f"{name} ({result.mode}), base {result.base}")
+        table = Table(title=f"{name} ({result.mode}), base {_short(result.base)}")
         table.add_column("")
         for label in labels:
             table.add_column(label, justify="right")
         for label, row in zip(labels, values, strict=True):
             table.add_row(label, *(_fmt(v) for v in row))
         out.print(table)
+    # The full references, once, below the tables (in the titles they wrapped word by word).
+    out.print(f"base: {result.base}", soft_wrap=True)
+    for label, name in zip(labels, result.names, strict=True):
+        if label != name:
+            out.print(f"{label}: {name}", soft_wrap=True)
 
 
 @app.command("merge")
@@ -229,34 +237,43 @@ def merge_command(
             table.add_column(column, justify="right" if column in METRICS else "left")
         for i, a in enumerate(result.parents):
             for j in range(i + 1, len(result.parents)):
-                values = [result.kinship[m][i][j] for m in METRICS]
-                table.add_row(
-                    _short(a), _short(result.parents[j]), *("n/a" if v is None else f"{v:.6g}" for v in values)
-                )
+                values = [float(result.kinship[m][i, j]) for m in METRICS]
+                table.add_row(_short(a), _short(result.parents[j]), *(_fmt(v) for v in values))
         console.print(table)
 
 
 @app.command("methods")
-def methods_command() -> None:
-    """List the supported merge methods and their parameters."""
-    from .merge_config import METHODS, PLANNED
+def methods_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
+) -> None:
+    """List the merge methods: what each does with base_model, how many models, its parameters."""
+    from .methods import method_dict, methods
 
+    table_rows = methods()
+    if as_json:
+        print(json.dumps([method_dict(info) for info in table_rows.values()], indent=2))
+        return
     table = Table(title="merge methods (mergekit 0.1.5 definitions)")
-    for column in ("method", "what it does", "base", "global parameters", "per-model parameters"):
+    for column in ("method", "what it does", "base_model", "models", "global parameters", "per-model parameters"):
         table.add_column(column)
-    for spec in METHODS.values():
-        global_params = [*spec.required_global, *(f"{k}={v}" for k, v in spec.global_defaults.items())]
-        model_params = [*spec.required_tensor, *(f"{k}={v}" for k, v in spec.tensor_defaults.items())]
+
+    def described(p: ParameterInfo) -> str:
+        text = p.name if p.required else f"{p.name}={p.default}"
+        return text + (f" {p.range_text}" if p.range_text else "")
+
+    for info in table_rows.values():
+        count = f"{info.min_models}" if info.min_models == info.max_models else f"{info.min_models}+"
+        if info.max_models is not None and info.max_models != info.min_models:
+            count = f"{info.min_models}-{info.max_models}"
         table.add_row(
-            spec.name,
-            spec.summary,
-            "yes" if spec.needs_base else "no",
-            ", ".join(global_params),
-            ", ".join(model_params),
+            info.name,
+            info.summary,
+            info.base,
+            count,
+            ", ".join(described(p) for p in info.parameters if p.scope == "global"),
+            ", ".join(described(p) for p in info.parameters if p.scope == "per_model"),
         )
     out.print(table)
-    if PLANNED:
-        out.print(f"planned: {', '.join(PLANNED)}")
 
 
 @app.command("example")

@@ -8,6 +8,7 @@ from ._core import (
     ModelkinError,
     ModelReferenceError,
     NonFiniteError,
+    RecipeError,
     ShapeMismatchError,
     UnsupportedFormatError,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ModelReferenceError",
     "ModelkinError",
     "NonFiniteError",
+    "RecipeError",
     "ShapeMismatchError",
     "UnsupportedFormatError",
 ]

@@ -6,18 +6,22 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import numpy as np
 import numpy.typing as npt
 
-from ._core import KinshipPlan, KinshipStats
+from ._core import KinshipPlan, KinshipStats, MergedTensors
 from .errors import ModelReferenceError
 from .resolve import resolve
 
+if TYPE_CHECKING:
+    from .merging import MergedModel
+
 MetricName = Literal["pcc", "cs", "ed"]
 METRICS: tuple[MetricName, ...] = ("pcc", "cs", "ed")
-ModelRef = str | os.PathLike[str]
+# A model: a path, a Hub id, or a merged model held in memory (modelkin.merge without an output).
+ModelRef = Union[str, os.PathLike[str], "MergedModel"]
 ProgressCallback = Callable[[int, int], object]
 
 
@@ -125,6 +129,21 @@ def _metric_list(metrics: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def label(model: ModelRef) -> str:
+    """How a model is named in results: its reference, or the in-memory merge it is."""
+    tensors = getattr(model, "_tensors", None)
+    if isinstance(tensors, MergedTensors):
+        return f"<merged {getattr(model.plan, 'method', 'model')} in memory {id(tensors):#x}>"  # type: ignore[union-attr]
+    return os.fspath(model)  # type: ignore[arg-type]
+
+
+def _opened(model: ModelRef, offline: bool) -> str | MergedTensors:
+    tensors = getattr(model, "_tensors", None)
+    if isinstance(tensors, MergedTensors):
+        return tensors
+    return str(resolve(model, offline=offline))  # type: ignore[arg-type]
+
+
 def measure(
     models: Sequence[ModelRef],
     base: ModelRef,
@@ -139,11 +158,13 @@ def measure(
     progress: ProgressCallback | None = None,
 ) -> KinshipStats:
     """One pass over ``base`` and ``models``: the moments every metric is derived from."""
-    texts = [os.fspath(m) for m in (*models, base)]
+    texts = [label(m) for m in (*models, base)]
     repeated = next((t for i, t in enumerate(texts) if t in texts[:i]), None)
     if repeated is not None:
         raise ModelReferenceError(f"{repeated}: the same model is given twice; all models must be different")
-    paths = [str(resolve(m, offline=offline)) for m in texts]
+    paths = [_opened(m, offline) for m in (*models, base)]
+    if device is not None and any(isinstance(p, MergedTensors) for p in paths):
+        raise ValueError("device: a merged model held in memory is measured by the Rust pass; leave device unset")
     plan = KinshipPlan(
         paths[-1],
         paths[:-1],
@@ -198,8 +219,8 @@ def kinship(
             for i, (name, n) in enumerate(zip(stats.tensor_names, stats.tensor_elements, strict=True))
         )
     return KinshipResult(
-        models=(os.fspath(model_a), os.fspath(model_b)),
-        base=os.fspath(base),
+        models=(label(model_a), label(model_b)),
+        base=label(base),
         mode=mode,
         metrics=values,
         n=stats.elements,
@@ -238,8 +259,8 @@ def kinship_matrix(
         progress=progress,
     )
     return KinshipMatrix(
-        names=tuple(os.fspath(m) for m in models),
-        base=os.fspath(base),
+        names=tuple(label(m) for m in models),
+        base=label(base),
         mode=mode,
         metrics={m: stats.matrix(m, mode) for m in names},
         n=stats.elements,

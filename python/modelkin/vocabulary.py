@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .merge_config import RecipeError
+from .recipe import RecipeError
 from .safetensors_io import Dtype, read_tensor, save_file, stored_values
 
 # Tensors indexed by token (mergekit's `vocabulary_axis: 0` weights, across its architectures).

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..merge_config import METHODS, RecipeError, _Lines, _where
+from ..recipe import METHODS, RecipeError, _Lines, _where
 from .genome import METHOD_PARAMS, NEEDS_BASE, GenomeSpec
 
 Strategy = Literal["topk", "greedy_soup", "cmaes"]

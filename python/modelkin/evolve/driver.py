@@ -20,7 +20,8 @@ from pathlib import Path
 from .._core import model_tensors
 from ..errors import ModelkinError
 from ..kinship import kinship_matrix
-from ..merge_config import RecipeError, layer_of, load_config
+from ..parameters import layer_of
+from ..recipe import RecipeError, load_config
 from ..merging import merge
 from ..resolve import resolve
 from . import strategies

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import yaml
 
-from ..merge_config import RecipeError
+from ..recipe import RecipeError
 from .config import EvolveConfig
 from .genome import Genome
 from .store import Candidate

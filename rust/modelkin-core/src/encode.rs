@@ -26,6 +26,17 @@ impl OutDtype {
         }
     }
 
+    /// The output dtype a stored safetensors dtype is, if it is one.
+    pub fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        match dtype {
+            safetensors::Dtype::F64 => Some(OutDtype::F64),
+            safetensors::Dtype::F32 => Some(OutDtype::F32),
+            safetensors::Dtype::F16 => Some(OutDtype::F16),
+            safetensors::Dtype::BF16 => Some(OutDtype::BF16),
+            _ => None,
+        }
+    }
+
     /// The name safetensors headers use.
     pub fn name(self) -> &'static str {
         match self {

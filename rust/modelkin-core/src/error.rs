@@ -70,7 +70,14 @@ pub enum Error {
         /// The tensor name.
         tensor: String,
     },
-    /// The caller asked for something inconsistent (the same model twice, no models, ...).
+    /// The same model is given twice where all must differ.
+    #[error("{}: the same model is given twice; all models must be different", path.display())]
+    DuplicateModel {
+        /// The model given twice.
+        path: PathBuf,
+    },
+    /// The caller asked for something inconsistent: a merge job or option out of its range, a
+    /// method without the base it needs, no models.
     #[error("{0}")]
     InvalidArgument(String),
     /// The pass was stopped by the caller (Ctrl-C).

@@ -1,16 +1,18 @@
 //! One streaming pass over a base model and k fine-tunes: per-tensor moments of every delta.
 
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
-use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
+use crate::family::{release, Family, Plan, PlannedTensor};
 use crate::gram::{fused_format, Gram, LANES, MAX_FUSED_MODELS};
 use crate::kernel;
-use crate::model::{Model, TensorEntry};
-use crate::stats::{split_matrix, Metric, Mode, Moments};
+use crate::progress::Progress;
+use crate::report::{KinshipReport, SkippedTensor, TensorStats};
+use crate::dtype::FloatDtype;
+use crate::stats::{Mode, Moments};
+use crate::threads::with_threads;
 
 /// Elements per work item: large enough to amortise scheduling, small enough that k+1 decoded
 /// buffers of it stay in a core's L2 cache.
@@ -22,9 +24,6 @@ const GRAM_BLOCK: usize = 256;
 /// Worst relative rounding error of a chunk's raw sums: each of the `LANES` partial sums adds
 /// CHUNK / LANES terms, then the lanes and the distance identity add a few roundings more.
 const RAW_SUM_RELATIVE_ERROR: f64 = (CHUNK / LANES + LANES + 4) as f64 * f64::EPSILON / 2.0;
-
-const LM_HEAD: &str = "lm_head.weight";
-const EMBED_SUFFIX: &str = "embed_tokens.weight";
 
 /// Knobs of a kinship pass.
 #[derive(Debug, Clone, Default)]
@@ -41,187 +40,6 @@ pub struct PassOptions {
     pub count_tied_embeddings_twice: bool,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
-}
-
-/// Shared between the pass and whoever watches it: bytes processed, and a stop flag.
-#[derive(Debug, Default)]
-pub struct Progress {
-    pub(crate) done: AtomicU64,
-    pub(crate) total: AtomicU64,
-    cancelled: AtomicBool,
-}
-
-impl Progress {
-    /// Bytes of tensor data processed so far.
-    pub fn done(&self) -> u64 {
-        self.done.load(Ordering::Relaxed)
-    }
-
-    /// Bytes of tensor data the pass will process (known once it has planned).
-    pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
-    }
-
-    /// Asks the pass to stop at the next chunk; it then returns [`Error::Cancelled`].
-    pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::Relaxed);
-    }
-
-    pub(crate) fn check(&self) -> Result<()> {
-        if self.cancelled.load(Ordering::Relaxed) {
-            Err(Error::Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// The moments of one tensor's deltas (after the vocabulary row cut).
-#[derive(Debug, Clone)]
-pub struct TensorStats {
-    /// Tensor name, as in the base model.
-    pub name: String,
-    /// Shape after the row cut.
-    pub shape: Vec<usize>,
-    /// Moments of the k deltas.
-    pub moments: Moments,
-}
-
-/// A tensor left out of the pass, and why.
-#[derive(Debug, Clone)]
-pub struct SkippedTensor {
-    /// Tensor name.
-    pub name: String,
-    /// One line saying why.
-    pub reason: String,
-}
-
-/// Everything one pass measured: per-tensor moments and their merge.
-#[derive(Debug, Clone)]
-pub struct KinshipReport {
-    /// Number of fine-tunes.
-    pub k: usize,
-    /// Per-tensor statistics, in reading order.
-    pub tensors: Vec<TensorStats>,
-    /// Tensors left out.
-    pub skipped: Vec<SkippedTensor>,
-    /// Moments of the concatenated deltas.
-    pub total: Moments,
-}
-
-impl KinshipReport {
-    /// Builds a report from per-tensor statistics (merging them in order, so the result does not
-    /// depend on thread scheduling).
-    pub fn new(k: usize, tensors: Vec<TensorStats>, skipped: Vec<SkippedTensor>) -> Self {
-        let mut total = Moments::empty(k);
-        for t in &tensors {
-            total.merge(&t.moments);
-        }
-        KinshipReport { k, tensors, skipped, total }
-    }
-
-    /// The k×k matrix of a metric, row-major.
-    pub fn matrix(&self, metric: Metric, mode: Mode) -> Vec<f64> {
-        match mode {
-            Mode::Full => self.total.matrix(metric),
-            Mode::Split => split_matrix(self.tensors.iter().map(|t| &t.moments), self.k, metric),
-        }
-    }
-}
-
-/// Models opened together: the base first, then the fine-tunes.
-#[derive(Debug)]
-pub struct Family {
-    /// The base at index 0, then the fine-tunes.
-    pub models: Vec<Model>,
-}
-
-impl Family {
-    /// Groups a base and its fine-tunes, refusing the same model twice.
-    pub fn new(base: Model, fine_tunes: Vec<Model>) -> Result<Self> {
-        if fine_tunes.is_empty() {
-            return Err(Error::InvalidArgument("at least one model besides the base is needed".to_string()));
-        }
-        let models: Vec<Model> = std::iter::once(base).chain(fine_tunes).collect();
-        let canonical: Vec<_> = models
-            .iter()
-            .map(|m| std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone()))
-            .collect();
-        for (i, a) in canonical.iter().enumerate() {
-            if canonical[..i].contains(a) {
-                return Err(Error::InvalidArgument(format!(
-                    "{}: the same model is given twice; all models must be different",
-                    models[i].path.display()
-                )));
-            }
-        }
-        Ok(Family { models })
-    }
-
-    /// Number of fine-tunes.
-    pub fn k(&self) -> usize {
-        self.models.len() - 1
-    }
-
-    /// Widens `out.len()` elements of a source tensor, starting at element `first`.
-    pub fn read_f64(&self, source: &Source, first: usize, out: &mut [f64]) {
-        self.models[source.model].read_f64(&source.entry, source.dtype, first, out);
-    }
-
-    /// out ← (`out.len()` elements of a source tensor from element `first`) − `base`, returning
-    /// Σ out.
-    pub fn read_delta(&self, source: &Source, first: usize, base: &[f64], out: &mut [f64]) -> f64 {
-        kernel::stored_delta_and_sum(source.dtype, self.raw_bytes(source, first, out.len()), base, out)
-    }
-
-    /// The stored bytes of `count` elements of a source tensor, starting at element `first`.
-    pub fn raw_bytes(&self, source: &Source, first: usize, count: usize) -> &[u8] {
-        self.models[source.model].raw_bytes(&source.entry, source.dtype, first, count)
-    }
-
-    /// The file holding a source tensor.
-    pub fn file_of(&self, source: &Source) -> &Path {
-        self.models[source.model].file_of(&source.entry)
-    }
-}
-
-/// Where one model's copy of a planned tensor lives.
-#[derive(Debug, Clone)]
-pub struct Source {
-    /// Index into [`Family::models`].
-    pub model: usize,
-    /// Location of the data.
-    pub entry: TensorEntry,
-    /// Storage format.
-    pub dtype: FloatDtype,
-}
-
-/// A tensor every model has, with the shape all deltas share after the vocabulary row cut.
-#[derive(Debug, Clone)]
-pub struct PlannedTensor {
-    /// Name in the base model.
-    pub name: String,
-    /// Shape after the row cut (a prefix of each stored tensor).
-    pub shape: Vec<usize>,
-    /// Elements after the row cut.
-    pub numel: usize,
-    /// The base first, then the fine-tunes.
-    pub sources: Vec<Source>,
-}
-
-impl PlannedTensor {
-    fn bytes(&self) -> u64 {
-        self.sources.iter().map(|s| (self.numel * s.dtype.size()) as u64).sum()
-    }
-}
-
-/// The tensors a pass visits, in reading order, and those it leaves out.
-#[derive(Debug, Clone)]
-pub struct Plan {
-    /// Tensors to measure.
-    pub tensors: Vec<PlannedTensor>,
-    /// Tensors left out (missing from a fine-tune, with `skip_missing`).
-    pub skipped: Vec<SkippedTensor>,
 }
 
 enum ChunkOutcome {
@@ -278,89 +96,6 @@ pub fn kinship_pass(
         Ok(KinshipReport::new(family.k(), tensors, skipped))
     };
     with_threads(options.threads, run)
-}
-
-/// Runs `work` on a pool of `threads` workers, or on rayon's global pool (all cores) when 0.
-pub(crate) fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    if threads == 0 {
-        return work();
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?
-        .install(work)
-}
-
-/// The number of rows every tensor is cut to: the base's vocabulary size.
-pub(crate) fn vocab_rows(base: &Model) -> Option<usize> {
-    let names = base.tensor_names();
-    let name =
-        names.iter().find(|n| **n == LM_HEAD).or_else(|| names.iter().find(|n| n.ends_with(EMBED_SUFFIX)))?;
-    base.tensor(name).and_then(|e| e.shape.first().copied())
-}
-
-pub(crate) fn cut_shape(shape: &[usize], rows: Option<usize>) -> Vec<usize> {
-    let mut shape = shape.to_vec();
-    if let (Some(first), Some(rows)) = (shape.first_mut(), rows) {
-        *first = (*first).min(rows);
-    }
-    shape
-}
-
-/// Decides which tensors a pass visits and where each model's copy lives.
-pub fn plan(family: &Family, options: &PassOptions) -> Result<Plan> {
-    let base = &family.models[0];
-    let rows = vocab_rows(base);
-    let mut names: Vec<(String, &str)> =
-        base.tensor_names().into_iter().map(|n| (n.to_string(), n)).collect();
-    if options.count_tied_embeddings_twice && base.tensor(LM_HEAD).is_none() {
-        if let Some(embed) = base.tensor_names().into_iter().find(|n| n.ends_with(EMBED_SUFFIX)) {
-            names.push((LM_HEAD.to_string(), embed));
-        }
-    }
-    let mut tensors = Vec::with_capacity(names.len());
-    let mut skipped = Vec::new();
-    'tensors: for (name, stored_as) in names {
-        let entry = base.tensor(stored_as).expect("name comes from the base");
-        let shape = cut_shape(&entry.shape, rows);
-        let mut sources =
-            vec![Source { model: 0, entry: entry.clone(), dtype: base.float_dtype(stored_as, entry)? }];
-        for (index, model) in family.models.iter().enumerate().skip(1) {
-            // An aliased tied embedding reads the fine-tune's own lm_head when it stores one.
-            let found = model
-                .tensor(&name)
-                .map(|e| (&name[..], e))
-                .or_else(|| model.tensor(stored_as).map(|e| (stored_as, e)));
-            let Some((found_name, entry)) = found else {
-                if options.skip_missing {
-                    skipped.push(SkippedTensor {
-                        name: name.clone(),
-                        reason: format!("missing from {}", model.path.display()),
-                    });
-                    continue 'tensors;
-                }
-                return Err(Error::MissingTensor { path: model.path.clone(), tensor: name });
-            };
-            let model_shape = cut_shape(&entry.shape, rows);
-            if model_shape != shape {
-                return Err(Error::ShapeMismatch {
-                    path: model.file_of(entry).to_path_buf(),
-                    tensor: name,
-                    expected: shape,
-                    found: model_shape,
-                });
-            }
-            sources.push(Source {
-                model: index,
-                entry: entry.clone(),
-                dtype: model.float_dtype(found_name, entry)?,
-            });
-        }
-        let numel = shape.iter().product();
-        tensors.push(PlannedTensor { name, shape, numel, sources });
-    }
-    Ok(Plan { tensors, skipped })
 }
 
 /// Decodes one chunk of every source into `buffer` (base first) and turns the fine-tunes' rows into
@@ -653,8 +388,3 @@ fn nonfinite_source(
         .unwrap_or(0)
 }
 
-fn release(family: &Family, tensor: &PlannedTensor) {
-    for s in &tensor.sources {
-        family.models[s.model].shards[s.entry.shard].release(s.entry.start, s.entry.end);
-    }
-}

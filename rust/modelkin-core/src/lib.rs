@@ -8,20 +8,24 @@
 pub mod dtype;
 pub mod encode;
 pub mod error;
+pub mod family;
 mod gram;
 pub mod kernel;
 pub mod kinship;
 pub mod merge;
 pub mod model;
+pub mod progress;
+pub mod report;
 mod simd;
 pub mod stats;
+pub mod threads;
 pub mod writer;
 
 pub use error::{Error, Result};
-pub use kinship::{
-    kinship_pass, plan, Family, KinshipReport, PassOptions, Plan, PlannedTensor, Progress, SkippedTensor,
-    Source, TensorStats,
-};
-pub use merge::{run_merge, Compute, MergeJob, MergeReport, Method};
+pub use family::{plan, Family, Plan, PlannedTensor, Source};
+pub use kinship::{kinship_pass, PassOptions};
+pub use merge::{run_merge, Compute, MergeJob, MergeReport, Method, MethodSpec, METHODS};
+pub use progress::Progress;
+pub use report::{KinshipReport, SkippedTensor, TensorStats};
 pub use model::Model;
 pub use stats::{Metric, Mode, Moments};

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::SafeTensors;
@@ -42,12 +42,53 @@ impl TensorEntry {
 /// on its own cost ~5% of an 8-model matrix pass.
 const RELEASE_BATCH: usize = 32 << 20;
 
-/// One memory-mapped safetensors file.
+/// The bytes of a safetensors file held in memory (a merge made without an output directory),
+/// in 8-byte words so that every tensor of one float dtype is aligned for its element type.
+#[derive(Debug)]
+pub struct OwnedBytes {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl OwnedBytes {
+    /// `len` zeroed bytes (the pages are mapped only when written).
+    pub fn zeroed(len: usize) -> Self {
+        OwnedBytes { words: vec![0u64; len.div_ceil(8)], len }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.words)[..self.len]
+    }
+
+    /// The bytes, to fill.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.words)[..self.len]
+    }
+}
+
+/// Where a shard's bytes are: a read-only file mapping, or memory the process owns.
+#[derive(Debug)]
+enum Backing {
+    Mapped(Mmap),
+    Owned(Arc<OwnedBytes>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mapped(mmap) => mmap,
+            Backing::Owned(owned) => owned.bytes(),
+        }
+    }
+}
+
+/// One safetensors file: memory-mapped, or held in memory.
 #[derive(Debug)]
 pub struct Shard {
-    /// The file's path.
+    /// The file's path (for a model in memory, the label it goes by in messages).
     pub path: PathBuf,
-    mmap: Mmap,
+    backing: Backing,
     /// Released bytes not yet dropped: one contiguous range.
     pending: Mutex<Range<usize>>,
 }
@@ -62,8 +103,13 @@ impl Shard {
         // maps with one entry each instead of 512. Only advice: without THP it changes nothing.
         #[cfg(target_os = "linux")]
         let _ = mmap.advise(memmap2::Advice::HugePage);
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::invalid_file(path, header_error(&e, mmap.len())))?;
+        Shard::read(path, Backing::Mapped(mmap))
+    }
+
+    fn read(path: &Path, backing: Backing) -> Result<(Self, Vec<(String, TensorEntry)>)> {
+        let bytes = backing.bytes();
+        let (header_len, metadata) = SafeTensors::read_metadata(bytes)
+            .map_err(|e| Error::invalid_file(path, header_error(&e, bytes.len())))?;
         let data_start = 8 + header_len;
         let tensors = metadata
             .tensors()
@@ -80,19 +126,20 @@ impl Shard {
                 (name, entry)
             })
             .collect();
-        Ok((Shard { path: path.to_path_buf(), mmap, pending: Mutex::new(0..0) }, tensors))
+        Ok((Shard { path: path.to_path_buf(), backing, pending: Mutex::new(0..0) }, tensors))
     }
 
     /// The bytes `start..end` of the file.
     pub fn bytes(&self, start: usize, end: usize) -> &[u8] {
-        &self.mmap[start..end]
+        &self.backing.bytes()[start..end]
     }
 
     /// Marks a byte range the pass has finished with; its mapped pages are dropped with their
     /// neighbours once 32 MiB have gathered, so resident memory does not grow
     /// with model size. The page cache keeps the data.
     pub fn release(&self, start: usize, end: usize) {
-        if end <= start {
+        // Memory the process owns stays: it is the model.
+        if end <= start || matches!(self.backing, Backing::Owned(_)) {
             return;
         }
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -102,12 +149,10 @@ impl Shard {
     }
 
     fn drop_pages(&self, range: &Range<usize>) {
-        if !range.is_empty() {
+        if let (Backing::Mapped(mmap), false) = (&self.backing, range.is_empty()) {
             // SAFETY: the map is a read-only file mapping, so dropped pages are re-read from the
             // file on the next access and no borrowed slice ever observes different data.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len())
-            };
+            let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
         }
     }
 }
@@ -183,6 +228,39 @@ impl Model {
             shards.push(shard);
         }
         Ok(Model { path: path.to_path_buf(), shards, tensors })
+    }
+
+    /// A model held in memory: `bytes` is one safetensors file, `label` names it in messages.
+    pub fn from_memory(label: impl Into<PathBuf>, bytes: Arc<OwnedBytes>) -> Result<Self> {
+        let label = label.into();
+        let (shard, entries) = Shard::read(&label, Backing::Owned(bytes))?;
+        Ok(Model { path: label, shards: vec![shard], tensors: entries.into_iter().collect() })
+    }
+
+    /// The in-memory bytes of a model made by [`Model::from_memory`].
+    pub fn memory(&self) -> Option<&Arc<OwnedBytes>> {
+        match self.shards.as_slice() {
+            [Shard { backing: Backing::Owned(bytes), .. }] => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// Whether `other` is this very model: the same files on disk, or the same bytes in memory.
+    pub fn same_as(&self, other: &Model) -> bool {
+        match (self.memory(), other.memory()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => {
+                let canonical = |m: &Model| std::fs::canonicalize(&m.path).unwrap_or_else(|_| m.path.clone());
+                canonical(self) == canonical(other)
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets the mapped pages of a finished tensor go (they are dropped in batches, see
+    /// [`Shard::release`]).
+    pub fn release(&self, entry: &TensorEntry) {
+        self.shards[entry.shard].release(entry.start, entry.end);
     }
 
     /// Looks a tensor up by name.

@@ -3,8 +3,12 @@
 use std::io::ErrorKind;
 
 use modelkin_core::Error;
-use pyo3::exceptions::{PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError};
+use pyo3::exceptions::{
+    PyException, PyFileNotFoundError, PyKeyboardInterrupt, PyOSError, PyPermissionError, PyValueError,
+};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyTuple, PyType};
 
 pyo3::create_exception!(modelkin, ModelkinError, PyException, "Base class of every modelkin error.");
 pyo3::create_exception!(
@@ -45,6 +49,26 @@ pyo3::create_exception!(
     "A model reference is invalid or cannot be resolved."
 );
 
+/// `RecipeError(ModelkinError, ValueError)`: a bad recipe, argument or option. It has two bases,
+/// which `create_exception!` cannot make, so it is built with `type()` once.
+static RECIPE_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn recipe_error(py: Python<'_>) -> PyResult<&Bound<'_, PyType>> {
+    RECIPE_ERROR
+        .get_or_try_init(py, || {
+            let bases = PyTuple::new(py, [py.get_type::<ModelkinError>(), py.get_type::<PyValueError>()])?;
+            let namespace = PyDict::new(py);
+            namespace.set_item("__module__", "modelkin")?;
+            namespace.set_item(
+                "__doc__",
+                "A merge recipe, argument or option is invalid; the message names the key (and, for YAML, its line).",
+            )?;
+            let class = py.get_type::<PyType>().call1(("RecipeError", bases, namespace))?;
+            Ok(class.cast_into::<PyType>()?.unbind())
+        })
+        .map(|class| class.bind(py))
+}
+
 /// Converts a core error into the matching Python exception.
 pub fn to_py(error: Error) -> PyErr {
     let message = error.to_string();
@@ -60,7 +84,11 @@ pub fn to_py(error: Error) -> PyErr {
         Error::ShapeMismatch { .. } => ShapeMismatchError::new_err(message),
         Error::UnsupportedDtype { .. } => DtypeError::new_err(message),
         Error::NonFinite { .. } => NonFiniteError::new_err(message),
-        Error::InvalidArgument(_) => ModelReferenceError::new_err(message),
+        Error::DuplicateModel { .. } => ModelReferenceError::new_err(message),
+        Error::InvalidArgument(_) => Python::attach(|py| match recipe_error(py) {
+            Ok(class) => PyErr::from_type(class.clone(), message),
+            Err(error) => error,
+        }),
         Error::Cancelled => PyKeyboardInterrupt::new_err(message),
     }
 }
@@ -76,5 +104,6 @@ pub fn register(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add("DtypeError", py.get_type::<DtypeError>())?;
     module.add("NonFiniteError", py.get_type::<NonFiniteError>())?;
     module.add("ModelReferenceError", py.get_type::<ModelReferenceError>())?;
+    module.add("RecipeError", recipe_error(py)?)?;
     Ok(())
 }

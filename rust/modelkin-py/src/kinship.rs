@@ -11,6 +11,7 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
+use crate::merge::MergedTensors;
 use crate::progress::run_watched;
 
 fn parse_metric(name: &str) -> PyResult<Metric> {
@@ -33,6 +34,25 @@ fn parse_mode(name: &str) -> PyResult<Mode> {
 type MomentBlock<'py> =
     (usize, u64, PyReadonlyArray1<'py, f64>, PyReadonlyArray2<'py, f64>, PyReadonlyArray2<'py, f64>);
 
+/// A model as Python hands it over: a path, or a merged model held in memory.
+#[derive(FromPyObject)]
+pub enum ModelArg {
+    /// A merged model in memory.
+    Memory(Py<MergedTensors>),
+    /// A safetensors file or directory.
+    Path(String),
+}
+
+impl ModelArg {
+    /// Opens the path, or shares the model in memory.
+    pub fn open(self) -> modelkin_core::Result<Arc<Model>> {
+        match self {
+            ModelArg::Memory(tensors) => Ok(Arc::clone(&tensors.get().model)),
+            ModelArg::Path(path) => Model::open(path).map(Arc::new),
+        }
+    }
+}
+
 /// A base and its fine-tunes, opened and matched tensor by tensor, ready for a pass.
 #[pyclass(module = "modelkin._core", frozen)]
 pub struct KinshipPlan {
@@ -47,15 +67,15 @@ impl KinshipPlan {
     #[pyo3(signature = (base, models, *, skip_missing = false, count_tied_embeddings_twice = false))]
     fn new(
         py: Python<'_>,
-        base: String,
-        models: Vec<String>,
+        base: ModelArg,
+        models: Vec<ModelArg>,
         skip_missing: bool,
         count_tied_embeddings_twice: bool,
     ) -> PyResult<Self> {
         let options = PassOptions { skip_missing, count_tied_embeddings_twice, ..PassOptions::default() };
         py.detach(|| {
-            let base = Model::open(&base)?;
-            let models = models.iter().map(Model::open).collect::<modelkin_core::Result<Vec<_>>>()?;
+            let base = base.open()?;
+            let models = models.into_iter().map(ModelArg::open).collect::<modelkin_core::Result<Vec<_>>>()?;
             let family = Family::new(base, models)?;
             let plan = plan(&family, &options)?;
             Ok(KinshipPlan { family: Arc::new(family), plan, options })
@@ -196,7 +216,7 @@ impl KinshipPlan {
 /// The moments one pass measured, per tensor and overall; metrics are derived on demand.
 #[pyclass(module = "modelkin._core", frozen)]
 pub struct KinshipStats {
-    report: KinshipReport,
+    pub(crate) report: KinshipReport,
 }
 
 #[pymethods]

@@ -12,9 +12,9 @@ use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_F
 use crate::dtype::FloatDtype;
 use crate::encode::encode;
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 use crate::stats::Moments;
-use crate::writer::ShardedWriter;
+use crate::writer::TensorSink;
 
 thread_local! {
     /// Per-thread merged values of a block, reused block after block.
@@ -34,7 +34,7 @@ pub(super) fn write_tensor(
     index: usize,
     tensor: &Resolved,
     stats: &TensorStatistics,
-    writer: &mut ShardedWriter,
+    writer: &mut dyn TensorSink,
     progress: &Progress,
 ) -> Result<Option<Moments>> {
     let n = tensor.numel;

@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::{with_block, Source, BLOCK};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 const LANES: usize = 8;
 

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use super::half_ops::{Bf16Rounding, F16Rounding, Rounding};
 use super::{no_base, radix, with_block, Compute, MergeJob, Resolved};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// What the output pass needs: each row's KL divergence and the importance threshold.
 #[derive(Debug, Clone)]

@@ -9,6 +9,7 @@ mod combine;
 mod float32;
 mod fusion;
 mod half_ops;
+mod methods;
 mod model_stock;
 mod radix;
 mod ram;
@@ -25,10 +26,14 @@ use serde::Deserialize;
 use crate::dtype::FloatDtype;
 use crate::encode::OutDtype;
 use crate::error::{Error, Result};
-use crate::kinship::{cut_shape, with_threads, KinshipReport, Progress, TensorStats};
+use crate::family::cut_shape;
 use crate::model::{Model, TensorEntry};
-use crate::writer::{OutputTensor, ShardedWriter};
+use crate::progress::Progress;
+use crate::report::{KinshipReport, TensorStats};
+use crate::threads::with_threads;
+use crate::writer::{MemoryWriter, OutputTensor, ShardedWriter, TensorSink};
 
+pub use methods::{BaseUse, DefaultValue, Inputs, Method, MethodSpec, Parameter, Range, Scope, Sparsification, Statistics, METHODS};
 pub use ram::RamOptions;
 use statistics::TensorStatistics;
 
@@ -37,96 +42,13 @@ const BLOCK: usize = 1 << 16;
 /// Blocks computed in parallel before their bytes are written in order.
 const BLOCKS_IN_FLIGHT: usize = 32;
 
-/// A merge method, named as in mergekit's YAML.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Weighted average of the models (a model soup).
-    Linear,
-    /// Base plus the weighted sum of task vectors.
-    TaskArithmetic,
-    /// Task arithmetic with top-k magnitude pruning and sign election.
-    Ties,
-    /// Random (Bernoulli) pruning with L1 rescaling and sign election.
-    DareTies,
-    /// Random (Bernoulli) pruning with L1 rescaling.
-    DareLinear,
-    /// Drops the largest `gamma` and the smallest entries of each task vector.
-    Breadcrumbs,
-    /// Breadcrumbs with sign election.
-    BreadcrumbsTies,
-    /// Spherical interpolation between the base (t = 0) and one other model.
-    Slerp,
-    /// Model Stock: interpolation towards the average by the task vectors' mean cosine.
-    ModelStock,
-    /// DELLA: magnitude-ranked random pruning per row, L1 rescale, sign election.
-    Della,
-    /// DELLA without sign election.
-    DellaLinear,
-    /// SCE: select high-variance entries, weight task vectors by their energy, sign election.
-    Sce,
-    /// Spherical interpolation of two models (or their task vectors), t from their weights.
-    Nuslerp,
-    /// Barycentric interpolation of several models (or task vectors) on the hypersphere.
-    Multislerp,
-    /// The Karcher (Riemannian) mean of the models' directions, scaled by their mean norm.
-    Karcher,
-    /// Copies one model's tensor, times its `scale` (mergekit's per-input parameter).
-    Passthrough,
-    /// Takes the other model's value where it is within `t` of the base's: weight = t/|a − b|.
-    Nearswap,
-    /// RAM: entries one model contributes kept whole, shared ones averaged over contributors.
-    Ram,
-    /// RAM+ (tensor-local): RAM with each model's unique entries scaled by its λ.
-    RamplusTl,
-    /// Arcee Fusion: the other model's changes where their softmax-KL importance is an outlier.
-    ArceeFusion,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Sparsification {
-    Magnitude,
-    Random,
-    MagnitudeOutliers,
-    DellaMagprune,
-}
-
-impl Method {
-    fn sparsification(self) -> Option<Sparsification> {
-        match self {
-            Method::Ties => Some(Sparsification::Magnitude),
-            Method::DareTies | Method::DareLinear => Some(Sparsification::Random),
-            Method::Breadcrumbs | Method::BreadcrumbsTies => Some(Sparsification::MagnitudeOutliers),
-            Method::Della | Method::DellaLinear => Some(Sparsification::DellaMagprune),
-            _ => None,
-        }
-    }
-
-    fn sign_consensus(self) -> bool {
-        matches!(self, Method::Ties | Method::DareTies | Method::BreadcrumbsTies | Method::Della)
-    }
-
-    fn task_vectors(self) -> bool {
-        matches!(
-            self,
-            Method::TaskArithmetic
-                | Method::Ties
-                | Method::DareTies
-                | Method::DareLinear
-                | Method::Breadcrumbs
-                | Method::BreadcrumbsTies
-                | Method::Della
-                | Method::DellaLinear
-        )
-    }
-}
-
 fn one() -> f64 {
     1.0
 }
 
 /// One model's contribution to one output tensor, with its resolved parameters.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MergeInput {
     /// Index into [`MergeJob::models`].
     pub model: usize,
@@ -148,6 +70,7 @@ pub struct MergeInput {
 
 /// How one output tensor is made.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TensorRecipe {
     /// Output tensor name.
     pub name: String,
@@ -169,7 +92,7 @@ pub struct TensorRecipe {
 
 /// Global options of the spherical methods (mergekit's defaults when absent).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SphericalOptions {
     /// multislerp: divide the weights by their sum.
     pub normalize_weights: bool,
@@ -251,6 +174,7 @@ fn float64() -> Compute {
 
 /// A whole merge, as the Python layer resolves it from a mergekit YAML.
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MergeJob {
     /// Local paths of every model the recipe names.
     pub models: Vec<PathBuf>,
@@ -287,8 +211,10 @@ pub struct MergeJob {
     /// sort does (8 bytes per element of a tensor); larger tensors use the streamed tie rule.
     #[serde(default = "sort_order_bytes")]
     pub sort_order_bytes: u64,
-    /// Directory the shards are written into (it must exist).
-    pub out_dir: PathBuf,
+    /// Directory the shards are written into (it must exist); none keeps the merged model in
+    /// memory ([`MergeReport::model`]).
+    #[serde(default)]
+    pub out_dir: Option<PathBuf>,
     /// Largest shard size in bytes.
     pub max_shard_bytes: u64,
     /// Worker threads; 0 uses every core.
@@ -304,6 +230,8 @@ pub struct MergeReport {
     pub kinship: Option<KinshipReport>,
     /// Bytes of tensor data written.
     pub bytes_written: u64,
+    /// The merged model, when the job has no output directory.
+    pub model: Option<Model>,
 }
 
 #[derive(Clone)]
@@ -346,11 +274,15 @@ impl<'m> Resolved<'m> {
 }
 
 /// Runs a merge job: reads every input tensor once for the output (plus one streamed statistics
-/// pass where the method needs it) and writes the shards into `job.out_dir`.
+/// pass where the method needs it) and writes the shards into `job.out_dir`, or, without one,
+/// into memory (the merged model's size, plus the engine's bounded working set).
 pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
     let models = job.models.iter().map(Model::open).collect::<Result<Vec<_>>>()?;
     with_threads(job.threads, || merge_models(job, &models, progress))
 }
+
+/// The label a merged model held in memory goes by in messages.
+pub const IN_MEMORY_LABEL: &str = "<merged model in memory>";
 
 fn source<'m>(
     job: &MergeJob,
@@ -429,7 +361,10 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
         .collect();
     let total: u64 = resolved.iter().map(|r| read_bytes(r) * (1 + statistics_passes(job))).sum();
     progress.total.store(total, Ordering::Relaxed);
-    let mut writer = ShardedWriter::create(&job.out_dir, &outputs, job.max_shard_bytes)?;
+    let mut writer = match &job.out_dir {
+        Some(dir) => Output::Disk(ShardedWriter::create(dir, &outputs, job.max_shard_bytes)?),
+        None => Output::Memory(MemoryWriter::create(&outputs)),
+    };
     let mut kinship = Vec::new();
     let mut bytes_written = 0u64;
     let pool = sort_order::EntryPool::new(job.sort_order_bytes);
@@ -444,8 +379,8 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
         let (next, written) = rayon::join(
             || measure(index + 1),
             || -> Result<_> {
-                writer.begin_tensor(index)?;
-                combine::write_tensor(job, index, tensor, &current, &mut writer, progress)
+                writer.sink().begin_tensor(index)?;
+                combine::write_tensor(job, index, tensor, &current, writer.sink(), progress)
             },
         );
         let moments = written?;
@@ -459,13 +394,36 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
             });
         }
         for s in tensor.base.iter().chain(&tensor.inputs) {
-            s.model.shards[s.entry.shard].release(s.entry.start, s.entry.end);
+            s.model.release(s.entry);
         }
     }
-    writer.finish()?;
+    let model = writer.finish()?;
     let parents = resolved.first().map_or(0, |r| r.inputs.len());
     let kinship = (!kinship.is_empty()).then(|| KinshipReport::new(parents, kinship, Vec::new()));
-    Ok(MergeReport { kinship, bytes_written })
+    Ok(MergeReport { kinship, bytes_written, model })
+}
+
+/// Where the merged tensors go.
+enum Output {
+    Disk(ShardedWriter),
+    Memory(MemoryWriter),
+}
+
+impl Output {
+    fn sink(&mut self) -> &mut dyn TensorSink {
+        match self {
+            Output::Disk(w) => w,
+            Output::Memory(w) => w,
+        }
+    }
+
+    /// Syncs the files, or hands over the model held in memory.
+    fn finish(self) -> Result<Option<Model>> {
+        match self {
+            Output::Disk(w) => w.finish().map(|()| None),
+            Output::Memory(w) => w.finish(IN_MEMORY_LABEL).map(Some),
+        }
+    }
 }
 
 fn read_bytes(tensor: &Resolved) -> u64 {
@@ -474,32 +432,23 @@ fn read_bytes(tensor: &Resolved) -> u64 {
 
 /// Extra full reads of the tensor the method's statistics take (for the progress total).
 fn statistics_passes(job: &MergeJob) -> u64 {
-    match job.method.sparsification() {
-        Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers) => 2 + u64::from(job.rescale),
-        Some(Sparsification::Random | Sparsification::DellaMagprune) if job.rescale => 1,
-        _ if job.method == Method::Sce => 3,
-        // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
-        _ if job.method == Method::Slerp && job.compute.float32_order() => 2,
-        _ if matches!(
-            job.method,
-            Method::Slerp
-                | Method::ModelStock
-                | Method::Nuslerp
-                | Method::Multislerp
-                | Method::Karcher
-                | Method::RamplusTl
-        ) =>
-        {
-            1
+    match (job.method.spec().statistics, job.method.sparsification()) {
+        (Statistics::Sparsification, Some(Sparsification::Magnitude | Sparsification::MagnitudeOutliers)) => {
+            2 + u64::from(job.rescale)
         }
+        (Statistics::Sparsification, _) => u64::from(job.rescale),
+        (Statistics::Variance, _) => 3,
+        // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
+        (Statistics::Norms, _) if job.method == Method::Slerp && job.compute.float32_order() => 2,
+        (Statistics::Norms, _) => 1,
         // The rows' KL divergences, then the two histogram passes of the quartiles.
-        _ if job.method == Method::ArceeFusion => 3,
-        _ => 0,
+        (Statistics::Importance, _) => 3,
+        (Statistics::None, _) => 0,
     }
 }
 
 fn no_base(job: &MergeJob) -> Error {
-    Error::InvalidArgument(format!("merge method {:?} needs a base_model", job.method))
+    Error::InvalidArgument(format!("merge method {} needs a base_model", job.method.name()))
 }
 
 /// A reproducible uniform in [0, 1) for (seed, tensor, input, element), independent of threads.

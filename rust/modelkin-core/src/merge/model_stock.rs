@@ -8,7 +8,7 @@ use super::half_ops::Half;
 use super::statistics::gram;
 use super::{float32, no_base, with_block, Compute, MergeJob, Resolved};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// Model Stock: t = N·cosθ / (1 + (N − 1)·cosθ) from the mean pairwise cosine of task vectors
 /// (t = 0 where the denominator vanishes), each step rounded as mergekit's working dtype.

@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::{map_magnitudes, Source};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// The value at an order-statistic rank, with the counts that place the rank inside its ties.
 #[derive(Debug, Clone, Copy)]

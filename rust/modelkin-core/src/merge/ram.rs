@@ -12,11 +12,11 @@ use rayon::prelude::*;
 use super::half_ops::{Bf16Rounding, F16Rounding, Half, NoRounding, Rounding};
 use super::{no_base, with_block, Compute, MergeJob, Resolved, BLOCK};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// RAM's options (mergekit's defaults when absent).
 #[derive(Debug, Clone, serde::Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct RamOptions {
     /// Magnitude above which a task-vector entry contributes.
     pub epsilon: f64,

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 use super::{map_magnitudes, Source};
 use crate::error::Result;
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// Entry buffers kept from one tensor's replay to the next within a merge: a fresh buffer per
 /// tensor and input would be mapped and zeroed by the kernel each time. At most `budget` bytes

@@ -13,7 +13,7 @@ use super::{
     Method, Resolved, Source, Sparsification,
 };
 use crate::error::{Error, Result};
-use crate::kinship::Progress;
+use crate::progress::Progress;
 
 /// Per-input pruning rule of one tensor.
 #[derive(Debug, Clone)]

@@ -1,130 +1,75 @@
-"""mergekit YAML recipes: parsed with PyYAML, validated into typed objects, parameters resolved per
-tensor with mergekit's lookup order (per-model > global), gradients and filters."""
+"""mergekit YAML recipes: parsed with PyYAML and validated into typed objects against the core's
+method table (names, parameters, defaults, ranges, model counts), with line numbers in messages."""
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .errors import ModelkinError
+from . import _core
+from .errors import RecipeError
 
 if TYPE_CHECKING:
     from .vocabulary import TokenizerSpec
 
-
-class RecipeError(ModelkinError, ValueError):
-    """A merge recipe is invalid; the message names the key and, for YAML, the line."""
+__all__ = ["METHODS", "MergeConfig", "MethodSpec", "ModelEntry", "RecipeError", "load_config"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str
-    summary: str
-    needs_base: bool
-    global_defaults: Mapping[str, object]
-    required_global: tuple[str, ...] = ()
-    tensor_defaults: Mapping[str, object] = field(default_factory=dict)
-    required_tensor: tuple[str, ...] = ()
+    """A merge method as the core's method table declares it (`_core.methods()`), with the views
+    recipe validation needs."""
+
+    info: _core.MethodInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def base(self) -> str:
+        """What it does with base_model: required, optional, input or ignored."""
+        return self.info.base
+
+    @property
+    def needs_base(self) -> bool:
+        return self.info.base == "required"
+
+    @cached_property
+    def parameters(self) -> dict[str, _core.ParameterInfo]:
+        return {p.name: p for p in self.info.parameters}
+
+    def _defaults(self, scope: str) -> dict[str, object]:
+        return {p.name: p.default for p in self.info.parameters if p.scope == scope and not p.required}
+
+    @property
+    def global_defaults(self) -> dict[str, object]:
+        return self._defaults("global")
+
+    @property
+    def tensor_defaults(self) -> dict[str, object]:
+        return self._defaults("per_model")
+
+    @property
+    def required_global(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.info.parameters if p.scope == "global" and p.required)
+
+    @property
+    def required_tensor(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.info.parameters if p.scope == "per_model" and p.required)
 
 
-def _gta(name: str, summary: str, normalize: bool, rescale: bool, **extra: object) -> MethodSpec:
-    return MethodSpec(
-        name,
-        summary,
-        True,
-        {"normalize": normalize, "rescale": rescale, "lambda": 1.0, "int8_mask": False},
-        tensor_defaults={"density": 1.0, **extra},
-        required_tensor=("weight",),
-    )
+METHODS: dict[str, MethodSpec] = {info.name: MethodSpec(info) for info in _core.methods()}
 
-
-METHODS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        MethodSpec(
-            "linear",
-            "weighted average of the models (model soup)",
-            False,
-            {"normalize": True},
-            required_tensor=("weight",),
-        ),
-        _gta("task_arithmetic", "base + weighted sum of task vectors", False, False),
-        _gta("ties", "top-k magnitude pruning + sign election", True, False),
-        _gta("dare_ties", "random pruning with L1 rescale + sign election", False, True),
-        _gta("dare_linear", "random pruning with L1 rescale", False, True),
-        _gta("breadcrumbs", "drop the largest gamma and the smallest entries", False, False, gamma=0.01),
-        _gta("breadcrumbs_ties", "breadcrumbs + sign election", False, False, gamma=0.01),
-        _gta("della", "magnitude-ranked random pruning per row + sign election", True, True, epsilon=0.15),
-        _gta("della_linear", "magnitude-ranked random pruning per row", False, True, epsilon=0.15),
-        MethodSpec(
-            "sce",
-            "select high-variance entries, energy weights, sign election",
-            True,
-            {"select_topk": 1.0, "int8_mask": False},
-        ),
-        MethodSpec("slerp", "spherical interpolation; base_model is t=0", True, {}, required_global=("t",)),
-        MethodSpec(
-            "model_stock", "interpolate to the average by the task vectors' cosine", True, {"filter_wise": False}
-        ),
-        MethodSpec(
-            "nuslerp",
-            "slerp of two models (or task vectors); t from their weights",
-            False,
-            {"nuslerp_flatten": True, "nuslerp_row_wise": False},
-            required_tensor=("weight",),
-        ),
-        MethodSpec(
-            "multislerp",
-            "barycentric interpolation of several models on the hypersphere",
-            False,
-            {"normalize_weights": True, "eps": 1e-8},
-            required_tensor=("weight",),
-        ),
-        MethodSpec(
-            "karcher", "Riemannian (Karcher) mean of the models' directions", False, {"max_iter": 10, "tol": 1e-5}
-        ),
-        MethodSpec(
-            "passthrough", "copy one model's tensors (times its scale)", False, {}, tensor_defaults={"scale": 1.0}
-        ),
-        MethodSpec(
-            "arcee_fusion",
-            "keep the other model's changes whose softmax-KL importance is an outlier (median + 1.5 IQR)",
-            True,
-            {},
-        ),
-        MethodSpec(
-            "ram",
-            "keep task-vector entries one model contributes, average the shared ones",
-            True,
-            {"epsilon": 1e-5},
-        ),
-        MethodSpec(
-            "ramplus_tl",
-            "RAM with each model's own entries scaled by its shared-to-unique ratio",
-            True,
-            {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
-        ),
-        MethodSpec(
-            "nearswap",
-            "take the other model's value where it is within t of the base's",
-            True,
-            {},
-            required_global=("t",),
-        ),
-    )
-}
-# Methods of mergekit 0.1.5 that a later version of modelkin will add.
-PLANNED: tuple[str, ...] = ()
-
-# Decoder layer N of every architecture mergekit knows: `layers.N.` (Llama-like), `h.N.` (GPT-2,
-# Bloom, Falcon), `blocks.N.`/`block.N.`/`layer.N.` (see architecture.py).
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 _DTYPES = {
     "float64": "F64",
     "fp64": "F64",
@@ -235,8 +180,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
             raise fail([key], f"unknown key (known: {', '.join(sorted(known))})")
     method_name = raw.get("merge_method")
     if method_name not in METHODS:
-        hint = " (planned, not supported yet)" if method_name in PLANNED else ""
-        raise fail(["merge_method"], f"unknown merge_method {method_name!r}{hint}; supported: {', '.join(METHODS)}")
+        raise fail(["merge_method"], f"unknown merge_method {method_name!r}; supported: {', '.join(METHODS)}")
     method = METHODS[method_name]
     template = raw.get("chat_template")
     if template is not None and not isinstance(template, str):
@@ -334,16 +278,15 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         _check_slices(config, fail)
         return
     method = config.method
-    names = [m.model for m in config.models]
-    others = [m for m in names if m != config.base_model]
+    others = [m.model for m in config.models if method.base in ("ignored", "input") or m.model != config.base_model]
     if method.needs_base and config.base_model is None:
         raise fail(["base_model"], f"{method.name} needs a base_model")
-    if method.name == "slerp" and (len(config.models) != 2 or config.base_model not in names):
-        raise fail(["models"], "slerp needs exactly two models, one of them the base_model")
-    if method.name == "model_stock" and len(others) + 1 < 3:
-        raise fail(["models"], "model_stock needs at least three models counting the base")
-    if method.name == "nuslerp" and len(others) != 2:
-        raise fail(["models"], "nuslerp needs exactly two models besides the base")
+    low, high = method.info.min_models, method.info.max_models
+    if len(others) < low or (high is not None and len(others) > high):
+        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        besides = " besides the base_model" if method.base not in ("ignored", "input") else ""
+        plural = "" if low == high == 1 else "s"
+        raise fail(["models"], f"{method.name} merges {count} model{plural}{besides}; the recipe gives {len(others)}")
     if (
         method.name == "nuslerp"
         and config.parameters.get("nuslerp_row_wise")
@@ -352,17 +295,11 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         config.ignored.append(
             "parameters.nuslerp_row_wise: ignored while nuslerp_flatten is true, as mergekit ignores it"
         )
-    if method.name == "arcee_fusion" and len(others) != 1:
-        raise fail(["models"], "arcee_fusion needs exactly one model besides the base_model")
-    if method.name == "nearswap" and len(others) != 1:
-        raise fail(["models"], "nearswap needs exactly one model besides the base_model")
-    if method.name == "passthrough" and len(config.models) != 1:
-        raise fail(["models"], "passthrough with models: takes exactly one model")
     for key in method.required_global:
         if key not in config.parameters:
             raise fail(["parameters"], f"{method.name} needs the parameter '{key}'")
     for i, entry in enumerate(config.models):
-        if entry.model == config.base_model and method.name != "linear":
+        if entry.model == config.base_model and method.base not in ("ignored", "input"):
             continue
         for key in method.required_tensor:
             if key not in entry.parameters and key not in config.parameters:
@@ -370,7 +307,7 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
             _check_names(fail, scope, method, params, config.ignored)
             for key, value in params.items():
-                _check_value(fail, [*scope, key], key, value)
+                _check_value(fail, [*scope, key], method, key, value)
 
 
 def _check_slices(config: MergeConfig, fail: Any) -> None:
@@ -378,8 +315,9 @@ def _check_slices(config: MergeConfig, fail: Any) -> None:
     if method.needs_base and config.base_model is None:
         raise fail(["base_model"], f"{method.name} needs a base_model")
     for i, sources in enumerate(config.slices or ()):
-        if method.name == "passthrough" and len(sources) != 1:
-            raise fail(["slices", i, "sources"], "passthrough takes exactly one source per slice")
+        high = method.info.max_models
+        if high is not None and len(sources) > high:
+            raise fail(["slices", i, "sources"], f"{method.name} takes at most {high} source(s) per slice")
         for j, entry in enumerate(sources):
             for scope, params in (
                 (["slices", i, "sources", j, "parameters"], entry.parameters),
@@ -387,17 +325,13 @@ def _check_slices(config: MergeConfig, fail: Any) -> None:
             ):
                 _check_names(fail, scope, method, params, config.ignored)
                 for key, value in params.items():
-                    _check_value(fail, [*scope, key], key, value)
+                    _check_value(fail, [*scope, key], method, key, value)
 
 
 def known_parameters(method: MethodSpec) -> tuple[str, ...]:
     """Every parameter a method reads, at any scope (mergekit lets a global value stand for a
     per-model one and the reverse)."""
-    return tuple(
-        dict.fromkeys(
-            [*method.required_global, *method.global_defaults, *method.required_tensor, *method.tensor_defaults]
-        )
-    )
+    return tuple(method.parameters)
 
 
 def _check_names(
@@ -416,22 +350,29 @@ def _check_names(
         if key not in known:
             names = ", ".join(known) or "none"
             raise fail([*path, key], f"{method.name} has no parameter {key!r} (its parameters: {names})")
-        if method.name == "task_arithmetic" and key in ("density", "rescale"):
-            # mergekit 0.1.5 declares both for task_arithmetic but prunes nothing: no effect.
+        reason = method.parameters[key].ignored
+        if reason is not None:
             where = ".".join(str(p) for p in [*path, key])
-            message = f"{where}: task_arithmetic does not prune; ignored, as mergekit ignores it"
+            message = f"{where}: {reason}"
             if message not in ignored:
                 ignored.append(message)
 
 
-def _check_value(fail: Any, path: list[str | int], key: str, value: Any) -> None:
-    values = _all_numbers(value)
+def _check_value(fail: Any, path: list[str | int], method: MethodSpec, key: str, value: Any) -> None:
     if isinstance(value, list) and not value:
         raise fail(path, "an empty list is not a valid parameter value (a gradient needs at least one number)")
-    if key == "density":
-        for v in values:
-            if not 0 <= v <= 1:
-                raise fail(path, f"density {v} is outside [0, 1]")
+    check_range(method, key, _all_numbers(value), lambda message: fail(path, message))
+
+
+def check_range(method: MethodSpec, key: str, values: Sequence[float], fail: Any) -> None:
+    """Raises ``fail(message)`` for the first value outside the parameter's declared range."""
+    parameter = method.parameters.get(key)
+    if parameter is None or parameter.range is None:
+        return
+    low, high, low_open, high_open = parameter.range
+    for v in values:
+        if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+            raise fail(f"{key} {v} is outside {parameter.range_text} ({method.name}: {parameter.help})")
 
 
 def _all_numbers(value: Any) -> list[float]:
@@ -455,47 +396,3 @@ def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None, s
         if isinstance(name, str) and name in _DTYPES:
             return _DTYPES[name]
     return "BF16"
-
-
-def layer_of(tensor: str) -> int | None:
-    match = _LAYER.search(tensor)
-    return int(match[1]) if match else None
-
-
-def gradient_position(tensor: str, layers: int) -> float | None:
-    """Where a tensor sits along a gradient: layer / (layers - 1); None for non-layer tensors."""
-    layer = layer_of(tensor)
-    return None if layer is None else layer / max(1, layers - 1)
-
-
-def evaluate(value: Any, tensor: str, t: float | None) -> Any:
-    """A parameter's value for one tensor: filters pick the first matching entry (a filter-less
-    entry is the fallback), lists of numbers are gradients evaluated at position ``t`` (their first
-    value where ``t`` is None, for tensors outside the layers)."""
-    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        for item in value:
-            pattern = item.get("filter")
-            if pattern is None or pattern in tensor:
-                return evaluate(item.get("value"), tensor, t)
-        return None
-    if isinstance(value, list) and value:
-        if t is None or len(value) == 1:
-            return value[0]
-        scaled = t * (len(value) - 1)
-        low = min(math.floor(scaled), len(value) - 1)
-        high = min(low + 1, len(value) - 1)
-        frac = scaled - low
-        return value[low] * (1 - frac) + value[high] * frac
-    return value
-
-
-def lookup(
-    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, t: float | None, default: object = None
-) -> Any:
-    """mergekit's order: the model's own parameters, then the global ones, then the default."""
-    for params in ((entry.parameters if entry else {}), config.parameters):
-        if key in params:
-            value = evaluate(params[key], tensor, t)
-            if value is not None:
-                return value
-    return default

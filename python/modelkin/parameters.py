@@ -1,0 +1,59 @@
+"""Parameter values per tensor, as mergekit resolves them: the model's own value, else the global
+one, else the method's default; filters pick by tensor name, lists are gradients over the layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .recipe import MergeConfig, ModelEntry
+
+# Decoder layer N of every architecture mergekit knows: `layers.N.` (Llama-like), `h.N.` (GPT-2,
+# Bloom, Falcon), `blocks.N.`/`block.N.`/`layer.N.` (see architecture.py).
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+def layer_of(tensor: str) -> int | None:
+    match = _LAYER.search(tensor)
+    return int(match[1]) if match else None
+
+
+def gradient_position(tensor: str, layers: int) -> float | None:
+    """Where a tensor sits along a gradient: layer / (layers - 1); None for non-layer tensors."""
+    layer = layer_of(tensor)
+    return None if layer is None else layer / max(1, layers - 1)
+
+
+def evaluate(value: Any, tensor: str, t: float | None) -> Any:
+    """A parameter's value for one tensor: filters pick the first matching entry (a filter-less
+    entry is the fallback), lists of numbers are gradients evaluated at position ``t`` (their first
+    value where ``t`` is None, for tensors outside the layers)."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for item in value:
+            pattern = item.get("filter")
+            if pattern is None or pattern in tensor:
+                return evaluate(item.get("value"), tensor, t)
+        return None
+    if isinstance(value, list) and value:
+        if t is None or len(value) == 1:
+            return value[0]
+        scaled = t * (len(value) - 1)
+        low = min(math.floor(scaled), len(value) - 1)
+        high = min(low + 1, len(value) - 1)
+        frac = scaled - low
+        return value[low] * (1 - frac) + value[high] * frac
+    return value
+
+
+def lookup(
+    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, t: float | None, default: object = None
+) -> Any:
+    """mergekit's order: the model's own parameters, then the global ones, then the default."""
+    for params in ((entry.parameters if entry else {}), config.parameters):
+        if key in params:
+            value = evaluate(params[key], tensor, t)
+            if value is not None:
+                return value
+    return default

@@ -1,0 +1,347 @@
+"""Planning a merge: the recipe's models resolved and opened (headers only), every output tensor's
+inputs and parameters decided, and the engine's typed job built from that, before any tensor is
+read."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._core import model_tensors
+from .job import MergeInput, MergeJob, TensorRecipe
+from .architecture import COUNT_KEYS, LayerNaming, layer_naming
+from .errors import ModelReferenceError
+from .output import model_dir, read_json
+from .parameters import gradient_position, layer_of, lookup
+from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
+from .resolve import resolve
+
+# Memory magnitude pruning (ties, breadcrumbs) may use per tensor to split ties at its threshold
+# exactly as torch's sort does; None leaves the engine's default (512 MiB). Tests lower it to
+# exercise the streamed rule.
+SORT_ORDER_BYTES: int | None = None
+
+# One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
+# name, and the tensor's position along parameter gradients.
+PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | None]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor of a plan: what it is made from."""
+
+    name: str
+    # (model reference, tensor name in that model) of every merged input, in the recipe's order.
+    inputs: tuple[tuple[str, str], ...]
+    # The base model's tensor name, for methods that read the base.
+    base_tensor: str | None
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated, resolved merge: what will be merged and how, before anything is read.
+
+    Made by :func:`modelkin.plan`; run by :func:`modelkin.merge` (to disk or in memory). A plan
+    remembers the size and modification time of every model file it opened, and a merge refuses
+    to run a plan whose models changed on disk since."""
+
+    config: MergeConfig
+    # Model reference → local path, every model of the recipe.
+    paths: dict[str, Path]
+    base: str | None
+    # The merged models (the base excluded unless the method averages it in), in recipe order.
+    entries: tuple[ModelEntry, ...]
+    outputs: tuple[PlannedOutput, ...]
+    base_config: dict[str, Any] | None
+    # The method's global options, resolved (defaults from the method table).
+    options: dict[str, Any]
+    out_dtype: str
+    compute: str
+    precise: bool
+    seed: int
+    stamps: dict[Path, tuple[int, int]] = field(repr=False)
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The merged models' references, in the recipe's order."""
+        return tuple(e.model for e in self.entries)
+
+    @property
+    def tensors(self) -> tuple[PlannedTensor, ...]:
+        return tuple(
+            PlannedTensor(name, tuple((e.model, t) for e, t in inputs), base_tensor)
+            for name, inputs, base_tensor, _ in self.outputs
+        )
+
+    def check_unchanged(self) -> None:
+        """Raises ModelReferenceError naming the first model file changed since planning."""
+        for path, stamp in self.stamps.items():
+            try:
+                now = path.stat()
+            except OSError as error:
+                raise ModelReferenceError(f"{path}: changed since the merge was planned ({error.strerror})") from None
+            if (now.st_size, now.st_mtime_ns) != stamp:
+                raise ModelReferenceError(
+                    f"{path}: changed on disk since the merge was planned; plan it again (modelkin.plan)"
+                )
+
+    def job(self, out_dir: str | None, *, threads: int, max_shard_bytes: int, redirect: Mapping[Any, int]) -> MergeJob:
+        """The engine's job; ``redirect`` sends (model, tensor) pairs to extra files appended to
+        the model list (a vocabulary laid out in the output tokenizer's order)."""
+        options = self.options
+        job: MergeJob = {
+            "models": [str(p) for p in self.paths.values()],
+            "base": list(self.paths).index(self.base) if self.base is not None else None,
+            "method": self.method,
+            "normalize": bool(options.get("normalize", False)),
+            "rescale": bool(options.get("rescale", False)),
+            "lambda": float(options.get("lambda", 1.0)),
+            "seed": self.seed,
+            "out_dtype": self.out_dtype,
+            "compute": self.compute,
+            "out_dir": out_dir,
+            "max_shard_bytes": max_shard_bytes,
+            "threads": threads,
+            "filter_wise": bool(options.get("filter_wise", False)),
+            "ram": {
+                k: float(options[k]) for k in ("epsilon", "r", "alpha") if k in options
+            },
+            "spherical": {
+                **{k: bool(options[k]) for k in ("normalize_weights",) if k in options},
+                **{k: float(options[k]) for k in ("eps", "tol") if k in options},
+                **{k: int(options[k]) for k in ("max_iter",) if k in options},
+                # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default).
+                **({"flatten": bool(options["nuslerp_flatten"])} if "nuslerp_flatten" in options else {}),
+                **({"row_wise": bool(options["nuslerp_row_wise"])} if "nuslerp_row_wise" in options else {}),
+            },
+            "tensors": _recipes(self, redirect),
+            # Provenance compares the parents tensor by tensor; slices mix parents per layer.
+            "kinship": self.config.slices is None,
+        }
+        if SORT_ORDER_BYTES is not None:
+            job["sort_order_bytes"] = SORT_ORDER_BYTES
+        return job
+
+
+def plan(
+    recipe: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    seed: int = 0,
+    offline: bool = False,
+    precise: bool = False,
+) -> MergePlan:
+    """Validates a mergekit recipe (a YAML path or a dict with the same keys), resolves its models
+    and reads their headers: what will be merged, typed, before any tensor is read.
+
+    By default the arithmetic is mergekit's: in the recipe's ``dtype`` (else the inputs' stored
+    dtype), rounded after each operation as torch rounds it. ``precise=True`` computes exactly in
+    float64 and rounds once to the output dtype."""
+    config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
+    refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
+    paths = {ref: resolve(ref, offline=offline) for ref in refs}
+    stamps = _stamps(paths.values())
+    method = config.method
+    # linear and passthrough ignore base_model (as in mergekit); nuslerp and multislerp work on task
+    # vectors when one is given; karcher averages it with the models (mergekit 0.1.5 gathers every
+    # model of the recipe, base_model included, into the mean).
+    base_ref = config.base_model if method.base in ("required", "optional") else None
+    inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
+    if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
+        inputs.append(ModelEntry(config.base_model, {}))
+    reference = paths[base_ref or inputs[0].model]
+    base_config = read_json(model_dir(reference) / "config.json")
+    tensors = model_tensors(str(reference))
+    names = [n for n, _, _ in tensors]
+    counts = [int(v) for k in COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)]
+    layers = counts[0] if counts else 0
+    if not layers:
+        found = [layer_of(n) for n in names]
+        layers = max((x for x in found if x is not None), default=0) + 1
+    options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
+    if config.slices is None:
+        outputs = _plan_models(names, base_ref, inputs, layers)
+    else:
+        naming = layer_naming(base_config, names, base_ref or inputs[0].model)
+        outputs = _plan_slices(config, names, base_ref, naming)
+        out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
+        base_config = {**(base_config or {}), naming.count_key: out_layers}
+    out_dtype = out_dtype_name(config, base_config, tensors[0][2] if tensors else None)
+    compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
+    if method.name in ("ramplus_tl", "arcee_fusion") and config.out_dtype is None and compute in ("bfloat16", "float16"):
+        # RAM+'s float32 λ (arcee_fusion's float32 mask) promotes the result to float32, and mergekit
+        # writes it so.
+        out_dtype = "F32"
+    planned = MergePlan(
+        config=config,
+        paths=paths,
+        base=base_ref,
+        entries=tuple(inputs),
+        outputs=tuple(outputs),
+        base_config=base_config,
+        options=options,
+        out_dtype=out_dtype,
+        compute=compute,
+        precise=precise,
+        seed=seed,
+        stamps=stamps,
+    )
+    _recipes(planned, {})  # every per-tensor parameter checked now, not when the merge runs
+    return planned
+
+
+def _stamps(paths: Any) -> dict[Path, tuple[int, int]]:
+    """(size, mtime) of every safetensors file (and index) of the models."""
+    stamps: dict[Path, tuple[int, int]] = {}
+    for path in paths:
+        files = [path] if path.is_file() else sorted(path.glob("*.safetensors*"))
+        for file in files:
+            stat = file.stat()
+            stamps[file] = (stat.st_size, stat.st_mtime_ns)
+    return stamps
+
+
+def _plan_models(
+    tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
+) -> list[PlannedOutput]:
+    """`models:` recipes: every tensor of the base (or first model) merged from all inputs."""
+    return [
+        (name, [(entry, name) for entry in inputs], name if base_ref else None, gradient_position(name, layers))
+        for name in tensors
+    ]
+
+
+def _plan_slices(
+    config: MergeConfig, tensors: list[str], base_ref: str | None, naming: LayerNaming
+) -> list[PlannedOutput]:
+    """`slices:` recipes (frankenmerges): output layers numbered in slice order under the
+    architecture's layer prefix; the tensors before the first layer (embeddings) come from the
+    first slice's sources and those after the last (final norm, head) from the last slice's, as in
+    mergekit."""
+    slices = config.slices or ()
+    prefix = naming.prefix
+    by_layer = [n for n in tensors if naming.layer_of(n) is not None]
+    layer_suffixes = list(
+        dict.fromkeys(n[len(prefix) :].partition(".")[2] for n in by_layer if naming.layer_of(n) == 0)
+    )
+    outputs: list[PlannedOutput] = []
+    # Stored order puts embeddings first in most files, not all: GPT-2 stores `wte`/`wpe` beside
+    # `ln_f`, so "embed"-like names (wte, wpe, embed_*) go first and the rest last.
+    non_layer = [n for n in tensors if naming.layer_of(n) is None]
+    pre = [n for n in non_layer if re.search(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.", n)]
+    post = [n for n in non_layer if n not in pre]
+
+    def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
+        inputs = [(e, name) for e in slice_sources if e.model != base_ref]
+        return inputs, (name if base_ref else None)
+
+    for name in pre:
+        inputs, base = sources(slices[0], name)
+        outputs.append((name, inputs, base, None))
+    out_layer = 0
+    for slice_sources in slices:
+        assert slice_sources[0].layer_range is not None
+        span = slice_sources[0].layer_range[1] - slice_sources[0].layer_range[0]
+        for offset in range(span):
+            t = offset / (span - 1) if span > 1 else 1.0
+            for suffix in layer_suffixes:
+                out_name = f"{prefix}{out_layer}.{suffix}"
+                named = [(e, f"{prefix}{(e.layer_range or (0, 0))[0] + offset}.{suffix}") for e in slice_sources]
+                inputs = [(e, n) for e, n in named if e.model != base_ref]
+                base = next((n for e, n in named if e.model == base_ref), inputs[0][1] if base_ref else None)
+                outputs.append((out_name, inputs, base, t))
+            out_layer += 1
+    for name in post:
+        inputs, base = sources(slices[-1], name)
+        outputs.append((name, inputs, base, None))
+    return outputs
+
+
+def _recipes(plan: MergePlan, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
+    """The engine's tensor recipes, every parameter looked up per tensor and checked against the
+    method table's ranges; ``redirect`` sends a (model, tensor) to another file of the job."""
+    config = plan.config
+    index = {ref: i for i, ref in enumerate(plan.paths)}
+    method = config.method
+    defaults = method.tensor_defaults
+    # passthrough's `scale` is the factor its one input is multiplied by: it travels as the weight.
+    weight_key = "scale" if "scale" in method.parameters else "weight"
+    della = method.info.sparsification == "della"
+    tensors: list[TensorRecipe] = []
+    for name, inputs, base_tensor, t in plan.outputs:
+        entries: list[MergeInput] = []
+        for entry, source_name in inputs:
+
+            def value(key: str, default: float, entry: ModelEntry = entry) -> float:
+                found = float(lookup(config, entry, key, name, t, defaults.get(key, default)))
+
+                def fail(message: str) -> RecipeError:
+                    return RecipeError(f"{message}, for {entry.model} at tensor {name}")
+
+                check_range(method, key, [found], fail)
+                return found
+
+            density, epsilon = value("density", 1.0), value("epsilon", 0.0)
+            if della and 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise RecipeError(
+                    f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
+                )
+            entries.append(
+                {
+                    "model": redirect.get((entry.model, source_name), index[entry.model]),
+                    "tensor": source_name,
+                    "weight": value(weight_key, 1.0),
+                    "density": density,
+                    "gamma": value("gamma", 0.0),
+                    "epsilon": epsilon,
+                }
+            )
+        base_ref = plan.base
+        tensors.append(
+            {
+                "name": name,
+                "base_tensor": base_tensor,
+                "base_model": redirect.get((base_ref, base_tensor)) if base_ref and base_tensor else None,
+                "inputs": entries,
+                "t": float(lookup(config, None, "t", name, t, 0.0)),
+                "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),
+            }
+        )
+    return tensors
+
+
+def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
+    """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
+    as torch promotes them (bf16 with f16 gives float32)."""
+    names = {
+        "float64": "float64",
+        "fp64": "float64",
+        "float32": "float32",
+        "fp32": "float32",
+        "float16": "float16",
+        "fp16": "float16",
+        "half": "float16",
+        "bfloat16": "bfloat16",
+        "bf16": "bfloat16",
+    }
+    if dtype is not None:
+        return names[dtype]
+    kinds = {
+        {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s or "", "float32")
+        for s in stored
+    }
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "float64" if "float64" in kinds else "float32"
+
+
+def _stored_dtype(path: Path) -> str | None:
+    """The stored dtype of a model's first floating tensor."""
+    return next((d for _, _, d in model_tensors(str(path)) if d in ("F64", "F32", "F16", "BF16")), None)

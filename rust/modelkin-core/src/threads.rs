@@ -1,0 +1,57 @@
+//! Worker threads: one rayon pool per thread count, built on first use and kept for the process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use rayon::ThreadPool;
+
+use crate::error::{Error, Result};
+
+/// The pools built so far, by thread count. Building a pool starts and later joins its threads;
+/// an evolution run merging hundreds of candidates from one process must not pay that per call.
+static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
+
+/// The pool of `threads` workers, built once per process.
+fn pool(threads: usize) -> Result<Arc<ThreadPool>> {
+    let pools = POOLS.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut pools = pools.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(pool) = pools.get(&threads) {
+        return Ok(Arc::clone(pool));
+    }
+    let pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("modelkin-{threads}-{i}"))
+            .build()
+            .map_err(|e| Error::InvalidArgument(format!("cannot start {threads} threads: {e}")))?,
+    );
+    pools.insert(threads, Arc::clone(&pool));
+    Ok(pool)
+}
+
+/// Runs `work` on the pool of `threads` workers, or on rayon's global pool (all cores) when 0.
+pub(crate) fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    if threads == 0 {
+        return work();
+    }
+    pool(threads)?.install(work)
+}
+
+/// Pools built so far in this process (for tests: calls with one thread count share one pool).
+pub fn pools_built() -> usize {
+    POOLS.get().map_or(0, |p| p.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_pool_per_thread_count_is_reused() {
+        let a = pool(3).expect("pool");
+        let b = pool(3).expect("pool");
+        assert!(Arc::ptr_eq(&a, &b));
+        let inside = with_threads(3, || Ok(rayon::current_num_threads())).expect("runs");
+        assert_eq!(inside, 3);
+    }
+}
