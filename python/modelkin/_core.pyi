@@ -123,6 +123,9 @@ class MergeOutcome:
     @property
     def model(self) -> MergedTensors | None:
         """The merged model, when the job had no output directory."""
+    @property
+    def tensor_seconds(self) -> float:
+        """Seconds the engine spent on the tensors, after opening the models and resolving the job."""
 
 def run_merge(job: MergeJob, *, progress: Callable[[int, int], object] | None = None) -> MergeOutcome:
     """Runs the merge described by `job` with the GIL released."""

@@ -194,8 +194,11 @@ def merge(
         print(f"warning: {message}", file=sys.stderr)
     shard_bytes = parse_size(out_shard_size)
     if out is None:
-        with tempfile.TemporaryDirectory(prefix="modelkin-vocabulary-") as scratch:
-            outcome, extras = _run(planned, None, Path(scratch), threads, shard_bytes, progress)
+        if planned.config.tokenizer is None:
+            outcome, extras = _run(planned, None, None, threads, shard_bytes, progress)
+        else:
+            with tempfile.TemporaryDirectory(prefix="modelkin-vocabulary-") as scratch:
+                outcome, extras = _run(planned, None, Path(scratch), threads, shard_bytes, progress)
         assert outcome.model is not None
         return MergedModel(planned, outcome.model, _kinship(planned, outcome.kinship), extras)
     out_path = Path(out)
@@ -237,7 +240,7 @@ class _Reported(OSError):
 def _run(
     planned: MergePlan,
     out_dir: Path | None,
-    scratch: Path,
+    scratch: Path | None,
     threads: int,
     shard_bytes: int,
     progress: Callable[[int, int], object] | None,
@@ -249,6 +252,7 @@ def _run(
     job_models = len(planned.paths)
     extra_files: list[str] = []
     if config.tokenizer is not None:
+        assert scratch is not None
         vocabulary, files = _lay_out_vocabulary(planned, scratch)
         for key, file in files.items():
             redirect[key] = job_models + len(extra_files)

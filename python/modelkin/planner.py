@@ -64,6 +64,8 @@ class MergePlan:
     precise: bool
     seed: int
     stamps: dict[Path, tuple[int, int]] = field(repr=False)
+    # The engine's tensor recipes, every parameter resolved and checked when planning.
+    recipes: tuple[TensorRecipe, ...] = field(default=(), repr=False)
 
     @property
     def method(self) -> str:
@@ -82,16 +84,27 @@ class MergePlan:
         )
 
     def check_unchanged(self) -> None:
-        """Raises ModelReferenceError naming the first model file changed since planning."""
-        for path, stamp in self.stamps.items():
-            try:
-                now = path.stat()
-            except OSError as error:
-                raise ModelReferenceError(f"{path}: changed since the merge was planned ({error.strerror})") from None
-            if (now.st_size, now.st_mtime_ns) != stamp:
-                raise ModelReferenceError(
-                    f"{path}: changed on disk since the merge was planned; plan it again (modelkin.plan)"
-                )
+        """Raises ModelReferenceError naming the first model file changed, added or removed since
+        planning."""
+        now = _stamps(self.paths.values())
+        for path in sorted(now.keys() | self.stamps.keys()):
+            if now.get(path) != self.stamps.get(path):
+                what = "added" if path not in self.stamps else "removed" if path not in now else "changed"
+                raise ModelReferenceError(f"{path}: {what} on disk since the merge was planned; plan it again")
+
+    def _redirected(self, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
+        """The recipes with (model, tensor) pairs sent to the files ``redirect`` names."""
+        if not redirect:
+            return list(self.recipes)
+        refs = list(self.paths)
+        out: list[TensorRecipe] = []
+        for recipe in self.recipes:
+            inputs = [
+                {**i, "model": redirect.get((refs[i["model"]], i["tensor"]), i["model"])} for i in recipe["inputs"]
+            ]
+            base = redirect.get((self.base, recipe["base_tensor"])) if self.base and recipe["base_tensor"] else None
+            out.append({**recipe, "inputs": inputs, "base_model": base})  # type: ignore[typeddict-item]
+        return out
 
     def job(self, out_dir: str | None, *, threads: int, max_shard_bytes: int, redirect: Mapping[Any, int]) -> MergeJob:
         """The engine's job; ``redirect`` sends (model, tensor) pairs to extra files appended to
@@ -122,7 +135,7 @@ class MergePlan:
                 **({"flatten": bool(options["nuslerp_flatten"])} if "nuslerp_flatten" in options else {}),
                 **({"row_wise": bool(options["nuslerp_row_wise"])} if "nuslerp_row_wise" in options else {}),
             },
-            "tensors": _recipes(self, redirect),
+            "tensors": self._redirected(redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.
             "kinship": self.config.slices is None,
         }
@@ -179,7 +192,7 @@ def plan(
         # RAM+'s float32 λ (arcee_fusion's float32 mask) promotes the result to float32, and mergekit
         # writes it so.
         out_dtype = "F32"
-    planned = MergePlan(
+    return _with_recipes(
         config=config,
         paths=paths,
         base=base_ref,
@@ -193,8 +206,13 @@ def plan(
         seed=seed,
         stamps=stamps,
     )
-    _recipes(planned, {})  # every per-tensor parameter checked now, not when the merge runs
-    return planned
+
+
+def _with_recipes(**fields: Any) -> MergePlan:
+    """The plan with its tensor recipes: every per-tensor parameter checked now, not when the
+    merge runs."""
+    draft = MergePlan(**fields)
+    return MergePlan(**fields, recipes=tuple(_recipes(draft)))
 
 
 def _stamps(paths: Any) -> dict[Path, tuple[int, int]]:
@@ -203,7 +221,10 @@ def _stamps(paths: Any) -> dict[Path, tuple[int, int]]:
     for path in paths:
         files = [path] if path.is_file() else sorted(path.glob("*.safetensors*"))
         for file in files:
-            stat = file.stat()
+            try:
+                stat = file.stat()
+            except OSError:
+                continue  # gone: check_unchanged reports it as removed
             stamps[file] = (stat.st_size, stat.st_mtime_ns)
     return stamps
 
@@ -264,9 +285,9 @@ def _plan_slices(
     return outputs
 
 
-def _recipes(plan: MergePlan, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
+def _recipes(plan: MergePlan) -> list[TensorRecipe]:
     """The engine's tensor recipes, every parameter looked up per tensor and checked against the
-    method table's ranges; ``redirect`` sends a (model, tensor) to another file of the job."""
+    method table's ranges."""
     config = plan.config
     index = {ref: i for i, ref in enumerate(plan.paths)}
     method = config.method
@@ -278,9 +299,13 @@ def _recipes(plan: MergePlan, redirect: Mapping[Any, int]) -> list[TensorRecipe]
     for name, inputs, base_tensor, t in plan.outputs:
         entries: list[MergeInput] = []
         for entry, source_name in inputs:
+            given = config.parameters.keys() | entry.parameters.keys()
 
-            def value(key: str, default: float, entry: ModelEntry = entry) -> float:
-                found = float(lookup(config, entry, key, name, t, defaults.get(key, default)))
+            def value(key: str, default: float, entry: ModelEntry = entry, given: Any = given) -> float:
+                fallback = float(defaults.get(key, default))  # type: ignore[arg-type]
+                if key not in given:  # the table's default, valid by construction
+                    return fallback
+                found = float(lookup(config, entry, key, name, t, fallback))
 
                 def fail(message: str) -> RecipeError:
                     return RecipeError(f"{message}, for {entry.model} at tensor {name}")
@@ -295,7 +320,7 @@ def _recipes(plan: MergePlan, redirect: Mapping[Any, int]) -> list[TensorRecipe]
                 )
             entries.append(
                 {
-                    "model": redirect.get((entry.model, source_name), index[entry.model]),
+                    "model": index[entry.model],
                     "tensor": source_name,
                     "weight": value(weight_key, 1.0),
                     "density": density,
@@ -303,12 +328,11 @@ def _recipes(plan: MergePlan, redirect: Mapping[Any, int]) -> list[TensorRecipe]
                     "epsilon": epsilon,
                 }
             )
-        base_ref = plan.base
         tensors.append(
             {
                 "name": name,
                 "base_tensor": base_tensor,
-                "base_model": redirect.get((base_ref, base_tensor)) if base_ref and base_tensor else None,
+                "base_model": None,
                 "inputs": entries,
                 "t": float(lookup(config, None, "t", name, t, 0.0)),
                 "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),

@@ -3,6 +3,7 @@ method table (names, parameters, defaults, ranges, model counts), with line numb
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -103,13 +104,19 @@ class MergeConfig:
     # The output vocabulary asked for (`tokenizer_source` or the `tokenizer:` section).
     tokenizer: TokenizerSpec | None
     chat_template: str | None
-    text: str
+    # The YAML as given; None for a dict recipe, whose YAML is written only when asked for (`text`).
+    source_text: str | None
     raw: Mapping[str, Any]
     # `slices:` recipes: the sources of each output slice, in order.
     slices: tuple[tuple[ModelEntry, ...], ...] | None = None
     # Keys mergekit accepts and ignores for this method (a per-model `weight` on slerp, say): each a
     # one-line warning, printed and recorded in modelkin.json, never dropped silently.
     ignored: list[str] = field(default_factory=list)
+
+    @cached_property
+    def text(self) -> str:
+        """The recipe as YAML (what mergekit_config.yml holds)."""
+        return self.source_text if self.source_text is not None else yaml.safe_dump(dict(self.raw), sort_keys=False)
 
 
 class _Lines:
@@ -141,8 +148,9 @@ def _where(path: Sequence[str | int]) -> str:
 def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     """Reads a mergekit YAML file (or a dict with the same keys) and validates it."""
     if isinstance(recipe, Mapping):
-        raw: Any = dict(recipe)
-        text = yaml.safe_dump(raw, sort_keys=False)
+        # A deep copy: the caller may change the dict after planning (50 candidates from one dict).
+        raw: Any = copy.deepcopy(dict(recipe))
+        text: str | None = None
         lines = _Lines(None)
         source = "recipe"
     else:
@@ -248,7 +256,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         tokenizer_source=raw.get("tokenizer_source"),
         tokenizer=tokenizer,
         chat_template=template,
-        text=text,
+        source_text=text,
         raw=raw,
         slices=tuple(slices) if slices is not None else None,
     )

@@ -25,6 +25,8 @@ pub struct MergeOutcome {
     pub kinship: Option<Py<KinshipStats>>,
     /// The merged model, when the job had no output directory.
     pub model: Option<Py<MergedTensors>>,
+    /// Seconds the engine spent on the tensors, after opening the models and resolving the job.
+    pub tensor_seconds: f64,
 }
 
 /// A merged model held in memory: one safetensors image, read by numpy arrays without copies.
@@ -90,5 +92,5 @@ pub fn run_merge<'py>(
     let kinship = report.kinship.map(|report| Py::new(py, KinshipStats { report })).transpose()?;
     let model =
         report.model.map(|model| Py::new(py, MergedTensors { model: Arc::new(model) })).transpose()?;
-    Ok(MergeOutcome { bytes_written: report.bytes_written, kinship, model })
+    Ok(MergeOutcome { bytes_written: report.bytes_written, kinship, model, tensor_seconds: report.tensor_seconds })
 }

@@ -232,6 +232,9 @@ pub struct MergeReport {
     pub bytes_written: u64,
     /// The merged model, when the job has no output directory.
     pub model: Option<Model>,
+    /// Seconds spent on the tensors (statistics, merging, writing), after the models were opened
+    /// and the job resolved: what the rest of a call's time is compared against.
+    pub tensor_seconds: f64,
 }
 
 #[derive(Clone)]
@@ -355,6 +358,7 @@ fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m
 
 fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result<MergeReport> {
     let resolved = resolve(job, models)?;
+    let start = std::time::Instant::now();
     let outputs: Vec<OutputTensor> = resolved
         .iter()
         .map(|r| OutputTensor { name: r.recipe.name.clone(), shape: r.shape.clone(), dtype: job.out_dtype })
@@ -400,7 +404,7 @@ fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result
     let model = writer.finish()?;
     let parents = resolved.first().map_or(0, |r| r.inputs.len());
     let kinship = (!kinship.is_empty()).then(|| KinshipReport::new(parents, kinship, Vec::new()));
-    Ok(MergeReport { kinship, bytes_written, model })
+    Ok(MergeReport { kinship, bytes_written, model, tensor_seconds: start.elapsed().as_secs_f64() })
 }
 
 /// Where the merged tensors go.
