@@ -45,6 +45,7 @@ test: build
 bench: build
 	$(VENV)/bin/python benches/bench_kinship.py
 	$(VENV)/bin/python benches/bench_merge.py
+	$(VENV)/bin/python benches/bench_library.py
 	$(VENV)/bin/python benches/bench_evolve.py
 	$(VENV)/bin/python benches/bench_search.py
 

@@ -26,11 +26,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benches"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from bench_kinship import family, llama_shapes  # noqa: E402
-from merge_reference import read_safetensors  # noqa: E402
 from modelkin.example import llama_config  # noqa: E402
+from modelkin.testing import read_safetensors  # noqa: E402
+
+# The same plan merged to disk and in memory, in a fresh process each, so both pay the same start.
+DISK = "import sys, modelkin; modelkin.merge(modelkin.plan(sys.argv[1]), sys.argv[2])"
+MEMORY = "import sys, modelkin; m = modelkin.merge(modelkin.plan(sys.argv[1])); assert len(m)"
 
 
 def model_dirs(directory: Path, params: float) -> tuple[Path, list[Path]]:
@@ -90,6 +93,28 @@ def recipe(method: str, base: Path, models: list[Path], params: list[dict], dtyp
     }
 
 
+def memory_vs_disk(path: Path, work: Path) -> None:
+    """The same TIES plan merged in memory and to disk, alternating three rounds; then the
+    in-memory tensors compared with the disk output bit for bit."""
+    disk, memory = [], []
+    for i in range(3):
+        disk.append(run_measured([sys.executable, "-c", DISK, str(path), str(work / f"disk{i}")])[0])
+        memory.append(run_measured([sys.executable, "-c", MEMORY, str(path)]))
+        shutil.rmtree(work / f"disk{i}", ignore_errors=True)
+    disk_s = sorted(disk)[1]
+    memory_s, memory_rss = sorted(memory)[1]
+    print(f"in memory   {memory_s:8.2f} s   peak anonymous RSS {memory_rss:8.1f} MB  (median of 3)")
+    print(f"to disk     {disk_s:8.2f} s   (median of 3, alternating)   memory / disk {memory_s / disk_s:5.2f}x")
+    import modelkin
+
+    merged = modelkin.merge(modelkin.plan(path))
+    on_disk = read_safetensors(work / "ours")
+    same = all(np.array_equal(merged[n].astype(np.float64), v) for n, v in on_disk.items()) and len(merged) == len(
+        on_disk
+    )
+    print(f"in memory   {'bit-identical' if same else 'DIFFERENT'} to the disk output ({len(merged)} tensors)")
+
+
 def identical_share(ours: Path, theirs: Path) -> tuple[float, int]:
     a, b = read_safetensors(ours), read_safetensors(theirs)
     same = total = worst = 0
@@ -135,6 +160,7 @@ def main() -> None:
         shutil.rmtree(work / f"ours{i}", ignore_errors=True)
     (work / "ours0").rename(work / "ours")
     print(f"modelkin    {ours_time:8.2f} s   peak anonymous RSS {ours_rss:8.1f} MB  (median of 3)")
+    memory_vs_disk(path, work)
     if args.mergekit:
         theirs_time, theirs_rss = run_measured([args.mergekit, str(path), str(work / "theirs"), "--no-copy-tokenizer"])
         print(f"mergekit    {theirs_time:8.2f} s   peak anonymous RSS {theirs_rss:8.1f} MB")

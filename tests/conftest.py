@@ -1,82 +1,13 @@
-"""Fixtures that build small safetensors model families with numpy, keeping the exact stored
-values (widened to float64) for the reference computations."""
+"""Fixtures that build small safetensors model families (see modelkin.testing)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import subprocess
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from modelkin.safetensors_io import Dtype, save_model, stored_values
-
-HIDDEN = 24
-VOCAB = 64
-
-
-def llama_shapes(layers: int = 2, vocab: int = VOCAB, tied: bool = False) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, HIDDEN)}
-    for i in range(layers):
-        shapes[f"model.layers.{i}.input_layernorm.weight"] = (HIDDEN,)
-        shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (HIDDEN, HIDDEN)
-        shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (2 * HIDDEN, HIDDEN)
-    shapes["model.norm.weight"] = (HIDDEN,)
-    if not tied:
-        shapes["lm_head.weight"] = (vocab, HIDDEN)
-    return shapes
-
-
-@dataclass
-class Family:
-    root: Path
-    base: Path
-    models: list[Path]
-    # exact stored values of every tensor, per model (base first)
-    values: list[dict[str, np.ndarray]]
-
-    @property
-    def base_values(self) -> dict[str, np.ndarray]:
-        return self.values[0]
-
-
-def make_family(
-    root: Path,
-    *,
-    n: int = 2,
-    dtype: Dtype = "BF16",
-    shards: int = 1,
-    extra_vocab: tuple[int, ...] = (),
-    tied: bool = False,
-    seed: int = 0,
-    shared: float = 0.7,
-    base_dtype: Dtype | None = None,
-) -> Family:
-    """A base and ``n`` fine-tunes that share part of their delta (so kinship is nontrivial)."""
-    rng = np.random.default_rng(seed)
-    shapes = llama_shapes(tied=tied)
-    base = {k: rng.normal(0.0, 0.05, s) for k, s in shapes.items()}
-    common = {k: rng.normal(0.001, 0.01, s) for k, s in shapes.items()}
-    paths, values = [], []
-    bdtype = base_dtype or dtype
-    paths.append(save_model(root / "base", base, bdtype, shards=shards))
-    values.append({k: stored_values(v, bdtype) for k, v in base.items()})
-    for i in range(n):
-        tensors = {}
-        for k, s in shapes.items():
-            t = base[k] + shared * common[k] + rng.normal(0.0, 0.01, s)
-            extra = extra_vocab[i] if i < len(extra_vocab) else 0
-            if extra and k in ("model.embed_tokens.weight", "lm_head.weight"):
-                t = np.concatenate([t, rng.normal(0, 0.05, (extra, HIDDEN))])
-            tensors[k] = t
-        paths.append(save_model(root / f"ft{i}", tensors, dtype, shards=shards))
-        values.append({k: stored_values(v, dtype) for k, v in tensors.items()})
-    return Family(root, paths[0], paths[1:], values)
+from modelkin.testing import Family, make_family
 
 
 @pytest.fixture
@@ -87,26 +18,3 @@ def family_factory(tmp_path: Path) -> Callable[..., Family]:
         return make_family(tmp_path / f"family{next(counter)}", **kwargs)  # type: ignore[arg-type]
 
     return build
-
-
-def tree_digest(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-            digest.update(str(path.stat().st_mtime_ns).encode())
-    return digest.hexdigest()
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, module: str = "modelkin.cli"
-) -> subprocess.CompletedProcess[str]:
-    code = f"import {module} as m; m.main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=120,
-    )

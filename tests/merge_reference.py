@@ -1,49 +1,16 @@
 """Independent float64 references of the merge methods, written from mergekit's definitions
-(DESIGN.md section 3) with numpy on whole tensors, plus a minimal safetensors reader."""
+(DESIGN.md section 3) with numpy on whole tensors."""
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 
+from modelkin.testing import read_safetensors, stored_dtypes  # noqa: F401 (tests import them here too)
+
 Array = np.ndarray
-
-
-def stored_dtypes(directory: Path) -> dict[str, str]:
-    """Each tensor's safetensors dtype in a model directory."""
-    out: dict[str, str] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        out.update({name: info["dtype"] for name, info in header.items() if name != "__metadata__"})
-    return out
-
-
-def read_safetensors(directory: Path) -> dict[str, Array]:
-    """Every tensor of a model directory, widened to float64 (numpy only)."""
-    out: dict[str, Array] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        data = file.read_bytes()
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + length])
-        body = data[8 + length :]
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = info["data_offsets"]
-            raw = body[start:end]
-            if info["dtype"] == "BF16":
-                values = (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32)
-            else:
-                values = np.frombuffer(raw, {"F32": "<f4", "F16": "<f2", "F64": "<f8"}[info["dtype"]])
-            out[name] = values.astype(np.float64).reshape(info["shape"])
-    return out
 
 
 def _at_least(values: Array, rank: int) -> Array:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import modelkin
-from conftest import VOCAB
 from modelkin.safetensors_io import save_model, stored_values
+from modelkin.testing import VOCAB
 from reference import deltas, full, split
 
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import modelkin
-from conftest import run_cli, tree_digest
 from modelkin.safetensors_io import save_file
+from modelkin.testing import run_cli, tree_digest
 
 
 def assert_clean_failure(args: list[str], *needles: str, root: Path | None = None) -> str:

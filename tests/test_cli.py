@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import modelkin
-from conftest import VOCAB, run_cli
+from modelkin.testing import VOCAB, run_cli
 from reference import deltas, full
 
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import modelkin.evolve as evo
-from conftest import run_cli
 from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
 from modelkin.safetensors_io import load_model
+from modelkin.testing import run_cli
 
 
 @pytest.fixture

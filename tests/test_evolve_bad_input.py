@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 import modelkin.evolve as evo
-from conftest import run_cli, tree_digest
 from evolve_support import command_evaluator, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
 from modelkin.safetensors_io import save_model
+from modelkin.testing import run_cli, tree_digest
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 import modelkin.evolve as evo
-from conftest import run_cli
 from evolve_support import hashed_scores, search_config, small_family, write_config
 from modelkin.evolve.genome import Genome, GenomeSpec
 from modelkin.evolve.search import BEST_CONFIG, default_popsize
 from modelkin.recipe import load_config
+from modelkin.testing import run_cli
 
 
 def spec(**kw: Any) -> GenomeSpec:

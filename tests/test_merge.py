@@ -12,7 +12,6 @@ import yaml
 
 import modelkin
 import modelkin.planner
-from conftest import run_cli, tree_digest
 from merge_reference import (
     breadcrumbs_mask,
     f32_delta,
@@ -26,8 +25,9 @@ from merge_reference import (
     slerp,
     task_vector_merge,
 )
-from modelkin.parameters import evaluate, gradient_position
 from modelkin.merging import merge
+from modelkin.parameters import evaluate, gradient_position
+from modelkin.testing import run_cli, tree_digest
 
 
 @pytest.fixture

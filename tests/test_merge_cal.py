@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import VOCAB, run_cli
+from modelkin.testing import VOCAB, run_cli
 from reference import deltas, full, split
 
 

@@ -124,7 +124,7 @@ def test_every_dtype_gives_mergekits_bits(tmp_path, family, method, dtype):
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_streamed_tie_rule_is_bit_identical_when_no_entry_ties_with_a_threshold(tmp_path, monkeypatch, method):
     """Tensors over the sort-order budget use the streamed threshold; with no ties it is exact."""
-    from modelkin import example, merging
+    from modelkin import example, planner
 
     monkeypatch.setattr(planner, "SORT_ORDER_BYTES", 0)
     from modelkin.safetensors_io import save_model

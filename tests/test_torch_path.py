@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import modelkin
-from conftest import run_cli
+from modelkin.testing import run_cli
 
 
 @pytest.mark.parametrize("split_mode", [False, True])

@@ -15,12 +15,12 @@ __all__ = [
     "MergeOutcome",
     "MergedTensors",
     "MethodInfo",
-    "ParameterInfo",
-    "RecipeError",
     "MissingTensorError",
     "ModelReferenceError",
     "ModelkinError",
     "NonFiniteError",
+    "ParameterInfo",
+    "RecipeError",
     "ShapeMismatchError",
     "UnsupportedFormatError",
     "__version__",
@@ -39,6 +39,7 @@ class ShapeMismatchError(ModelkinError): ...
 class DtypeError(ModelkinError): ...
 class NonFiniteError(ModelkinError): ...
 class ModelReferenceError(ModelkinError): ...
+
 class RecipeError(ModelkinError, ValueError):
     """A merge recipe, argument or option is invalid; the message names the key (and, for YAML, its line)."""
 

@@ -7,7 +7,12 @@ from typing import Literal
 
 from typing_extensions import NotRequired, TypedDict
 
-__all__ = ["MergeInput", "MergeJob", "RamOptions", "SphericalOptions", "TensorRecipe"]
+__all__ = ["ComputeName", "MergeInput", "MergeJob", "OutDtypeName", "RamOptions", "SphericalOptions", "TensorRecipe"]
+
+# The stored dtype of the merged tensors, as safetensors names it.
+OutDtypeName = Literal["F64", "F32", "F16", "BF16"]
+# The arithmetic: mergekit's rounding in that dtype, or exact (float64).
+ComputeName = Literal["float64", "float32", "bfloat16", "float16"]
 
 
 class MergeInput(TypedDict):
@@ -20,6 +25,7 @@ class MergeInput(TypedDict):
     gamma: NotRequired[float]
     epsilon: NotRequired[float]
 
+
 class TensorRecipe(TypedDict):
     """How one output tensor is made."""
 
@@ -30,10 +36,12 @@ class TensorRecipe(TypedDict):
     t: NotRequired[float]
     select_topk: NotRequired[float]
 
+
 class RamOptions(TypedDict, total=False):
     epsilon: float
     r: float
     alpha: float
+
 
 class SphericalOptions(TypedDict, total=False):
     normalize_weights: bool
@@ -42,6 +50,7 @@ class SphericalOptions(TypedDict, total=False):
     tol: float
     flatten: bool
     row_wise: bool
+
 
 # A whole merge as the engine runs it (modelkin-core's `MergeJob`, read by serde on the Rust side:
 # a key it does not know is refused there). Functional syntax: "lambda" is a Python keyword.
@@ -55,8 +64,8 @@ MergeJob = TypedDict(
         "rescale": bool,
         "lambda": float,
         "seed": int,
-        "out_dtype": Literal["F64", "F32", "F16", "BF16"],
-        "compute": NotRequired[Literal["float64", "float32", "bfloat16", "float16"]],
+        "out_dtype": OutDtypeName,
+        "compute": NotRequired[ComputeName],
         "kinship": NotRequired[bool],
         "ram": NotRequired[RamOptions],
         "filter_wise": NotRequired[bool],

@@ -28,7 +28,11 @@ if TYPE_CHECKING:
     from .recipe import MergeConfig
 
 Recipe = str | os.PathLike[str] | Mapping[str, Any]
-_NUMPY_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+}
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ def _numpy_dtype(name: str) -> np.dtype[Any]:
     if name == "BF16":
         import ml_dtypes  # only needed for bf16 outputs
 
-        return np.dtype(ml_dtypes.bfloat16)
+        bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+        return bfloat16
     return _NUMPY_DTYPES[name]
 
 
@@ -262,7 +267,9 @@ def _run(
     template = None
     if config.chat_template is not None:
         template = resolve_template(config.chat_template, [model_dir(p) for p in planned.paths.values()])
-    job = planned.job(str(out_dir) if out_dir is not None else None, threads=threads, max_shard_bytes=shard_bytes, redirect=redirect)
+    job = planned.job(
+        str(out_dir) if out_dir is not None else None, threads=threads, max_shard_bytes=shard_bytes, redirect=redirect
+    )
     job["models"] = [*job["models"], *extra_files]
     outcome = run_merge(job, progress=progress)
     return outcome, _Extras(base_config, vocabulary, template)

@@ -158,4 +158,3 @@ def _model_card(
         body.append("")
     body += ["## Configuration", "", "```yaml", config.text.rstrip(), "```", ""]
     return "\n".join(front + body)
-

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 # Bloom, Falcon), `blocks.N.`/`block.N.`/`layer.N.` (see architecture.py).
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
+
 def layer_of(tensor: str) -> int | None:
     match = _LAYER.search(tensor)
     return int(match[1]) if match else None

@@ -4,17 +4,18 @@ read."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ._core import model_tensors
-from .job import MergeInput, MergeJob, TensorRecipe
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .errors import ModelReferenceError
+from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
 from .output import model_dir, read_json
 from .parameters import gradient_position, layer_of, lookup
 from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
@@ -59,8 +60,8 @@ class MergePlan:
     base_config: dict[str, Any] | None
     # The method's global options, resolved (defaults from the method table).
     options: dict[str, Any]
-    out_dtype: str
-    compute: str
+    out_dtype: OutDtypeName
+    compute: ComputeName
     precise: bool
     seed: int
     stamps: dict[Path, tuple[int, int]] = field(repr=False)
@@ -124,17 +125,8 @@ class MergePlan:
             "max_shard_bytes": max_shard_bytes,
             "threads": threads,
             "filter_wise": bool(options.get("filter_wise", False)),
-            "ram": {
-                k: float(options[k]) for k in ("epsilon", "r", "alpha") if k in options
-            },
-            "spherical": {
-                **{k: bool(options[k]) for k in ("normalize_weights",) if k in options},
-                **{k: float(options[k]) for k in ("eps", "tol") if k in options},
-                **{k: int(options[k]) for k in ("max_iter",) if k in options},
-                # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default).
-                **({"flatten": bool(options["nuslerp_flatten"])} if "nuslerp_flatten" in options else {}),
-                **({"row_wise": bool(options["nuslerp_row_wise"])} if "nuslerp_row_wise" in options else {}),
-            },
+            "ram": _ram_options(options),
+            "spherical": _spherical_options(options),
             "tensors": self._redirected(redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.
             "kinship": self.config.slices is None,
@@ -142,6 +134,37 @@ class MergePlan:
         if SORT_ORDER_BYTES is not None:
             job["sort_order_bytes"] = SORT_ORDER_BYTES
         return job
+
+
+def _ram_options(options: Mapping[str, Any]) -> RamOptions:
+    """ram's and ramplus_tl's options the recipe resolved (the engine has the table's defaults)."""
+    ram: RamOptions = {}
+    if "epsilon" in options:
+        ram["epsilon"] = float(options["epsilon"])
+    if "r" in options:
+        ram["r"] = float(options["r"])
+    if "alpha" in options:
+        ram["alpha"] = float(options["alpha"])
+    return ram
+
+
+def _spherical_options(options: Mapping[str, Any]) -> SphericalOptions:
+    """nuslerp's, multislerp's and karcher's options the recipe resolved."""
+    spherical: SphericalOptions = {}
+    if "normalize_weights" in options:
+        spherical["normalize_weights"] = bool(options["normalize_weights"])
+    if "eps" in options:
+        spherical["eps"] = float(options["eps"])
+    if "tol" in options:
+        spherical["tol"] = float(options["tol"])
+    if "max_iter" in options:
+        spherical["max_iter"] = int(options["max_iter"])
+    # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default); so does the engine.
+    if "nuslerp_flatten" in options:
+        spherical["flatten"] = bool(options["nuslerp_flatten"])
+    if "nuslerp_row_wise" in options:
+        spherical["row_wise"] = bool(options["nuslerp_row_wise"])
+    return spherical
 
 
 def plan(
@@ -186,9 +209,15 @@ def plan(
         outputs = _plan_slices(config, names, base_ref, naming)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
         base_config = {**(base_config or {}), naming.count_key: out_layers}
-    out_dtype = out_dtype_name(config, base_config, tensors[0][2] if tensors else None)
-    compute = "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
-    if method.name in ("ramplus_tl", "arcee_fusion") and config.out_dtype is None and compute in ("bfloat16", "float16"):
+    out_dtype = cast(OutDtypeName, out_dtype_name(config, base_config, tensors[0][2] if tensors else None))
+    compute: ComputeName = (
+        "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
+    )
+    if (
+        method.name in ("ramplus_tl", "arcee_fusion")
+        and config.out_dtype is None
+        and compute in ("bfloat16", "float16")
+    ):
         # RAM+'s float32 λ (arcee_fusion's float32 mask) promotes the result to float32, and mergekit
         # writes it so.
         out_dtype = "F32"
@@ -291,7 +320,6 @@ def _recipes(plan: MergePlan) -> list[TensorRecipe]:
     config = plan.config
     index = {ref: i for i, ref in enumerate(plan.paths)}
     method = config.method
-    defaults = method.tensor_defaults
     # passthrough's `scale` is the factor its one input is multiplied by: it travels as the weight.
     weight_key = "scale" if "scale" in method.parameters else "weight"
     della = method.info.sparsification == "della"
@@ -300,18 +328,7 @@ def _recipes(plan: MergePlan) -> list[TensorRecipe]:
         entries: list[MergeInput] = []
         for entry, source_name in inputs:
             given = config.parameters.keys() | entry.parameters.keys()
-
-            def value(key: str, default: float, entry: ModelEntry = entry, given: Any = given) -> float:
-                fallback = float(defaults.get(key, default))  # type: ignore[arg-type]
-                if key not in given:  # the table's default, valid by construction
-                    return fallback
-                found = float(lookup(config, entry, key, name, t, fallback))
-
-                def fail(message: str) -> RecipeError:
-                    return RecipeError(f"{message}, for {entry.model} at tensor {name}")
-
-                check_range(method, key, [found], fail)
-                return found
+            value = functools.partial(_value, plan, entry, given, tensor=name, t=t)
 
             density, epsilon = value("density", 1.0), value("epsilon", 0.0)
             if della and 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
@@ -341,10 +358,27 @@ def _recipes(plan: MergePlan) -> list[TensorRecipe]:
     return tensors
 
 
-def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
+def _value(
+    plan: MergePlan, entry: ModelEntry, given: Any, key: str, default: float, tensor: str, t: float | None
+) -> float:
+    """A per-model parameter's value at one tensor, checked against the method table's range."""
+    method = plan.config.method
+    fallback = float(method.tensor_defaults.get(key, default))  # type: ignore[arg-type]
+    if key not in given:  # the table's default, valid by construction
+        return fallback
+    found = float(lookup(plan.config, entry, key, tensor, t, fallback))
+
+    def fail(message: str) -> RecipeError:
+        return RecipeError(f"{message}, for {entry.model} at tensor {tensor}")
+
+    check_range(method, key, [found], fail)
+    return found
+
+
+def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> ComputeName:
     """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
     as torch promotes them (bf16 with f16 gives float32)."""
-    names = {
+    names: dict[str, ComputeName] = {
         "float64": "float64",
         "fp64": "float64",
         "float32": "float32",
@@ -357,10 +391,8 @@ def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> str:
     }
     if dtype is not None:
         return names[dtype]
-    kinds = {
-        {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(s or "", "float32")
-        for s in stored
-    }
+    stored_names: dict[str, ComputeName] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    kinds = {stored_names.get(s or "", "float32") for s in stored}
     if len(kinds) == 1:
         return kinds.pop()
     return "float64" if "float64" in kinds else "float32"

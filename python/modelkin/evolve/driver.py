@@ -20,9 +20,9 @@ from pathlib import Path
 from .._core import model_tensors
 from ..errors import ModelkinError
 from ..kinship import kinship_matrix
+from ..merging import merge
 from ..parameters import layer_of
 from ..recipe import RecipeError, load_config
-from ..merging import merge
 from ..resolve import resolve
 from . import strategies
 from .config import EvolveConfig

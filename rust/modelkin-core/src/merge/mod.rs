@@ -544,3 +544,6 @@ fn with_block<T>(sources: &[&Source], first: usize, len: usize, work: impl FnOnc
         work(&views)
     })
 }
+
+#[cfg(test)]
+mod tests;
