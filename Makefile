@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deps-stamp
 
-.PHONY: demo test lint build bench clean
+.PHONY: demo test lint build bench clean wheel
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ demo: build
 	$(VENV)/bin/modelkin evolve demo-out/tasks/evolve.yml demo-out/evolve-run
 	$(VENV)/bin/modelkin runs tree demo-out/evolve-run --plot demo-out/lineage.png
 
+# An abi3 wheel for manylinux2014 x86_64 (glibc 2.17: Ubuntu 18.04+, RHEL 7+, Amazon Linux 2),
+# linked by zig from PyPI's ziglang package, so nothing outside the registries is needed.
+wheel: $(STAMP)
+	$(PY) -m pip install --quiet "ziglang>=0.11"
+	rm -rf dist
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/maturin build --release --zig --compatibility manylinux2014 --out dist --quiet
+
 lint: build
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
@@ -38,7 +45,7 @@ lint: build
 	$(VENV)/bin/mypy
 	$(VENV)/bin/python -m mypy.stubtest modelkin._core
 
-test: build
+test: build wheel
 	cargo test --workspace --quiet
 	$(VENV)/bin/python -m pytest -q tests
 
@@ -50,4 +57,4 @@ bench: build
 	$(VENV)/bin/python benches/bench_search.py
 
 clean:
-	rm -rf $(VENV) target demo-out
+	rm -rf $(VENV) target demo-out dist

@@ -4,13 +4,13 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
+use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::family::{release, Family, Plan, PlannedTensor};
 use crate::gram::{fused_format, Gram, LANES, MAX_FUSED_MODELS};
 use crate::kernel;
 use crate::progress::Progress;
 use crate::report::{KinshipReport, SkippedTensor, TensorStats};
-use crate::dtype::FloatDtype;
 use crate::stats::{Mode, Moments};
 use crate::threads::with_threads;
 
@@ -387,4 +387,3 @@ fn nonfinite_source(
         })
         .unwrap_or(0)
 }
-

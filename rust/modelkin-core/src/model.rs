@@ -152,7 +152,8 @@ impl Shard {
         if let (Backing::Mapped(mmap), false) = (&self.backing, range.is_empty()) {
             // SAFETY: the map is a read-only file mapping, so dropped pages are re-read from the
             // file on the next access and no borrowed slice ever observes different data.
-            let _ = unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
+            let _ =
+                unsafe { mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, range.start, range.len()) };
         }
     }
 }

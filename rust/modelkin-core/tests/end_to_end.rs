@@ -46,7 +46,7 @@ fn kinship_pass_matches_a_naive_float64_computation() {
     for (name, v) in [("base", &base), ("a", &a), ("b", &b)] {
         write(&dir.path().join(format!("{name}.safetensors")), &[("w", vec![200, 200], v.clone())]);
     }
-    let open = |name: &str| Model::open(dir.path().join(format!("{name}.safetensors"))).expect("open");
+    let open = |name: &str| Model::open(dir.path().join(format!("{name}.safetensors"))).expect("open").into();
     let family = Family::new(open("base"), vec![open("a"), open("b")]).expect("family");
     let options = PassOptions::default();
     let planned = plan(&family, &options).expect("plan");
@@ -78,10 +78,24 @@ fn a_missing_tensor_names_the_model_and_the_tensor() {
     );
     write(&dir.path().join("a.safetensors"), &[("w", vec![4], vec![1.0; 4])]);
     let family = Family::new(
-        Model::open(dir.path().join("base.safetensors")).expect("open"),
-        vec![Model::open(dir.path().join("a.safetensors")).expect("open")],
+        Model::open(dir.path().join("base.safetensors")).expect("open").into(),
+        vec![Model::open(dir.path().join("a.safetensors")).expect("open").into()],
     )
     .expect("family");
     let message = plan(&family, &PassOptions::default()).expect_err("missing tensor").to_string();
     assert!(message.contains("a.safetensors") && message.contains("'v'"), "{message}");
+}
+
+#[test]
+fn the_same_model_twice_is_refused_on_disk_and_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(&dir.path().join("base.safetensors"), &[("w", vec![4], vec![0.0; 4])]);
+    write(&dir.path().join("a.safetensors"), &[("w", vec![4], vec![1.0; 4])]);
+    let open = |name: &str| -> std::sync::Arc<Model> {
+        Model::open(dir.path().join(format!("{name}.safetensors"))).expect("open").into()
+    };
+    let error = Family::new(open("base"), vec![open("a"), open("a")]).expect_err("twice");
+    assert!(matches!(error, modelkin_core::Error::DuplicateModel { .. }), "{error}");
+    let a = open("a");
+    assert!(Family::new(open("base"), vec![a.clone(), a]).is_err());
 }

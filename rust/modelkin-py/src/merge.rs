@@ -64,7 +64,11 @@ impl MergedTensors {
     /// Bytes of tensor data held.
     #[getter]
     fn nbytes(&self) -> u64 {
-        self.model.tensor_names().iter().map(|n| self.model.tensor(n).map_or(0, |e| e.end - e.start) as u64).sum()
+        self.model
+            .tensor_names()
+            .iter()
+            .map(|n| self.model.tensor(n).map_or(0, |e| e.end - e.start) as u64)
+            .sum()
     }
 
     /// Writes the tensors into `directory` (which must exist) as `modelkin merge` writes them;
@@ -92,5 +96,10 @@ pub fn run_merge<'py>(
     let kinship = report.kinship.map(|report| Py::new(py, KinshipStats { report })).transpose()?;
     let model =
         report.model.map(|model| Py::new(py, MergedTensors { model: Arc::new(model) })).transpose()?;
-    Ok(MergeOutcome { bytes_written: report.bytes_written, kinship, model, tensor_seconds: report.tensor_seconds })
+    Ok(MergeOutcome {
+        bytes_written: report.bytes_written,
+        kinship,
+        model,
+        tensor_seconds: report.tensor_seconds,
+    })
 }

@@ -247,18 +247,33 @@ pub struct MethodSpec {
     pub statistics: Statistics,
 }
 
-const fn global(name: &'static str, default: DefaultValue, range: Option<Range>, help: &'static str) -> Parameter {
+const fn global(
+    name: &'static str,
+    default: DefaultValue,
+    range: Option<Range>,
+    help: &'static str,
+) -> Parameter {
     Parameter { name, scope: Scope::Global, default, range, help, ignored: None }
 }
 
-const fn per_model(name: &'static str, default: DefaultValue, range: Option<Range>, help: &'static str) -> Parameter {
+const fn per_model(
+    name: &'static str,
+    default: DefaultValue,
+    range: Option<Range>,
+    help: &'static str,
+) -> Parameter {
     Parameter { name, scope: Scope::PerModel, default, range, help, ignored: None }
 }
 
 const WEIGHT: Parameter = per_model("weight", DefaultValue::Required, None, "the model's weight");
-const DENSITY: Parameter =
-    per_model("density", DefaultValue::Number(1.0), Range::closed(0.0, 1.0), "fraction of the task vector kept");
-const LAMBDA: Parameter = global("lambda", DefaultValue::Number(1.0), None, "scale of the merged task vector");
+const DENSITY: Parameter = per_model(
+    "density",
+    DefaultValue::Number(1.0),
+    Range::closed(0.0, 1.0),
+    "fraction of the task vector kept",
+);
+const LAMBDA: Parameter =
+    global("lambda", DefaultValue::Number(1.0), None, "scale of the merged task vector");
 const INT8_MASK: Parameter =
     global("int8_mask", DefaultValue::Flag(false), None, "mergekit's mask storage; no effect on the values");
 const GAMMA: Parameter = per_model(
@@ -458,8 +473,18 @@ pub const METHODS: &[MethodSpec] = &[
         Inputs { min: 2, max: 2 },
         &[
             WEIGHT,
-            global("nuslerp_flatten", DefaultValue::Flag(true), None, "one interpolation over the flattened tensor"),
-            global("nuslerp_row_wise", DefaultValue::Flag(false), None, "without flattening: rows, not columns"),
+            global(
+                "nuslerp_flatten",
+                DefaultValue::Flag(true),
+                None,
+                "one interpolation over the flattened tensor",
+            ),
+            global(
+                "nuslerp_row_wise",
+                DefaultValue::Flag(false),
+                None,
+                "without flattening: rows, not columns",
+            ),
         ],
         Statistics::Norms,
     ),
@@ -517,7 +542,12 @@ pub const METHODS: &[MethodSpec] = &[
         "keep task-vector entries one model contributes, average the shared ones",
         BaseUse::Required,
         ANY,
-        &[global("epsilon", DefaultValue::Number(1e-5), Range::closed(0.0, f64::INFINITY), "entries below count as zero")],
+        &[global(
+            "epsilon",
+            DefaultValue::Number(1e-5),
+            Range::closed(0.0, f64::INFINITY),
+            "entries below count as zero",
+        )],
         Statistics::None,
     ),
     other(
@@ -529,7 +559,12 @@ pub const METHODS: &[MethodSpec] = &[
         &[
             global("r", DefaultValue::Number(0.1), None, "how far λ moves with the shared-to-unique ratio"),
             global("alpha", DefaultValue::Number(0.2), None, "cap of λ's growth"),
-            global("epsilon", DefaultValue::Number(1e-5), Range::closed(0.0, f64::INFINITY), "entries below count as zero"),
+            global(
+                "epsilon",
+                DefaultValue::Number(1e-5),
+                Range::closed(0.0, f64::INFINITY),
+                "entries below count as zero",
+            ),
         ],
         Statistics::Norms,
     ),

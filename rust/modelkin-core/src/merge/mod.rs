@@ -33,7 +33,10 @@ use crate::report::{KinshipReport, TensorStats};
 use crate::threads::with_threads;
 use crate::writer::{MemoryWriter, OutputTensor, ShardedWriter, TensorSink};
 
-pub use methods::{BaseUse, DefaultValue, Inputs, Method, MethodSpec, Parameter, Range, Scope, Sparsification, Statistics, METHODS};
+pub use methods::{
+    BaseUse, DefaultValue, Inputs, Method, MethodSpec, Parameter, Range, Scope, Sparsification, Statistics,
+    METHODS,
+};
 pub use ram::RamOptions;
 use statistics::TensorStatistics;
 

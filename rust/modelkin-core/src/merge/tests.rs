@@ -18,7 +18,11 @@ fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf 
     std::fs::create_dir_all(dir).expect("dir");
     let outputs: Vec<OutputTensor> = tensors
         .iter()
-        .map(|(name, shape, _)| OutputTensor { name: name.to_string(), shape: shape.clone(), dtype: OutDtype::F32 })
+        .map(|(name, shape, _)| OutputTensor {
+            name: name.to_string(),
+            shape: shape.clone(),
+            dtype: OutDtype::F32,
+        })
         .collect();
     let mut writer = ShardedWriter::create(dir, &outputs, u64::MAX).expect("create");
     for (i, (_, _, values)) in tensors.iter().enumerate() {
@@ -31,7 +35,11 @@ fn write_model(dir: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> PathBuf 
 
 fn values(model: &Model, name: &str) -> Vec<f32> {
     let entry = model.tensor(name).expect("tensor");
-    bytemuck::pod_collect_to_vec(model.shards[entry.shard].bytes(entry.start, entry.end))
+    model.shards[entry.shard]
+        .bytes(entry.start, entry.end)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// A base and two fine-tunes of two tensors, and a job over them.
@@ -75,7 +83,8 @@ fn task_arithmetic_in_memory_equals_the_disk_output_and_the_formula() {
     let merged = memory.model.expect("a model in memory");
     let written = Model::open(&out).expect("written model");
     let base = Model::open(root.path().join("base")).expect("base");
-    let (a, b) = (Model::open(root.path().join("a")).expect("a"), Model::open(root.path().join("b")).expect("b"));
+    let (a, b) =
+        (Model::open(root.path().join("a")).expect("a"), Model::open(root.path().join("b")).expect("b"));
     for name in ["w", "bias"] {
         assert_eq!(values(&merged, name), values(&written, name), "{name}");
         let expected: Vec<f32> = values(&base, name)
