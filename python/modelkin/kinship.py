@@ -12,7 +12,6 @@ import numpy as np
 import numpy.typing as npt
 
 from ._core import KinshipPlan, KinshipStats, MergedTensors
-from .errors import ModelReferenceError
 from .resolve import resolve
 
 if TYPE_CHECKING:
@@ -158,10 +157,7 @@ def measure(
     progress: ProgressCallback | None = None,
 ) -> KinshipStats:
     """One pass over ``base`` and ``models``: the moments every metric is derived from."""
-    texts = [label(m) for m in (*models, base)]
-    repeated = next((t for i, t in enumerate(texts) if t in texts[:i]), None)
-    if repeated is not None:
-        raise ModelReferenceError(f"{repeated}: the same model is given twice; all models must be different")
+    # The same model twice is refused by the core (one check, on canonical paths or in-memory identity).
     paths = [_opened(m, offline) for m in (*models, base)]
     if device is not None and any(isinstance(p, MergedTensors) for p in paths):
         raise ValueError("device: a merged model held in memory is measured by the Rust pass; leave device unset")

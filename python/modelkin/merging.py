@@ -17,6 +17,7 @@ import numpy.typing as npt
 
 from ._core import KinshipStats, MergedTensors, run_merge
 from .chat_template import resolve_template, write_template
+from .dtypes import TORCH_NAMES
 from .kinship import METRICS, KinshipMatrix
 from .output import TOKENIZER_FILES, check_output, model_dir, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
@@ -78,7 +79,7 @@ class MergedModel(Mapping[str, npt.NDArray[Any]]):
         base = self._extras.base_config
         if base is None:
             return None
-        name = _TORCH_DTYPES[self.plan.out_dtype]
+        name = TORCH_NAMES[self.plan.out_dtype]
         return {**base, "dtype": name, "torch_dtype": name}
 
     @property
@@ -119,9 +120,6 @@ class _Extras:
     base_config: dict[str, Any] | None
     vocabulary: OutputVocabulary | None
     template: str | None
-
-
-_TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def _numpy_dtype(name: str) -> np.dtype[Any]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .dtypes import TORCH_NAMES
 from .recipe import METHODS, MergeConfig, ModelEntry, RecipeError
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def write_metadata(
     kinship: KinshipMatrix | None,
     parents: tuple[str, ...],
 ) -> None:
-    torch_dtype = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[out_dtype]
+    torch_dtype = TORCH_NAMES[out_dtype]
     if base_config is not None:
         # Both keys, agreeing: transformers 5 reads `dtype`, older versions `torch_dtype`.
         (staging / "config.json").write_text(

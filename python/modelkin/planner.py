@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from ._core import model_tensors
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
+from .dtypes import TORCH_NAMES, compute_name
 from .errors import ModelReferenceError
 from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
 from .output import model_dir, read_json
@@ -378,21 +379,9 @@ def _value(
 def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> ComputeName:
     """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
     as torch promotes them (bf16 with f16 gives float32)."""
-    names: dict[str, ComputeName] = {
-        "float64": "float64",
-        "fp64": "float64",
-        "float32": "float32",
-        "fp32": "float32",
-        "float16": "float16",
-        "fp16": "float16",
-        "half": "float16",
-        "bfloat16": "bfloat16",
-        "bf16": "bfloat16",
-    }
     if dtype is not None:
-        return names[dtype]
-    stored_names: dict[str, ComputeName] = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    kinds = {stored_names.get(s or "", "float32") for s in stored}
+        return compute_name(dtype)
+    kinds = {TORCH_NAMES.get(s or "", "float32") for s in stored}
     if len(kinds) == 1:
         return kinds.pop()
     return "float64" if "float64" in kinds else "float32"

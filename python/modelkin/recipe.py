@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from . import _core
+from .dtypes import RECIPE_DTYPES, TORCH_NAMES
 from .errors import RecipeError
 
 if TYPE_CHECKING:
@@ -70,18 +71,6 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {info.name: MethodSpec(info) for info in _core.methods()}
-
-_DTYPES = {
-    "float64": "F64",
-    "fp64": "F64",
-    "float32": "F32",
-    "fp32": "F32",
-    "float16": "F16",
-    "fp16": "F16",
-    "half": "F16",
-    "bfloat16": "BF16",
-    "bf16": "BF16",
-}
 
 
 @dataclass(frozen=True)
@@ -236,7 +225,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     if not isinstance(parameters, Mapping):
         raise fail(["parameters"], "parameters must be a mapping")
     for key in ("dtype", "out_dtype"):
-        if raw.get(key) is not None and raw[key] not in _DTYPES:
+        if raw.get(key) is not None and raw[key] not in RECIPE_DTYPES:
             raise fail([key], f"unsupported dtype {raw[key]!r} (float64, float32, float16, bfloat16)")
     # Imported here: the vocabulary module raises this module's RecipeError.
     from .vocabulary import parse_spec
@@ -399,8 +388,8 @@ def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None, s
     transformers 5 writes it, or ``torch_dtype``)."""
     base = base_config or {}
     if stored in ("F64", "F32", "F16", "BF16"):
-        base = {"dtype": {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[stored]}
+        base = {"dtype": TORCH_NAMES[stored]}
     for name in (config.out_dtype, config.dtype, base.get("dtype"), base.get("torch_dtype")):
-        if isinstance(name, str) and name in _DTYPES:
-            return _DTYPES[name]
+        if isinstance(name, str) and name in RECIPE_DTYPES:
+            return RECIPE_DTYPES[name]
     return "BF16"

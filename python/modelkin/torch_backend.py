@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._core import KinshipPlan, KinshipStats
-from .errors import ModelkinError, NonFiniteError
+from .errors import ModelkinError
 
 if TYPE_CHECKING:
     from ._core import _MomentBlock
@@ -88,10 +88,7 @@ def run_torch(
             if isinstance(deltas, int):
                 path = plan.file_of(t, deltas)
                 if not skip_nonfinite:
-                    raise NonFiniteError(
-                        f"{path}: tensor '{name}' contains NaN or Inf values "
-                        "(pass --skip-nonfinite to leave such tensors out)"
-                    )
+                    raise plan.nonfinite_error(t, deltas)
                 skipped.append((name, f"NaN or Inf values in {path}"))
                 tensor_blocks = []
                 break

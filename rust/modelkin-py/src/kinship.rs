@@ -152,6 +152,23 @@ impl KinshipPlan {
         Ok(self.family.file_of(source).display().to_string())
     }
 
+    /// The exception the Rust pass raises for NaN/Inf in one model's copy of a planned tensor, for
+    /// the torch path to raise the same.
+    fn nonfinite_error(&self, py: Python<'_>, tensor: usize, source: usize) -> PyResult<Py<PyAny>> {
+        let planned = self
+            .plan
+            .tensors
+            .get(tensor)
+            .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
+        let source =
+            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        let error = modelkin_core::Error::NonFinite {
+            path: self.family.file_of(source).to_path_buf(),
+            tensor: planned.name.clone(),
+        };
+        Ok(to_py(error).into_value(py).into_any())
+    }
+
     /// Runs the streaming pass in Rust (GIL released; Ctrl-C stops it).
     #[pyo3(signature = (*, low_precision = None, skip_nonfinite = false, threads = 0, progress = None))]
     fn run(
