@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use modelkin_core::{
     kinship_pass, plan, Family, KinshipReport, Metric, Mode, Model, Moments, PassOptions, Plan,
-    SkippedTensor, TensorStats,
+    PlannedTensor, SkippedTensor, Source, TensorStats,
 };
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::{PyIndexError, PyValueError};
@@ -59,6 +59,20 @@ pub struct KinshipPlan {
     family: Arc<Family>,
     plan: Plan,
     options: PassOptions,
+}
+
+impl KinshipPlan {
+    /// A planned tensor and one model's copy of it (0 is the base, 1.. the fine-tunes).
+    fn source(&self, tensor: usize, source: usize) -> PyResult<(&PlannedTensor, &Source)> {
+        let planned = self
+            .plan
+            .tensors
+            .get(tensor)
+            .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
+        let source =
+            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        Ok((planned, source))
+    }
 }
 
 #[pymethods]
@@ -121,13 +135,7 @@ impl KinshipPlan {
         first: usize,
         count: usize,
     ) -> PyResult<Bound<'py, PyArray1<f64>>> {
-        let planned = self
-            .plan
-            .tensors
-            .get(tensor)
-            .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
-        let source =
-            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        let (planned, source) = self.source(tensor, source)?;
         if first.checked_add(count).is_none_or(|end| end > planned.numel) {
             return Err(PyIndexError::new_err(format!(
                 "elements {first}..{} past the end of '{}'",
@@ -142,26 +150,14 @@ impl KinshipPlan {
 
     /// The file holding one model's copy of a planned tensor.
     fn file_of(&self, tensor: usize, source: usize) -> PyResult<String> {
-        let planned = self
-            .plan
-            .tensors
-            .get(tensor)
-            .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
-        let source =
-            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        let (_, source) = self.source(tensor, source)?;
         Ok(self.family.file_of(source).display().to_string())
     }
 
     /// The exception the Rust pass raises for NaN/Inf in one model's copy of a planned tensor, for
     /// the torch path to raise the same.
     fn nonfinite_error(&self, py: Python<'_>, tensor: usize, source: usize) -> PyResult<Py<PyAny>> {
-        let planned = self
-            .plan
-            .tensors
-            .get(tensor)
-            .ok_or_else(|| PyIndexError::new_err("tensor index out of range"))?;
-        let source =
-            planned.sources.get(source).ok_or_else(|| PyIndexError::new_err("source index out of range"))?;
+        let (planned, source) = self.source(tensor, source)?;
         let error = modelkin_core::Error::NonFinite {
             path: self.family.file_of(source).to_path_buf(),
             tensor: planned.name.clone(),
