@@ -28,7 +28,8 @@ import modelkin  # noqa: E402
 import modelkin.merging  # noqa: E402
 from modelkin import example  # noqa: E402
 
-MODELS = ("math-a", "math-b", "code", "math-code")
+# math-b adds tokens (another vocabulary size), which a linear merge refuses.
+MODELS = ("math-a", "code", "math-code")
 
 
 def engine_threads() -> int:
@@ -77,7 +78,7 @@ def main() -> None:
             engines.append(sum(tensor_seconds))
         after = engine_threads()
     total, engine = statistics.median(totals), statistics.median(engines)
-    print(f"# {args.calls} in-memory linear merges of 4 models ({size / 1e6:.2f} MB each), one process")
+    print(f"# {args.calls} in-memory linear merges of 3 models ({size / 1e6:.2f} MB each), one process")
     print(f"whole            {total:8.3f} s   {total / args.calls * 1e3:7.2f} ms per call  (median of {args.rounds})")
     print(f"engine tensors   {engine:8.3f} s   {engine / args.calls * 1e3:7.2f} ms per call")
     outside = total - engine
