@@ -181,6 +181,9 @@ class MethodInfo:
     def sign_consensus(self) -> bool: ...
     @property
     def task_vectors(self) -> bool: ...
+    @property
+    def float32_result(self) -> bool:
+        """Whether its result is float32 even from half-precision inputs (a float32 factor promotes it)."""
 
 def methods() -> list[MethodInfo]:
     """Every merge method, in the table's order."""

@@ -130,17 +130,19 @@ def _metric_list(metrics: str | Sequence[str]) -> list[str]:
 
 def label(model: ModelRef) -> str:
     """How a model is named in results: its reference, or the in-memory merge it is."""
-    tensors = getattr(model, "_tensors", None)
-    if isinstance(tensors, MergedTensors):
-        return f"<merged {getattr(model.plan, 'method', 'model')} in memory {id(tensors):#x}>"  # type: ignore[union-attr]
-    return os.fspath(model)  # type: ignore[arg-type]
+    from .merging import MergedModel  # merging imports this module
+
+    if isinstance(model, MergedModel):
+        return f"<merged {model.plan.method} in memory {id(model.handle):#x}>"
+    return os.fspath(model)
 
 
 def _opened(model: ModelRef, offline: bool) -> str | MergedTensors:
-    tensors = getattr(model, "_tensors", None)
-    if isinstance(tensors, MergedTensors):
-        return tensors
-    return str(resolve(model, offline=offline))  # type: ignore[arg-type]
+    from .merging import MergedModel
+
+    if isinstance(model, MergedModel):
+        return model.handle
+    return str(resolve(model, offline=offline))
 
 
 def measure(

@@ -17,9 +17,8 @@ import numpy.typing as npt
 
 from ._core import KinshipStats, MergedTensors, run_merge
 from .chat_template import resolve_template, write_template
-from .dtypes import TORCH_NAMES
 from .kinship import METRICS, KinshipMatrix
-from .output import TOKENIZER_FILES, check_output, model_dir, parse_size, publish, write_metadata
+from .output import TOKENIZER_FILES, check_output, model_dir, output_config, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
 from .resolve import resolve
 from .vocabulary import VOCAB_TENSOR, OutputVocabulary, lay_out, write_tokenizer
@@ -77,10 +76,12 @@ class MergedModel(Mapping[str, npt.NDArray[Any]]):
     def config(self) -> dict[str, Any] | None:
         """The config.json the merge writes (dtype keys set to the output dtype)."""
         base = self._extras.base_config
-        if base is None:
-            return None
-        name = TORCH_NAMES[self.plan.out_dtype]
-        return {**base, "dtype": name, "torch_dtype": name}
+        return None if base is None else output_config(base, self.plan.out_dtype)
+
+    @property
+    def handle(self) -> MergedTensors:
+        """The engine's handle on the merged tensors (what kinship reads, without a copy)."""
+        return self._tensors
 
     @property
     def nbytes(self) -> int:

@@ -27,6 +27,7 @@ def method_dict(info: MethodInfo) -> dict[str, Any]:
         "sparsification": info.sparsification,
         "sign_consensus": info.sign_consensus,
         "task_vectors": info.task_vectors,
+        "float32_result": info.float32_result,
         "parameters": [_parameter_dict(p) for p in info.parameters],
     }
 

@@ -71,6 +71,13 @@ def publish(staging: Path, out: Path) -> None:
         staging.rename(out)
 
 
+def output_config(base_config: dict[str, Any], out_dtype: str) -> dict[str, Any]:
+    """The config.json of a merge: the base's, with both dtype keys agreeing with the tensors
+    (transformers 5 reads `dtype`, older versions `torch_dtype`)."""
+    name = TORCH_NAMES[out_dtype]
+    return {**base_config, "dtype": name, "torch_dtype": name}
+
+
 def write_metadata(
     staging: Path,
     config: MergeConfig,
@@ -83,12 +90,8 @@ def write_metadata(
     kinship: KinshipMatrix | None,
     parents: tuple[str, ...],
 ) -> None:
-    torch_dtype = TORCH_NAMES[out_dtype]
     if base_config is not None:
-        # Both keys, agreeing: transformers 5 reads `dtype`, older versions `torch_dtype`.
-        (staging / "config.json").write_text(
-            json.dumps({**base_config, "dtype": torch_dtype, "torch_dtype": torch_dtype}, indent=2)
-        )
+        (staging / "config.json").write_text(json.dumps(output_config(base_config, out_dtype), indent=2))
     if config.tokenizer is None:
         # No tokenizer request: the base's (else the first model's) files, as mergekit copies them.
         tokenizer_dir = model_dir(paths[base_ref or inputs[0].model])

@@ -4,10 +4,9 @@ read."""
 
 from __future__ import annotations
 
-import functools
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -67,7 +66,7 @@ class MergePlan:
     seed: int
     stamps: dict[Path, tuple[int, int]] = field(repr=False)
     # The engine's tensor recipes, every parameter resolved and checked when planning.
-    recipes: tuple[TensorRecipe, ...] = field(default=(), repr=False)
+    recipes: tuple[TensorRecipe, ...] = field(repr=False)
 
     @property
     def method(self) -> str:
@@ -126,8 +125,8 @@ class MergePlan:
             "max_shard_bytes": max_shard_bytes,
             "threads": threads,
             "filter_wise": bool(options.get("filter_wise", False)),
-            "ram": _ram_options(options),
-            "spherical": _spherical_options(options),
+            "ram": cast(RamOptions, _options(options, _RAM_OPTIONS)),
+            "spherical": cast(SphericalOptions, _options(options, _SPHERICAL_OPTIONS)),
             "tensors": self._redirected(redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.
             "kinship": self.config.slices is None,
@@ -137,35 +136,22 @@ class MergePlan:
         return job
 
 
-def _ram_options(options: Mapping[str, Any]) -> RamOptions:
-    """ram's and ramplus_tl's options the recipe resolved (the engine has the table's defaults)."""
-    ram: RamOptions = {}
-    if "epsilon" in options:
-        ram["epsilon"] = float(options["epsilon"])
-    if "r" in options:
-        ram["r"] = float(options["r"])
-    if "alpha" in options:
-        ram["alpha"] = float(options["alpha"])
-    return ram
-
-
-def _spherical_options(options: Mapping[str, Any]) -> SphericalOptions:
-    """nuslerp's, multislerp's and karcher's options the recipe resolved."""
-    spherical: SphericalOptions = {}
-    if "normalize_weights" in options:
-        spherical["normalize_weights"] = bool(options["normalize_weights"])
-    if "eps" in options:
-        spherical["eps"] = float(options["eps"])
-    if "tol" in options:
-        spherical["tol"] = float(options["tol"])
-    if "max_iter" in options:
-        spherical["max_iter"] = int(options["max_iter"])
+# The method's global options the engine reads: recipe key → (job key, type). An option absent
+# here has no row in the method table for this method, so the engine keeps its own default.
+_RAM_OPTIONS = {"epsilon": ("epsilon", float), "r": ("r", float), "alpha": ("alpha", float)}
+_SPHERICAL_OPTIONS = {
+    "normalize_weights": ("normalize_weights", bool),
+    "eps": ("eps", float),
+    "tol": ("tol", float),
+    "max_iter": ("max_iter", int),
     # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default); so does the engine.
-    if "nuslerp_flatten" in options:
-        spherical["flatten"] = bool(options["nuslerp_flatten"])
-    if "nuslerp_row_wise" in options:
-        spherical["row_wise"] = bool(options["nuslerp_row_wise"])
-    return spherical
+    "nuslerp_flatten": ("flatten", bool),
+    "nuslerp_row_wise": ("row_wise", bool),
+}
+
+
+def _options(options: Mapping[str, Any], keys: Mapping[str, tuple[str, type]]) -> dict[str, Any]:
+    return {job_key: kind(options[key]) for key, (job_key, kind) in keys.items() if key in options}
 
 
 def plan(
@@ -193,9 +179,11 @@ def plan(
     inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
     if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
-    reference = paths[base_ref or inputs[0].model]
-    base_config = read_json(model_dir(reference) / "config.json")
-    tensors = model_tensors(str(reference))
+    # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
+    listings = {ref: model_tensors(str(path)) for ref, path in paths.items()}
+    reference = base_ref or inputs[0].model
+    base_config = read_json(model_dir(paths[reference]) / "config.json")
+    tensors = listings[reference]
     names = [n for n, _, _ in tensors]
     counts = [int(v) for k in COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)]
     layers = counts[0] if counts else 0
@@ -206,23 +194,17 @@ def plan(
     if config.slices is None:
         outputs = _plan_models(names, base_ref, inputs, layers)
     else:
-        naming = layer_naming(base_config, names, base_ref or inputs[0].model)
+        naming = layer_naming(base_config, names, reference)
         outputs = _plan_slices(config, names, base_ref, naming)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
         base_config = {**(base_config or {}), naming.count_key: out_layers}
     out_dtype = cast(OutDtypeName, out_dtype_name(config, base_config, tensors[0][2] if tensors else None))
     compute: ComputeName = (
-        "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(paths[r]) for r in paths])
+        "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(t) for t in listings.values()])
     )
-    if (
-        method.name in ("ramplus_tl", "arcee_fusion")
-        and config.out_dtype is None
-        and compute in ("bfloat16", "float16")
-    ):
-        # RAM+'s float32 λ (arcee_fusion's float32 mask) promotes the result to float32, and mergekit
-        # writes it so.
-        out_dtype = "F32"
-    return _with_recipes(
+    if method.info.float32_result and config.out_dtype is None and compute in ("bfloat16", "float16"):
+        out_dtype = "F32"  # a float32 factor promotes the result, and mergekit writes it so
+    return MergePlan(
         config=config,
         paths=paths,
         base=base_ref,
@@ -235,26 +217,27 @@ def plan(
         precise=precise,
         seed=seed,
         stamps=stamps,
+        # Every per-tensor parameter resolved and checked now, not when the merge runs.
+        recipes=tuple(_recipes(config, list(paths), outputs)),
     )
 
 
-def _with_recipes(**fields: Any) -> MergePlan:
-    """The plan with its tensor recipes: every per-tensor parameter checked now, not when the
-    merge runs."""
-    draft = MergePlan(**fields)
-    return MergePlan(**fields, recipes=tuple(_recipes(draft)))
-
-
-def _stamps(paths: Any) -> dict[Path, tuple[int, int]]:
+def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int]]:
     """(size, mtime) of every safetensors file (and index) of the models."""
     stamps: dict[Path, tuple[int, int]] = {}
     for path in paths:
-        files = [path] if path.is_file() else sorted(path.glob("*.safetensors*"))
-        for file in files:
+        entries: list[tuple[Path, Path | os.DirEntry[str]]] = []
+        if path.is_file():
+            entries = [(path, path)]
+        else:
+            # scandir, not glob: a plan checks these before every merge of many candidates.
+            with os.scandir(path) as found:
+                entries = [(Path(e.path), e) for e in found if ".safetensors" in e.name and e.is_file()]
+        for file, entry in sorted(entries, key=lambda pair: pair[0]):
             try:
-                stat = file.stat()
+                stat = entry.stat()
             except OSError:
-                continue  # gone: check_unchanged reports it as removed
+                continue  # gone meanwhile: check_unchanged reports it as removed
             stamps[file] = (stat.st_size, stat.st_mtime_ns)
     return stamps
 
@@ -315,37 +298,32 @@ def _plan_slices(
     return outputs
 
 
-def _recipes(plan: MergePlan) -> list[TensorRecipe]:
+def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput]) -> list[TensorRecipe]:
     """The engine's tensor recipes, every parameter looked up per tensor and checked against the
     method table's ranges."""
-    config = plan.config
-    index = {ref: i for i, ref in enumerate(plan.paths)}
+    index = {ref: i for i, ref in enumerate(refs)}
     method = config.method
     # passthrough's `scale` is the factor its one input is multiplied by: it travels as the weight.
-    weight_key = "scale" if "scale" in method.parameters else "weight"
+    keys = {"weight": "scale" if "scale" in method.parameters else "weight", "density": "density"}
+    keys.update(gamma="gamma", epsilon="epsilon")
     della = method.info.sparsification == "della"
+    per_entry: dict[str, dict[str, float | None]] = {}
     tensors: list[TensorRecipe] = []
-    for name, inputs, base_tensor, t in plan.outputs:
+    for name, inputs, base_tensor, t in outputs:
         entries: list[MergeInput] = []
         for entry, source_name in inputs:
-            given = config.parameters.keys() | entry.parameters.keys()
-            value = functools.partial(_value, plan, entry, given, tensor=name, t=t)
-
-            density, epsilon = value("density", 1.0), value("epsilon", 0.0)
+            fixed = per_entry.get(entry.model)
+            if fixed is None:
+                fixed = per_entry[entry.model] = {k: _fixed(config, entry, key) for k, key in keys.items()}
+            values = {
+                k: _value(config, entry, key, name, t) if (v := fixed[k]) is None else v for k, key in keys.items()
+            }
+            density, epsilon = values["density"], values["epsilon"]
             if della and 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
                 raise RecipeError(
                     f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
                 )
-            entries.append(
-                {
-                    "model": index[entry.model],
-                    "tensor": source_name,
-                    "weight": value(weight_key, 1.0),
-                    "density": density,
-                    "gamma": value("gamma", 0.0),
-                    "epsilon": epsilon,
-                }
-            )
+            entries.append({"model": index[entry.model], "tensor": source_name, **values})  # type: ignore[typeddict-item]
         tensors.append(
             {
                 "name": name,
@@ -359,15 +337,25 @@ def _recipes(plan: MergePlan) -> list[TensorRecipe]:
     return tensors
 
 
-def _value(
-    plan: MergePlan, entry: ModelEntry, given: Any, key: str, default: float, tensor: str, t: float | None
-) -> float:
-    """A per-model parameter's value at one tensor, checked against the method table's range."""
-    method = plan.config.method
-    fallback = float(method.tensor_defaults.get(key, default))  # type: ignore[arg-type]
-    if key not in given:  # the table's default, valid by construction
-        return fallback
-    found = float(lookup(plan.config, entry, key, tensor, t, fallback))
+_TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}
+
+
+def _fixed(config: MergeConfig, entry: ModelEntry, key: str) -> float | None:
+    """A per-model parameter's value when it is the same at every tensor (a plain number, or
+    absent: the table's default), else None. A plain number was range-checked with the recipe."""
+    for params in (entry.parameters, config.parameters):
+        if key in params:
+            value = params[key]
+            return float(value) if isinstance(value, (int, float)) else None
+    return float(config.method.tensor_defaults.get(key, _TENSOR_DEFAULTS.get(key, 0.0)))  # type: ignore[arg-type]
+
+
+def _value(config: MergeConfig, entry: ModelEntry, key: str, tensor: str, t: float | None) -> float:
+    """A per-model parameter's value at one tensor (a gradient or filters), checked against the
+    method table's range."""
+    method = config.method
+    fallback = float(method.tensor_defaults.get(key, _TENSOR_DEFAULTS.get(key, 0.0)))  # type: ignore[arg-type]
+    found = float(lookup(config, entry, key, tensor, t, fallback))
 
     def fail(message: str) -> RecipeError:
         return RecipeError(f"{message}, for {entry.model} at tensor {tensor}")
@@ -387,6 +375,6 @@ def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> ComputeName
     return "float64" if "float64" in kinds else "float32"
 
 
-def _stored_dtype(path: Path) -> str | None:
+def _stored_dtype(tensors: list[tuple[str, list[int], str]]) -> str | None:
     """The stored dtype of a model's first floating tensor."""
-    return next((d for _, _, d in model_tensors(str(path)) if d in ("F64", "F32", "F16", "BF16")), None)
+    return next((d for _, _, d in tensors if d in ("F64", "F32", "F16", "BF16")), None)

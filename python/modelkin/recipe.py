@@ -53,19 +53,19 @@ class MethodSpec:
     def _defaults(self, scope: str) -> dict[str, object]:
         return {p.name: p.default for p in self.info.parameters if p.scope == scope and not p.required}
 
-    @property
+    @cached_property
     def global_defaults(self) -> dict[str, object]:
         return self._defaults("global")
 
-    @property
+    @cached_property
     def tensor_defaults(self) -> dict[str, object]:
         return self._defaults("per_model")
 
-    @property
+    @cached_property
     def required_global(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.info.parameters if p.scope == "global" and p.required)
 
-    @property
+    @cached_property
     def required_tensor(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.info.parameters if p.scope == "per_model" and p.required)
 

@@ -37,11 +37,6 @@ pub(crate) fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> Resul
     pool(threads)?.install(work)
 }
 
-/// Pools built so far in this process (for tests: calls with one thread count share one pool).
-pub fn pools_built() -> usize {
-    POOLS.get().map_or(0, |p| p.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,6 +49,8 @@ pub struct MethodInfo {
     pub sign_consensus: bool,
     /// Whether it combines weighted task vectors.
     pub task_vectors: bool,
+    /// Whether its result is float32 even from half-precision inputs (a float32 factor promotes it).
+    pub float32_result: bool,
 }
 
 fn parameter(py: Python<'_>, p: &Parameter) -> PyResult<ParameterInfo> {
@@ -92,6 +94,7 @@ fn method(py: Python<'_>, spec: &MethodSpec) -> PyResult<MethodInfo> {
         }),
         sign_consensus: spec.sign_consensus,
         task_vectors: spec.task_vectors,
+        float32_result: spec.float32_result,
     })
 }
 

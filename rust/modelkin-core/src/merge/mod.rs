@@ -16,6 +16,7 @@ mod ram;
 mod sort_order;
 mod spherical;
 mod statistics;
+mod table;
 mod task_vectors;
 
 use std::path::PathBuf;
