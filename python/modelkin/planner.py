@@ -180,7 +180,7 @@ def plan(
     if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
-    listings = {ref: model_tensors(str(path)) for ref, path in paths.items()}
+    listings = {ref: _listing(path, stamps) for ref, path in paths.items()}
     reference = base_ref or inputs[0].model
     base_config = read_json(model_dir(paths[reference]) / "config.json")
     tensors = listings[reference]
@@ -220,6 +220,21 @@ def plan(
         # Every per-tensor parameter resolved and checked now, not when the merge runs.
         recipes=tuple(_recipes(config, list(paths), outputs)),
     )
+
+
+# Tensor listings by model path and the stamps of its files: an evolution plans hundreds of merges
+# of the same models, and a listing is only read again when a file changed.
+_LISTINGS: dict[tuple[Path, tuple[tuple[Path, tuple[int, int]], ...]], list[tuple[str, list[int], str]]] = {}
+
+
+def _listing(path: Path, stamps: Mapping[Path, tuple[int, int]]) -> list[tuple[str, list[int], str]]:
+    """(name, shape, dtype) of every tensor of a model, read once per version of its files."""
+    key = (path, tuple((f, s) for f, s in stamps.items() if f == path or f.parent == path))
+    if key not in _LISTINGS:
+        if len(_LISTINGS) > 256:
+            _LISTINGS.clear()
+        _LISTINGS[key] = model_tensors(str(path))
+    return _LISTINGS[key]
 
 
 def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int]]:

@@ -122,3 +122,70 @@ pub(super) fn karcher(gram: &[f64], options: &SphericalOptions) -> Vec<f64> {
     let scale: f64 = norms.iter().map(|n| alpha * n).sum();
     (0..k).map(|j| if norms[j] > 0.0 { scale * mean[j] / norms[j] } else { 0.0 }).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{karcher, multislerp, nuslerp};
+    use crate::merge::SphericalOptions;
+
+    /// The Gram matrix of vectors given by their coordinates.
+    fn gram(vectors: &[&[f64]]) -> Vec<f64> {
+        let k = vectors.len();
+        let mut g = vec![0.0; k * k];
+        for i in 0..k {
+            for j in 0..k {
+                g[i * k + j] = vectors[i].iter().zip(vectors[j]).map(|(a, b)| a * b).sum();
+            }
+        }
+        g
+    }
+
+    fn combine(coefficients: &[f64], vectors: &[&[f64]]) -> Vec<f64> {
+        (0..vectors[0].len()).map(|d| coefficients.iter().zip(vectors).map(|(c, v)| c * v[d]).sum()).collect()
+    }
+
+    fn close(a: &[f64], b: &[f64]) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn nuslerp_of_orthogonal_unit_vectors_walks_the_quarter_circle() {
+        let (x, y): (&[f64], &[f64]) = (&[1.0, 0.0], &[0.0, 1.0]);
+        // t = w1 / (w0 + w1) = 1/3: a third of the way, at angle π/6.
+        let c = nuslerp(&gram(&[x, y]), &[2.0, 1.0]);
+        let angle = std::f64::consts::FRAC_PI_6;
+        close(&combine(&c, &[x, y]), &[angle.cos(), angle.sin()]);
+        // Colinear inputs fall back to the linear blend.
+        close(&nuslerp(&gram(&[x, &[2.0, 0.0]]), &[1.0, 1.0]), &[0.5, 0.5]);
+    }
+
+    #[test]
+    fn multislerp_is_the_mean_direction_scaled_by_the_mean_norm() {
+        let (x, y): (&[f64], &[f64]) = (&[2.0, 0.0], &[0.0, 4.0]);
+        let c = multislerp(&gram(&[x, y]), &[1.0, 1.0], &SphericalOptions { eps: 0.0, ..Default::default() })
+            .expect("defined");
+        // Mean of the unit directions is (1, 1)/2, direction (1, 1)/√2; mean norm 3.
+        let s = 3.0 / 2f64.sqrt();
+        close(&combine(&c, &[x, y]), &[s, s]);
+        let antipodal = multislerp(
+            &gram(&[&[1.0, 0.0], &[-1.0, 0.0], &[0.0, 0.0]]),
+            &[1.0, 1.0, 0.0],
+            &Default::default(),
+        );
+        assert!(antipodal.is_err());
+    }
+
+    #[test]
+    fn karcher_of_symmetric_directions_is_their_bisector() {
+        let (x, y): (&[f64], &[f64]) = (&[1.0, 0.0], &[0.0, 3.0]);
+        let options = SphericalOptions { max_iter: 50, tol: 1e-12, ..Default::default() };
+        let merged = combine(&karcher(&gram(&[x, y]), &options), &[x, y]);
+        // The mean direction bisects the angle; the length is the mean norm, 2.
+        let s = 2.0 / 2f64.sqrt();
+        close(&merged, &[s, s]);
+        // One input is itself.
+        close(&karcher(&gram(&[x]), &options), &[1.0]);
+    }
+}
