@@ -52,8 +52,8 @@ def main() -> None:
         tensor_seconds: list[float] = []
         original = modelkin.merging.run_merge
 
-        def timed(job, progress=None):  # type: ignore[no-untyped-def]
-            outcome = original(job, progress=progress)
+        def timed(job, **kwargs):  # type: ignore[no-untyped-def]
+            outcome = original(job, **kwargs)
             tensor_seconds.append(outcome.tensor_seconds)
             return outcome
 

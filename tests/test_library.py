@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -155,6 +156,40 @@ def test_a_plan_whose_models_changed_is_refused_naming_the_file(fam):
     save_model(fam.models[2], {"x": np.zeros(3)}, "F32")
     with pytest.raises(modelkin.ModelReferenceError, match=r"model\.safetensors: added on disk since"):
         modelkin.merge(plan)
+
+
+def test_plans_share_open_models_until_a_file_changes(fam, monkeypatch):
+    """An evolution plans many merges of the same parents: each model is opened (files mapped,
+    headers read) once and kept open while its files are unchanged. A file replaced by a copy of the
+    same size and time (rsync, cp -p) is another inode: the old plan is refused and a new one opens
+    the new file."""
+    first, second = modelkin.plan(ties(fam)), modelkin.plan(ties(fam))
+    assert all(a is b for a, b in zip(first.handles, second.handles, strict=True))
+    assert [Path(h.path) for h in first.handles] == list(first.paths.values())
+    shard = sorted(fam.models[0].glob("*.safetensors"))[0]
+    before = shard.stat()
+    shutil.copy2(shard, shard.with_name("copy"))
+    os.replace(shard.with_name("copy"), shard)
+    after = shard.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    with pytest.raises(modelkin.ModelReferenceError, match=re.escape(f"{shard}: changed on disk since")):
+        modelkin.merge(first)
+    third = modelkin.plan(ties(fam))
+    index = list(third.paths).index(str(fam.models[0]))
+    assert third.handles[index] is not first.handles[index]
+    assert third.handles[index + 1] is first.handles[index + 1]
+    assert np.array_equal(modelkin.merge(third)["lm_head.weight"], modelkin.merge(ties(fam))["lm_head.weight"])
+    # The engine refuses a model opened from another path than the job names.
+    job = third.job(None, threads=1, max_shard_bytes=1 << 30, redirect={})
+    with pytest.raises(modelkin.RecipeError, match="but the model opened for it is"):
+        _core.run_merge(job, models=[third.handles[-1]])
+    # Few models are kept open (each holds its files).
+    from modelkin import planner
+
+    monkeypatch.setattr(planner, "_KEEP_OPEN", 2)
+    planner._OPEN.clear()
+    modelkin.plan(ties(fam))
+    assert len(planner._OPEN) == 2
 
 
 def test_save_refuses_a_non_empty_directory_without_overwrite(fam, tmp_path):

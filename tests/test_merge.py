@@ -782,13 +782,13 @@ def test_merge_progress_ends_at_its_total(tmp_path, fam, monkeypatch, method, dt
 def test_config_dtype_keys_agree_and_follow_the_inputs(family_factory, tmp_path):
     """config.json gets `dtype` and `torch_dtype` alike (transformers 5 reads `dtype`); with no dtype
     in the recipe the output keeps the inputs' stored dtype, as mergekit does."""
-    from modelkin._core import model_tensors
+    from modelkin._core import open_model
 
     fam = family_factory(n=2, dtype="F32")
     (fam.base / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "float32"}))
     recipe = {"merge_method": "passthrough", "models": [{"model": str(fam.models[0])}]}
     merge(recipe, tmp_path / "kept")
-    assert {d for _, _, d in model_tensors(str(tmp_path / "kept"))} == {"F32"}
+    assert {d for _, _, d in open_model(tmp_path / "kept").tensors()} == {"F32"}
     recipe = {
         "merge_method": "linear",
         "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (fam.base, *fam.models)],
@@ -797,7 +797,7 @@ def test_config_dtype_keys_agree_and_follow_the_inputs(family_factory, tmp_path)
     merge(recipe, tmp_path / "bf16")
     written = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert written["dtype"] == written["torch_dtype"] == "bfloat16"
-    assert {d for _, _, d in model_tensors(str(tmp_path / "bf16"))} == {"BF16"}
+    assert {d for _, _, d in open_model(tmp_path / "bf16").tensors()} == {"BF16"}
 
 
 def test_a_different_vocabulary_size_is_refused(tmp_path, family_factory):

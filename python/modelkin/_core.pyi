@@ -1,4 +1,6 @@
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -13,9 +15,9 @@ __all__ = [
     "KinshipPlan",
     "KinshipStats",
     "MergeOutcome",
-    "MergedTensors",
     "MethodInfo",
     "MissingTensorError",
+    "ModelHandle",
     "ModelReferenceError",
     "ModelkinError",
     "NonFiniteError",
@@ -25,7 +27,7 @@ __all__ = [
     "UnsupportedFormatError",
     "__version__",
     "methods",
-    "model_tensors",
+    "open_model",
     "run_merge",
 ]
 
@@ -66,8 +68,8 @@ class KinshipStats:
 class KinshipPlan:
     def __new__(
         cls,
-        base: str | MergedTensors,
-        models: Sequence[str | MergedTensors],
+        base: str | ModelHandle,
+        models: Sequence[str | ModelHandle],
         *,
         skip_missing: bool = False,
         count_tied_embeddings_twice: bool = False,
@@ -94,12 +96,21 @@ class KinshipPlan:
     ) -> KinshipStats: ...
     def report(self, blocks: Sequence[_MomentBlock], skipped: Sequence[tuple[str, str]]) -> KinshipStats: ...
 
-def model_tensors(path: str) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of every tensor of a model, in storage order."""
+def open_model(path: str | os.PathLike[str]) -> ModelHandle:
+    """Opens a model (a safetensors file or a directory of shards): its files mapped and headers
+    read, for any number of merges and kinship passes."""
 
 @final
-class MergedTensors:
-    """A merged model held in memory: one safetensors image, read by numpy arrays without copies."""
+class ModelHandle:
+    """A model the core holds open: memory-mapped safetensors files (`open_model`), or a merged
+    model held in memory (one safetensors image). Its tensors are read by numpy arrays without
+    copies."""
+
+    @property
+    def path(self) -> Path:
+        """The path it was opened from (for a merged model, the label it goes by in messages)."""
+    def tensors(self) -> list[tuple[str, list[int], str]]:
+        """(name, shape, safetensors dtype name) of every tensor, in storage order."""
 
     @property
     def names(self) -> list[str]:
@@ -124,14 +135,20 @@ class MergeOutcome:
     def kinship(self) -> KinshipStats | None:
         """The parents' kinship against the base, measured while merging (none without a base)."""
     @property
-    def model(self) -> MergedTensors | None:
+    def model(self) -> ModelHandle | None:
         """The merged model, when the job had no output directory."""
     @property
     def tensor_seconds(self) -> float:
         """Seconds the engine spent on the tensors, after opening the models and resolving the job."""
 
-def run_merge(job: MergeJob, *, progress: Callable[[int, int], object] | None = None) -> MergeOutcome:
-    """Runs the merge described by `job` with the GIL released."""
+def run_merge(
+    job: MergeJob,
+    *,
+    models: Sequence[ModelHandle] = ...,
+    progress: Callable[[int, int], object] | None = None,
+) -> MergeOutcome:
+    """Runs the merge described by `job` with the GIL released; `models[i]`, already open (from
+    the same path), stands for `job["models"][i]`, and the rest are opened here."""
 
 @final
 class ParameterInfo:

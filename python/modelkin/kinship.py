@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import numpy as np
 import numpy.typing as npt
 
-from ._core import KinshipPlan, KinshipStats, MergedTensors
+from ._core import KinshipPlan, KinshipStats, ModelHandle
 from .resolve import resolve
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def label(model: ModelRef) -> str:
     return os.fspath(model)
 
 
-def _opened(model: ModelRef, offline: bool) -> str | MergedTensors:
+def _opened(model: ModelRef, offline: bool) -> str | ModelHandle:
     from .merging import MergedModel
 
     if isinstance(model, MergedModel):
@@ -161,7 +161,7 @@ def measure(
     """One pass over ``base`` and ``models``: the moments every metric is derived from."""
     # The same model twice is refused by the core (one check, on canonical paths or in-memory identity).
     paths = [_opened(m, offline) for m in (*models, base)]
-    if device is not None and any(isinstance(p, MergedTensors) for p in paths):
+    if device is not None and any(isinstance(p, ModelHandle) for p in paths):
         raise ValueError("device: a merged model held in memory is measured by the Rust pass; leave device unset")
     plan = KinshipPlan(
         paths[-1],

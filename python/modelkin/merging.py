@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, overload
 import numpy as np
 import numpy.typing as npt
 
-from ._core import KinshipStats, MergedTensors, run_merge
+from ._core import KinshipStats, ModelHandle, run_merge
 from .chat_template import resolve_template, write_template
 from .kinship import METRICS, KinshipMatrix
 from .output import TOKENIZER_FILES, check_output, model_dir, output_config, parse_size, publish, write_metadata
@@ -56,7 +56,7 @@ class MergedModel(Mapping[str, npt.NDArray[Any]]):
     bounded working set on top. It can be saved (``save``) or handed to ``modelkin.kinship`` as a
     model, without being written."""
 
-    def __init__(self, plan: MergePlan, tensors: MergedTensors, kinship: KinshipMatrix | None, extras: _Extras) -> None:
+    def __init__(self, plan: MergePlan, tensors: ModelHandle, kinship: KinshipMatrix | None, extras: _Extras) -> None:
         self.plan = plan
         self._tensors = tensors
         self.kinship = kinship
@@ -79,7 +79,7 @@ class MergedModel(Mapping[str, npt.NDArray[Any]]):
         return None if base is None else output_config(base, self.plan.out_dtype)
 
     @property
-    def handle(self) -> MergedTensors:
+    def handle(self) -> ModelHandle:
         """The engine's handle on the merged tensors (what kinship reads, without a copy)."""
         return self._tensors
 
@@ -270,7 +270,7 @@ def _run(
         str(out_dir) if out_dir is not None else None, threads=threads, max_shard_bytes=shard_bytes, redirect=redirect
     )
     job["models"] = [*job["models"], *extra_files]
-    outcome = run_merge(job, progress=progress)
+    outcome = run_merge(job, models=planned.handles, progress=progress)
     return outcome, _Extras(base_config, vocabulary, template)
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from ._core import model_tensors
+from ._core import ModelHandle, open_model
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .dtypes import TORCH_NAMES, compute_name
 from .errors import ModelReferenceError
@@ -29,6 +31,13 @@ SORT_ORDER_BYTES: int | None = None
 # One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
 # name, and the tensor's position along parameter gradients.
 PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | None]
+# (size, mtime in ns, inode) of a model file: a file replaced by a copy with the same size and
+# time (rsync, cp -p) is a new inode.
+Stamp = tuple[int, int, int]
+# The stamps of one model's safetensors files (and index), by file path, sorted.
+Stamps = tuple[tuple[str, Stamp], ...]
+# (name, shape, safetensors dtype) of every tensor of a model, in storage order.
+Listing = list[tuple[str, list[int], str]]
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,7 @@ class MergePlan:
     """A validated, resolved merge: what will be merged and how, before anything is read.
 
     Made by :func:`modelkin.plan`; run by :func:`modelkin.merge` (to disk or in memory). A plan
-    remembers the size and modification time of every model file it opened, and a merge refuses
+    remembers the size, modification time and inode of every model file it opened, and a merge refuses
     to run a plan whose models changed on disk since."""
 
     config: MergeConfig
@@ -64,7 +73,10 @@ class MergePlan:
     compute: ComputeName
     precise: bool
     seed: int
-    stamps: dict[Path, tuple[int, int]] = field(repr=False)
+    # Every model's stamps, by its path.
+    stamps: dict[Path, Stamps] = field(repr=False)
+    # Every model of `paths`, in its order, held open by the core for the merge.
+    handles: tuple[ModelHandle, ...] = field(repr=False, compare=False)
     # The engine's tensor recipes, every parameter resolved and checked when planning.
     recipes: tuple[TensorRecipe, ...] = field(repr=False)
 
@@ -87,11 +99,14 @@ class MergePlan:
     def check_unchanged(self) -> None:
         """Raises ModelReferenceError naming the first model file changed, added or removed since
         planning."""
-        now = _stamps(self.paths.values())
-        for path in sorted(now.keys() | self.stamps.keys()):
-            if now.get(path) != self.stamps.get(path):
-                what = "added" if path not in self.stamps else "removed" if path not in now else "changed"
-                raise ModelReferenceError(f"{path}: {what} on disk since the merge was planned; plan it again")
+        for model, now in _stamps(self.paths.values()).items():
+            if now == self.stamps[model]:
+                continue
+            before, after = dict(self.stamps[model]), dict(now)
+            for path in sorted(before.keys() | after.keys()):
+                if before.get(path) != after.get(path):
+                    what = "added" if path not in before else "removed" if path not in after else "changed"
+                    raise ModelReferenceError(f"{path}: {what} on disk since the merge was planned; plan it again")
 
     def _redirected(self, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
         """The recipes with (model, tensor) pairs sent to the files ``redirect`` names."""
@@ -180,7 +195,8 @@ def plan(
     if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
-    listings = {ref: _listing(path, stamps) for ref, path in paths.items()}
+    opened = {ref: _opened(path, stamps[path]) for ref, path in paths.items()}
+    listings = {ref: listing for ref, (_, listing) in opened.items()}
     reference = base_ref or inputs[0].model
     base_config = read_json(model_dir(paths[reference]) / "config.json")
     tensors = listings[reference]
@@ -217,43 +233,59 @@ def plan(
         precise=precise,
         seed=seed,
         stamps=stamps,
+        handles=tuple(handle for handle, _ in opened.values()),
         # Every per-tensor parameter resolved and checked now, not when the merge runs.
         recipes=tuple(_recipes(config, list(paths), outputs)),
     )
 
 
-# Tensor listings by model path and the stamps of its files: an evolution plans hundreds of merges
-# of the same models, and a listing is only read again when a file changed.
-_LISTINGS: dict[tuple[Path, tuple[tuple[Path, tuple[int, int]], ...]], list[tuple[str, list[int], str]]] = {}
+# Models opened by recent plans, by path and the stamps of their files: an evolution plans hundreds
+# of merges of the same parents, and a model is mapped and its header read again only when one of
+# its files changed. Few are kept: an open model holds its files (a deleted candidate's disk space
+# comes back when it falls out), though no memory between merges (the engine lets its pages go).
+_OPEN: OrderedDict[tuple[Path, Stamps], tuple[ModelHandle, Listing]] = OrderedDict()
+_KEEP_OPEN = 8
+_OPEN_LOCK = threading.Lock()
 
 
-def _listing(path: Path, stamps: Mapping[Path, tuple[int, int]]) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of every tensor of a model, read once per version of its files."""
-    key = (path, tuple((f, s) for f, s in stamps.items() if f == path or f.parent == path))
-    if key not in _LISTINGS:
-        if len(_LISTINGS) > 256:
-            _LISTINGS.clear()
-        _LISTINGS[key] = model_tensors(str(path))
-    return _LISTINGS[key]
+def _opened(path: Path, stamps: Stamps) -> tuple[ModelHandle, Listing]:
+    """The model at ``path`` held open, and its tensor listing: opened once per version of its files."""
+    key = (path, stamps)
+    with _OPEN_LOCK:
+        found = _OPEN.get(key)
+        if found is not None:
+            _OPEN.move_to_end(key)
+            return found
+        for stale in [k for k in _OPEN if k[0] == path]:
+            del _OPEN[stale]  # its files changed: let the old ones go now
+    handle = open_model(path)
+    found = (handle, handle.tensors())
+    with _OPEN_LOCK:
+        _OPEN[key] = found
+        while len(_OPEN) > _KEEP_OPEN:
+            _OPEN.popitem(last=False)
+    return found
 
 
-def _stamps(paths: Iterable[Path]) -> dict[Path, tuple[int, int]]:
-    """(size, mtime) of every safetensors file (and index) of the models."""
-    stamps: dict[Path, tuple[int, int]] = {}
+def _stamps(paths: Iterable[Path]) -> dict[Path, Stamps]:
+    """The stamps of every model's safetensors files (and index). Plain strings and ``os`` calls:
+    a plan takes them twice per merge of many candidates."""
+    stamps: dict[Path, Stamps] = {}
     for path in paths:
-        entries: list[tuple[Path, Path | os.DirEntry[str]]] = []
-        if path.is_file():
-            entries = [(path, path)]
-        else:
-            # scandir, not glob: a plan checks these before every merge of many candidates.
-            with os.scandir(path) as found:
-                entries = [(Path(e.path), e) for e in found if ".safetensors" in e.name and e.is_file()]
-        for file, entry in sorted(entries, key=lambda pair: pair[0]):
-            try:
-                stat = entry.stat()
-            except OSError:
-                continue  # gone meanwhile: check_unchanged reports it as removed
-            stamps[file] = (stat.st_size, stat.st_mtime_ns)
+        files: list[tuple[str, Stamp]] = []
+        try:
+            if os.path.isfile(path):
+                found = os.stat(path)
+                files.append((os.fspath(path), (found.st_size, found.st_mtime_ns, found.st_ino)))
+            else:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        if ".safetensors" in entry.name and entry.is_file():
+                            found = entry.stat()
+                            files.append((entry.path, (found.st_size, found.st_mtime_ns, found.st_ino)))
+        except OSError:
+            pass  # gone meanwhile: check_unchanged reports its files as removed
+        stamps[path] = tuple(sorted(files))
     return stamps
 
 

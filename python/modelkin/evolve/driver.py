@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from .._core import model_tensors
+from .._core import open_model
 from ..errors import ModelkinError
 from ..kinship import kinship_matrix
 from ..merging import merge
@@ -364,9 +364,9 @@ def check_models(config: EvolveConfig, offline: bool = False) -> Models:
     pool = [str(resolve(config.model_path(ref), offline=offline)) for ref in config.pool]
     reference, reference_name = (base, config.base_model) if base is not None else (pool[0], config.pool[0])
     assert reference is not None and reference_name is not None
-    expected = {name: shape for name, shape, _ in model_tensors(reference)}
+    expected = {name: shape for name, shape, _ in open_model(reference).tensors()}
     for ref, path in zip(config.pool, pool, strict=True):
-        found = {name: shape for name, shape, _ in model_tensors(path)}
+        found = {name: shape for name, shape, _ in open_model(path).tensors()}
         _check_fine_tune(ref, found, expected, reference_name)
     if config.genome is not None:
         genome = build_genome(config, config.genome, base, pool, list(expected))

@@ -24,7 +24,7 @@ pub mod writer;
 pub use error::{Error, Result};
 pub use family::{plan, Family, Plan, PlannedTensor, Source};
 pub use kinship::{kinship_pass, PassOptions};
-pub use merge::{run_merge, Compute, MergeJob, MergeReport, Method, MethodSpec, METHODS};
+pub use merge::{run_merge, run_merge_opened, Compute, MergeJob, MergeReport, Method, MethodSpec, METHODS};
 pub use model::Model;
 pub use progress::Progress;
 pub use report::{KinshipReport, SkippedTensor, TensorStats};

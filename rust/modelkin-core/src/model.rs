@@ -148,6 +148,14 @@ impl Shard {
         }
     }
 
+    /// Drops the pages of every released range still gathering (the end of a pass: a model kept
+    /// open for the next one holds none of them meanwhile).
+    pub fn release_pending(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let range = std::mem::replace(&mut *pending, 0..0);
+        self.drop_pages(&range);
+    }
+
     fn drop_pages(&self, range: &Range<usize>) {
         if let (Backing::Mapped(mmap), false) = (&self.backing, range.is_empty()) {
             // SAFETY: the map is a read-only file mapping, so dropped pages are re-read from the
@@ -262,6 +270,11 @@ impl Model {
     /// [`Shard::release`]).
     pub fn release(&self, entry: &TensorEntry) {
         self.shards[entry.shard].release(entry.start, entry.end);
+    }
+
+    /// Drops the pages of every finished tensor not yet dropped (see [`Shard::release_pending`]).
+    pub fn release_pending(&self) {
+        self.shards.iter().for_each(Shard::release_pending);
     }
 
     /// Looks a tensor up by name.

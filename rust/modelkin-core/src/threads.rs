@@ -37,6 +37,30 @@ pub(crate) fn with_threads<T: Send>(threads: usize, work: impl FnOnce() -> Resul
     pool(threads)?.install(work)
 }
 
+/// Runs `work` on the pool of `threads` workers (rayon's global pool when 0) while `watch` runs on
+/// the calling thread, and returns what `watch` returns once `work` has ended too. A caller that
+/// must keep its own thread (Python's, to see Ctrl-C) hands the work over without starting a
+/// thread per call, and the work then runs where it would have been installed anyway.
+pub fn run_beside<'w, W>(
+    threads: usize,
+    work: impl FnOnce() + Send + 'w,
+    watch: impl FnOnce() -> W,
+) -> Result<W> {
+    fn beside<'w, W>(
+        scope: &rayon::Scope<'w>,
+        work: impl FnOnce() + Send + 'w,
+        watch: impl FnOnce() -> W,
+    ) -> W {
+        scope.spawn(|_| work());
+        watch()
+    }
+    Ok(if threads == 0 {
+        rayon::in_place_scope(|scope| beside(scope, work, watch))
+    } else {
+        pool(threads)?.in_place_scope(|scope| beside(scope, work, watch))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -48,5 +72,19 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         let inside = with_threads(3, || Ok(rayon::current_num_threads())).expect("runs");
         assert_eq!(inside, 3);
+    }
+
+    #[test]
+    fn work_beside_the_watcher_runs_on_the_pool() {
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let caller = std::thread::current().id();
+        let watched = run_beside(
+            2,
+            move || sender.send((std::thread::current().id(), rayon::current_num_threads())).expect("sends"),
+            || receiver.recv().expect("the work reports"),
+        )
+        .expect("runs");
+        assert_ne!(watched.0, caller);
+        assert_eq!(watched.1, 2);
     }
 }

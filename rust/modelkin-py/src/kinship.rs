@@ -11,7 +11,7 @@ use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-use crate::merge::MergedTensors;
+use crate::merge::ModelHandle;
 use crate::progress::run_watched;
 
 fn parse_metric(name: &str) -> PyResult<Metric> {
@@ -34,11 +34,12 @@ fn parse_mode(name: &str) -> PyResult<Mode> {
 type MomentBlock<'py> =
     (usize, u64, PyReadonlyArray1<'py, f64>, PyReadonlyArray2<'py, f64>, PyReadonlyArray2<'py, f64>);
 
-/// A model as Python hands it over: a path, or a merged model held in memory.
+/// A model as Python hands it over: a path, or a model the core holds open (a merged model in
+/// memory included).
 #[derive(FromPyObject)]
 pub enum ModelArg {
-    /// A merged model in memory.
-    Memory(Py<MergedTensors>),
+    /// A model already open.
+    Opened(Py<ModelHandle>),
     /// A safetensors file or directory.
     Path(String),
 }
@@ -47,7 +48,7 @@ impl ModelArg {
     /// Opens the path, or shares the model in memory.
     pub fn open(self) -> modelkin_core::Result<Arc<Model>> {
         match self {
-            ModelArg::Memory(tensors) => Ok(Arc::clone(&tensors.get().model)),
+            ModelArg::Opened(handle) => Ok(Arc::clone(&handle.get().model)),
             ModelArg::Path(path) => Model::open(path).map(Arc::new),
         }
     }
@@ -181,8 +182,9 @@ impl KinshipPlan {
             threads,
             ..self.options.clone()
         };
-        let report =
-            run_watched(py, progress.as_ref(), |p| kinship_pass(&self.family, &self.plan, &options, p))?;
+        let report = run_watched(py, threads, progress.as_ref(), |p| {
+            kinship_pass(&self.family, &self.plan, &options, p)
+        })?;
         Ok(KinshipStats { report })
     }
 
@@ -284,18 +286,4 @@ impl KinshipStats {
         let values: Vec<f64> = self.report.tensors.iter().flat_map(|t| t.moments.matrix(metric)).collect();
         Ok(PyArray1::from_vec(py, values).reshape([self.report.tensors.len(), k, k])?.into_any())
     }
-}
-
-/// (name, shape, dtype) of every tensor of a model, in storage order.
-#[pyfunction]
-pub fn model_tensors(py: Python<'_>, path: String) -> PyResult<Vec<(String, Vec<usize>, String)>> {
-    let model = py.detach(|| Model::open(&path)).map_err(to_py)?;
-    Ok(model
-        .tensor_names()
-        .into_iter()
-        .map(|name| {
-            let entry = model.tensor(name).expect("listed name");
-            (name.to_string(), entry.shape.clone(), format!("{:?}", entry.dtype))
-        })
-        .collect())
 }

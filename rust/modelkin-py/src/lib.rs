@@ -14,12 +14,12 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<kinship::KinshipPlan>()?;
     module.add_class::<kinship::KinshipStats>()?;
     module.add_class::<merge::MergeOutcome>()?;
-    module.add_class::<merge::MergedTensors>()?;
+    module.add_class::<merge::ModelHandle>()?;
+    module.add_function(wrap_pyfunction!(merge::open_model, module)?)?;
     module.add_class::<methods::MethodInfo>()?;
     module.add_class::<methods::ParameterInfo>()?;
     module.add_function(wrap_pyfunction!(merge::run_merge, module)?)?;
     module.add_function(wrap_pyfunction!(methods::methods, module)?)?;
-    module.add_function(wrap_pyfunction!(kinship::model_tensors, module)?)?;
     errors::register(module)?;
     Ok(())
 }

@@ -1,11 +1,12 @@
 //! `run_merge`: a whole merge job, handed over as the typed `MergeJob` dict the `.pyi` declares,
-//! run off the GIL; the merged model comes back on disk or held in memory ([`MergedTensors`]).
+//! run off the GIL; the merged model comes back on disk or held in memory ([`ModelHandle`]).
+//! `open_model` opens a model once for many merges.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use modelkin_core::writer::save_model;
-use modelkin_core::{run_merge as core_run_merge, Error, MergeJob, Model};
+use modelkin_core::{run_merge_opened, Error, MergeJob, Model};
 use numpy::ndarray::ArrayView1;
 use numpy::PyArray1;
 use pyo3::exceptions::PyKeyError;
@@ -24,19 +25,32 @@ pub struct MergeOutcome {
     /// The parents' kinship against the base, measured while merging (none without a base).
     pub kinship: Option<Py<KinshipStats>>,
     /// The merged model, when the job had no output directory.
-    pub model: Option<Py<MergedTensors>>,
+    pub model: Option<Py<ModelHandle>>,
     /// Seconds the engine spent on the tensors, after opening the models and resolving the job.
     pub tensor_seconds: f64,
 }
 
-/// A merged model held in memory: one safetensors image, read by numpy arrays without copies.
+/// A model the core holds open: memory-mapped safetensors files ([`open_model`]), or a merged
+/// model held in memory (one safetensors image). Its tensors are read by numpy arrays without
+/// copies.
 #[pyclass(module = "modelkin._core", frozen)]
-pub struct MergedTensors {
+pub struct ModelHandle {
     pub(crate) model: Arc<Model>,
 }
 
 #[pymethods]
-impl MergedTensors {
+impl ModelHandle {
+    /// The path it was opened from (for a merged model, the label it goes by in messages).
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.model.path.clone()
+    }
+
+    /// (name, shape, dtype) of every tensor, in storage order.
+    fn tensors(&self) -> Vec<(String, Vec<usize>, String)> {
+        listing(&self.model)
+    }
+
     /// Tensor names in storage order.
     #[getter]
     fn names(&self) -> Vec<String> {
@@ -78,24 +92,46 @@ impl MergedTensors {
     }
 }
 
+/// (name, shape, safetensors dtype name) of every tensor of a model, in storage order.
+fn listing(model: &Model) -> Vec<(String, Vec<usize>, String)> {
+    model
+        .tensor_names()
+        .into_iter()
+        .map(|name| {
+            let entry = model.tensor(name).expect("listed name");
+            (name.to_string(), entry.shape.clone(), format!("{:?}", entry.dtype))
+        })
+        .collect()
+}
+
+/// Opens a model (a safetensors file or a directory of shards): its files mapped and headers
+/// read, for any number of merges and kinship passes.
+#[pyfunction]
+pub fn open_model(py: Python<'_>, path: PathBuf) -> PyResult<ModelHandle> {
+    let model = py.detach(|| Model::open(&path)).map_err(to_py)?;
+    Ok(ModelHandle { model: Arc::new(model) })
+}
+
 fn missing(name: &str) -> PyErr {
     PyKeyError::new_err(format!("the merged model has no tensor '{name}'"))
 }
 
-/// Runs the merge described by `job` (a `MergeJob` dict: see `_core.pyi`) with the GIL released.
+/// Runs the merge described by `job` (a `MergeJob` dict: see `_core.pyi`) with the GIL released;
+/// `models[i]`, already open, stands for `job["models"][i]`.
 #[pyfunction]
-#[pyo3(signature = (job, *, progress = None))]
+#[pyo3(signature = (job, *, models = Vec::new(), progress = None))]
 pub fn run_merge<'py>(
     py: Python<'py>,
     job: Bound<'py, PyDict>,
+    models: Vec<Py<ModelHandle>>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<MergeOutcome> {
     let job: MergeJob = pythonize::depythonize(&job)
         .map_err(|e| to_py(Error::InvalidArgument(format!("invalid merge job: {e}"))))?;
-    let report = run_watched(py, progress.as_ref(), |p| core_run_merge(&job, p))?;
+    let opened: Vec<Arc<Model>> = models.iter().map(|m| Arc::clone(&m.get().model)).collect();
+    let report = run_watched(py, job.threads, progress.as_ref(), |p| run_merge_opened(&job, &opened, p))?;
     let kinship = report.kinship.map(|report| Py::new(py, KinshipStats { report })).transpose()?;
-    let model =
-        report.model.map(|model| Py::new(py, MergedTensors { model: Arc::new(model) })).transpose()?;
+    let model = report.model.map(|model| Py::new(py, ModelHandle { model: Arc::new(model) })).transpose()?;
     Ok(MergeOutcome {
         bytes_written: report.bytes_written,
         kinship,

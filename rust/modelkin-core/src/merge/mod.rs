@@ -15,6 +15,7 @@ mod model_stock;
 mod radix;
 mod ram;
 mod random;
+mod scratch;
 mod sort_order;
 mod source;
 mod spherical;
@@ -23,6 +24,7 @@ mod table;
 mod task_vectors;
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::model::Model;
@@ -64,14 +66,45 @@ pub struct MergeReport {
 /// pass where the method needs it) and writes the shards into `job.out_dir`, or, without one,
 /// into memory (the merged model's size, plus the engine's bounded working set).
 pub fn run_merge(job: &MergeJob, progress: &Progress) -> Result<MergeReport> {
-    let models = job.models.iter().map(Model::open).collect::<Result<Vec<_>>>()?;
-    with_threads(job.threads, || merge_models(job, &models, progress))
+    run_merge_opened(job, &[], progress)
+}
+
+/// [`run_merge`] on models the caller already has open: `opened[i]` stands for `job.models[i]`
+/// (and must have been opened from that path); the models after them are opened here. A process
+/// merging many candidates of the same parents keeps them open instead of mapping and parsing
+/// every file again per merge. The pages a merge read are let go when it ends, so a model kept
+/// open holds no memory between merges.
+pub fn run_merge_opened(job: &MergeJob, opened: &[Arc<Model>], progress: &Progress) -> Result<MergeReport> {
+    if opened.len() > job.models.len() {
+        return Err(Error::InvalidArgument(format!(
+            "{} opened models given for a job of {}",
+            opened.len(),
+            job.models.len()
+        )));
+    }
+    let models = job
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, path)| match opened.get(i) {
+            Some(model) if model.path == *path => Ok(Arc::clone(model)),
+            Some(model) => Err(Error::InvalidArgument(format!(
+                "model {i} of the job is {} but the model opened for it is {}",
+                path.display(),
+                model.path.display()
+            ))),
+            None => Model::open(path).map(Arc::new),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let report = with_threads(job.threads, || merge_models(job, &models, progress));
+    models.iter().for_each(|m| m.release_pending());
+    report
 }
 
 /// The label a merged model held in memory goes by in messages.
 pub const IN_MEMORY_LABEL: &str = "<merged model in memory>";
 
-fn merge_models(job: &MergeJob, models: &[Model], progress: &Progress) -> Result<MergeReport> {
+fn merge_models(job: &MergeJob, models: &[Arc<Model>], progress: &Progress) -> Result<MergeReport> {
     let resolved = resolve(job, models)?;
     let start = std::time::Instant::now();
     let outputs: Vec<OutputTensor> = resolved

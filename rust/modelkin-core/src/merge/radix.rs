@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
+use super::scratch::Scratch;
 use super::{map_magnitudes, Source};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -81,45 +82,46 @@ pub(super) fn order_statistics(
         let per_query = (0..runs)
             .into_par_iter()
             .map(|run| -> Result<Vec<Vec<(u32, u64)>>> {
-                HISTOGRAM_TABLES.with_borrow_mut(|counts| {
-                    // Reused per thread: fresh 1 MiB tables per run would be mapped and zeroed by
-                    // the kernel again and again.
-                    counts.resize_with(queries.len(), || vec![0u32; 4 * BINS]);
-                    let mut scratch = Vec::<u32>::new();
-                    // The bins each query touched: only those are read back and cleared.
-                    let mut touched = vec![(u32::MAX, 0u32); queries.len()];
-                    for b in (run * blocks / runs)..((run + 1) * blocks / runs) {
-                        progress.check()?;
-                        let first = b * block;
-                        let len = block.min(n - first);
-                        for &set in &sets {
-                            scratch.clear();
-                            keys(first, len, set, &mut scratch);
-                            for (q, &(query_set, within)) in queries.iter().enumerate() {
-                                if query_set == set {
-                                    count_bins(&scratch, within, &mut counts[q], &mut touched[q]);
-                                }
+                // Tables from the thread's pool of all-zero buffers: fresh 1 MiB tables per run
+                // would be mapped and zeroed by the kernel again and again.
+                let mut tables = Scratch::take_zeroed::<u32>(queries.len(), 4 * BINS);
+                let mut counts = tables.views::<u32>(4 * BINS);
+                let mut scratch = Vec::<u32>::new();
+                // The bins each query touched: only those are read back and cleared.
+                let mut touched = vec![(u32::MAX, 0u32); queries.len()];
+                let counted = ((run * blocks / runs)..((run + 1) * blocks / runs)).try_for_each(|b| {
+                    progress.check()?;
+                    let first = b * block;
+                    let len = block.min(n - first);
+                    for &set in &sets {
+                        scratch.clear();
+                        keys(first, len, set, &mut scratch);
+                        for (q, &(query_set, within)) in queries.iter().enumerate() {
+                            if query_set == set {
+                                count_bins(&scratch, within, counts[q], &mut touched[q]);
                             }
                         }
-                        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
                     }
-                    let totals = counts[..queries.len()]
-                        .iter_mut()
-                        .zip(&touched)
-                        .map(|(t, &(low, high))| {
-                            let mut sparse = Vec::new();
-                            for bin in (low as usize)..=(high as usize).min(BINS - 1) {
-                                let c: u64 = (0..4).map(|j| u64::from(t[j * BINS + bin])).sum();
-                                (0..4).for_each(|j| t[j * BINS + bin] = 0);
-                                if c > 0 {
-                                    sparse.push((bin as u32, c));
-                                }
+                    progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                    Ok(())
+                });
+                // Read back and cleared even when cancelled: the tables go back to the pool zeroed.
+                let totals = counts
+                    .iter_mut()
+                    .zip(&touched)
+                    .map(|(t, &(low, high))| {
+                        let mut sparse = Vec::new();
+                        for bin in (low as usize)..=(high as usize).min(BINS - 1) {
+                            let c: u64 = (0..4).map(|j| u64::from(t[j * BINS + bin])).sum();
+                            (0..4).for_each(|j| t[j * BINS + bin] = 0);
+                            if c > 0 {
+                                sparse.push((bin as u32, c));
                             }
-                            sparse
-                        })
-                        .collect();
-                    Ok(totals)
-                })
+                        }
+                        sparse
+                    })
+                    .collect();
+                counted.map(|()| totals)
             })
             .try_reduce(
                 || vec![Vec::new(); queries.len()],
@@ -186,11 +188,6 @@ fn merge_sparse(a: &[(u32, u64)], b: &[(u32, u64)]) -> Vec<(u32, u64)> {
         }
     }
     out
-}
-
-thread_local! {
-    /// Per-thread histogram tables of `order_statistics`, zeroed after each use.
-    static HISTOGRAM_TABLES: std::cell::RefCell<Vec<Vec<u32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Appends |x − z| (as f32 bits) of elements `first..first + len`.

@@ -2,11 +2,14 @@
 //! [`Source`] per model, checked for shape), decoded block by block into per-thread buffers, and
 //! the magnitudes the pruning passes rank, widened straight from the file bytes.
 
+use std::sync::Arc;
+
 use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::family::cut_shape;
 use crate::model::{Model, TensorEntry};
 
+use super::scratch::Scratch;
 use super::{half_ops, MergeJob, Sparsification, TensorRecipe, BLOCK};
 
 #[derive(Clone)]
@@ -50,7 +53,7 @@ impl<'m> Resolved<'m> {
 
 fn source<'m>(
     job: &MergeJob,
-    models: &'m [Model],
+    models: &'m [Arc<Model>],
     index: usize,
     name: &str,
     rows: Option<usize>,
@@ -85,7 +88,7 @@ fn source<'m>(
     Ok((Source { model, entry, dtype, half, rounds_on_load }, cut))
 }
 
-pub(super) fn resolve<'m>(job: &'m MergeJob, models: &'m [Model]) -> Result<Vec<Resolved<'m>>> {
+pub(super) fn resolve<'m>(job: &'m MergeJob, models: &'m [Arc<Model>]) -> Result<Vec<Resolved<'m>>> {
     job.tensors
         .iter()
         .map(|recipe| {
@@ -174,31 +177,19 @@ fn bf16_magnitudes<R: half_ops::Rounding, T>(
     }
 }
 
-thread_local! {
-    /// Per-thread decode buffers, reused block after block: allocating them per block would map
-    /// and zero fresh pages each time.
-    static BLOCK_BUFFERS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Decodes elements `first..first + len` of every source into this thread's buffers and hands
-/// them to `work` (which must not call `with_block` itself).
+/// Decodes elements `first..first + len` of every source into buffers of this thread's scratch
+/// pool and hands them to `work`.
 pub(super) fn with_block<T>(
     sources: &[&Source],
     first: usize,
     len: usize,
     work: impl FnOnce(&[&[f64]]) -> T,
 ) -> T {
-    BLOCK_BUFFERS.with_borrow_mut(|buffers| {
-        if buffers.len() < sources.len() {
-            buffers.resize_with(sources.len(), Vec::new);
-        }
-        for (source, buffer) in sources.iter().zip(buffers.iter_mut()) {
-            if buffer.len() < len {
-                buffer.resize(len, 0.0);
-            }
-            source.read(first, &mut buffer[..len]);
-        }
-        let views: Vec<&[f64]> = buffers[..sources.len()].iter().map(|b| &b[..len]).collect();
-        work(&views)
-    })
+    let mut scratch = Scratch::take::<f64>(sources.len(), len);
+    let mut buffers = scratch.views::<f64>(len);
+    for (source, buffer) in sources.iter().zip(buffers.iter_mut()) {
+        source.read(first, buffer);
+    }
+    let views: Vec<&[f64]> = buffers.into_iter().map(|b| &*b).collect();
+    work(&views)
 }

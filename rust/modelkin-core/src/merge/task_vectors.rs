@@ -7,13 +7,9 @@ use multiversion::multiversion;
 use num_traits::{AsPrimitive, Float};
 
 use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
+use super::scratch::Scratch;
 use super::statistics::{keep_mask, TensorStatistics};
 use super::{MergeJob, Resolved};
-
-thread_local! {
-    /// Per-thread scratch of the task-vector combination, reused block after block.
-    static CONTRIBUTIONS: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
 
 /// Generalised task arithmetic: pruned, rescaled, weighted task vectors, optionally sign-elected
 /// (majority = sign of their sum, +1 on a tie; zeros never vote), normalised, times lambda,
@@ -35,11 +31,10 @@ pub(super) fn task_vector_block<T>(
     f64: AsPrimitive<T>,
     T: AsPrimitive<f64>,
 {
-    // The scratch is borrowed here, outside the multiversioned body: a closure inside it
+    // The scratch is taken here, outside the multiversioned body: a closure inside it
     // would be compiled without its target features.
-    CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        task_vector_block_in::<T>(job, index, tensor, stats, inputs, z, first, merged, scratch)
-    });
+    let mut scratch = Scratch::take::<f64>(inputs.len() + 4, merged.len());
+    task_vector_block_in::<T>(job, index, tensor, stats, inputs, z, first, merged, &mut scratch);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -53,7 +48,7 @@ fn task_vector_block_in<T>(
     z: &[f64],
     first: usize,
     merged: &mut [f64],
-    scratch: &mut Vec<Vec<f64>>,
+    scratch: &mut Scratch,
 ) where
     T: Float + Pod,
     f64: AsPrimitive<T>,
@@ -67,7 +62,7 @@ fn task_vector_block_in<T>(
     let len = merged.len();
     // Column by column (one input at a time over the whole block) so the loops vectorise; the
     // per-element order of additions is still input 0, 1, 2, ... as in mergekit.
-    let mut views = scratch_views::<T>(scratch, inputs.len() + 4, len);
+    let mut views = scratch.views::<T>(len);
     let (contributions, rest) = views.split_at_mut(inputs.len());
     let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
     base.iter_mut().zip(z).for_each(|(b, &z)| *b = z.as_());
@@ -115,20 +110,6 @@ fn task_vector_block_in<T>(
         let m = if lambda == one { m } else { m * lambda };
         *out = (z + m).as_();
     }
-}
-
-/// `count` scratch buffers of `len` values of `T`: kept as f64 and viewed as `T`, so one set of
-/// thread-local buffers serves every task-vector path.
-#[inline(always)]
-fn scratch_views<T: Pod>(scratch: &mut Vec<Vec<f64>>, count: usize, len: usize) -> Vec<&mut [T]> {
-    scratch.resize_with(count, Vec::new);
-    scratch
-        .iter_mut()
-        .map(|b| {
-            b.resize(len, 0.0);
-            &mut bytemuck::cast_slice_mut::<f64, T>(b)[..len]
-        })
-        .collect()
 }
 
 /// Each input's pruning mask over this block (`None` keeps all).
@@ -185,11 +166,10 @@ pub(super) fn task_vector_rounded<R: Rounding>(
     masks: &[Option<Vec<bool>>],
     merged: &mut [f64],
 ) {
-    // The scratch is borrowed here, outside the multiversioned body: a closure inside it
+    // The scratch is taken here, outside the multiversioned body: a closure inside it
     // would be compiled without its target features.
-    CONTRIBUTIONS.with_borrow_mut(|scratch| {
-        task_vector_rounded_in::<R>(job, stats, inputs, z, masks, merged, scratch)
-    });
+    let mut scratch = Scratch::take::<f32>(inputs.len() + 4, merged.len());
+    task_vector_rounded_in::<R>(job, stats, inputs, z, masks, merged, &mut scratch);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -201,7 +181,7 @@ fn task_vector_rounded_in<R: Rounding>(
     z: &[f32],
     masks: &[Option<Vec<bool>>],
     merged: &mut [f64],
-    scratch: &mut Vec<Vec<f64>>,
+    scratch: &mut Scratch,
 ) {
     let h = R::round;
     let weights: Vec<f32> = stats.weights.iter().map(|&w| h(w as f32)).collect();
@@ -211,7 +191,7 @@ fn task_vector_rounded_in<R: Rounding>(
     let total = h(weights.iter().fold(0.0f32, |acc, &w| acc + w));
     let total = if total.abs() < 1e-8 { 1.0 } else { total };
     let len = merged.len();
-    let mut views = scratch_views::<f32>(scratch, inputs.len() + 4, len);
+    let mut views = scratch.views::<f32>(len);
     let (contributions, rest) = views.split_at_mut(inputs.len());
     let [base, mixed, divisor, majority] = rest else { unreachable!("four scratch buffers") };
     // The inputs were rounded to the half type on load.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::{run_merge, MergeJob};
+use super::{run_merge, MergeJob, TensorRecipe};
 use crate::encode::OutDtype;
 use crate::error::Error;
 use crate::model::Model;
@@ -138,4 +138,127 @@ fn a_cancelled_merge_stops_with_cancelled() {
     let progress = Progress::default();
     progress.cancel();
     assert!(matches!(run_merge(&job, &progress), Err(Error::Cancelled)));
+}
+
+/// A base and two fine-tunes of one 8-element tensor with the given changes (distinct magnitudes,
+/// so that no pruning threshold falls inside a tie), and a job of `method` over them.
+fn changed(root: &Path, method: &str, deltas: [[f32; 8]; 2], weights: [f64; 2], density: f64) -> MergeJob {
+    let base: Vec<f32> = (0..8).map(|i| i as f32 * 0.5 - 1.0).collect();
+    let mut models = vec![write_model(&root.join("base"), &[("w", vec![2, 4], base.clone())])];
+    for (name, delta) in ["a", "b"].iter().zip(deltas) {
+        let tuned: Vec<f32> = base.iter().zip(delta).map(|(z, d)| z + d).collect();
+        models.push(write_model(&root.join(name), &[("w", vec![2, 4], tuned)]));
+    }
+    serde_json::from_value(json!({
+        "models": models, "base": 0, "method": method, "normalize": false, "rescale": false,
+        "lambda": 1.0, "seed": 0, "out_dtype": "F32", "compute": "float64",
+        "out_dir": null, "max_shard_bytes": 1u64 << 30, "threads": 0,
+        "tensors": [{"name": "w", "base_tensor": "w", "t": 0.3, "inputs": [
+            {"model": 1, "tensor": "w", "weight": weights[0], "density": density},
+            {"model": 2, "tensor": "w", "weight": weights[1], "density": density}
+        ]}]
+    }))
+    .expect("a valid job")
+}
+
+/// The stored values of `w` in the job's models, widened: base, then the two fine-tunes.
+fn stored(job: &MergeJob) -> Vec<Vec<f64>> {
+    job.models
+        .iter()
+        .map(|p| values(&Model::open(p).expect("model"), "w").into_iter().map(f64::from).collect())
+        .collect()
+}
+
+const DELTAS: [[f32; 8]; 2] =
+    [[0.3, -0.1, 0.7, -0.2, 0.05, 0.4, -0.65, 0.12], [-0.6, 0.15, 0.25, 0.35, -0.45, 0.55, -0.02, 0.8]];
+
+/// TIES as mergekit defines it, in float64: each task vector keeps its `int(density · n)` largest
+/// magnitudes, the weighted vectors elect a sign per element (their sum's, + at zero), and the
+/// agreeing ones are summed onto the base.
+fn ties_reference(values: &[Vec<f64>], weights: [f64; 2], density: f64) -> Vec<f32> {
+    let (base, n) = (&values[0], values[0].len());
+    let keep = (density * n as f64) as usize;
+    let weighted: Vec<Vec<f64>> = values[1..]
+        .iter()
+        .zip(weights)
+        .map(|(tuned, w)| {
+            let delta: Vec<f64> = tuned.iter().zip(base).map(|(x, z)| x - z).collect();
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&i, &j| delta[j].abs().total_cmp(&delta[i].abs()));
+            let mut kept = vec![0.0; n];
+            order[..keep].iter().for_each(|&i| kept[i] = delta[i] * w);
+            kept
+        })
+        .collect();
+    (0..n)
+        .map(|e| {
+            let sign = if weighted.iter().map(|v| v[e]).sum::<f64>() >= 0.0 { 1.0 } else { -1.0 };
+            let agreed: f64 = weighted.iter().map(|v| v[e]).filter(|v| v.signum() == sign && *v != 0.0).sum();
+            (base[e] + agreed) as f32
+        })
+        .collect()
+}
+
+#[test]
+fn ties_prunes_elects_and_sums_as_the_reference_whether_the_threshold_is_sorted_or_radix_selected() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let weights = [0.7, 1.3];
+    for density in [0.25, 0.5, 0.75, 1.0] {
+        let job = changed(root.path(), "ties", DELTAS, weights, density);
+        let expected = ties_reference(&stored(&job), weights, density);
+        // The threshold from replaying torch's sort, then from the streamed radix select (no
+        // memory allowed for the sort): with distinct magnitudes both keep the same elements.
+        for sort_order_bytes in [job.sort_order_bytes, 0] {
+            let job = MergeJob { sort_order_bytes, ..job.clone() };
+            let merged = run_merge(&job, &Progress::default()).expect("merge").model.expect("in memory");
+            assert_eq!(
+                values(&merged, "w"),
+                expected,
+                "density {density}, sort_order_bytes {sort_order_bytes}"
+            );
+        }
+    }
+}
+
+#[test]
+fn slerp_rotates_from_the_base_toward_the_other_model_by_t() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let job = changed(root.path(), "slerp", DELTAS, [1.0, 1.0], 1.0);
+    let job = MergeJob {
+        tensors: vec![TensorRecipe { inputs: job.tensors[0].inputs[..1].to_vec(), ..job.tensors[0].clone() }],
+        ..job
+    };
+    let inputs = stored(&job);
+    let (v0, v1, t) = (&inputs[0], &inputs[1], 0.3);
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let dot: f64 = v0.iter().zip(v1).map(|(a, b)| a * b).sum::<f64>() / (norm(v0) * norm(v1));
+    let theta = dot.acos();
+    let (s0, s1) = (((1.0 - t) * theta).sin() / theta.sin(), (t * theta).sin() / theta.sin());
+    let expected: Vec<f32> = v0.iter().zip(v1).map(|(a, b)| (s0 * a + s1 * b) as f32).collect();
+    let merged = run_merge(&job, &Progress::default()).expect("merge").model.expect("in memory");
+    assert_eq!(values(&merged, "w"), expected);
+}
+
+#[test]
+fn dare_at_density_one_is_task_arithmetic_and_below_it_keeps_a_subset_of_the_changes() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let weights = [0.5, 1.0];
+    let arithmetic = changed(root.path(), "task_arithmetic", DELTAS, weights, 1.0);
+    let full = run_merge(&arithmetic, &Progress::default()).expect("merge").model.expect("in memory");
+    let dare = MergeJob { method: crate::merge::Method::DareLinear, ..arithmetic.clone() };
+    let same = run_merge(&dare, &Progress::default()).expect("merge").model.expect("in memory");
+    assert_eq!(values(&same, "w"), values(&full, "w"));
+    // At density 0.5 (no rescale) every element is the base plus a subset of the weighted changes,
+    // and some are pruned.
+    let half = changed(root.path(), "dare_linear", DELTAS, weights, 0.5);
+    let values_in = stored(&half);
+    let merged =
+        values(&run_merge(&half, &Progress::default()).expect("merge").model.expect("in memory"), "w");
+    for (e, got) in merged.iter().enumerate() {
+        let z = values_in[0][e];
+        let d: Vec<f64> = (1..3).map(|i| (values_in[i][e] - z) * weights[i - 1]).collect();
+        let subsets = [0.0, d[0], d[1], d[0] + d[1]].map(|s| (z + s) as f32);
+        assert!(subsets.contains(got), "element {e}: {got} is no subset of the changes {d:?}");
+    }
+    assert_ne!(merged, values(&full, "w"), "nothing was pruned");
 }
