@@ -63,6 +63,8 @@ CASES = {
         [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}, {"weight": 0.5, "density": 0.9}],
         1.0,
     ),
+    # Four whole-tensor reductions in torch's order, then every step in the working dtype.
+    "multislerp": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 1.0),
     "breadcrumbs": ([{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6}], 1.0),
     "breadcrumbs_ties": (
         [{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6, "gamma": 0.05}],

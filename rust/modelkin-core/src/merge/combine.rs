@@ -185,6 +185,9 @@ fn combine_block<const F32: bool>(
                 *out = r(z + a * (inputs[0][e] - z) + b * (inputs[1][e] - z));
             }
         }
+        (Method::Multislerp, _) if stats.multislerp.is_some() => {
+            stats.multislerp.as_ref().expect("measured").block(base, inputs, merged)
+        }
         (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
             let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
             for (e, out) in merged.iter_mut().enumerate() {

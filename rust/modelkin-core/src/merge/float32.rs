@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 
 use rayon::prelude::*;
 
+use super::half_ops::Half;
 use super::{with_block, Source, BLOCK};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -33,6 +34,16 @@ impl LaneNorm {
     /// A norm over a run of `len` values.
     pub(super) fn new(len: usize) -> Self {
         LaneNorm { lanes: [0.0; LANES], grouped: len - len % LANES, seen: 0, tail: Vec::new() }
+    }
+
+    /// The norm torch takes of a run stored in a half type (`half`: its vectors hold 16 values,
+    /// each fed to the lanes as two f32 vectors, before the fused tail), or in float32.
+    ///
+    /// torch's fast path covers float32 and bfloat16 only; float16 norms take torch's generic
+    /// reduction, whose order this does not follow.
+    pub(super) fn for_dtype(len: usize, half: Option<Half>) -> Self {
+        let vector = if half.is_some() { 2 * LANES } else { LANES };
+        LaneNorm { lanes: [0.0; LANES], grouped: len - len % vector, seen: 0, tail: Vec::new() }
     }
 
     /// Adds the next values of the run, in order.

@@ -12,6 +12,7 @@ mod half_ops;
 mod job;
 mod methods;
 mod model_stock;
+mod multislerp;
 mod radix;
 mod ram;
 mod random;
@@ -188,6 +189,8 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         (Statistics::Variance, _) => 3,
         // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
         (Statistics::Norms, _) if job.method == Method::Slerp && job.compute.float32_order() => 2,
+        // multislerp in a working dtype: four sequential sweeps (see multislerp.rs).
+        (Statistics::Norms, _) if job.method == Method::Multislerp && job.compute.float32_order() => 4,
         (Statistics::Norms, _) => 1,
         // The rows' KL divergences, then the two histogram passes of the quartiles.
         (Statistics::Importance, _) => 3,

@@ -65,6 +65,8 @@ pub(super) struct TensorStatistics {
     pub vector_combinations: Option<Vec<[f64; 2]>>,
     /// arcee_fusion: the rows' KL divergences and the importance threshold.
     pub fusion: Option<super::fusion::Fusion>,
+    /// multislerp in a working dtype (not float64): its reductions, in torch's steps.
+    pub multislerp: Option<super::multislerp::Multislerp>,
 }
 
 /// The pruning mask of a rule that needs no values (all, none, a replayed-sort bitmask, random),
@@ -164,6 +166,7 @@ impl TensorStatistics {
             combination: None,
             vector_combinations: None,
             fusion: None,
+            multislerp: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -285,6 +288,9 @@ impl TensorStatistics {
             Method::ModelStock => stats.mix = super::model_stock::factors(job, tensor, progress)?,
             Method::Nuslerp if !job.spherical.flatten => {
                 stats.vector_combinations = Some(nuslerp_vectors(job, tensor, &stats.weights, progress)?)
+            }
+            Method::Multislerp if job.compute != Compute::Float64 => {
+                stats.multislerp = Some(super::multislerp::measure(job, tensor, &stats.weights, progress)?)
             }
             Method::Nuslerp | Method::Multislerp | Method::Karcher => {
                 let gram = gram(tensor, progress)?;
