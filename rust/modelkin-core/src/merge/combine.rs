@@ -185,6 +185,9 @@ fn combine_block<const F32: bool>(
                 *out = r(z + a * (inputs[0][e] - z) + b * (inputs[1][e] - z));
             }
         }
+        (Method::Nuslerp, _) if stats.nuslerp.is_some() => {
+            stats.nuslerp.as_ref().expect("measured").block(first, base, inputs, merged)
+        }
         (Method::Multislerp, _) if stats.multislerp.is_some() => {
             stats.multislerp.as_ref().expect("measured").block(base, inputs, merged)
         }

@@ -13,6 +13,7 @@ mod job;
 mod methods;
 mod model_stock;
 mod multislerp;
+mod nuslerp;
 mod radix;
 mod ram;
 mod random;
@@ -189,6 +190,14 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         (Statistics::Variance, _) => 3,
         // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
         (Statistics::Norms, _) if job.method == Method::Slerp && job.compute.float32_order() => 2,
+        // nuslerp in a working dtype: norms, then cosines (see nuslerp.rs).
+        (Statistics::Norms, _)
+            if job.method == Method::Nuslerp
+                && job.compute.float32_order()
+                && (job.spherical.flatten || !job.spherical.row_wise) =>
+        {
+            2
+        }
         // multislerp in a working dtype: four sequential sweeps (see multislerp.rs).
         (Statistics::Norms, _) if job.method == Method::Multislerp && job.compute.float32_order() => 4,
         (Statistics::Norms, _) => 1,

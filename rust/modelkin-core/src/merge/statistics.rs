@@ -67,6 +67,8 @@ pub(super) struct TensorStatistics {
     pub fusion: Option<super::fusion::Fusion>,
     /// multislerp in a working dtype (not float64): its reductions, in torch's steps.
     pub multislerp: Option<super::multislerp::Multislerp>,
+    /// nuslerp in a working dtype (see [`super::nuslerp::applies`]): each run's factors.
+    pub nuslerp: Option<super::nuslerp::Nuslerp>,
 }
 
 /// The pruning mask of a rule that needs no values (all, none, a replayed-sort bitmask, random),
@@ -167,6 +169,7 @@ impl TensorStatistics {
             vector_combinations: None,
             fusion: None,
             multislerp: None,
+            nuslerp: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -286,6 +289,9 @@ impl TensorStatistics {
                 stats.mix_rows = Some(super::model_stock::row_factors(job, tensor, progress)?)
             }
             Method::ModelStock => stats.mix = super::model_stock::factors(job, tensor, progress)?,
+            Method::Nuslerp if super::nuslerp::applies(job, tensor) => {
+                stats.nuslerp = Some(super::nuslerp::measure(job, tensor, &stats.weights, progress)?)
+            }
             Method::Nuslerp if !job.spherical.flatten => {
                 stats.vector_combinations = Some(nuslerp_vectors(job, tensor, &stats.weights, progress)?)
             }
