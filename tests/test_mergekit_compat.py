@@ -65,6 +65,8 @@ CASES = {
     ),
     # Four whole-tensor reductions in torch's order, then every step in the working dtype.
     "multislerp": ([{"weight": 1.0}, {"weight": 0.6}, {"weight": 0.5}], 1.0),
+    # torch's float64 variance, its topk's ties (libstdc++'s nth_element), row sums, sign election.
+    "sce": ([{}, {}, {}], 1.0),
     "breadcrumbs": ([{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6}], 1.0),
     "breadcrumbs_ties": (
         [{"weight": 1.0, "density": 0.8, "gamma": 0.02}, {"weight": 0.6, "density": 0.6, "gamma": 0.05}],
@@ -84,6 +86,8 @@ def case_recipe(family, method: str, precision: dict) -> dict:
     }
     if method != "linear":
         recipe["base_model"] = str(family["base"])
+    if method == "sce":
+        recipe["parameters"] = {"select_topk": 0.4}
     if method == "slerp":
         recipe["models"].append({"model": str(family["base"])})
         recipe["parameters"] = {"t": 0.3}

@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
 use super::scratch::Scratch;
-use super::statistics::{value_free_mask, variance_bits, Keep, TensorStatistics};
+use super::statistics::{value_free_mask, Keep, TensorStatistics};
 use super::task_vectors::{task_vector_block, task_vector_half_block, task_vector_rounded};
 use super::{with_block, Compute, MergeJob, Method, Resolved, Source, BLOCKS_IN_FLIGHT};
 use crate::dtype::FloatDtype;
@@ -139,7 +139,7 @@ fn combine_block<const F32: bool>(
                 *out = h(h(s0 * r(z[e])) + h(s1 * other));
             }
         }
-        (Method::Sce, Some(z)) => sce_block(stats, inputs, z, merged),
+        (Method::Sce, Some(z)) => stats.sce.as_ref().expect("measured").block(first, z, inputs, merged),
         (Method::ArceeFusion, Some(z)) => {
             // z + (x − z)·mask: the difference in the working dtype, then (the mask being
             // float32) the sum in float32, which mergekit writes as it is.
@@ -302,29 +302,5 @@ fn decode_f32(source: &Source, first: usize, out: &mut [f32]) {
     }
     if let (Some(h), true) = (source.half, source.rounds_on_load) {
         out.iter_mut().for_each(|v| *v = h.round(*v));
-    }
-}
-
-/// SCE: selected entries (high variance across task vectors), energy weights, sign election on the
-/// unweighted task vectors, divided by the surviving weights (at least 1e-6).
-fn sce_block(stats: &TensorStatistics, inputs: &[&[f64]], z: &[f64], merged: &mut [f64]) {
-    let mut views: Vec<&[f64]> = vec![z];
-    views.extend(inputs.iter().copied());
-    for (e, out) in merged.iter_mut().enumerate() {
-        let selected = stats.variance_floor.is_none_or(|floor| variance_bits(&views, e) >= floor);
-        if !selected {
-            *out = z[e];
-            continue;
-        }
-        let deltas = inputs.iter().map(|x| x[e] - z[e]);
-        let majority = if deltas.clone().sum::<f64>() >= 0.0 { 1.0 } else { -1.0 };
-        let (mut mixed, mut divisor) = (0.0, 0.0);
-        for (d, w) in deltas.zip(&stats.weights) {
-            if d != 0.0 && d.signum() == majority {
-                mixed += d * w;
-                divisor += w;
-            }
-        }
-        *out = z[e] + mixed / f64::max(divisor, 1e-6);
     }
 }

@@ -232,6 +232,20 @@ fn fold(levels: &[[[f32; LANES]; 4]; 4]) -> [[f32; LANES]; 4] {
     out
 }
 
+/// torch's sum of a few values along a strided or short run (`row_sum`: four partial sums over
+/// groups of four, the leftovers into the first, then the four folded in order).
+pub(super) fn row_sum(values: &[f32]) -> f32 {
+    let mut partial = [0.0f32; 4];
+    let grouped = values.len() / 4 * 4;
+    for group in values[..grouped].chunks_exact(4) {
+        partial.iter_mut().zip(group).for_each(|(p, v)| *p += v);
+    }
+    for v in &values[grouped..] {
+        partial[0] += v;
+    }
+    partial[1..].iter().fold(partial[0], |sum, p| sum + p)
+}
+
 /// The intra-op thread count torch starts with: `OMP_NUM_THREADS`, else `MKL_NUM_THREADS`, else
 /// the physical cores.
 pub(super) fn torch_threads() -> usize {
@@ -318,7 +332,7 @@ fn over_runs<S: Send>(
 
 #[cfg(test)]
 mod tests {
-    use super::{LaneNorm, TorchSum};
+    use super::{row_sum, LaneNorm, TorchSum};
 
     /// Bit patterns torch 2.x gave for `torch.sum` of these values with 1 and 2 threads.
     #[test]
@@ -360,5 +374,13 @@ mod tests {
             sum = v.mul_add(*v, sum);
         }
         assert_eq!(norm.finish(), sum.sqrt());
+    }
+
+    #[test]
+    fn row_sums_fold_four_partial_sums() {
+        assert_eq!(row_sum(&[1.0, 2.0]), 3.0);
+        // The fifth value joins the first partial sum before the others are folded in; summed in
+        // order it would come last (0.75).
+        assert_eq!(row_sum(&[1.0, 1e8, -1e8, 0.5, 0.25]), ((1.0f32 + 0.25) + 1e8 - 1e8) + 0.5);
     }
 }

@@ -17,6 +17,7 @@ mod nuslerp;
 mod radix;
 mod ram;
 mod random;
+mod sce;
 mod scratch;
 mod sort_order;
 mod source;
@@ -24,6 +25,7 @@ mod spherical;
 mod statistics;
 mod table;
 mod task_vectors;
+mod topk;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

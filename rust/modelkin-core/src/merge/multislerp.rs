@@ -10,7 +10,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::float32::{LaneNorm, TorchSum};
+use super::float32::{row_sum, LaneNorm, TorchSum};
 use super::half_ops::Half;
 use super::{with_block, Compute, MergeJob, Resolved};
 use crate::error::{Error, Result};
@@ -92,20 +92,6 @@ impl Multislerp {
             *slot = f64::from(base.map_or(merged, |z| self.h(merged + z[e] as f32)));
         }
     }
-}
-
-/// torch's sum of a few values along a strided or short run (`row_sum`: four partial sums
-/// over groups of four, the leftovers into the first, then the four folded in order).
-fn row_sum(values: &[f32]) -> f32 {
-    let mut partial = [0.0f32; 4];
-    let grouped = values.len() / 4 * 4;
-    for group in values[..grouped].chunks_exact(4) {
-        partial.iter_mut().zip(group).for_each(|(p, v)| *p += v);
-    }
-    for v in &values[grouped..] {
-        partial[0] += v;
-    }
-    partial[1..].iter().fold(partial[0], |sum, p| sum + p)
 }
 
 /// Sweeps the tensor's blocks in order (the reductions are order-dependent), handing each block's
@@ -214,17 +200,4 @@ pub(super) fn measure(
     let scaled: Vec<f32> = norms.iter().zip(&state.weights).map(|(norm, w)| h(norm * w)).collect();
     state.average_norm = h(row_sum(&scaled));
     Ok(state)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::row_sum;
-
-    #[test]
-    fn row_sums_fold_four_partial_sums() {
-        assert_eq!(row_sum(&[1.0, 2.0]), 3.0);
-        // The fifth value joins the first partial sum before the others are folded in; summed in
-        // order it would come last (0.75).
-        assert_eq!(row_sum(&[1.0, 1e8, -1e8, 0.5, 0.25]), ((1.0f32 + 0.25) + 1e8 - 1e8) + 0.5);
-    }
 }

@@ -138,7 +138,7 @@ fn key(entry: u64) -> u32 {
 }
 
 #[inline(always)]
-fn less(a: u64, b: u64) -> bool {
+pub(super) fn less(a: u64, b: u64) -> bool {
     key(a) < key(b)
 }
 
@@ -190,7 +190,7 @@ fn introsort_loop(
 
 /// `std::__unguarded_partition_pivot`: the median of (first + 1, middle, last − 1) moved to
 /// `first`, then Hoare's partition of `first + 1..last` around it.
-fn partition_around_median(v: &mut [u64], first: usize, last: usize) -> usize {
+pub(super) fn partition_around_median(v: &mut [u64], first: usize, last: usize) -> usize {
     let middle = first + (last - first) / 2;
     let (a, b, c) = (first + 1, middle, last - 1);
     let median = if less(v[a], v[b]) {
@@ -293,7 +293,7 @@ fn marks(block: &[u64], test: impl Fn(u64) -> bool) -> u64 {
 }
 
 /// `std::__insertion_sort` (stable).
-fn insertion_sort(v: &mut [u64]) {
+pub(super) fn insertion_sort(v: &mut [u64]) {
     for i in 1..v.len() {
         let value = v[i];
         let mut j = i;
@@ -312,15 +312,7 @@ fn heap_sort(v: &mut [u64]) {
     if len < 2 {
         return;
     }
-    let mut parent = (len - 2) / 2;
-    loop {
-        let value = v[parent];
-        adjust_heap(v, parent, len, value);
-        if parent == 0 {
-            break;
-        }
-        parent -= 1;
-    }
+    make_heap(v);
     let mut last = len;
     while last > 1 {
         last -= 1;
@@ -330,8 +322,25 @@ fn heap_sort(v: &mut [u64]) {
     }
 }
 
+/// `std::__make_heap`.
+pub(super) fn make_heap(v: &mut [u64]) {
+    let len = v.len();
+    if len < 2 {
+        return;
+    }
+    let mut parent = (len - 2) / 2;
+    loop {
+        let value = v[parent];
+        adjust_heap(v, parent, len, value);
+        if parent == 0 {
+            break;
+        }
+        parent -= 1;
+    }
+}
+
 /// `std::__adjust_heap` followed by `std::__push_heap`, exactly as libstdc++ moves the hole.
-fn adjust_heap(v: &mut [u64], mut hole: usize, len: usize, value: u64) {
+pub(super) fn adjust_heap(v: &mut [u64], mut hole: usize, len: usize, value: u64) {
     let top = hole;
     let mut child = hole;
     while child < (len - 1) / 2 {

@@ -55,8 +55,8 @@ pub(super) struct TensorStatistics {
     pub mix: (f64, f64),
     /// model_stock `filter_wise`: (1 − t, t) per row along the last axis.
     pub mix_rows: Option<Vec<(f64, f64)>>,
-    /// SCE: entries whose variance across task vectors is at least this (f32 bits) are kept.
-    pub variance_floor: Option<u32>,
+    /// SCE: the variance threshold and the task vectors' weights.
+    pub sce: Option<super::sce::Sce>,
     /// SCE: per-input weights from the task vectors' energy.
     pub weights: Vec<f64>,
     /// Spherical methods: output = base_coefficient·base + Σ `coefficients[i]`·`input[i]`.
@@ -163,7 +163,7 @@ impl TensorStatistics {
             scale: vec![1.0; k],
             mix: (0.0, 1.0),
             mix_rows: None,
-            variance_floor: None,
+            sce: None,
             weights: tensor.recipe.inputs.iter().map(|i| i.weight).collect(),
             combination: None,
             vector_combinations: None,
@@ -314,7 +314,7 @@ impl TensorStatistics {
                 let base = if tensor.base.is_some() { 1.0 - coefficients.iter().sum::<f64>() } else { 0.0 };
                 stats.combination = Some((base, coefficients));
             }
-            Method::Sce => sce_statistics(job, tensor, &mut stats, progress)?,
+            Method::Sce => stats.sce = Some(super::sce::measure(job, tensor, progress)?),
             Method::ArceeFusion => stats.fusion = Some(super::fusion::measure(job, tensor, progress)?),
             Method::Ram => {
                 tensor.base.as_ref().ok_or_else(|| no_base(job))?;
@@ -480,66 +480,6 @@ fn add_gram_block(v: &[&[f64]], k: usize, relative: bool, out: &mut [f64]) {
             }
         }
     }
-}
-
-/// Population variance across the task vectors at one element, as f32 bits (mergekit's ranking).
-pub(super) fn variance_bits(v: &[&[f64]], e: usize) -> u32 {
-    let k = (v.len() - 1) as f64;
-    let deltas = v[1..].iter().map(|x| x[e] - v[0][e]);
-    let mean = deltas.clone().sum::<f64>() / k;
-    let variance = deltas.map(|d| (d - mean) * (d - mean)).sum::<f64>() / k;
-    (variance as f32).to_bits()
-}
-
-/// SCE: the variance threshold of `select_topk`, then weights ∝ mean squared (selected) task vector.
-fn sce_statistics(
-    job: &MergeJob,
-    tensor: &Resolved,
-    stats: &mut TensorStatistics,
-    progress: &Progress,
-) -> Result<()> {
-    tensor.base.as_ref().ok_or_else(|| no_base(job))?;
-    let k = tensor.inputs.len();
-    let n = tensor.numel;
-    let all = tensor.sources();
-    let topk = tensor.recipe.select_topk;
-    if topk <= 0.0 {
-        stats.variance_floor = Some(u32::MAX);
-    } else if topk < 1.0 {
-        let [zeros] = sums_over(&all, tensor.block, n, progress, |_, v| {
-            [(0..v[0].len()).filter(|&e| variance_bits(v, e) == 0).count() as f64]
-        })?;
-        let selected = ((n - zeros as usize) as f64 * topk) as usize;
-        stats.variance_floor = Some(if selected == 0 {
-            u32::MAX
-        } else {
-            let found = radix::order_statistics(
-                &all,
-                tensor.block,
-                n,
-                &[vec![n - selected]],
-                progress,
-                |first, len, _, keys| {
-                    with_block(&all, first, len, |v| keys.extend((0..len).map(|e| variance_bits(v, e))))
-                },
-            )?;
-            found[0][0].keep_from()
-        });
-    }
-    let floor = stats.variance_floor;
-    let energy = sums_over_vec(&all, tensor.block, n, k, progress, |_, v, out| {
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = (0..v[0].len())
-                .filter(|&e| floor.is_none_or(|f| variance_bits(v, e) >= f))
-                .map(|e| (v[i + 1][e] - v[0][e]).powi(2))
-                .sum();
-        }
-    })?;
-    let means: Vec<f64> = energy.iter().map(|s| s / n as f64).collect();
-    let total: f64 = means.iter().sum();
-    stats.weights =
-        if total.abs() < 1e-6 { vec![1.0 / k as f64; k] } else { means.iter().map(|m| m / total).collect() };
-    Ok(())
 }
 
 /// The L1 rescale of a randomly pruned task vector: ‖δ‖₁ / ‖δ·mask‖₁, or 1 when either is
