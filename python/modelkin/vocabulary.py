@@ -341,9 +341,23 @@ def aligned_rows(
     models = list(tensors)
     shape = next(iter(tensors.values())).shape[1:]
     configs: dict[str, TokenSource] = dict(spec.tokens)
+    # Vectorised over the vocabulary (hundreds of thousands of tokens): only the tokens some model
+    # lacks, and the forced ones, are visited one by one.
+    tokens = list(out.vocab)
+    news = np.fromiter(out.vocab.values(), dtype=np.int64, count=len(tokens))
+    complete = np.ones(len(tokens), dtype=bool)
+    for m in models:
+        complete &= out.permutations[m][news] >= 0
+    forced = np.zeros(len(tokens), dtype=bool)
+    position = {token: i for i, token in enumerate(tokens)} if spec.tokens else {}
+    for token, source in spec.tokens.items():
+        if source.force and token in position:
+            forced[position[token]] = True
+    visit = [int(i) for i in np.nonzero(~complete | forced)[0]]
     to_average: set[str] = set()
-    for token, new in out.vocab.items():
-        if token in configs:
+    for i in visit:
+        token, new = tokens[i], int(news[i])
+        if token in configs or complete[i]:
             continue
         present = [m for m in models if out.permutations[m][new] >= 0]
         if len(present) == 1:
@@ -355,11 +369,9 @@ def aligned_rows(
         else:
             to_average.add(token)
     defaults: dict[str, np.ndarray] = {}
-    for token, new in out.vocab.items():
+    for i in visit:
+        token, new = tokens[i], int(news[i])
         cfg = configs.get(token)
-        forced = cfg is not None and cfg.force
-        if not forced and all(out.permutations[m][new] >= 0 for m in models):
-            continue
         if token in to_average:
             # torch: embed = embed + row for each model that has it, then embed /= count, each
             # step in the tensor's dtype.
@@ -374,14 +386,14 @@ def aligned_rows(
     for model in models:
         p = out.permutations[model]
         table = np.zeros((out.rows, *shape), dtype=tensors[model].dtype)
-        for token, new in out.vocab.items():
-            cfg = configs.get(token)
-            if p[new] >= 0 and not (cfg is not None and cfg.force):
-                table[new] = tensors[model][p[new]]
-            elif token in defaults:
-                table[new] = defaults[token]
-            else:
+        rows = p[news]
+        take = (rows >= 0) & ~forced
+        table[news[take]] = tensors[model][rows[take]]
+        for missing in np.nonzero(~take)[0]:
+            token = tokens[missing]
+            if token not in defaults:
                 raise RecipeError(f"no embedding row for token {token!r} in {model}")
+            table[news[missing]] = defaults[token]
         if out.rows > len(out.vocab):
             # Padding rows: the average of the real ones (as mergekit pads).
             real = table[: len(out.vocab)]

@@ -16,9 +16,6 @@ use super::{with_block, Compute, MergeJob, Resolved};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
-/// mergekit's `eps` default, a Python float: float32 in torch's arithmetic with a tensor.
-const EPS: f32 = 1e-8;
-
 /// The reductions of one tensor, taken in the working dtype.
 pub(super) struct Multislerp {
     half: Option<Half>,
@@ -127,6 +124,8 @@ pub(super) fn measure(
     debug_assert!(job.compute != Compute::Float64);
     let half = job.compute.half();
     let h = |v: f32| half.map_or(v, |h| h.round(v));
+    // `eps`, a Python float: float32 in torch's arithmetic with a tensor.
+    let eps = job.spherical.eps as f32;
     let n = tensor.numel;
     // torch.tensor(weights, dtype=...): each Python float rounded to the working dtype.
     let mut weights: Vec<f32> = weights.iter().map(|&w| h(w as f32)).collect();
@@ -154,7 +153,7 @@ pub(super) fn measure(
         }
     })?;
     let norms: Vec<f32> = norms.iter().map(|norm| h(norm.finish())).collect();
-    state.divisors = norms.iter().map(|norm| h(norm + EPS)).collect();
+    state.divisors = norms.iter().map(|norm| h(norm + eps)).collect();
     // 2. The norm of the weighted mean of the unit vectors.
     let mut mean_norm = LaneNorm::for_dtype(n, half);
     sweep(tensor, progress, |base, inputs| {
@@ -164,7 +163,7 @@ pub(super) fn measure(
         }
     })?;
     let mean_norm = h(mean_norm.finish());
-    if mean_norm < EPS {
+    if mean_norm < eps {
         if k != 2 {
             return Err(Error::InvalidArgument(format!(
                 "tensor '{}': the weighted sum of the input tensors is zero (antipodal models with \
@@ -195,7 +194,7 @@ pub(super) fn measure(
             tangent_norm.add([state.tangent(&vectors, mean)]);
         }
     })?;
-    let theta = h(h(tangent_norm.finish()) + EPS);
+    let theta = h(h(tangent_norm.finish()) + eps);
     state.exp_map = (h(theta.cos()), h(h(theta.sin()) / theta));
     let scaled: Vec<f32> = norms.iter().zip(&state.weights).map(|(norm, w)| h(norm * w)).collect();
     state.average_norm = h(row_sum(&scaled));
