@@ -8,11 +8,10 @@
 //! tangent. Each sweep recomputes the elementwise steps before it from the inputs, so nothing of
 //! the tensor is held.
 
-use std::sync::atomic::Ordering;
-
 use super::float32::{row_sum, LaneNorm, TorchSum};
 use super::half_ops::Half;
-use super::{with_block, Compute, MergeJob, Resolved};
+use super::source::sweep_in_order;
+use super::{Compute, MergeJob, Resolved};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -91,29 +90,6 @@ impl Multislerp {
     }
 }
 
-/// Sweeps the tensor's blocks in order (the reductions are order-dependent), handing each block's
-/// decoded base (if any) and inputs to `visit`.
-fn sweep(
-    tensor: &Resolved,
-    progress: &Progress,
-    mut visit: impl FnMut(Option<&[f64]>, &[&[f64]]),
-) -> Result<()> {
-    let sources = tensor.sources();
-    let has_base = tensor.base.is_some();
-    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
-    let n = tensor.numel;
-    for first in (0..n).step_by(tensor.block) {
-        progress.check()?;
-        let len = tensor.block.min(n - first);
-        with_block(&sources, first, len, |v| match has_base {
-            true => visit(Some(v[0]), &v[1..]),
-            false => visit(None, v),
-        });
-        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-    }
-    Ok(())
-}
-
 /// Takes the reductions of one tensor (mergekit's `multislerp` with `weights` and its options).
 pub(super) fn measure(
     job: &MergeJob,
@@ -146,7 +122,7 @@ pub(super) fn measure(
     let mut vectors = Vec::new();
     // 1. The task vectors' norms (torch's last-dim 2-norm of each row).
     let mut norms = vec![LaneNorm::for_dtype(n, half); k];
-    sweep(tensor, progress, |base, inputs| {
+    sweep_in_order(tensor, progress, |_, base, inputs| {
         for e in 0..inputs[0].len() {
             state.vectors(base, inputs, e, &mut vectors);
             norms.iter_mut().zip(&vectors).for_each(|(norm, x)| norm.add([*x]));
@@ -156,7 +132,7 @@ pub(super) fn measure(
     state.divisors = norms.iter().map(|norm| h(norm + eps)).collect();
     // 2. The norm of the weighted mean of the unit vectors.
     let mut mean_norm = LaneNorm::for_dtype(n, half);
-    sweep(tensor, progress, |base, inputs| {
+    sweep_in_order(tensor, progress, |_, base, inputs| {
         for e in 0..inputs[0].len() {
             state.vectors(base, inputs, e, &mut vectors);
             mean_norm.add([state.units_and_mean(&mut vectors)]);
@@ -177,7 +153,7 @@ pub(super) fn measure(
     state.mean_norm = Some(mean_norm);
     // 3. Each unit vector's dot with the mean direction (torch's sum along each row).
     let mut dots = vec![TorchSum::new(n, 1); k];
-    sweep(tensor, progress, |base, inputs| {
+    sweep_in_order(tensor, progress, |_, base, inputs| {
         for e in 0..inputs[0].len() {
             state.vectors(base, inputs, e, &mut vectors);
             let mean = h(state.units_and_mean(&mut vectors) / mean_norm);
@@ -187,7 +163,7 @@ pub(super) fn measure(
     state.dots = dots.iter().map(|dot| h(dot.finish())).collect();
     // 4. The norm of the weighted tangent, then the exponential map's factors.
     let mut tangent_norm = LaneNorm::for_dtype(n, half);
-    sweep(tensor, progress, |base, inputs| {
+    sweep_in_order(tensor, progress, |_, base, inputs| {
         for e in 0..inputs[0].len() {
             state.vectors(base, inputs, e, &mut vectors);
             let mean = h(state.units_and_mean(&mut vectors) / mean_norm);

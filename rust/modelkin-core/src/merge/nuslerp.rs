@@ -8,11 +8,10 @@
 //! `nuslerp_row_wise` on a matrix (vectors along its first axis, which torch reduces strided) is
 //! left to the float64 factors of `statistics.rs`.
 
-use std::sync::atomic::Ordering;
-
 use super::float32::{torch_threads, LaneNorm, TorchSum};
 use super::half_ops::Half;
-use super::{with_block, Compute, MergeJob, Resolved};
+use super::source::sweep_in_order;
+use super::{Compute, MergeJob, Resolved};
 use crate::error::Result;
 use crate::progress::Progress;
 
@@ -79,22 +78,11 @@ fn sweep(
     progress: &Progress,
     mut visit: impl FnMut(usize, [f32; 2]),
 ) -> Result<()> {
-    let sources = tensor.sources();
-    let has_base = tensor.base.is_some();
-    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
-    let n = tensor.numel;
-    for first in (0..n).step_by(tensor.block) {
-        progress.check()?;
-        let len = tensor.block.min(n - first);
-        with_block(&sources, first, len, |v| {
-            let (base, inputs) = if has_base { (Some(v[0]), &v[1..]) } else { (None, v) };
-            for e in 0..len {
-                visit(first + e, state.vectors(base, inputs, e));
-            }
-        });
-        progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
-    }
-    Ok(())
+    sweep_in_order(tensor, progress, |first, base, inputs| {
+        for e in 0..inputs[0].len() {
+            visit(first + e, state.vectors(base, inputs, e));
+        }
+    })
 }
 
 /// Takes the factors of every run of one tensor (mergekit's `nuslerp` with the two `weights`).

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::float32::{row_sum, torch_threads, TorchSum};
 use super::half_ops::Half;
+use super::source::sweep_in_order;
 use super::{no_base, radix, topk, with_block, Compute, MergeJob, Resolved};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -229,23 +230,17 @@ fn exact_weights(sce: &Sce, tensor: &Resolved, progress: &Progress) -> Result<Ve
 /// divided by the count, rounded once), then divided by their sum.
 fn rounded_weights(sce: &Sce, s: Steps, tensor: &Resolved, progress: &Progress) -> Result<Vec<f64>> {
     let (k, n) = (tensor.inputs.len(), tensor.numel);
-    let all = tensor.sources();
-    let bytes_per_element: u64 = all.iter().map(|s| s.dtype.size() as u64).sum();
     // One row per task vector: split over torch's threads only when it is the whole reduction.
     let threads = if k == 1 { torch_threads() } else { 1 };
     let mut sums = vec![TorchSum::new(n, threads); k];
     let mut vectors = Vec::with_capacity(k);
-    for first in (0..n).step_by(tensor.block) {
-        progress.check()?;
-        let len = tensor.block.min(n - first);
-        with_block(&all, first, len, |v| {
-            for e in 0..len {
-                sce.selected(v[0], &v[1..], first, e, &mut vectors);
-                sums.iter_mut().zip(&vectors).for_each(|(sum, &d)| sum.add([s.h(d as f32 * d as f32)]));
-            }
-        });
-        progress.done.fetch_add(len as u64 * bytes_per_element, std::sync::atomic::Ordering::Relaxed);
-    }
+    sweep_in_order(tensor, progress, |first, base, inputs| {
+        let z = base.expect("sce has a base");
+        for e in 0..z.len() {
+            sce.selected(z, inputs, first, e, &mut vectors);
+            sums.iter_mut().zip(&vectors).for_each(|(sum, &d)| sum.add([s.h(d as f32 * d as f32)]));
+        }
+    })?;
     let means: Vec<f32> = sums.iter().map(|sum| s.h(sum.finish() / n as f32)).collect();
     let total = s.h(row_sum(&means));
     Ok(if total.abs() < 1e-6 {

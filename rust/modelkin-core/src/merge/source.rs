@@ -8,6 +8,7 @@ use crate::dtype::FloatDtype;
 use crate::error::{Error, Result};
 use crate::family::cut_shape;
 use crate::model::{Model, TensorEntry};
+use crate::progress::Progress;
 
 use super::scratch::Scratch;
 use super::{half_ops, MergeJob, Sparsification, TensorRecipe, BLOCK};
@@ -192,4 +193,27 @@ pub(super) fn with_block<T>(
     }
     let views: Vec<&[f64]> = buffers.into_iter().map(|b| &*b).collect();
     work(&views)
+}
+
+/// Sweeps a tensor's blocks in order, for reductions whose result depends on it (torch's), handing
+/// `visit` each block's first element, its decoded base (when there is one) and its inputs.
+pub(super) fn sweep_in_order(
+    tensor: &Resolved,
+    progress: &Progress,
+    mut visit: impl FnMut(usize, Option<&[f64]>, &[&[f64]]),
+) -> Result<()> {
+    let sources = tensor.sources();
+    let has_base = tensor.base.is_some();
+    let bytes_per_element: u64 = sources.iter().map(|s| s.dtype.size() as u64).sum();
+    let n = tensor.numel;
+    for first in (0..n).step_by(tensor.block) {
+        progress.check()?;
+        let len = tensor.block.min(n - first);
+        with_block(&sources, first, len, |v| match has_base {
+            true => visit(first, Some(v[0]), &v[1..]),
+            false => visit(first, None, v),
+        });
+        progress.done.fetch_add(len as u64 * bytes_per_element, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(())
 }
