@@ -410,20 +410,21 @@ def torch_outer_sum(values: np.ndarray) -> np.ndarray:
     ceil_log2 = 1 if n <= 2 else (n - 1).bit_length()
     power = max(4, ceil_log2 // 4)
     step, mask = 1 << power, (1 << power) - 1
+    runs = n // step
+    # Each run of `step` rows is summed one row after another from zero; np.add.accumulate adds in
+    # exactly that order (in the array's dtype), for every run at once.
+    run_sums = np.add.accumulate(values[: runs * step].reshape(runs, step, *values.shape[1:]), axis=1)[:, -1]
     levels = [np.zeros(values.shape[1:], dtype=values.dtype) for _ in range(4)]
-    i = 0
-    while i + step <= n:
-        for _ in range(step):
-            levels[0] += values[i]
-            i += 1
-        for j in range(1, 4):
+    for r in range(runs):
+        levels[1] += run_sums[r]
+        i = (r + 1) * step
+        for j in range(2, 4):
+            if i & (mask << ((j - 1) * power)):
+                break
             levels[j] += levels[j - 1]
             levels[j - 1][...] = 0
-            if i & (mask << (j * power)):
-                break
-    while i < n:
-        levels[0] += values[i]
-        i += 1
+    for row in values[runs * step :]:
+        levels[0] += row
     for j in range(1, 4):
         levels[0] += levels[j]
     return levels[0]
