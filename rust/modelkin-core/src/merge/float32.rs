@@ -31,9 +31,9 @@ pub(super) struct LaneNorm {
 }
 
 impl LaneNorm {
-    /// A norm over a run of `len` values.
+    /// A norm over a run of `len` float32 values.
     pub(super) fn new(len: usize) -> Self {
-        LaneNorm { lanes: [0.0; LANES], grouped: len - len % LANES, seen: 0, tail: Vec::new() }
+        Self::for_dtype(len, None)
     }
 
     /// The norm torch takes of a run stored in a half type (`half`: its vectors hold 16 values,
@@ -233,15 +233,14 @@ fn fold(levels: &[[[f32; LANES]; 4]; 4]) -> [[f32; LANES]; 4] {
 }
 
 /// torch's sum of a few values along a strided or short run (`row_sum`: four partial sums over
-/// groups of four, the leftovers into the first, then the four folded in order).
-pub(super) fn row_sum(values: &[f32]) -> f32 {
-    let mut partial = [0.0f32; 4];
+/// groups of four, the leftovers into the first, then the four folded in order). Fed from an
+/// iterator, so the per-element sums of the merge methods collect nothing.
+pub(super) fn row_sum(values: impl IntoIterator<Item = f32, IntoIter: ExactSizeIterator>) -> f32 {
+    let values = values.into_iter();
     let grouped = values.len() / 4 * 4;
-    for group in values[..grouped].chunks_exact(4) {
-        partial.iter_mut().zip(group).for_each(|(p, v)| *p += v);
-    }
-    for v in &values[grouped..] {
-        partial[0] += v;
+    let mut partial = [0.0f32; 4];
+    for (i, v) in values.enumerate() {
+        partial[if i < grouped { i % 4 } else { 0 }] += v;
     }
     partial[1..].iter().fold(partial[0], |sum, p| sum + p)
 }
@@ -378,9 +377,9 @@ mod tests {
 
     #[test]
     fn row_sums_fold_four_partial_sums() {
-        assert_eq!(row_sum(&[1.0, 2.0]), 3.0);
+        assert_eq!(row_sum([1.0, 2.0]), 3.0);
         // The fifth value joins the first partial sum before the others are folded in; summed in
         // order it would come last (0.75).
-        assert_eq!(row_sum(&[1.0, 1e8, -1e8, 0.5, 0.25]), ((1.0f32 + 0.25) + 1e8 - 1e8) + 0.5);
+        assert_eq!(row_sum([1.0, 1e8, -1e8, 0.5, 0.25]), ((1.0f32 + 0.25) + 1e8 - 1e8) + 0.5);
     }
 }

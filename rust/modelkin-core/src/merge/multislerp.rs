@@ -52,19 +52,17 @@ impl Multislerp {
         for (x, d) in vectors.iter_mut().zip(&self.divisors) {
             *x = self.h(*x / d);
         }
-        let products: Vec<f32> = vectors.iter().zip(&self.weights).map(|(u, w)| self.h(u * w)).collect();
-        self.h(row_sum(&products))
+        self.h(row_sum(vectors.iter().zip(&self.weights).map(|(u, w)| self.h(u * w))))
     }
 
     /// The weighted tangent of element e from its unit vectors and the mean direction.
     fn tangent(&self, units: &[f32], mean: f32) -> f32 {
-        let products: Vec<f32> = units
+        let products = units
             .iter()
             .zip(&self.dots)
             .zip(&self.weights)
-            .map(|((u, dot), w)| self.h(self.h(u - self.h(dot * mean)) * w))
-            .collect();
-        self.h(row_sum(&products))
+            .map(|((u, dot), w)| self.h(self.h(u - self.h(dot * mean)) * w));
+        self.h(row_sum(products))
     }
 
     /// The merged values of a block, in `out`.
@@ -106,7 +104,7 @@ pub(super) fn measure(
     // torch.tensor(weights, dtype=...): each Python float rounded to the working dtype.
     let mut weights: Vec<f32> = weights.iter().map(|&w| h(w as f32)).collect();
     if job.spherical.normalize_weights {
-        let total = h(row_sum(&weights));
+        let total = h(row_sum(weights.iter().copied()));
         weights.iter_mut().for_each(|w| *w = h(*w / total));
     }
     let k = weights.len();
@@ -172,7 +170,6 @@ pub(super) fn measure(
     })?;
     let theta = h(h(tangent_norm.finish()) + eps);
     state.exp_map = (h(theta.cos()), h(h(theta.sin()) / theta));
-    let scaled: Vec<f32> = norms.iter().zip(&state.weights).map(|(norm, w)| h(norm * w)).collect();
-    state.average_norm = h(row_sum(&scaled));
+    state.average_norm = h(row_sum(norms.iter().zip(&state.weights).map(|(norm, w)| h(norm * w))));
     Ok(state)
 }

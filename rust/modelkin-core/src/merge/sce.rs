@@ -91,17 +91,22 @@ impl Sce {
                 }
                 Some(s) => {
                     let h = |v: f32| s.h(v);
-                    let tvs: Vec<f32> = vectors.iter().map(|&v| v as f32).collect();
-                    let majority = if h(row_sum(&tvs)) >= 0.0 { 1.0 } else { -1.0 };
+                    // The task vectors hold values of the working dtype: exact as f32.
+                    let tvs = || vectors.iter().map(|&v| v as f32);
+                    let majority = if h(row_sum(tvs())) >= 0.0 { 1.0 } else { -1.0 };
                     // sign(δ) == majority: zeros never agree.
-                    let erased: Vec<f32> = tvs
-                        .iter()
-                        .zip(&self.weights)
-                        .map(|(d, &w)| if *d != 0.0 && d.signum() == majority { w as f32 } else { 0.0 })
-                        .collect();
-                    let products: Vec<f32> = tvs.iter().zip(&erased).map(|(d, w)| h(d * w)).collect();
-                    let divisor = h(row_sum(&erased)).max(h(1e-6));
-                    f64::from(h(z[e] as f32 + h(h(row_sum(&products)) / divisor)))
+                    let erased = || {
+                        tvs().zip(&self.weights).map(move |(d, &w)| {
+                            if d != 0.0 && d.signum() == majority {
+                                w as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                    };
+                    let divisor = h(row_sum(erased())).max(h(1e-6));
+                    let mixed = h(row_sum(tvs().zip(erased()).map(|(d, w)| h(d * w))));
+                    f64::from(h(z[e] as f32 + h(mixed / divisor)))
                 }
             };
         }
@@ -242,7 +247,7 @@ fn rounded_weights(sce: &Sce, s: Steps, tensor: &Resolved, progress: &Progress) 
         }
     })?;
     let means: Vec<f32> = sums.iter().map(|sum| s.h(sum.finish() / n as f32)).collect();
-    let total = s.h(row_sum(&means));
+    let total = s.h(row_sum(means.iter().copied()));
     Ok(if total.abs() < 1e-6 {
         vec![f64::from(s.h(1.0 / k as f32)); k]
     } else {
