@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from peer import peer_python
 
 from merge_reference import read_safetensors, stored_dtypes
 from modelkin.example import write_example_family
@@ -110,21 +112,69 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
     assert same / total >= required
 
 
-# slerp with dtype float32 and a float32 output is left out: its factors come from torch's vectorised
-# float32 acos and sin, which are an ulp away from the C library's on a few percent of arguments
-# (any half output hides that, see the test above).
+# slerp with dtype float32 and a float32 output is left out: its factors come from torch's float32
+# acos and sin (MKL's vector math), an ulp away from the C library's on a few percent of arguments
+# (any half output hides that, see the test above; test_float32_angles_are_the_only_difference
+# shows the rest is exact).
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("method", [m for m in CASES if m != "breadcrumbs"])
 def test_every_dtype_gives_mergekits_bits(tmp_path, family, method, dtype):
     """dtype as the recipe says and no out_dtype: mergekit loads the inputs in dtype and rounds after
     each torch operation; modelkin follows that order, so every element is identical."""
     if method == "slerp" and dtype == "float32":
-        pytest.skip("torch's vectorised float32 acos/sin are not reproduced (factors 1 ulp apart)")
+        pytest.skip("torch's float32 acos/sin are MKL's, not reproduced (factors 1 ulp apart)")
     recipe = case_recipe(family, method, {"dtype": dtype})
     ours, theirs = run_both(tmp_path, recipe)
     assert stored_dtypes(tmp_path / "ours") == stored_dtypes(tmp_path / "theirs")
     for name, value in theirs.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=f"{method} {dtype} {name}")
+
+
+SPHERICAL_FLOAT32 = {
+    "slerp": None,
+    "multislerp": None,
+    "nuslerp": {},
+    "nuslerp-rows": {"nuslerp_flatten": False},
+    "nuslerp-columns": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+}
+
+
+@pytest.mark.parametrize("case", list(SPHERICAL_FLOAT32))
+def test_float32_angles_are_the_only_difference(tmp_path, family, case):
+    """With dtype float32 mergekit takes its angles from torch's float32 acos/sin/cos, which in
+    torch's MKL builds come from MKL's vector math (an ulp from the C library's on a few percent of
+    arguments; its algorithm is unpublished). With mergekit's trig swapped for the C library's
+    (modelkin's), every spherical method is bit for bit: norms, sums and roundings all follow torch."""
+    python = peer_python(MERGEKIT)
+    if python is None:
+        pytest.skip("mergekit's venv Python is needed to run it with the C library's trig")
+    method = case.split("-")[0]
+    if method == "nuslerp":
+        recipe = {
+            "models": [
+                {"model": str(family[n]), "parameters": {"weight": w}} for n, w in (("math-a", 0.7), ("code", 0.4))
+            ],
+            "merge_method": "nuslerp",
+            "base_model": str(family["base"]),
+            "parameters": SPHERICAL_FLOAT32[case],
+            "dtype": "float32",
+        }
+    else:
+        recipe = case_recipe(family, method, {"dtype": "float32"})
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    merge(path, tmp_path / "ours")
+    script = Path(__file__).with_name("mergekit_libm_trig.py")
+    subprocess.run(
+        [str(python), str(script), str(path), str(tmp_path / "theirs"), "--no-copy-tokenizer"],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=f"{case} {name}")
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])

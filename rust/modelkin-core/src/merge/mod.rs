@@ -14,6 +14,7 @@ mod methods;
 mod model_stock;
 mod multislerp;
 mod nuslerp;
+mod outer_sum;
 mod radix;
 mod ram;
 mod random;

@@ -2,14 +2,17 @@
 //! of mergekit's function in its order, each result rounded as torch stores it and each reduction
 //! in torch's order, so the output has mergekit's bits.
 //!
-//! The interpolation runs over the flattened tensor (`nuslerp_flatten`, the default) or over each
-//! row along the last axis. Two sequential sweeps take each run's reductions (the two vectors'
-//! norms, then their unit vectors' dot product); the output pass applies the run's factors.
-//! `nuslerp_row_wise` on a matrix (vectors along its first axis, which torch reduces strided) is
-//! left to the float64 factors of `statistics.rs`.
+//! The interpolation runs over the flattened tensor (`nuslerp_flatten`, the default), over each
+//! row along the last axis, or (`nuslerp_row_wise`) over each column of a matrix. Two sequential
+//! sweeps take each run's reductions (the two vectors' norms, then their unit vectors' dot
+//! product); the output pass applies the run's factors. A column's norm is torch's generic strided
+//! reduction (squares added row after row in float32) and its dot product torch's outer sum
+//! ([`OuterSum`]). Row-wise on tensors of three or more axes is left to the float64 factors of
+//! `statistics.rs`.
 
 use super::float32::{torch_threads, LaneNorm, TorchSum};
 use super::half_ops::Half;
+use super::outer_sum::OuterSum;
 use super::source::sweep_in_order;
 use super::{Compute, MergeJob, Resolved};
 use crate::error::Result;
@@ -24,22 +27,52 @@ struct Run {
     colinear: bool,
 }
 
+/// How a tensor's elements fall into runs.
+#[derive(Debug, Clone, Copy)]
+enum Runs {
+    /// Consecutive runs of this many elements: the whole tensor when flattened, else a row.
+    Consecutive(usize),
+    /// The columns of a row-major matrix with this many columns (element e is in column e % cols).
+    Columns(usize),
+}
+
 /// The factors of every run of one tensor.
 pub(super) struct Nuslerp {
     half: Option<Half>,
     /// 1 − t and t as torch multiplies a tensor by a Python float (in float32).
     one_minus_t: f32,
     t: f32,
-    /// Elements per run: the whole tensor when flattened, else a row.
-    run: usize,
+    layout: Runs,
     runs: Vec<Run>,
 }
 
-/// Whether this module takes the tensor: any flattened one, and rows along the last axis (a
-/// vector's own axis when row-wise on a 1-D tensor).
+/// Whether this module takes the tensor: any flattened one, rows along the last axis, and the
+/// columns of a matrix (a vector's own axis when row-wise on a 1-D tensor).
 pub(super) fn applies(job: &MergeJob, tensor: &Resolved) -> bool {
     job.compute != Compute::Float64
-        && (job.spherical.flatten || !job.spherical.row_wise || tensor.shape.len() < 2)
+        && (job.spherical.flatten || !job.spherical.row_wise || tensor.shape.len() <= 2)
+}
+
+impl Runs {
+    fn of(job: &MergeJob, tensor: &Resolved) -> Runs {
+        let n = tensor.numel;
+        match tensor.shape.as_slice() {
+            _ if job.spherical.flatten => Runs::Consecutive(n),
+            [] | [_] => Runs::Consecutive(n),
+            // One column is one contiguous run, which torch reduces as such.
+            [_, 1] if job.spherical.row_wise => Runs::Consecutive(n),
+            [_, cols] if job.spherical.row_wise => Runs::Columns(*cols),
+            [.., last] => Runs::Consecutive((*last).max(1)),
+        }
+    }
+
+    /// The run element `g` of the tensor belongs to.
+    fn index(self, g: usize) -> usize {
+        match self {
+            Runs::Consecutive(run) => g / run,
+            Runs::Columns(cols) => g % cols,
+        }
+    }
 }
 
 impl Nuslerp {
@@ -60,7 +93,7 @@ impl Nuslerp {
         let h = |v: f32| self.h(v);
         for (e, slot) in out.iter_mut().enumerate() {
             let [v0, v1] = self.vectors(base, inputs, e);
-            let run = self.runs[(first + e) / self.run];
+            let run = self.runs[self.layout.index(first + e)];
             let merged = if run.colinear {
                 h(h(self.one_minus_t * v0) + h(self.t * v1))
             } else {
@@ -96,41 +129,15 @@ pub(super) fn measure(
     let h = |v: f32| half.map_or(v, |h| h.round(v));
     let total = weights[0] + weights[1];
     let t = if total.abs() < 1e-6 { 0.5 } else { weights[1] / total };
-    let n = tensor.numel;
-    let run = if job.spherical.flatten || tensor.shape.len() < 2 {
-        n
-    } else {
-        tensor.shape.last().copied().unwrap_or(1).max(1)
+    let layout = Runs::of(job, tensor);
+    let mut state = Nuslerp { half, one_minus_t: (1.0 - t) as f32, t: t as f32, layout, runs: Vec::new() };
+    let cosines = match layout {
+        Runs::Consecutive(run) => consecutive_cosines(tensor, &state, run, progress)?,
+        Runs::Columns(cols) => column_cosines(tensor, &state, cols, progress)?,
     };
-    let count = n / run;
-    let mut state =
-        Nuslerp { half, one_minus_t: (1.0 - t) as f32, t: t as f32, run, runs: Vec::with_capacity(count) };
-    // 1. Each run's two norms (torch's last-dim 2-norm), clamped below at 1e-7 (as the dtype holds it).
-    let floor = h(1e-7);
-    let mut norms: Vec<[f32; 2]> = Vec::with_capacity(count);
-    let mut current = [LaneNorm::for_dtype(run, half), LaneNorm::for_dtype(run, half)];
-    sweep(tensor, &state, progress, |g, v| {
-        current.iter_mut().zip(v).for_each(|(norm, x)| norm.add([x]));
-        if (g + 1) % run == 0 {
-            norms.push(current.clone().map(|norm| h(norm.finish()).max(floor)));
-            current = [LaneNorm::for_dtype(run, half), LaneNorm::for_dtype(run, half)];
-        }
-    })?;
-    // 2. Each run's cosine: torch's sum of the unit vectors' products along the run (split over
-    //    torch's threads when the run is the whole reduction).
-    let threads = if count == 1 { torch_threads() } else { 1 };
-    let mut cosines: Vec<f32> = Vec::with_capacity(count);
-    let mut sum = TorchSum::new(run, threads);
-    sweep(tensor, &state, progress, |g, [v0, v1]| {
-        let [n0, n1] = norms[g / run];
-        sum.add([h(h(v0 / n0) * h(v1 / n1))]);
-        if (g + 1) % run == 0 {
-            cosines.push(h(sum.finish()).clamp(-1.0, 1.0));
-            sum = TorchSum::new(run, threads);
-        }
-    })?;
     // The factors, each step rounded to the dtype (the scalars are Python floats: float32).
     let tolerance = h(1e-16);
+    state.runs.reserve(cosines.len());
     for cos in cosines {
         let colinear = h(1.0 - h(cos * cos)) <= tolerance;
         let theta = h(if colinear { 0.0f32 } else { cos }.acos());
@@ -142,4 +149,63 @@ pub(super) fn measure(
         });
     }
     Ok(state)
+}
+
+/// The clamped norms floor: 1e-7 as the dtype holds it.
+fn norm_floor(state: &Nuslerp) -> f32 {
+    state.h(1e-7)
+}
+
+/// Each consecutive run's cosine: torch's last-dim 2-norms, then torch's sum of the unit vectors'
+/// products along the run (split over torch's threads when the run is the whole reduction).
+fn consecutive_cosines(
+    tensor: &Resolved,
+    state: &Nuslerp,
+    run: usize,
+    progress: &Progress,
+) -> Result<Vec<f32>> {
+    let (half, h) = (state.half, |v: f32| state.h(v));
+    let count = tensor.numel / run;
+    let floor = norm_floor(state);
+    let mut norms: Vec<[f32; 2]> = Vec::with_capacity(count);
+    let mut current = [LaneNorm::for_dtype(run, half), LaneNorm::for_dtype(run, half)];
+    sweep(tensor, state, progress, |g, v| {
+        current.iter_mut().zip(v).for_each(|(norm, x)| norm.add([x]));
+        if (g + 1) % run == 0 {
+            norms.push(current.clone().map(|norm| h(norm.finish()).max(floor)));
+            current = [LaneNorm::for_dtype(run, half), LaneNorm::for_dtype(run, half)];
+        }
+    })?;
+    let threads = if count == 1 { torch_threads() } else { 1 };
+    let mut cosines: Vec<f32> = Vec::with_capacity(count);
+    let mut sum = TorchSum::new(run, threads);
+    sweep(tensor, state, progress, |g, [v0, v1]| {
+        let [n0, n1] = norms[g / run];
+        sum.add([h(h(v0 / n0) * h(v1 / n1))]);
+        if (g + 1) % run == 0 {
+            cosines.push(h(sum.finish()).clamp(-1.0, 1.0));
+            sum = TorchSum::new(run, threads);
+        }
+    })?;
+    Ok(cosines)
+}
+
+/// Each column's cosine: torch's strided 2-norm (`NormTwoOps`: the squares added row after row in
+/// float32, serially whatever the thread count), then its outer sum of the unit vectors' products.
+fn column_cosines(tensor: &Resolved, state: &Nuslerp, cols: usize, progress: &Progress) -> Result<Vec<f32>> {
+    let h = |v: f32| state.h(v);
+    let floor = norm_floor(state);
+    let mut squares = vec![[0.0f32; 2]; cols];
+    sweep(tensor, state, progress, |g, v| {
+        let acc = &mut squares[g % cols];
+        acc.iter_mut().zip(v).for_each(|(a, x)| *a += x * x);
+    })?;
+    let norms: Vec<[f32; 2]> = squares.iter().map(|acc| acc.map(|a| h(a.sqrt()).max(floor))).collect();
+    let vector = if state.half.is_some() { 16 } else { 8 };
+    let mut sum = OuterSum::new(tensor.numel / cols, cols, vector);
+    sweep(tensor, state, progress, |g, [v0, v1]| {
+        let [n0, n1] = norms[g % cols];
+        sum.add(h(h(v0 / n0) * h(v1 / n1)));
+    })?;
+    Ok(sum.finish().into_iter().map(|s| h(s).clamp(-1.0, 1.0)).collect())
 }

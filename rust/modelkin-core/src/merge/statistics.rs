@@ -357,24 +357,29 @@ fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(
             f64::from(float32::chunked_dot(&sources, n, SLERP_CHUNK, (na, nb), progress)?)
         }
     };
-    Ok(slerp_factors(tensor.recipe.t, dot, job.compute.rounding()))
+    Ok(slerp_factors(tensor.recipe.t, dot, job.compute.float32_order()))
 }
 
 /// mergekit's slerp factors (s0 for the base, s1 for the other) from the cosine `dot`; lerp when
-/// nearly colinear. `round` rounds each step to the working precision, as mergekit does.
-fn slerp_factors(t: f64, dot: f64, round: fn(f64) -> f64) -> (f64, f64) {
+/// nearly colinear. With `float32` every step is a float32 operation (the angles the C library's
+/// float32 `acos`/`sin`), as mergekit computes them in float32; else exact in float64.
+fn slerp_factors(t: f64, dot: f64, float32: bool) -> (f64, f64) {
     const DOT_THRESHOLD: f64 = 0.9995;
-    let dot = round(dot.clamp(-1.0, 1.0));
-    let t = round(t);
-    if dot.abs() > DOT_THRESHOLD {
-        return (round(1.0 - t), t);
+    if !float32 {
+        let dot = dot.clamp(-1.0, 1.0);
+        if dot.abs() > DOT_THRESHOLD {
+            return (1.0 - t, t);
+        }
+        let theta = dot.acos();
+        return (((1.0 - t) * theta).sin() / theta.sin(), (t * theta).sin() / theta.sin());
     }
-    let theta = round(dot.acos());
-    let sin_theta = round(theta.sin());
-    (
-        round(round(round(round(1.0 - t) * theta).sin()) / sin_theta),
-        round(round(round(t * theta).sin()) / sin_theta),
-    )
+    let (dot, t) = ((dot as f32).clamp(-1.0, 1.0), t as f32);
+    if dot.abs() > DOT_THRESHOLD as f32 {
+        return ((1.0 - t).into(), t.into());
+    }
+    let theta = dot.acos();
+    let sin_theta = theta.sin();
+    (f64::from(((1.0 - t) * theta).sin() / sin_theta), f64::from((t * theta).sin() / sin_theta))
 }
 
 /// The vector element `e` belongs to in nuslerp without flattening: rows along the last axis, or
