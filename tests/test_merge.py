@@ -821,3 +821,19 @@ def test_a_different_vocabulary_size_is_refused(tmp_path, family_factory):
     with pytest.raises(modelkin.ShapeMismatchError, match=r"embed_tokens.weight' has shape \[68, 24\], the base"):
         merge(write_recipe(tmp_path, recipe), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_karcher_in_a_half_dtype_stays_near_the_exact_mean(tmp_path, fam, dtype):
+    """karcher with a half dtype iterates as mergekit does, rounding every step to the dtype (its
+    bits are checked against mergekit in test_mergekit_compat); it stays within a few of the
+    dtype's ulps of the exact Karcher mean."""
+    recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "dtype": dtype}
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    _, models = inputs(fam)
+    ulp = 2.0**-8 if dtype == "bfloat16" else 2.0**-11
+    for k in models[0]:
+        expected = karcher([m[k] for m in models])
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(out[k], expected, rtol=4 * ulp, atol=4 * ulp * scale, err_msg=k)

@@ -116,6 +116,25 @@ def test_same_tensors_as_mergekit(tmp_path, family, method):
 # acos and sin (MKL's vector math), an ulp away from the C library's on a few percent of arguments
 # (any half output hides that, see the test above; test_float32_angles_are_the_only_difference
 # shows the rest is exact).
+@pytest.mark.parametrize("max_iter", [1, 10])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_karcher_in_half_dtypes_gives_mergekits_bits(tmp_path, family, dtype, max_iter):
+    """karcher with the base among the means (0.1.5): every iteration's half-precision dots
+    (torch's own kernel), roundings and norms follow torch, so the output is identical. With
+    dtype float32 its dot is the BLAS library's (MKL), whose order is not reproduced."""
+    recipe = {
+        "models": [{"model": str(family[n])} for n in ("math-a", "code", "math-code")],
+        "merge_method": "karcher",
+        "base_model": str(family["base"]),
+        "parameters": {"max_iter": max_iter},
+        "dtype": dtype,
+    }
+    ours, theirs = run_both(tmp_path, recipe)
+    assert stored_dtypes(tmp_path / "ours") == stored_dtypes(tmp_path / "theirs")
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=f"karcher {dtype} {name}")
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 @pytest.mark.parametrize("method", [m for m in CASES if m != "breadcrumbs"])
 def test_every_dtype_gives_mergekits_bits(tmp_path, family, method, dtype):

@@ -188,14 +188,14 @@ def test_passthrough_scale(tmp_path, models):
         ("dare_ties", "c", {"density": 0.66}, False),
         ("nearswap", "a", {"t": 0.0001}, True),
         ("della", "c", {"density": 0.66, "epsilon": 0.05, "lambda": 0.5}, False),
-        ("karcher", "c", {"max_iter": 5, "tol": 1e-5}, False),
+        ("karcher", "c", {"max_iter": 5, "tol": 1e-5}, True),
         ("ram", "c", None, True),
         ("ramplus_tl", "c", {"r": 0.05, "alpha": 1.0}, True),
     ],
 )
 def test_two_model_merges(tmp_path, models, method, base, params, deterministic):
-    """karcher runs, but its float order is not mergekit's (torch.dot goes through the BLAS
-    library); dare and della are random."""
+    """The suite's two-model configs, in bfloat16 (karcher too: its half-precision dot is torch's
+    own kernel, reproduced); dare and della are random."""
     config = two_model_config(models["a"], models["b"], method, models[base] if base else None, params)
     out = run_and_check_merge(tmp_path, config, deterministic)
     assert set(read_safetensors(out)) == set(stored_dtypes(Path(models["a"])))

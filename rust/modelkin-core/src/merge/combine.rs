@@ -191,6 +191,9 @@ fn combine_block<const F32: bool>(
         (Method::Multislerp, _) if stats.multislerp.is_some() => {
             stats.multislerp.as_ref().expect("measured").block(base, inputs, merged)
         }
+        (Method::Karcher, _) if stats.karcher.is_some() => {
+            stats.karcher.as_ref().expect("measured").block(first, inputs, merged)
+        }
         (Method::Nuslerp | Method::Multislerp | Method::Karcher, _) => {
             let (base_coefficient, coefficients) = stats.combination.as_ref().expect("measured");
             for (e, out) in merged.iter_mut().enumerate() {

@@ -10,6 +10,7 @@ mod float32;
 mod fusion;
 mod half_ops;
 mod job;
+mod karcher;
 mod methods;
 mod model_stock;
 mod multislerp;
@@ -194,12 +195,10 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         // float32 slerp sweeps its runs twice: torch's norms, then the cosine over the normalised runs.
         (Statistics::Norms, _) if job.method == Method::Slerp && job.compute.float32_order() => 2,
         // nuslerp in a working dtype: norms, then cosines (see nuslerp.rs).
-        (Statistics::Norms, _)
-            if job.method == Method::Nuslerp
-                && job.compute.float32_order()
-                && (job.spherical.flatten || !job.spherical.row_wise) =>
-        {
-            2
+        (Statistics::Norms, _) if job.method == Method::Nuslerp && job.compute.float32_order() => 2,
+        // karcher in a half dtype: norms, the first mean, then three sweeps per iteration at most.
+        (Statistics::Norms, _) if job.method == Method::Karcher && karcher::applies(job) => {
+            2 + 3 * job.spherical.max_iter as u64
         }
         // multislerp in a working dtype: four sequential sweeps (see multislerp.rs).
         (Statistics::Norms, _) if job.method == Method::Multislerp && job.compute.float32_order() => 4,

@@ -69,6 +69,8 @@ pub(super) struct TensorStatistics {
     pub multislerp: Option<super::multislerp::Multislerp>,
     /// nuslerp in a working dtype (see [`super::nuslerp::applies`]): each run's factors.
     pub nuslerp: Option<super::nuslerp::Nuslerp>,
+    /// karcher in a half dtype (see [`super::karcher::applies`]): the merged tensor's mean direction.
+    pub karcher: Option<super::karcher::Karcher>,
 }
 
 /// The pruning mask of a rule that needs no values (all, none, a replayed-sort bitmask, random),
@@ -170,6 +172,7 @@ impl TensorStatistics {
             fusion: None,
             multislerp: None,
             nuslerp: None,
+            karcher: None,
         };
         let n = tensor.numel;
         if let Some(sparsification) = job.method.sparsification() {
@@ -297,6 +300,9 @@ impl TensorStatistics {
             }
             Method::Multislerp if job.compute != Compute::Float64 => {
                 stats.multislerp = Some(super::multislerp::measure(job, tensor, &stats.weights, progress)?)
+            }
+            Method::Karcher if super::karcher::applies(job) => {
+                stats.karcher = Some(super::karcher::measure(job, tensor, progress)?)
             }
             Method::Nuslerp | Method::Multislerp | Method::Karcher => {
                 let gram = gram(tensor, progress)?;
