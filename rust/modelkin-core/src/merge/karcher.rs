@@ -75,10 +75,9 @@ impl HalfDot {
     pub(super) fn finish(&self) -> f32 {
         let mut r = self.registers;
         for offset in [4, 2, 1] {
-            for i in 0..offset {
-                for l in 0..8 {
-                    r[i][l] += r[offset + i][l];
-                }
+            let (low, high) = r.split_at_mut(offset);
+            for (into, from) in low.iter_mut().zip(high.iter()) {
+                into.iter_mut().zip(from).for_each(|(a, b)| *a += b);
             }
         }
         let mut sum = reduce_lanes(&r[0]);
