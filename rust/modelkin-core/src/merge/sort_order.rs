@@ -237,6 +237,7 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
                 break;
             }
             left_block = left_end;
+            prefetch(v, left_block + PREFETCH_BLOCKS * BLOCK);
             // key(e) ≥ key(pivot) ⇔ e ≥ key(pivot)·2³² (the index sits in the low half).
             let at_least = u64::from(pivot_key) << 32;
             left_marks = marks(&v[left_block..left_block + BLOCK], |e| e >= at_least);
@@ -247,6 +248,9 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
                 break;
             }
             right_block = right_start;
+            if let Some(ahead) = right_block.checked_sub((PREFETCH_BLOCKS + 1) * BLOCK) {
+                prefetch(v, ahead);
+            }
             // Bit j marks position right_block − 1 − j, so lower bits are further right.
             let at_most = (u64::from(pivot_key) << 32) | u64::from(u32::MAX);
             right_marks = marks(&v[right_block - BLOCK..right_block], |e| e <= at_most).reverse_bits();
@@ -262,6 +266,27 @@ fn hoare_partition(v: &mut [u64], first: usize, last: usize, pivot: u64) -> usiz
         }
     }
     hoare_loop(v, lo, hi, pivot)
+}
+
+/// How many blocks ahead of each scan [`prefetch`] asks for: the right scan walks memory
+/// backwards, which the hardware prefetcher follows late (the profile showed a third of the
+/// partition's time stalled on its loads).
+const PREFETCH_BLOCKS: usize = 8;
+
+/// Asks the cache for the block of entries starting at `at` (nothing past the slice's end).
+#[inline(always)]
+fn prefetch(v: &[u64], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at + BLOCK <= v.len() {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // Eight entries per 64-byte line.
+        for line in (at..at + BLOCK).step_by(8) {
+            // SAFETY: `line` is within `v` (checked above); prefetching never faults anyway.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(v.as_ptr().add(line).cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (v, at);
 }
 
 /// Hoare's loop as libstdc++ writes it, from the state (lo, hi) where the scans resume.

@@ -168,9 +168,31 @@ pub(super) fn task_vector_rounded<R: Rounding>(
 ) {
     // The scratch is taken here, outside the multiversioned body: a closure inside it
     // would be compiled without its target features.
-    let mut scratch = Scratch::take::<f32>(inputs.len() + 4, merged.len());
-    task_vector_rounded_in::<R>(job, stats, inputs, z, masks, merged, &mut scratch);
+    let mut scratch = Scratch::take::<f32>(inputs.len() + 4, ROUNDED_CHUNK.min(merged.len()));
+    // Every step is elementwise, so the block goes through in chunks whose intermediates stay in
+    // the core's cache instead of a dozen passes over block-long buffers.
+    let mut views: Vec<&[f32]> = Vec::with_capacity(inputs.len());
+    let mut chunk_masks: Vec<Option<&[bool]>> = Vec::with_capacity(inputs.len());
+    for start in (0..merged.len()).step_by(ROUNDED_CHUNK) {
+        let end = (start + ROUNDED_CHUNK).min(merged.len());
+        views.clear();
+        views.extend(inputs.iter().map(|x| &x[start..end]));
+        chunk_masks.clear();
+        chunk_masks.extend(masks.iter().map(|m| m.as_ref().map(|m| &m[start..end])));
+        task_vector_rounded_in::<R>(
+            job,
+            stats,
+            &views,
+            &z[start..end],
+            &chunk_masks,
+            &mut merged[start..end],
+            &mut scratch,
+        );
+    }
 }
+
+/// Elements per chunk of [`task_vector_rounded`]: its seven f32 intermediates then take 112 KiB.
+const ROUNDED_CHUNK: usize = 4096;
 
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -179,7 +201,7 @@ fn task_vector_rounded_in<R: Rounding>(
     stats: &TensorStatistics,
     inputs: &[&[f32]],
     z: &[f32],
-    masks: &[Option<Vec<bool>>],
+    masks: &[Option<&[bool]>],
     merged: &mut [f64],
     scratch: &mut Scratch,
 ) {
@@ -206,7 +228,7 @@ fn task_vector_rounded_in<R: Rounding>(
             let d = if s == 1.0 { d } else { h(d * s) };
             h(d * w)
         };
-        match &masks[i] {
+        match masks[i] {
             None => c.iter_mut().zip(x.iter().zip(base)).for_each(|(c, (&x, &z))| *c = step(x, z, 1.0)),
             Some(mask) => c
                 .iter_mut()
