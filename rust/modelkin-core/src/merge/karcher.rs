@@ -12,8 +12,11 @@
 //! With `dtype: float32` mergekit's `torch.dot` goes through the BLAS library, whose order is not
 //! reproduced; that case and float64 keep the exact coefficients of `spherical.rs`.
 
+use multiversion::multiversion;
+use rayon::prelude::*;
+
 use super::float32::LaneNorm;
-use super::half_ops::Half;
+use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
 use super::source::sweep_in_order;
 use super::{MergeJob, Resolved};
 use crate::error::Result;
@@ -57,7 +60,13 @@ impl HalfDot {
         }
     }
 
+    /// Adds the next pairs of elements, in order (`xs[i]·ys[i]`).
+    pub(super) fn add_all(&mut self, xs: &[f32], ys: &[f32]) {
+        add_pairs(self, xs, ys);
+    }
+
     /// Adds the next pair of elements, in order.
+    #[inline(always)]
     pub(super) fn add(&mut self, x: f32, y: f32) {
         let p = self.seen;
         self.seen += 1;
@@ -87,6 +96,13 @@ impl HalfDot {
         }
         sum
     }
+}
+
+/// [`HalfDot::add`] over slices, compiled with FMA where the CPU has it (else `mul_add` is a
+/// library call per element).
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn add_pairs(dot: &mut HalfDot, xs: &[f32], ys: &[f32]) {
+    xs.iter().zip(ys).for_each(|(&x, &y)| dot.add(x, y));
 }
 
 /// What the merged tensor is.
@@ -134,10 +150,49 @@ struct Pull {
 /// Runs mergekit's `karcher_merge_tensors` over the tensor's inputs (uniform alphas).
 pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<Karcher> {
     let half = job.compute.half().expect("karcher::applies");
-    let h = |v: f32| half.round(v);
+    let output = match half {
+        Half::Bf16 => iterate::<Bf16Rounding>(job, tensor, progress)?,
+        Half::F16 => iterate::<F16Rounding>(job, tensor, progress)?,
+    };
+    Ok(Karcher { half, output })
+}
+
+/// Elements per parallel chunk of a block's elementwise steps.
+const CHUNK: usize = 4096;
+
+/// `out[e] = value(e)` for a block, in parallel: the elementwise steps are independent, only the
+/// reductions that follow need torch's order.
+fn fill(out: &mut [f32], value: impl Fn(usize) -> f32 + Sync) {
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+        chunk.iter_mut().enumerate().for_each(|(i, slot)| *slot = value(c * CHUNK + i));
+    });
+}
+
+/// Sweeps the tensor's blocks in order; for each, `values` fills a buffer of `width` values per
+/// element from the inputs and the block of `mean` (in parallel), then `reduce` takes the block
+/// of `mean` (to update it) and the buffer, in order.
+fn sweep_values(
+    tensor: &Resolved,
+    progress: &Progress,
+    width: usize,
+    mean: &mut [f32],
+    values: impl Fn(&[&[f64]], &[f32], &mut [f32]) + Sync,
+    mut reduce: impl FnMut(&mut [f32], &[f32]),
+) -> Result<()> {
+    let mut buffer = Vec::new();
+    sweep_in_order(tensor, progress, |first, _, inputs| {
+        let block = &mut mean[first..first + inputs[0].len()];
+        buffer.resize(width * block.len(), 0.0);
+        values(inputs, block, &mut buffer);
+        reduce(block, &buffer);
+    })
+}
+
+fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<Output> {
+    let h = R::round;
     let k = tensor.inputs.len();
     if k == 1 {
-        return Ok(Karcher { half, output: Output::Input });
+        return Ok(Output::Input);
     }
     let n = tensor.numel;
     let tol = job.spherical.tol;
@@ -152,7 +207,7 @@ pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
     let norms: Vec<f32> = norms.iter().map(LaneNorm::finish).collect();
     let valid: Vec<usize> = (0..k).filter(|&i| f64::from(norms[i]) > tol).collect();
     if valid.is_empty() {
-        return Ok(Karcher { half, output: Output::Zero });
+        return Ok(Output::Zero);
     }
     // Python floats: the valid alphas renormalised in float64, then float32 against a tensor.
     let alpha_sum: f64 = valid.iter().map(|_| alpha).sum();
@@ -161,37 +216,36 @@ pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
     // 2. The alpha-weighted sum of the unit vectors, normalised (or the first unit vector).
     let mut mean = vec![0.0f32; n];
     let mut mean_norm = LaneNorm::new(n);
-    sweep_in_order(tensor, progress, |first, _, inputs| {
-        for e in 0..inputs[0].len() {
-            let m = valid.iter().zip(&alphas).fold(0.0, |m, (&i, a)| h(m + h(unit(i, inputs[i][e]) * a)));
-            mean[first + e] = m;
-            mean_norm.add([m]);
-        }
+    let weighted = |inputs: &[&[f64]], _: &[f32], out: &mut [f32]| {
+        fill(out, |e| valid.iter().zip(&alphas).fold(0.0, |m, (&i, a)| h(m + h(unit(i, inputs[i][e]) * a))));
+    };
+    sweep_values(tensor, progress, 1, &mut mean, weighted, |block, values| {
+        block.copy_from_slice(values);
+        mean_norm.add(values.iter().copied());
     })?;
     let mean_norm = mean_norm.finish();
     if f64::from(mean_norm) < tol {
-        sweep_in_order(tensor, progress, |first, _, inputs| {
-            for e in 0..inputs[0].len() {
-                mean[first + e] = unit(valid[0], inputs[valid[0]][e]);
-            }
+        let first_unit = |inputs: &[&[f64]], _: &[f32], out: &mut [f32]| {
+            fill(out, |e| unit(valid[0], inputs[valid[0]][e]));
+        };
+        sweep_values(tensor, progress, 1, &mut mean, first_unit, |block, values| {
+            block.copy_from_slice(values)
         })?;
     } else {
-        mean.iter_mut().for_each(|m| *m = h(*m / mean_norm));
+        mean.par_iter_mut().for_each(|m| *m = h(*m / mean_norm));
     }
-    // The tangent at element e: Σ factor·(unit − dot·mean), accumulated in the half type.
-    let tangent = |pulls: &[Pull], inputs: &[&[f64]], e: usize, m: f32| {
-        pulls.iter().fold(0.0, |t, p| {
-            let u = unit(p.model, inputs[p.model][e]);
-            h(t + h(p.factor * h(u - h(p.dot * m))))
-        })
-    };
     for _ in 0..job.spherical.max_iter {
-        // a. Each unit vector's dot with the mean.
+        // a. Each unit vector's dot with the mean (units laid out model by model per block).
         let mut dots = vec![HalfDot::new(n); valid.len()];
-        sweep_in_order(tensor, progress, |first, _, inputs| {
-            for e in 0..inputs[0].len() {
-                let m = mean[first + e];
-                dots.iter_mut().zip(&valid).for_each(|(dot, &i)| dot.add(m, unit(i, inputs[i][e])));
+        let units = |inputs: &[&[f64]], _: &[f32], out: &mut [f32]| {
+            let len = inputs[0].len();
+            for (j, &i) in valid.iter().enumerate() {
+                fill(&mut out[j * len..(j + 1) * len], |e| unit(i, inputs[i][e]));
+            }
+        };
+        sweep_values(tensor, progress, valid.len(), &mut mean, units, |block, values| {
+            for (dot, units) in dots.iter_mut().zip(values.chunks_exact(block.len())) {
+                dot.add_all(block, units);
             }
         })?;
         let mut pulls = Vec::with_capacity(valid.len());
@@ -204,12 +258,19 @@ pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
             let factor = h(h(theta / h(theta.sin())) * a);
             pulls.push(Pull { model, dot, factor });
         }
+        // The tangent at element e: Σ factor·(unit − dot·mean), accumulated in the half type.
+        let tangent = |inputs: &[&[f64]], e: usize, m: f32| {
+            pulls
+                .iter()
+                .fold(0.0, |t, p| h(t + h(p.factor * h(unit(p.model, inputs[p.model][e]) - h(p.dot * m)))))
+        };
         // b. The tangent's float32 norm.
         let mut tangent_norm = LaneNorm::new(n);
-        sweep_in_order(tensor, progress, |first, _, inputs| {
-            for e in 0..inputs[0].len() {
-                tangent_norm.add([tangent(&pulls, inputs, e, mean[first + e])]);
-            }
+        let tangents = |inputs: &[&[f64]], block: &[f32], out: &mut [f32]| {
+            fill(out, |e| tangent(inputs, e, block[e]));
+        };
+        sweep_values(tensor, progress, 1, &mut mean, tangents, |_, values| {
+            tangent_norm.add(values.iter().copied())
         })?;
         let tangent_norm = tangent_norm.finish();
         if f64::from(tangent_norm) < tol {
@@ -218,22 +279,21 @@ pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
         // c. The step along the tangent, then the new mean's norm.
         let (cos, sin) = (h(tangent_norm.cos()), h(tangent_norm.sin()));
         let mut unit_norm = LaneNorm::new(n);
-        sweep_in_order(tensor, progress, |first, _, inputs| {
-            for e in 0..inputs[0].len() {
-                let m = &mut mean[first + e];
-                let t = tangent(&pulls, inputs, e, *m);
-                *m = h(h(cos * *m) + h(sin * h(t / tangent_norm)));
-                unit_norm.add([*m]);
-            }
+        let steps = |inputs: &[&[f64]], block: &[f32], out: &mut [f32]| {
+            fill(out, |e| h(h(cos * block[e]) + h(sin * h(tangent(inputs, e, block[e]) / tangent_norm))));
+        };
+        sweep_values(tensor, progress, 1, &mut mean, steps, |block, values| {
+            block.copy_from_slice(values);
+            unit_norm.add(values.iter().copied());
         })?;
         let unit_norm = unit_norm.finish();
         if f64::from(unit_norm) > tol {
-            mean.iter_mut().for_each(|m| *m = h(*m / unit_norm));
+            mean.par_iter_mut().for_each(|m| *m = h(*m / unit_norm));
         }
     }
     // Σ alpha·norm over every input, a float32 tensor, rounded to the half type by the product.
     let scale = norms.iter().fold(0.0f32, |s, norm| s + alpha as f32 * norm);
-    Ok(Karcher { half, output: Output::Mean { scale: h(scale), mean } })
+    Ok(Output::Mean { scale: h(scale), mean })
 }
 
 #[cfg(test)]
@@ -259,7 +319,8 @@ mod tests {
             })
             .collect();
         let mut dot = HalfDot::new(x.len());
-        x.iter().for_each(|&v| dot.add(v, 1.0));
+        dot.add_all(&x[..40], &[1.0; 40]);
+        x[40..].iter().for_each(|&v| dot.add(v, 1.0));
         assert_eq!(dot.finish(), 67.0);
     }
 }
