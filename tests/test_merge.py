@@ -837,3 +837,43 @@ def test_karcher_in_a_half_dtype_stays_near_the_exact_mean(tmp_path, fam, dtype)
         expected = karcher([m[k] for m in models])
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(out[k], expected, rtol=4 * ulp, atol=4 * ulp * scale, err_msg=k)
+
+
+def test_mkl_library_follows_the_environment(monkeypatch, tmp_path):
+    """MODELKIN_MKL names MKL's library (empty: none); unset, the `mkl` package's, if installed."""
+    from modelkin import mkl
+
+    monkeypatch.setenv("MODELKIN_MKL", "")
+    assert mkl.mkl_library() is None
+    monkeypatch.setenv("MODELKIN_MKL", str(tmp_path / "libmkl_rt.so.2"))
+    assert mkl.mkl_library() == str(tmp_path / "libmkl_rt.so.2")
+
+
+def test_a_missing_mkl_library_is_refused_by_name(tmp_path, fam, monkeypatch):
+    """A float32 merge with MODELKIN_MKL naming no library fails naming it, before writing."""
+    missing = tmp_path / "nowhere" / "libmkl_rt.so.2"
+    monkeypatch.setenv("MODELKIN_MKL", str(missing))
+    recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "dtype": "float32"}
+    with pytest.raises(Exception, match=r"nowhere/libmkl_rt\.so\.2"):
+        merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mkl", [False, True])
+def test_karcher_in_float32_stays_near_the_exact_mean(tmp_path, fam, monkeypatch, mkl):
+    """karcher in float32: with MKL, mergekit's steps in float32 (MKL's dots and angles); without
+    it, the exact coefficients. Both are within float32 rounding of the float64 reference."""
+    from modelkin.mkl import mkl_library
+
+    if mkl and mkl_library() is None:
+        pytest.skip("MKL is not installed here (pip install 'modelkin[mkl]')")
+    if not mkl:
+        monkeypatch.setenv("MODELKIN_MKL", "")
+    recipe = {"models": [{"model": str(m)} for m in fam.models], "merge_method": "karcher", "dtype": "float32"}
+    merge(write_recipe(tmp_path, recipe), tmp_path / "out")
+    out = read_safetensors(tmp_path / "out")
+    _, models = inputs(fam)
+    for k in models[0]:
+        expected = karcher([m[k] for m in models])
+        scale = float(np.abs(expected).max())
+        np.testing.assert_allclose(out[k], expected, rtol=1e-4, atol=1e-4 * scale, err_msg=k)

@@ -18,6 +18,7 @@ from peer import peer_python
 from merge_reference import read_safetensors, stored_dtypes
 from modelkin.example import write_example_family
 from modelkin.merging import merge
+from modelkin.mkl import mkl_library
 
 MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
 pytestmark = pytest.mark.skipif(
@@ -140,8 +141,8 @@ def test_karcher_in_half_dtypes_gives_mergekits_bits(tmp_path, family, dtype, ma
 def test_every_dtype_gives_mergekits_bits(tmp_path, family, method, dtype):
     """dtype as the recipe says and no out_dtype: mergekit loads the inputs in dtype and rounds after
     each torch operation; modelkin follows that order, so every element is identical."""
-    if method == "slerp" and dtype == "float32":
-        pytest.skip("torch's float32 acos/sin are MKL's, not reproduced (factors 1 ulp apart)")
+    if method == "slerp" and dtype == "float32" and mkl_library() is None:
+        pytest.skip("torch's float32 acos/sin are MKL's; MKL is not installed here (factors 1 ulp apart)")
     recipe = case_recipe(family, method, {"dtype": dtype})
     ours, theirs = run_both(tmp_path, recipe)
     assert stored_dtypes(tmp_path / "ours") == stored_dtypes(tmp_path / "theirs")
@@ -156,17 +157,11 @@ SPHERICAL_FLOAT32 = {
     "nuslerp-rows": {"nuslerp_flatten": False},
     "nuslerp-columns": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
 }
+# karcher's float32 dot is BLAS (MKL's sdot), which only MKL reproduces.
+WITH_MKL_FLOAT32 = [*SPHERICAL_FLOAT32, "karcher"]
 
 
-@pytest.mark.parametrize("case", list(SPHERICAL_FLOAT32))
-def test_float32_angles_are_the_only_difference(tmp_path, family, case):
-    """With dtype float32 mergekit takes its angles from torch's float32 acos/sin/cos, which in
-    torch's MKL builds come from MKL's vector math (an ulp from the C library's on a few percent of
-    arguments; its algorithm is unpublished). With mergekit's trig swapped for the C library's
-    (modelkin's), every spherical method is bit for bit: norms, sums and roundings all follow torch."""
-    python = peer_python(MERGEKIT)
-    if python is None:
-        pytest.skip("mergekit's venv Python is needed to run it with the C library's trig")
+def spherical_float32_recipe(family, case: str) -> dict:
     method = case.split("-")[0]
     if method == "nuslerp":
         recipe = {
@@ -178,8 +173,30 @@ def test_float32_angles_are_the_only_difference(tmp_path, family, case):
             "parameters": SPHERICAL_FLOAT32[case],
             "dtype": "float32",
         }
+    elif method == "karcher":
+        recipe = {
+            "models": [{"model": str(family[n])} for n in ("math-a", "code", "math-code")],
+            "merge_method": "karcher",
+            "base_model": str(family["base"]),
+            "dtype": "float32",
+        }
     else:
         recipe = case_recipe(family, method, {"dtype": "float32"})
+    return recipe
+
+
+@pytest.mark.parametrize("case", list(SPHERICAL_FLOAT32))
+def test_float32_angles_are_the_only_difference(tmp_path, family, case, monkeypatch):
+    """With dtype float32 mergekit takes its angles from torch's float32 acos/sin/cos, which in
+    torch's MKL builds come from MKL's vector math (an ulp from the C library's on a few percent of
+    arguments; its algorithm is unpublished). Without MKL modelkin uses the C library's; with
+    mergekit's trig swapped for those too, every spherical method is bit for bit: norms, sums and
+    roundings all follow torch."""
+    python = peer_python(MERGEKIT)
+    if python is None:
+        pytest.skip("mergekit's venv Python is needed to run it with the C library's trig")
+    monkeypatch.setenv("MODELKIN_MKL", "")
+    recipe = spherical_float32_recipe(family, case)
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(recipe))
     merge(path, tmp_path / "ours")
@@ -191,6 +208,20 @@ def test_float32_angles_are_the_only_difference(tmp_path, family, case):
         timeout=600,
     )
     ours, theirs = read_safetensors(tmp_path / "ours"), read_safetensors(tmp_path / "theirs")
+    assert set(ours) == set(theirs)
+    for name, value in theirs.items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=f"{case} {name}")
+
+
+@pytest.mark.parametrize("case", WITH_MKL_FLOAT32)
+def test_float32_spherical_methods_with_mkl_give_mergekits_bits(tmp_path, family, case):
+    """With MKL installed (the `mkl` extra, the version torch bundles) modelkin takes float32 angles
+    from MKL's vector math and karcher's dots from MKL's sdot on torch's threads, as torch does:
+    slerp, multislerp, nuslerp (every layout) and karcher in dtype float32 are then bit for bit."""
+    if mkl_library() is None:
+        pytest.skip("MKL is not installed here (pip install 'modelkin[mkl]')")
+    recipe = spherical_float32_recipe(family, case)
+    ours, theirs = run_both(tmp_path, recipe)
     assert set(ours) == set(theirs)
     for name, value in theirs.items():
         np.testing.assert_array_equal(ours[name], value, err_msg=f"{case} {name}")

@@ -71,6 +71,7 @@ MergeJob = TypedDict(
         "filter_wise": NotRequired[bool],
         "spherical": NotRequired[SphericalOptions],
         "sort_order_bytes": NotRequired[int],
+        "mkl": NotRequired[str],
         "out_dir": str | None,
         "max_shard_bytes": int,
         "threads": int,

@@ -18,6 +18,7 @@ from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .dtypes import TORCH_NAMES, compute_name
 from .errors import ModelReferenceError
 from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
+from .mkl import mkl_library
 from .output import model_dir, read_json
 from .parameters import gradient_position, layer_of, lookup
 from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
@@ -148,6 +149,10 @@ class MergePlan:
         }
         if SORT_ORDER_BYTES is not None:
             job["sort_order_bytes"] = SORT_ORDER_BYTES
+        # float32 angles as torch's MKL builds compute them, where MKL is installed (see mkl.py).
+        library = mkl_library() if self.compute != "float64" else None
+        if library is not None:
+            job["mkl"] = library
         return job
 
 

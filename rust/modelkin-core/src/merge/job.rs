@@ -187,6 +187,13 @@ pub struct MergeJob {
     pub max_shard_bytes: u64,
     /// Worker threads; 0 uses every core.
     pub threads: usize,
+    /// MKL's runtime library (`libmkl_rt`): float32 angles then come from its vector math, as in
+    /// torch's MKL builds; none takes them from the C library.
+    #[serde(default)]
+    pub mkl: Option<PathBuf>,
+    /// The float32 angles' source, loaded from `mkl` when the merge starts.
+    #[serde(skip)]
+    pub(crate) trig: super::trig::Trig,
     /// The output tensors, in writing order.
     pub tensors: Vec<TensorRecipe>,
 }

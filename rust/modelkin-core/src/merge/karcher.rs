@@ -9,22 +9,26 @@
 //! as float32; the dots are torch's reduced-precision `dot` ([`HalfDot`]); a float32 scalar times a
 //! half tensor is first rounded to the half type, as torch casts a CPU scalar that comes first.
 //!
-//! With `dtype: float32` mergekit's `torch.dot` goes through the BLAS library, whose order is not
-//! reproduced; that case and float64 keep the exact coefficients of `spherical.rs`.
+//! With `dtype: float32` mergekit's `torch.dot` goes through the BLAS library (MKL's `sdot` in
+//! torch's wheels), whose order is not published: where MKL is loaded ([`Trig::dot`]) the unit
+//! vectors are held too and MKL takes the dots, as in torch; otherwise float32, like float64,
+//! keeps the exact coefficients of `spherical.rs`.
 
 use multiversion::multiversion;
 use rayon::prelude::*;
 
 use super::float32::LaneNorm;
-use super::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
+use super::half_ops::{Bf16Rounding, F16Rounding, Half, NoRounding, Rounding};
 use super::source::sweep_in_order;
-use super::{MergeJob, Resolved};
+use super::trig::Trig;
+use super::{Compute, MergeJob, Resolved};
 use crate::error::Result;
 use crate::progress::Progress;
 
-/// Whether this module takes the merge: karcher in a half working dtype.
+/// Whether this module takes the merge: karcher in a half working dtype, or in float32 with
+/// MKL's `sdot` at hand.
 pub(super) fn applies(job: &MergeJob) -> bool {
-    job.compute.half().is_some()
+    job.compute.half().is_some() || (job.compute == Compute::Float32 && job.trig.has_dot())
 }
 
 /// torch's dot product of two contiguous half vectors on the CPU (`dot_with_fp32_arith`): whole
@@ -119,7 +123,8 @@ enum Output {
 /// The merged tensor of one karcher merge.
 #[derive(Debug)]
 pub(super) struct Karcher {
-    half: Half,
+    /// The working dtype's half type (float32 when none).
+    half: Option<Half>,
     output: Output,
 }
 
@@ -131,7 +136,7 @@ impl Karcher {
             Output::Zero => out.fill(0.0),
             Output::Mean { scale, mean } => {
                 for (slot, m) in out.iter_mut().zip(&mean[first..]) {
-                    *slot = f64::from(self.half.round(scale * m));
+                    *slot = f64::from(self.half.map_or(scale * m, |h| h.round(scale * m)));
                 }
             }
         }
@@ -149,10 +154,11 @@ struct Pull {
 
 /// Runs mergekit's `karcher_merge_tensors` over the tensor's inputs (uniform alphas).
 pub(super) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<Karcher> {
-    let half = job.compute.half().expect("karcher::applies");
+    let half = job.compute.half();
     let output = match half {
-        Half::Bf16 => iterate::<Bf16Rounding>(job, tensor, progress)?,
-        Half::F16 => iterate::<F16Rounding>(job, tensor, progress)?,
+        Some(Half::Bf16) => iterate::<Bf16Rounding>(job, tensor, progress)?,
+        Some(Half::F16) => iterate::<F16Rounding>(job, tensor, progress)?,
+        None => iterate::<NoRounding>(job, tensor, progress)?,
     };
     Ok(Karcher { half, output })
 }
@@ -213,6 +219,19 @@ fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) 
     let alpha_sum: f64 = valid.iter().map(|_| alpha).sum();
     let alphas: Vec<f32> = valid.iter().map(|_| (alpha / alpha_sum) as f32).collect();
     let unit = |i: usize, x: f64| h(x as f32 / norms[i]);
+    // float32: the angles are torch's float32 ones, and MKL takes the dots over the held units.
+    let float32 = job.compute.half().is_none();
+    let angles = if float32 { job.trig.clone() } else { Trig::Libm };
+    let mut held: Vec<Vec<f32>> = Vec::new();
+    if float32 {
+        held = valid.iter().map(|_| vec![0.0f32; n]).collect();
+        sweep_in_order(tensor, progress, |first, _, inputs| {
+            for (units, &i) in held.iter_mut().zip(&valid) {
+                let block = &mut units[first..first + inputs[0].len()];
+                block.iter_mut().zip(inputs[i]).for_each(|(u, &x)| *u = unit(i, x));
+            }
+        })?;
+    }
     // 2. The alpha-weighted sum of the unit vectors, normalised (or the first unit vector).
     let mut mean = vec![0.0f32; n];
     let mut mean_norm = LaneNorm::new(n);
@@ -236,26 +255,31 @@ fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) 
     }
     for _ in 0..job.spherical.max_iter {
         // a. Each unit vector's dot with the mean (units laid out model by model per block).
-        let mut dots = vec![HalfDot::new(n); valid.len()];
-        let units = |inputs: &[&[f64]], _: &[f32], out: &mut [f32]| {
-            let len = inputs[0].len();
-            for (j, &i) in valid.iter().enumerate() {
-                fill(&mut out[j * len..(j + 1) * len], |e| unit(i, inputs[i][e]));
-            }
+        let dots: Vec<f32> = if float32 {
+            held.iter().map(|units| angles.dot(&mean, units).expect("karcher::applies")).collect()
+        } else {
+            let mut dots = vec![HalfDot::new(n); valid.len()];
+            let units = |inputs: &[&[f64]], _: &[f32], out: &mut [f32]| {
+                let len = inputs[0].len();
+                for (j, &i) in valid.iter().enumerate() {
+                    fill(&mut out[j * len..(j + 1) * len], |e| unit(i, inputs[i][e]));
+                }
+            };
+            sweep_values(tensor, progress, valid.len(), &mut mean, units, |block, values| {
+                for (dot, units) in dots.iter_mut().zip(values.chunks_exact(block.len())) {
+                    dot.add_all(block, units);
+                }
+            })?;
+            dots.iter().map(HalfDot::finish).collect()
         };
-        sweep_values(tensor, progress, valid.len(), &mut mean, units, |block, values| {
-            for (dot, units) in dots.iter_mut().zip(values.chunks_exact(block.len())) {
-                dot.add_all(block, units);
-            }
-        })?;
         let mut pulls = Vec::with_capacity(valid.len());
         for ((dot, &model), a) in dots.iter().zip(&valid).zip(&alphas) {
-            let dot = h(dot.finish()).clamp(-1.0, 1.0);
-            let theta = h(dot.acos());
+            let dot = h(*dot).clamp(-1.0, 1.0);
+            let theta = h(angles.acos(dot));
             if f64::from(theta) < tol {
                 continue;
             }
-            let factor = h(h(theta / h(theta.sin())) * a);
+            let factor = h(h(theta / h(angles.sin(theta))) * a);
             pulls.push(Pull { model, dot, factor });
         }
         // The tangent at element e: Σ factor·(unit − dot·mean), accumulated in the half type.
@@ -277,7 +301,8 @@ fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) 
             break;
         }
         // c. The step along the tangent, then the new mean's norm.
-        let (cos, sin) = (h(tangent_norm.cos()), h(tangent_norm.sin()));
+        // The tangent's norm is a float32 tensor: its cosine and sine are torch's float32 ones.
+        let (cos, sin) = (h(job.trig.cos(tangent_norm)), h(job.trig.sin(tangent_norm)));
         let mut unit_norm = LaneNorm::new(n);
         let steps = |inputs: &[&[f64]], block: &[f32], out: &mut [f32]| {
             fill(out, |e| h(h(cos * block[e]) + h(sin * h(tangent(inputs, e, block[e]) / tangent_norm))));

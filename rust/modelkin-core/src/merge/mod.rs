@@ -28,6 +28,7 @@ mod statistics;
 mod table;
 mod task_vectors;
 mod topk;
+mod trig;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -102,6 +103,15 @@ pub fn run_merge_opened(job: &MergeJob, opened: &[Arc<Model>], progress: &Progre
             None => Model::open(path).map(Arc::new),
         })
         .collect::<Result<Vec<_>>>()?;
+    // The float32 angles' library, loaded (once per process) before any tensor needs it.
+    let with_trig;
+    let job = match &job.mkl {
+        Some(path) => {
+            with_trig = MergeJob { trig: trig::Trig::load(Some(path))?, ..job.clone() };
+            &with_trig
+        }
+        None => job,
+    };
     let report = with_threads(job.threads, || merge_models(job, &models, progress));
     models.iter().for_each(|m| m.release_pending());
     report

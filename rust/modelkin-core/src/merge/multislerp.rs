@@ -11,6 +11,7 @@
 use super::float32::{row_sum, LaneNorm, TorchSum};
 use super::half_ops::Half;
 use super::source::sweep_in_order;
+use super::trig::Trig;
 use super::{Compute, MergeJob, Resolved};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -169,7 +170,9 @@ pub(super) fn measure(
         }
     })?;
     let theta = h(h(tangent_norm.finish()) + eps);
-    state.exp_map = (h(theta.cos()), h(h(theta.sin()) / theta));
+    // float32 angles are MKL's where torch was built with it (`job.trig`); a half dtype's its own.
+    let trig = if half.is_none() { job.trig.clone() } else { Trig::Libm };
+    state.exp_map = (h(trig.cos(theta)), h(h(trig.sin(theta)) / theta));
     state.average_norm = h(row_sum(norms.iter().zip(&state.weights).map(|(norm, w)| h(norm * w))));
     Ok(state)
 }

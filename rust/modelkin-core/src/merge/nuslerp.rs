@@ -14,6 +14,7 @@ use super::float32::{torch_threads, LaneNorm, TorchSum};
 use super::half_ops::Half;
 use super::outer_sum::OuterSum;
 use super::source::sweep_in_order;
+use super::trig::Trig;
 use super::{Compute, MergeJob, Resolved};
 use crate::error::Result;
 use crate::progress::Progress;
@@ -135,16 +136,18 @@ pub(super) fn measure(
         Runs::Consecutive(run) => consecutive_cosines(tensor, &state, run, progress)?,
         Runs::Columns(cols) => column_cosines(tensor, &state, cols, progress)?,
     };
-    // The factors, each step rounded to the dtype (the scalars are Python floats: float32).
+    // The factors, each step rounded to the dtype (the scalars are Python floats: float32). torch
+    // takes float32 angles from MKL where it was built with it (`job.trig`); a half dtype's own.
+    let trig = if half.is_none() { job.trig.clone() } else { Trig::Libm };
     let tolerance = h(1e-16);
     state.runs.reserve(cosines.len());
     for cos in cosines {
         let colinear = h(1.0 - h(cos * cos)) <= tolerance;
-        let theta = h(if colinear { 0.0f32 } else { cos }.acos());
+        let theta = h(trig.acos(if colinear { 0.0f32 } else { cos }));
         state.runs.push(Run {
-            s0: h(h(state.one_minus_t * theta).sin()),
-            s1: h(h(state.t * theta).sin()),
-            sin_theta: h(theta.sin()),
+            s0: h(trig.sin(h(state.one_minus_t * theta))),
+            s1: h(trig.sin(h(state.t * theta))),
+            sin_theta: h(trig.sin(theta)),
             colinear,
         });
     }

@@ -363,29 +363,29 @@ fn slerp_mix(job: &MergeJob, tensor: &Resolved, progress: &Progress) -> Result<(
             f64::from(float32::chunked_dot(&sources, n, SLERP_CHUNK, (na, nb), progress)?)
         }
     };
-    Ok(slerp_factors(tensor.recipe.t, dot, job.compute.float32_order()))
+    Ok(slerp_factors(tensor.recipe.t, dot, job.compute.float32_order().then_some(&job.trig)))
 }
 
 /// mergekit's slerp factors (s0 for the base, s1 for the other) from the cosine `dot`; lerp when
-/// nearly colinear. With `float32` every step is a float32 operation (the angles the C library's
-/// float32 `acos`/`sin`), as mergekit computes them in float32; else exact in float64.
-fn slerp_factors(t: f64, dot: f64, float32: bool) -> (f64, f64) {
+/// nearly colinear. With `float32` angles every step is a float32 operation, as mergekit computes
+/// them in float32; else exact in float64.
+fn slerp_factors(t: f64, dot: f64, float32: Option<&super::trig::Trig>) -> (f64, f64) {
     const DOT_THRESHOLD: f64 = 0.9995;
-    if !float32 {
+    let Some(trig) = float32 else {
         let dot = dot.clamp(-1.0, 1.0);
         if dot.abs() > DOT_THRESHOLD {
             return (1.0 - t, t);
         }
         let theta = dot.acos();
         return (((1.0 - t) * theta).sin() / theta.sin(), (t * theta).sin() / theta.sin());
-    }
+    };
     let (dot, t) = ((dot as f32).clamp(-1.0, 1.0), t as f32);
     if dot.abs() > DOT_THRESHOLD as f32 {
         return ((1.0 - t).into(), t.into());
     }
-    let theta = dot.acos();
-    let sin_theta = theta.sin();
-    (f64::from(((1.0 - t) * theta).sin() / sin_theta), f64::from((t * theta).sin() / sin_theta))
+    let theta = trig.acos(dot);
+    let sin_theta = trig.sin(theta);
+    (f64::from(trig.sin((1.0 - t) * theta) / sin_theta), f64::from(trig.sin(t * theta) / sin_theta))
 }
 
 /// The vector element `e` belongs to in nuslerp without flattening: rows along the last axis, or
