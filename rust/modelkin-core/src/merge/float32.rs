@@ -152,12 +152,10 @@ impl InnerSum {
     fn new(len: usize) -> Self {
         let vectors = len / LANES;
         let rows = vectors / 4;
-        // utils::CeilLog2 (1 for sizes up to 2) over four levels, at least 16 rows per level.
-        let ceil_log2 = if rows <= 2 { 1 } else { usize::BITS - (rows - 1).leading_zeros() };
         InnerSum {
             rows,
             vectors,
-            level_power: (ceil_log2 / 4).max(4),
+            level_power: super::outer_sum::level_power(rows),
             levels: [[[0.0; LANES]; 4]; 4],
             folded: None,
             seen: 0,

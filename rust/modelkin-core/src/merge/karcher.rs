@@ -3,9 +3,9 @@
 //! mergekit's bits.
 //!
 //! Each iteration's mean direction is defined element by element from the previous one through
-//! rounded steps, so it is held (one f32 per element of the tensor being merged, freed with it).
-//! Each iteration sweeps the inputs twice (the dots with every unit vector, then the tangent's
-//! norm) and updates the mean in a third sweep. The norms are torch's float32 2-norms of the tensor
+//! rounded steps, so it is held (one f32 per element of the tensor being merged, freed with it),
+//! and so is the tangent. Each iteration sweeps the inputs twice (the dots with every unit vector,
+//! then the tangent and its norm) and steps the mean in memory. The norms are torch's float32 2-norms of the tensor
 //! as float32; the dots are torch's reduced-precision `dot` ([`HalfDot`]); a float32 scalar times a
 //! half tensor is first rounded to the half type, as torch casts a CPU scalar that comes first.
 //!
@@ -253,6 +253,7 @@ fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) 
     } else {
         mean.par_iter_mut().for_each(|m| *m = h(*m / mean_norm));
     }
+    let mut tangent_buffer: Vec<f32> = Vec::with_capacity(n);
     for _ in 0..job.spherical.max_iter {
         // a. Each unit vector's dot with the mean (units laid out model by model per block).
         let dots: Vec<f32> = if float32 {
@@ -288,29 +289,32 @@ fn iterate<R: Rounding>(job: &MergeJob, tensor: &Resolved, progress: &Progress) 
                 .iter()
                 .fold(0.0, |t, p| h(t + h(p.factor * h(unit(p.model, inputs[p.model][e]) - h(p.dot * m)))))
         };
-        // b. The tangent's float32 norm.
+        // b. The tangent (held: the step needs it whole once its norm is known) and its f32 norm.
         let mut tangent_norm = LaneNorm::new(n);
         let tangents = |inputs: &[&[f64]], block: &[f32], out: &mut [f32]| {
             fill(out, |e| tangent(inputs, e, block[e]));
         };
+        let mut held_tangent = std::mem::take(&mut tangent_buffer);
+        held_tangent.clear();
         sweep_values(tensor, progress, 1, &mut mean, tangents, |_, values| {
+            held_tangent.extend_from_slice(values);
             tangent_norm.add(values.iter().copied())
         })?;
+        tangent_buffer = held_tangent;
         let tangent_norm = tangent_norm.finish();
         if f64::from(tangent_norm) < tol {
             break;
         }
-        // c. The step along the tangent, then the new mean's norm.
+        // c. The step along the tangent, in memory, then the new mean's norm (in order).
         // The tangent's norm is a float32 tensor: its cosine and sine are torch's float32 ones.
         let (cos, sin) = (h(job.trig.cos(tangent_norm)), h(job.trig.sin(tangent_norm)));
+        mean.par_chunks_mut(CHUNK).zip(tangent_buffer.par_chunks(CHUNK)).for_each(|(means, tangents)| {
+            for (m, &t) in means.iter_mut().zip(tangents) {
+                *m = h(h(cos * *m) + h(sin * h(t / tangent_norm)));
+            }
+        });
         let mut unit_norm = LaneNorm::new(n);
-        let steps = |inputs: &[&[f64]], block: &[f32], out: &mut [f32]| {
-            fill(out, |e| h(h(cos * block[e]) + h(sin * h(tangent(inputs, e, block[e]) / tangent_norm))));
-        };
-        sweep_values(tensor, progress, 1, &mut mean, steps, |block, values| {
-            block.copy_from_slice(values);
-            unit_norm.add(values.iter().copied());
-        })?;
+        unit_norm.add(mean.iter().copied());
         let unit_norm = unit_norm.finish();
         if f64::from(unit_norm) > tol {
             mean.par_iter_mut().for_each(|m| *m = h(*m / unit_norm));

@@ -206,9 +206,9 @@ fn statistics_passes(job: &MergeJob) -> u64 {
         (Statistics::Norms, _) if job.method == Method::Slerp && job.compute.float32_order() => 2,
         // nuslerp in a working dtype: norms, then cosines (see nuslerp.rs).
         (Statistics::Norms, _) if job.method == Method::Nuslerp && job.compute.float32_order() => 2,
-        // karcher in a half dtype: norms, the first mean, then three sweeps per iteration at most.
+        // karcher in a half dtype: norms, the first mean, then two sweeps per iteration at most.
         (Statistics::Norms, _) if job.method == Method::Karcher && karcher::applies(job) => {
-            2 + 3 * job.spherical.max_iter as u64
+            2 + 2 * job.spherical.max_iter as u64
         }
         // multislerp in a working dtype: four sequential sweeps (see multislerp.rs).
         (Statistics::Norms, _) if job.method == Method::Multislerp && job.compute.float32_order() => 4,
