@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 from modelkin.example import llama_shapes as llama_layout  # noqa: E402
-from modelkin.safetensors_io import bf16_bits  # noqa: E402
+from modelkin.io.safetensors import bf16_bits  # noqa: E402
 
 
 def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:

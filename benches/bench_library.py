@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 
 import modelkin  # noqa: E402
-import modelkin.merging  # noqa: E402
 from modelkin import example  # noqa: E402
+from modelkin.merge import merging  # noqa: E402
 
 # math-b adds tokens (another vocabulary size), which a linear merge refuses.
 MODELS = ("math-a", "code", "math-code")
@@ -50,14 +50,14 @@ def main() -> None:
         family = Path(tmp) / "family"
         example.write_example_family(family)
         tensor_seconds: list[float] = []
-        original = modelkin.merging.run_merge
+        original = merging.run_merge
 
         def timed(job, **kwargs):  # type: ignore[no-untyped-def]
             outcome = original(job, **kwargs)
             tensor_seconds.append(outcome.tensor_seconds)
             return outcome
 
-        modelkin.merging.run_merge = timed  # type: ignore[assignment]
+        merging.run_merge = timed  # type: ignore[assignment]
         recipe = {
             "models": [{"model": str(family / m), "parameters": {"weight": 1.0}} for m in MODELS],
             "merge_method": "linear",

@@ -142,7 +142,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", help="the TIES recipe's dtype (bfloat16, float32)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=args.data if args.data.exists() else None))
-    ours_cmd = [sys.executable, "-c", "import sys, modelkin.merging as m; m.merge(sys.argv[1], sys.argv[2])"]
+    ours_cmd = [sys.executable, "-c", "import sys, modelkin; modelkin.merge(sys.argv[1], sys.argv[2])"]
 
     print(f"# TIES of 3 fine-tunes, ~{args.params:.3g} parameters per model, bf16, dtype {args.dtype}", flush=True)
     base, models = model_dirs(args.data / f"merge-{int(args.params)}", args.params)

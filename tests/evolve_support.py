@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from modelkin.safetensors_io import load_model, save_model
+from modelkin.io.safetensors import load_model, save_model
 
 HERE = Path(__file__).resolve().parent
 EVAL_SCRIPT = HERE / "fake_evaluator.py"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import modelkin
-from modelkin.safetensors_io import save_model, stored_values
+from modelkin.io.safetensors import save_model, stored_values
 from modelkin.testing import VOCAB
 from reference import deltas, full, split
 
@@ -65,7 +65,7 @@ def test_mixed_dtypes_between_base_and_fine_tunes(family_factory):
 
 def test_large_mean_delta_keeps_pcc_exact(tmp_path):
     # A delta with mean 1e3 times its spread: raw sums would cancel catastrophically in the pcc.
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(3)
     base = {"w": np.zeros((64, 256))}
@@ -79,7 +79,7 @@ def test_large_mean_delta_keeps_pcc_exact(tmp_path):
 
 
 def test_identical_deltas_give_exact_unit_similarity_and_zero_distance(tmp_path):
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(4)
     base = {"w": rng.normal(0, 1, (32, 32))}
@@ -96,7 +96,7 @@ def test_identical_deltas_give_exact_unit_similarity_and_zero_distance(tmp_path)
 def test_matrix_distances_of_nearly_equal_fine_tunes_stay_exact(tmp_path):
     # The all-pairs pass takes sum((a - b)^2) from raw sums, which cancels when two fine-tunes nearly
     # coincide; such pairs must be measured directly. "b" differs from "a" in one entry by 1e-6.
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(5)
     base = rng.normal(0, 1, (64, 256))
@@ -119,7 +119,7 @@ def test_matrix_distances_of_nearly_equal_fine_tunes_stay_exact(tmp_path):
 
 
 def test_matrix_keeps_pcc_exact_for_large_mean_deltas(tmp_path):
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(6)
     spread = [rng.normal(0, 1, (64, 256)) for _ in range(3)]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import modelkin
-from modelkin.safetensors_io import save_file
+from modelkin.io.safetensors import save_file
 from modelkin.testing import run_cli, tree_digest
 
 
@@ -221,7 +221,7 @@ def test_unknown_metric_is_a_usage_error(fam):
 )
 def test_recipe_keys_are_used_or_refused(tmp_path, change, message):
     """Nothing in a recipe is silently ignored: a misspelt or unsupported key is refused by name."""
-    from modelkin.recipe import RecipeError, load_config
+    from modelkin.merge.recipe import RecipeError, load_config
 
     recipe: dict = {
         "merge_method": "ties",
@@ -245,7 +245,7 @@ def test_recipe_keys_are_used_or_refused(tmp_path, change, message):
 
 
 def test_slice_level_keys_and_unsupported_options_are_refused():
-    from modelkin.recipe import RecipeError, load_config
+    from modelkin.merge.recipe import RecipeError, load_config
 
     with pytest.raises(RecipeError, match="slice-level base_model is not supported yet"):
         load_config(

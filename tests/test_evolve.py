@@ -14,7 +14,7 @@ import pytest
 import modelkin.evolve as evo
 from evolve_support import command_evaluator, hashed_scores, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
-from modelkin.safetensors_io import load_model
+from modelkin.io.safetensors import load_model
 from modelkin.testing import run_cli
 
 

@@ -18,7 +18,7 @@ import pytest
 import modelkin.evolve as evo
 from evolve_support import command_evaluator, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
-from modelkin.safetensors_io import save_model
+from modelkin.io.safetensors import save_model
 from modelkin.testing import run_cli, tree_digest
 
 
@@ -67,7 +67,7 @@ def test_pool_model_that_is_not_a_fine_tune(family, tmp_path):
     assert not (tmp_path / "run").exists(), "refused before anything ran"
     # Same tensors, one shape different.
     wrong = tmp_path / "wrong"
-    from modelkin.safetensors_io import load_model
+    from modelkin.io.safetensors import load_model
 
     values = load_model(pool[0])
     values["model.norm.weight"] = np.zeros(31, np.float32)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from modelkin.evolve.config import load_evolve_config
-from modelkin.evolve.evaluators import EvaluationError, lm_eval_evaluator, lm_eval_weights, make_evaluator
+from modelkin.evolve.config import lm_eval_weights, load_evolve_config
+from modelkin.evolve.evaluators import EvaluationError, lm_eval_evaluator, make_evaluator
 
 
 @pytest.fixture

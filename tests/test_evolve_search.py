@@ -17,9 +17,10 @@ import yaml
 
 import modelkin.evolve as evo
 from evolve_support import hashed_scores, search_config, small_family, write_config
+from modelkin.evolve.experiment import default_popsize
 from modelkin.evolve.genome import Genome, GenomeSpec
-from modelkin.evolve.search import BEST_CONFIG, default_popsize
-from modelkin.recipe import load_config
+from modelkin.evolve.search import BEST_CONFIG
+from modelkin.merge.recipe import load_config
 from modelkin.testing import run_cli
 
 

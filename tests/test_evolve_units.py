@@ -12,7 +12,7 @@ from modelkin.evolve.config import load_evolve_config
 from modelkin.evolve.evaluators import EvaluationError, ObjectiveError, check_scores, objective
 from modelkin.evolve.recipes import pair_recipe, soup_recipe
 from modelkin.evolve.store import Candidate
-from modelkin.recipe import RecipeError, load_config
+from modelkin.merge.recipe import RecipeError, load_config
 
 
 def cand(id: int, score: float | None, parents: tuple[int, ...] = (), status: str = "done") -> Candidate:

@@ -35,7 +35,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt) :] + [nxt]
+                return [*stack[stack.index(nxt) :], nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -53,9 +53,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def upward(graph: dict[str, set[str]], layer_of: dict[str, int]) -> list[str]:
-    return sorted(
-        f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts if layer_of[dst] > layer_of[src]
-    )
+    return sorted(f"{src} -> {dst}" for src, dsts in graph.items() for dst in dsts if layer_of[dst] > layer_of[src])
 
 
 # ---------------------------------------------------------------- Python
@@ -96,7 +94,7 @@ def imported_modules(module: str, path: Path, known: dict[str, Path]) -> Iterabl
                 base = node.module or ""
             for alias in node.names:
                 candidate = f"{base}.{alias.name}"
-                if candidate in known:
+                if candidate in known or candidate == "modelkin._core":
                     yield candidate
                 else:
                     yield from _resolve(base, known)
@@ -114,6 +112,9 @@ def _is_import_module(node: ast.Call) -> bool:
 
 
 def _resolve(name: str, known: dict[str, Path]) -> Iterable[str]:
+    if name.startswith("modelkin._core"):
+        yield "modelkin._core"
+        return
     parts = name.split(".")
     while parts:
         candidate = ".".join(parts)
@@ -166,7 +167,8 @@ def test_python_layer_packages_do_not_reexport() -> None:
 
 # ---------------------------------------------------------------- Rust
 
-PATH = re.compile(r"\b(crate|super)((?:::\w+)+)")
+# A path in code; one that opens a `{` group is read by the `use` parser instead.
+PATH = re.compile(r"\b(crate|super)((?:::\w+)+)(?!::|\w)")
 
 
 def rust_files(src: Path) -> dict[str, Path]:
@@ -349,6 +351,12 @@ def test_checker_sees_circles_and_upward_imports() -> None:
     ]
 
 
+def test_checker_reads_grouped_uses_once() -> None:
+    # A group names its members, not the module it opens (which may be a re-exporting mod.rs).
+    text = "use crate::merge::torch::{radix, topk}; x = crate::merge::torch::topk::f(1);"
+    assert PATH.findall(text) == [("crate", "::merge::torch::topk::f")]
+
+
 def test_checker_resolves_rust_paths(tmp_path: Path) -> None:
     src = tmp_path / "src"
     (src / "merge" / "engine").mkdir(parents=True)
@@ -358,7 +366,7 @@ def test_checker_resolves_rust_paths(tmp_path: Path) -> None:
     (src / "merge" / "engine" / "job.rs").write_text("use super::run::go;\n")
     (src / "merge" / "engine" / "run.rs").write_text(
         "use crate::merge::engine::job::Job;\n// use crate::merge::nothing;\n"
-        '#[cfg(test)]\nmod tests {\n    use super::*;\n    use crate::x::y;\n}\n'
+        "#[cfg(test)]\nmod tests {\n    use super::*;\n    use crate::x::y;\n}\n"
     )
     graph = rust_graph(src)
     assert graph["merge::engine::job"] == {"merge::engine::run"}
@@ -374,7 +382,10 @@ def test_checker_resolves_python_imports(tmp_path: Path) -> None:
     (pkg / "merge" / "__init__.py").write_text("")
     (pkg / "merge" / "a.py").write_text("def f():\n    from .b import g\n")
     (pkg / "merge" / "b.py").write_text("from modelkin.merge import a\n")
-    known = {"modelkin.merge": pkg / "merge" / "__init__.py", "modelkin.merge.a": pkg / "merge" / "a.py",
-             "modelkin.merge.b": pkg / "merge" / "b.py"}
+    known = {
+        "modelkin.merge": pkg / "merge" / "__init__.py",
+        "modelkin.merge.a": pkg / "merge" / "a.py",
+        "modelkin.merge.b": pkg / "merge" / "b.py",
+    }
     assert set(imported_modules("modelkin.merge.a", known["modelkin.merge.a"], known)) == {"modelkin.merge.b"}
     assert set(imported_modules("modelkin.merge.b", known["modelkin.merge.b"], known)) == {"modelkin.merge.a"}

@@ -17,8 +17,8 @@ import pytest
 import modelkin
 from merge_reference import read_safetensors
 from modelkin import _core
-from modelkin.methods import method_dict
-from modelkin.safetensors_io import save_model
+from modelkin.io.safetensors import save_model
+from modelkin.merge.methods import method_dict
 from modelkin.testing import run_cli
 
 
@@ -184,7 +184,7 @@ def test_plans_share_open_models_until_a_file_changes(fam, monkeypatch):
     with pytest.raises(modelkin.RecipeError, match="but the model opened for it is"):
         _core.run_merge(job, models=[third.handles[-1]])
     # Few models are kept open (each holds its files).
-    from modelkin import planner
+    from modelkin.merge import planner
 
     monkeypatch.setattr(planner, "_KEEP_OPEN", 2)
     planner._OPEN.clear()

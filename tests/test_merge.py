@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import modelkin
-import modelkin.planner
 from merge_reference import (
     breadcrumbs_mask,
     f32_delta,
@@ -25,8 +24,9 @@ from merge_reference import (
     slerp,
     task_vector_merge,
 )
-from modelkin.merging import merge
-from modelkin.parameters import evaluate, gradient_position
+from modelkin.merge import planner
+from modelkin.merge.merging import merge
+from modelkin.merge.parameters import evaluate, gradient_position
 from modelkin.testing import run_cli, tree_digest
 
 
@@ -106,7 +106,7 @@ def test_task_arithmetic_with_lambda(tmp_path, fam):
 @pytest.mark.parametrize("torch_ties", [True, False], ids=["torch-order", "streamed"])
 def test_ties(tmp_path, fam, monkeypatch, torch_ties):
     if not torch_ties:
-        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", 0)
+        monkeypatch.setattr(planner, "SORT_ORDER_BYTES", 0)
     densities = [0.5, 0.3, 0.9]
     params = [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities, strict=True)]
     _, out = run_recipe(tmp_path, fam, "ties", params)
@@ -129,7 +129,7 @@ def test_ties(tmp_path, fam, monkeypatch, torch_ties):
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs(tmp_path, fam, monkeypatch, method, torch_ties):
     if not torch_ties:
-        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", 0)
+        monkeypatch.setattr(planner, "SORT_ORDER_BYTES", 0)
     params = [{"weight": w, "density": 0.6, "gamma": 0.05} for w in WEIGHTS]
     _, out = run_recipe(tmp_path, fam, method, params)
     base, models = inputs(fam)
@@ -156,7 +156,7 @@ def test_dare_at_density_one_is_task_arithmetic(tmp_path, fam):
 
 
 def test_dare_keeps_the_density_and_the_l1_norm(tmp_path):
-    from modelkin.safetensors_io import save_file
+    from modelkin.io.safetensors import save_file
 
     rng = np.random.default_rng(0)
     base = rng.normal(0, 1, (256, 256))
@@ -273,7 +273,7 @@ def test_sce(tmp_path, fam, topk):
 
 
 def test_della_prunes_by_rank_within_rows(tmp_path):
-    from modelkin.safetensors_io import save_file
+    from modelkin.io.safetensors import save_file
 
     rng = np.random.default_rng(1)
     base = rng.normal(0, 1, (64, 512))
@@ -520,7 +520,7 @@ def test_output_inside_an_input_is_refused(tmp_path, fam):
 
 
 def test_missing_tensor_and_shape_mismatch(tmp_path, family_factory):
-    from modelkin.safetensors_io import save_file
+    from modelkin.io.safetensors import save_file
 
     save_file(tmp_path / "base.safetensors", {"a": np.zeros((4, 4)), "b": np.zeros(4)}, "F32")
     save_file(tmp_path / "ft1.safetensors", {"a": np.ones((4, 4)), "b": np.ones(4)}, "F32")
@@ -708,7 +708,7 @@ def test_reference_sort_order_is_torchs(descending):
 def wide_family(tmp_path):
     """bf16 base and three fine-tunes with a tensor large enough (76800 values) that torch splits
     its float32 sums over threads, and a small one."""
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(5)
     shapes = {"w": (300, 256), "b": (9, 15)}
@@ -771,7 +771,7 @@ def test_reference_float32_sum_is_torchs(threads):
 )
 def test_merge_progress_ends_at_its_total(tmp_path, fam, monkeypatch, method, dtype, sort_bytes):
     if sort_bytes is not None:
-        monkeypatch.setattr(modelkin.planner, "SORT_ORDER_BYTES", sort_bytes)
+        monkeypatch.setattr(planner, "SORT_ORDER_BYTES", sort_bytes)
     models = fam.models[:1] if method == "slerp" else fam.models
     params = {"ties": {"weight": 0.5, "density": 0.5}}.get(method, {})
     recipe = {
@@ -841,7 +841,7 @@ def test_karcher_in_a_half_dtype_stays_near_the_exact_mean(tmp_path, fam, dtype)
 
 def test_mkl_library_follows_the_environment(monkeypatch, tmp_path):
     """MODELKIN_MKL names MKL's library (empty: none); unset, the `mkl` package's, if installed."""
-    from modelkin import mkl
+    from modelkin.merge import mkl
 
     monkeypatch.setenv("MODELKIN_MKL", "")
     assert mkl.mkl_library() is None
@@ -863,7 +863,7 @@ def test_a_missing_mkl_library_is_refused_by_name(tmp_path, fam, monkeypatch):
 def test_karcher_in_float32_stays_near_the_exact_mean(tmp_path, fam, monkeypatch, mkl):
     """karcher in float32: with MKL, mergekit's steps in float32 (MKL's dots and angles); without
     it, the exact coefficients. Both are within float32 rounding of the float64 reference."""
-    from modelkin.mkl import mkl_library
+    from modelkin.merge.mkl import mkl_library
 
     if mkl and mkl_library() is None:
         pytest.skip("MKL is not installed here (pip install 'modelkin[mkl]')")

@@ -12,7 +12,7 @@ from reference import deltas, full, split
 
 
 def merge_cal(*args: str):
-    return run_cli(*args, module="modelkin.merge_cal")
+    return run_cli(*args, module="modelkin.kinship.merge_cal")
 
 
 def test_output_lines_and_absolute_cosine(family_factory):
@@ -63,7 +63,7 @@ def test_tied_embeddings_count_twice(family_factory):
 
 
 def test_missing_tensors_are_skipped_with_a_log_line(tmp_path):
-    from modelkin.safetensors_io import save_file
+    from modelkin.io.safetensors import save_file
 
     rng = np.random.default_rng(1)
     base = {"a": rng.normal(size=16), "b": rng.normal(size=16)}

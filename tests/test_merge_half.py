@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from merge_reference import read_safetensors, stored_dtypes
-from modelkin.merging import merge
-from modelkin.safetensors_io import save_model
+from modelkin.io.safetensors import save_model
+from modelkin.merge.merging import merge
 
 HALF = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 SHAPES = {"a.weight": (48, 40), "b.weight": (40,), "c.weight": (7, 9)}

@@ -17,8 +17,8 @@ from peer import peer_python
 
 from merge_reference import read_safetensors, stored_dtypes
 from modelkin.example import write_example_family
-from modelkin.merging import merge
-from modelkin.mkl import mkl_library
+from modelkin.merge.merging import merge
+from modelkin.merge.mkl import mkl_library
 
 MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
 pytestmark = pytest.mark.skipif(
@@ -230,10 +230,11 @@ def test_float32_spherical_methods_with_mkl_give_mergekits_bits(tmp_path, family
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_streamed_tie_rule_is_bit_identical_when_no_entry_ties_with_a_threshold(tmp_path, monkeypatch, method):
     """Tensors over the sort-order budget use the streamed threshold; with no ties it is exact."""
-    from modelkin import example, planner
+    from modelkin import example
+    from modelkin.merge import planner
 
     monkeypatch.setattr(planner, "SORT_ORDER_BYTES", 0)
-    from modelkin.safetensors_io import save_model
+    from modelkin.io.safetensors import save_model
 
     rng = np.random.default_rng(0)
     base = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in example._shapes().items()}

@@ -22,9 +22,9 @@ import yaml
 from peer import check_loads, peer_python
 
 from merge_reference import read_safetensors, stored_dtypes
-from modelkin.merging import merge
-from modelkin.recipe import RecipeError
-from modelkin.safetensors_io import save_model
+from modelkin.io.safetensors import save_model
+from modelkin.merge.merging import merge
+from modelkin.merge.recipe import RecipeError
 
 MERGEKIT = os.environ.get("MODELKIN_MERGEKIT") or shutil.which("mergekit-yaml")
 

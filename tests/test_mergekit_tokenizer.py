@@ -16,9 +16,9 @@ from peer import check_loads, load_in_transformers, peer_python
 from test_mergekit_suite import MERGEKIT, picollama
 
 from merge_reference import read_safetensors
-from modelkin.merging import merge
-from modelkin.recipe import RecipeError, load_config
-from modelkin.vocabulary import _vocab_of
+from modelkin.merge.merging import merge
+from modelkin.merge.recipe import RecipeError, load_config
+from modelkin.merge.vocabulary import _vocab_of
 
 PEER = peer_python(MERGEKIT)
 

@@ -12,8 +12,8 @@ import pytest
 from test_mergekit_suite import picollama
 
 from merge_reference import read_safetensors, stored_dtypes
-from modelkin.merging import merge
-from modelkin.recipe import METHODS, RecipeError
+from modelkin.merge.merging import merge
+from modelkin.merge.recipe import METHODS, RecipeError
 
 # mergekit 0.1.5: each method's parameters (name, scope), from its registry's specs.
 MERGEKIT_PARAMETERS: dict[str, list[tuple[str, str]]] = {

@@ -3,7 +3,7 @@
 import importlib
 
 from ._core import __version__
-from .errors import (
+from .io.errors import (
     DtypeError,
     InvalidModelError,
     MissingTensorError,
@@ -14,11 +14,11 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
-from .kinship import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
-from .merging import MergedModel, MergeResult, merge
-from .methods import methods
-from .planner import MergePlan, PlannedTensor, plan
-from .resolve import resolve
+from .io.resolve import resolve
+from .kinship.measure import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
+from .merge.merging import MergedModel, MergeResult, merge
+from .merge.methods import methods
+from .merge.planner import MergePlan, PlannedTensor, plan
 
 __all__ = [
     "METRICS",

@@ -7,7 +7,7 @@ import numpy as np
 import numpy.typing as npt
 from typing_extensions import Self, final
 
-from .job import MergeJob
+from .merge.job import MergeJob
 
 __all__ = [
     "DtypeError",

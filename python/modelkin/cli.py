@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import ModelkinError
 from .evolve.cli import evolve_command, runs_app
-from .kinship import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
-from .progress import PassProgress
+from .io.console import run_cli
+from .io.progress import PassProgress
+from .kinship.measure import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
 
 if TYPE_CHECKING:
     from ._core import ParameterInfo
@@ -31,7 +30,6 @@ app = typer.Typer(
 )
 out = Console()
 console = out  # for commands whose OUT argument shadows `out`
-INTERRUPTED = 130
 
 
 class Metric(str, Enum):
@@ -101,7 +99,7 @@ def kinship_command(
         )
     _warn_skipped(result.skipped)
     if plot is not None:
-        from .plot import plot_layers
+        from .kinship.plot import plot_layers
 
         assert result.per_tensor is not None
         plot_layers(result.per_tensor, f"{Path(model_a).name} vs {Path(model_b).name}", plot)
@@ -174,7 +172,7 @@ def matrix_command(
         )
     _warn_skipped(result.skipped)
     if plot is not None:
-        from .plot import plot_matrix
+        from .kinship.plot import plot_matrix
 
         plot_matrix(result, plot)
         print(f"wrote {plot}", file=sys.stderr)
@@ -216,7 +214,7 @@ def merge_command(
     offline: OfflineOpt = False,
 ) -> None:
     """Merge models with a mergekit YAML recipe; the parents' kinship is recorded in modelkin.json."""
-    from .merging import merge
+    from .merge.merging import merge
 
     with PassProgress("merge") as progress:
         result = merge(
@@ -247,7 +245,7 @@ def methods_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
 ) -> None:
     """List the merge methods: what each does with base_model, how many models, its parameters."""
-    from .methods import method_dict, methods
+    from .merge.methods import method_dict, methods
 
     table_rows = methods()
     if as_json:
@@ -308,33 +306,6 @@ app.add_typer(runs_app, name="runs")
 def _warn_skipped(skipped: tuple[tuple[str, str], ...]) -> None:
     for name, reason in skipped:
         print(f"skipped tensor '{name}': {reason}", file=sys.stderr)
-
-
-# Recent typer vendors its own click; take the base class from typer so either layout works.
-_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-def run_cli(command: Any, args: list[str] | None = None) -> int:
-    """Runs a typer command, turning every expected failure into one line and exit code 2."""
-    try:
-        result = command.main(args=args, standalone_mode=False)
-    except typer.Exit as done:
-        return int(done.exit_code)
-    except _ClickException as error:
-        error.show()  # type: ignore[attr-defined]
-        return 2
-    except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return INTERRUPTED
-    except (ModelkinError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except sqlite3.Error as error:  # the run store (a full disk, a damaged file)
-        print(f"error: run store: {error}", file=sys.stderr)
-        return 2
-    if result == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code
-        print("interrupted", file=sys.stderr)
-    return result if isinstance(result, int) else 0
 
 
 def main() -> None:

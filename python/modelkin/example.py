@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from .safetensors_io import save_model
+from .io.safetensors import save_model
 
 LAYERS = 4
 HIDDEN = 64

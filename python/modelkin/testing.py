@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .safetensors_io import Dtype, save_model, stored_values
+from .io.safetensors import Dtype, save_model, stored_values
 
 __all__ = [
     "HIDDEN",
@@ -108,7 +108,9 @@ def tree_digest(root: Path) -> str:
 def run_cli(
     *args: str, env: dict[str, str] | None = None, module: str = "modelkin.cli"
 ) -> subprocess.CompletedProcess[str]:
-    code = f"import {module} as m; m.main()"
+    # import_module, not `import a.b.c as m`: that form walks attributes, and `modelkin.kinship` and
+    # `modelkin.merge` are the public functions, which shadow the layer packages of the same name.
+    code = f"import importlib; importlib.import_module({module!r}).main()"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,

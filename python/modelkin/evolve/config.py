@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from ..recipe import METHODS, RecipeError, _Lines, _where
+from ..merge.recipe import METHODS, RecipeError, _Lines, _where
 from .genome import METHOD_PARAMS, NEEDS_BASE, GenomeSpec
 
 Strategy = Literal["topk", "greedy_soup", "cmaes"]
@@ -246,6 +246,9 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         raise check.fail(["ray", "address"], "an address is required (host:port, auto, or local)")
     if "name" in raw and not isinstance(raw["name"], str):
         raise check.fail(["name"], "must be a string")
+    if evaluator.kind == "lm_eval" and weights is None:
+        # mergekit-evolve's task entries carry their objective weights: resolved here, once.
+        weights = lm_eval_weights(evaluator.lm_eval)
     return EvolveConfig(
         pool=tuple(pool),
         base_model=base,
@@ -475,3 +478,12 @@ def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
     if all(float(w) == 0 for w in weights.values()):
         raise check.fail(["objective", "weights"], "every weight is zero")
     return {str(k): float(v) for k, v in weights.items()}
+
+
+def lm_eval_weights(settings: Mapping[str, Any]) -> dict[str, float] | None:
+    """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``, default 1),
+    or None when no task sets one (then the objective is the plain mean)."""
+    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get("tasks", [])]
+    if not any("weight" in t for t in tasks):
+        return None
+    return {str(t["name"]): float(t.get("weight", 1.0)) for t in tasks}

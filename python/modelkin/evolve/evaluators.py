@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import ModelkinError
+from ..io.errors import ModelkinError
 from .config import EvaluatorSpec
 
 Scores = dict[str, float]
@@ -150,15 +150,6 @@ def lm_eval_evaluator(settings: Mapping[str, Any]) -> EvaluatorFn:
         return check_scores(scores, "lm_eval")
 
     return run
-
-
-def lm_eval_weights(settings: Mapping[str, Any]) -> dict[str, float] | None:
-    """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``, default 1),
-    or None when no task sets one (then the objective is the plain mean)."""
-    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get("tasks", [])]
-    if not any("weight" in t for t in tasks):
-        return None
-    return {str(t["name"]): float(t.get("weight", 1.0)) for t in tasks}
 
 
 def make_evaluator(spec: EvaluatorSpec, override: EvaluatorFn | None = None) -> EvaluatorFn:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import EvaluatorSpec
+from .errors import RunError
 from .evaluators import EvaluatorFn, make_evaluator
 
 # Environment variables that size the BLAS and OpenMP thread pools of a worker process.
@@ -72,7 +73,7 @@ class Executor(Protocol):
 
 def run_job(job: Job, evaluate: EvaluatorFn) -> JobResult:
     """Merges (if needed) and evaluates one job; every failure becomes the result's error."""
-    from ..merging import merge
+    from ..merge.merging import merge
 
     where = f"{socket.gethostname()}:{os.getpid()}"
     merge_s = None
@@ -208,8 +209,6 @@ class LocalPoolExecutor:
 
 def _probe(address: str) -> None:
     """Fails fast on a host:port nobody listens on (ray.init retries such an address for minutes)."""
-    from .driver import RunError
-
     target = address.removeprefix("ray://")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
@@ -233,8 +232,6 @@ class RayExecutor:
     worker process dies. ``ray`` is imported only here (``pip install 'modelkin[ray]'``)."""
 
     def __init__(self, address: str, spec: EvaluatorSpec, override: EvaluatorFn | None, workers: int) -> None:
-        from .driver import RunError
-
         try:
             import ray
         except ImportError as error:
@@ -263,8 +260,6 @@ class RayExecutor:
     def check_paths(self, paths: Sequence[str]) -> None:
         """Refuses local paths that some node of the cluster cannot see."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from .driver import RunError
 
         check = self.ray.remote(num_cpus=0)(_ray_visible)
         nodes = [n["NodeID"] for n in self.ray.nodes() if n.get("Alive")]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..recipe import METHODS
+from ..merge.recipe import METHODS
 
 # Parameters each genome method searches, weight first (mergekit's METHOD_PARAM_MAPS, plus the
 # sparsifying methods the evolution issue lists).

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..recipe import METHODS
+from ..merge.recipe import METHODS
 
 
 def pair_recipe(merge: Mapping[str, Any], a: str, b: str, base: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ..merging import merge
+from ..merge.merging import merge
 from .run import Run
 from .store import Candidate
 

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import EvolveConfig, load_evolve_config
-from .driver import Driver, Reporter, RunError, check_models
-from .evaluators import EvaluatorFn, lm_eval_weights, make_evaluator
+from .driver import Driver, Outcome, Reporter
+from .errors import RunError
+from .evaluators import EvaluatorFn, make_evaluator
 from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
+from .experiment import Experiment, prepare_experiment
+from .search import run_cmaes
+from .soup import run_soup
 from .store import STORE_NAME, Candidate, Store
+from .topk import run_topk
 
 CONFIG_COPY = "evolve.yml"
 
@@ -172,41 +177,53 @@ def evolve(
     once in local worker processes; ``ray`` (an address, ``auto``, or ``local`` for a private
     cluster on this machine) runs them as Ray tasks instead. Neither changes the run's decisions."""
     parsed = load_evolve_config(config if isinstance(config, Mapping) else Path(config))
-    if parsed.evaluator.kind == "lm_eval" and parsed.weights is None:
-        weights = lm_eval_weights(parsed.evaluator.lm_eval)
-        if weights is not None:
-            parsed = _with_weights(parsed, weights)
     # Absolute, so the recipes stored with the candidates re-make them from any directory.
     path = Path(run_dir).resolve()
-    check_models(parsed, offline)  # a bad pool is refused before the run directory is touched
-    executor = make_executor(parsed, path, evaluator, workers or parsed.workers, ray or parsed.ray)
+    # Resolved once, and a bad pool refused, before the run directory is touched.
+    experiment = prepare_experiment(parsed, offline)
+    executor = make_executor(experiment, path, evaluator, workers or parsed.workers, ray or parsed.ray)
     try:
         _claim(path, parsed, force)
     except BaseException:
         executor.close()
         raise
-    driver = Driver(parsed, path, executor, reporter=reporter, offline=offline, threads=threads)
+    driver = Driver(experiment, path, executor, reporter=reporter, offline=offline, threads=threads)
     try:
-        driver.run()
+        drive(driver)
     finally:
         driver.store.close()
         executor.close()
     return open_run(path)
 
 
+def drive(driver: Driver) -> Outcome:
+    """Runs the driver's experiment with its strategy, from wherever its store stands."""
+    driver.prepare()
+    driver.score_references()
+    strategy = driver.config.strategy
+    if strategy == "cmaes":
+        outcome = run_cmaes(driver)
+    elif strategy == "topk":
+        outcome = run_topk(driver)
+    else:
+        outcome = run_soup(driver)
+    driver.store.set_meta(state="done", stop_reason=outcome.stop_reason, best=str(outcome.best.id))
+    return outcome
+
+
 def make_executor(
-    config: EvolveConfig, run_dir: Path, override: EvaluatorFn | None, workers: int, ray: str | None
+    experiment: Experiment, run_dir: Path, override: EvaluatorFn | None, workers: int, ray: str | None
 ) -> Executor:
     """The serial executor (one worker), a local pool, or Ray, as asked."""
+    config = experiment.config
     if workers < 1:
         raise RunError(f"workers must be at least 1, not {workers}")
     evaluate = make_evaluator(config.evaluator, override)  # imports a 'module:function' now, in the driver
     if ray is not None:
         executor = RayExecutor(ray, config.evaluator, override, workers if workers > 1 else 0)
-        models = check_models(config)
         # The run directory may not exist yet: its nearest existing ancestor must be visible.
         where = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-        paths = [p for p in (models.base, *models.pool, str(where)) if p is not None]
+        paths = [p for p in (experiment.base, *experiment.pool, str(where)) if p is not None]
         executor.check_paths([p for p in paths if Path(p).is_absolute()])
         return executor
     if workers == 1:
@@ -220,12 +237,6 @@ def make_executor(
                 f" function), not {override!r}: {error}"
             ) from error
     return LocalPoolExecutor(workers, config.evaluator, override)
-
-
-def _with_weights(config: EvolveConfig, weights: Mapping[str, float]) -> EvolveConfig:
-    from dataclasses import replace
-
-    return replace(config, weights=dict(weights))
 
 
 def _claim(path: Path, config: EvolveConfig, force: bool) -> None:

@@ -7,51 +7,28 @@ which is checked, and telling gives the stored scores), so its state is the unin
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
 
-from ..recipe import RecipeError
-from .config import EvolveConfig
-from .genome import Genome
+from .driver import Driver, Outcome
+from .errors import RunError
 from .store import Candidate
-
-if TYPE_CHECKING:
-    from .driver import Driver, Outcome
 
 BEST_CONFIG = "best_config.yml"
 IMPROVEMENTS_DIR = "improvements"
 
 
-def default_popsize(n: int) -> int:
-    """CMA-ES's default population for n genes: 4 + floor(3 ln n)."""
-    return 4 + int(3 * math.log(n))
-
-
-def plan(config: EvolveConfig, genome: Genome) -> tuple[int, int]:
-    """(population size, generations) of a search: whole generations within ``max_evals``."""
-    settings = config.cmaes
-    popsize = settings.popsize or default_popsize(genome.size)
-    generations = settings.max_evals // popsize
-    if generations < 1:
-        raise RecipeError(
-            f"{config.source}: cmaes.max_evals: {settings.max_evals} is less than one population of {popsize}"
-        )
-    return popsize, generations
-
-
 def run_cmaes(driver: Driver) -> Outcome:
-    from cmaes import CMA
+    """Runs the search to its budget; the answer is the best candidate, made again and scored on
+    the test split."""
+    from cmaes import CMA  # imported when a search runs
 
-    from .driver import Outcome, RunError
-
-    config, store, genome = driver.config, driver.store, driver.genome
-    assert genome is not None
+    config, store, genome, shape = driver.config, driver.store, driver.experiment.genome, driver.experiment.search
+    assert genome is not None and shape is not None
     settings = config.cmaes
-    popsize, generations = plan(config, genome)
+    popsize, generations = shape.popsize, shape.generations
     seed = settings.seed if settings.seed is not None else config.seed
     x0 = genome.initial(random=settings.random_init, seed=seed)
     optimizer = CMA(mean=x0, sigma=settings.sigma0, seed=seed, population_size=popsize)

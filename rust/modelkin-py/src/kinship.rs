@@ -3,15 +3,15 @@
 use std::sync::Arc;
 
 use modelkin_core::{
-    kinship_pass, plan, Family, KinshipReport, Metric, Mode, Model, Moments, PassOptions, Plan,
-    PlannedTensor, SkippedTensor, Source, TensorStats,
+    kinship_pass, plan, Family, KinshipReport, Metric, Mode, Moments, PassOptions, Plan, PlannedTensor,
+    SkippedTensor, Source, TensorStats,
 };
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::exceptions::{PyIndexError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors::to_py;
-use crate::merge::ModelHandle;
+use crate::model::ModelArg;
 use crate::progress::run_watched;
 
 fn parse_metric(name: &str) -> PyResult<Metric> {
@@ -33,26 +33,6 @@ fn parse_mode(name: &str) -> PyResult<Mode> {
 /// (tensor index, n, `means[k]`, `comoment[k, k]`, `sqdist[k, k]`).
 type MomentBlock<'py> =
     (usize, u64, PyReadonlyArray1<'py, f64>, PyReadonlyArray2<'py, f64>, PyReadonlyArray2<'py, f64>);
-
-/// A model as Python hands it over: a path, or a model the core holds open (a merged model in
-/// memory included).
-#[derive(FromPyObject)]
-pub enum ModelArg {
-    /// A model already open.
-    Opened(Py<ModelHandle>),
-    /// A safetensors file or directory.
-    Path(String),
-}
-
-impl ModelArg {
-    /// Opens the path, or shares the model in memory.
-    pub fn open(self) -> modelkin_core::Result<Arc<Model>> {
-        match self {
-            ModelArg::Opened(handle) => Ok(Arc::clone(&handle.get().model)),
-            ModelArg::Path(path) => Model::open(path).map(Arc::new),
-        }
-    }
-}
 
 /// A base and its fine-tunes, opened and matched tensor by tensor, ready for a pass.
 #[pyclass(module = "modelkin._core", frozen)]

@@ -4,6 +4,7 @@ mod errors;
 mod kinship;
 mod merge;
 mod methods;
+mod model;
 mod progress;
 
 use pyo3::prelude::*;
@@ -14,8 +15,8 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<kinship::KinshipPlan>()?;
     module.add_class::<kinship::KinshipStats>()?;
     module.add_class::<merge::MergeOutcome>()?;
-    module.add_class::<merge::ModelHandle>()?;
-    module.add_function(wrap_pyfunction!(merge::open_model, module)?)?;
+    module.add_class::<model::ModelHandle>()?;
+    module.add_function(wrap_pyfunction!(model::open_model, module)?)?;
     module.add_class::<methods::MethodInfo>()?;
     module.add_class::<methods::ParameterInfo>()?;
     module.add_function(wrap_pyfunction!(merge::run_merge, module)?)?;

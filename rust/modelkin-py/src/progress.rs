@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
-use modelkin_core::threads::run_beside;
+use modelkin_core::io::threads::run_beside;
 use modelkin_core::{Progress, Result};
 use pyo3::prelude::*;
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ...safetensors_io import load_model
+from ...io.safetensors import load_model
 from .forward import LlamaModel
 from .tasks import ANSWER_LEN, TASKS, examples
 

@@ -1,0 +1,261 @@
+"""Model kinship: how related fine-tunes of one base are, from the similarity of their deltas."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from .._core import KinshipPlan, KinshipStats, ModelHandle
+from ..io.resident import ResidentModel
+from ..io.resolve import resolve
+
+MetricName = Literal["pcc", "cs", "ed"]
+METRICS: tuple[MetricName, ...] = ("pcc", "cs", "ed")
+# A model: a path, a Hub id, or a merged model held in memory (modelkin.merge without an output).
+ModelRef = str | os.PathLike[str] | ResidentModel
+ProgressCallback = Callable[[int, int], object]
+
+
+@dataclass(frozen=True)
+class TensorKinship:
+    """The kinship of one tensor's deltas."""
+
+    name: str
+    n: int
+    pcc: float
+    cs: float
+    ed: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "n": self.n,
+            "pcc": _json_float(self.pcc),
+            "cs": _json_float(self.cs),
+            "ed": _json_float(self.ed),
+        }
+
+
+@dataclass(frozen=True)
+class KinshipResult:
+    """The kinship of two fine-tunes of one base."""
+
+    models: tuple[str, str]
+    base: str
+    mode: Literal["full", "split"]
+    metrics: dict[str, float]
+    n: int
+    tensors: int
+    per_tensor: tuple[TensorKinship, ...] | None = None
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def pcc(self) -> float:
+        return self.metrics["pcc"]
+
+    @property
+    def cs(self) -> float:
+        return self.metrics["cs"]
+
+    @property
+    def ed(self) -> float:
+        return self.metrics["ed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "models": list(self.models),
+            "base": self.base,
+            "mode": self.mode,
+            "metrics": {name: _json_float(value) for name, value in self.metrics.items()},
+            "n": self.n,
+            "tensors": self.tensors,
+        }
+        if self.per_tensor is not None:
+            out["per_tensor"] = [t.to_dict() for t in self.per_tensor]
+        if self.skipped:
+            out["skipped"] = [{"name": name, "reason": reason} for name, reason in self.skipped]
+        return out
+
+
+@dataclass(frozen=True)
+class KinshipMatrix:
+    """Pairwise kinship of N fine-tunes, every metric from one pass over the files."""
+
+    names: tuple[str, ...]
+    base: str
+    mode: Literal["full", "split"]
+    metrics: dict[str, npt.NDArray[np.float64]]
+    n: int
+    tensors: int
+    skipped: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def matrix(self) -> npt.NDArray[np.float64]:
+        """The matrix of the first requested metric."""
+        return next(iter(self.metrics.values()))
+
+    def __getitem__(self, metric: str) -> npt.NDArray[np.float64]:
+        return self.metrics[metric]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "models": list(self.names),
+            "base": self.base,
+            "mode": self.mode,
+            "metrics": {name: [[_json_float(v) for v in row] for row in m] for name, m in self.metrics.items()},
+            "n": self.n,
+            "tensors": self.tensors,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def _metric_list(metrics: str | Sequence[str]) -> list[str]:
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric {unknown[0] if unknown else '(none)'}: choose from pcc, cs, ed")
+    return list(dict.fromkeys(names))
+
+
+def label(model: ModelRef) -> str:
+    """How a model is named in results: its reference, or the in-memory merge it is."""
+    if isinstance(model, ResidentModel):
+        return model.label
+    return os.fspath(model)
+
+
+def _opened(model: ModelRef, offline: bool) -> str | ModelHandle:
+    if isinstance(model, ResidentModel):
+        return model.handle
+    return str(resolve(model, offline=offline))
+
+
+def measure(
+    models: Sequence[ModelRef],
+    base: ModelRef,
+    *,
+    low_precision: str | None = None,
+    device: str | None = None,
+    threads: int = 0,
+    skip_nonfinite: bool = False,
+    skip_missing: bool = False,
+    count_tied_embeddings_twice: bool = False,
+    offline: bool = False,
+    progress: ProgressCallback | None = None,
+) -> KinshipStats:
+    """One pass over ``base`` and ``models``: the moments every metric is derived from."""
+    # The same model twice is refused by the core (one check, on canonical paths or in-memory identity).
+    paths = [_opened(m, offline) for m in (*models, base)]
+    if device is not None and any(isinstance(p, ModelHandle) for p in paths):
+        raise ValueError("device: a merged model held in memory is measured by the Rust pass; leave device unset")
+    plan = KinshipPlan(
+        paths[-1],
+        paths[:-1],
+        skip_missing=skip_missing,
+        count_tied_embeddings_twice=count_tied_embeddings_twice,
+    )
+    if device is not None:
+        from .torch_backend import run_torch
+
+        return run_torch(plan, device, low_precision=low_precision, skip_nonfinite=skip_nonfinite, progress=progress)
+    return plan.run(low_precision=low_precision, skip_nonfinite=skip_nonfinite, threads=threads, progress=progress)
+
+
+def kinship(
+    model_a: ModelRef,
+    model_b: ModelRef,
+    *,
+    base: ModelRef,
+    metrics: str | Sequence[str] = METRICS,
+    split: bool = False,
+    low_precision: bool = False,
+    per_tensor: bool = False,
+    device: str | None = None,
+    threads: int = 0,
+    skip_nonfinite: bool = False,
+    offline: bool = False,
+    progress: ProgressCallback | None = None,
+) -> KinshipResult:
+    """The kinship of two fine-tunes of ``base``: Pearson correlation (pcc), cosine similarity (cs)
+    and Euclidean distance (ed) of their deltas, exact in float64.
+
+    ``split`` averages per-tensor metrics weighted by element count; ``low_precision`` quantises the
+    deltas to int8 as the original kinship tool does; ``device`` ("cpu", "cuda") uses torch."""
+    names = _metric_list(metrics)
+    mode: Literal["full", "split"] = "split" if split else "full"
+    stats = measure(
+        [model_a, model_b],
+        base,
+        low_precision=mode if low_precision else None,
+        device=device,
+        threads=threads,
+        skip_nonfinite=skip_nonfinite,
+        offline=offline,
+        progress=progress,
+    )
+    values = {m: float(stats.matrix(m, mode)[0, 1]) for m in names}
+    breakdown = None
+    if per_tensor:
+        columns = {m: stats.per_tensor(m)[:, 0, 1] for m in METRICS}
+        breakdown = tuple(
+            TensorKinship(name, n, float(columns["pcc"][i]), float(columns["cs"][i]), float(columns["ed"][i]))
+            for i, (name, n) in enumerate(zip(stats.tensor_names, stats.tensor_elements, strict=True))
+        )
+    return KinshipResult(
+        models=(label(model_a), label(model_b)),
+        base=label(base),
+        mode=mode,
+        metrics=values,
+        n=stats.elements,
+        tensors=len(stats.tensor_names),
+        per_tensor=breakdown,
+        skipped=tuple(stats.skipped),
+    )
+
+
+def kinship_matrix(
+    models: Sequence[ModelRef],
+    *,
+    base: ModelRef,
+    metric: str | Sequence[str] = METRICS,
+    split: bool = False,
+    low_precision: bool = False,
+    device: str | None = None,
+    threads: int = 0,
+    skip_nonfinite: bool = False,
+    offline: bool = False,
+    progress: ProgressCallback | None = None,
+) -> KinshipMatrix:
+    """The N x N kinship of ``models`` (fine-tunes of ``base``), every pair from one pass."""
+    names = _metric_list(metric)
+    if len(models) < 2:
+        raise ValueError("a kinship matrix needs at least two models")
+    mode: Literal["full", "split"] = "split" if split else "full"
+    stats = measure(
+        models,
+        base,
+        low_precision=mode if low_precision else None,
+        device=device,
+        threads=threads,
+        skip_nonfinite=skip_nonfinite,
+        offline=offline,
+        progress=progress,
+    )
+    return KinshipMatrix(
+        names=tuple(label(m) for m in models),
+        base=label(base),
+        mode=mode,
+        metrics={m: stats.matrix(m, mode) for m in names},
+        n=stats.elements,
+        tensors=len(stats.tensor_names),
+        skipped=tuple(stats.skipped),
+    )

@@ -1,0 +1,432 @@
+"""Planning a merge: the recipe's models resolved and opened (headers only), every output tensor's
+inputs and parameters decided, and the engine's typed job built from that, before any tensor is
+read."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from .._core import ModelHandle, open_model
+from ..io.dtypes import TORCH_NAMES, compute_name
+from ..io.errors import ModelReferenceError
+from ..io.resolve import resolve
+from .architecture import COUNT_KEYS, LayerNaming, layer_naming
+from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
+from .mkl import mkl_library
+from .output import model_dir, read_json
+from .parameters import gradient_position, layer_of, lookup
+from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
+
+# Memory magnitude pruning (ties, breadcrumbs) may use per tensor to split ties at its threshold
+# exactly as torch's sort does; None leaves the engine's default (512 MiB). Tests lower it to
+# exercise the streamed rule.
+SORT_ORDER_BYTES: int | None = None
+
+# One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
+# name, and the tensor's position along parameter gradients.
+PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | None]
+# (size, mtime in ns, inode) of a model file: a file replaced by a copy with the same size and
+# time (rsync, cp -p) is a new inode.
+Stamp = tuple[int, int, int]
+# The stamps of one model's safetensors files (and index), by file path, sorted.
+Stamps = tuple[tuple[str, Stamp], ...]
+# (name, shape, safetensors dtype) of every tensor of a model, in storage order.
+Listing = list[tuple[str, list[int], str]]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One output tensor of a plan: what it is made from."""
+
+    name: str
+    # (model reference, tensor name in that model) of every merged input, in the recipe's order.
+    inputs: tuple[tuple[str, str], ...]
+    # The base model's tensor name, for methods that read the base.
+    base_tensor: str | None
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A validated, resolved merge: what will be merged and how, before anything is read.
+
+    Made by :func:`modelkin.plan`; run by :func:`modelkin.merge` (to disk or in memory). A plan
+    remembers the size, modification time and inode of every model file it opened, and a merge refuses
+    to run a plan whose models changed on disk since."""
+
+    config: MergeConfig
+    # Model reference → local path, every model of the recipe.
+    paths: dict[str, Path]
+    base: str | None
+    # The merged models (the base excluded unless the method averages it in), in recipe order.
+    entries: tuple[ModelEntry, ...]
+    outputs: tuple[PlannedOutput, ...]
+    base_config: dict[str, Any] | None
+    # The method's global options, resolved (defaults from the method table).
+    options: dict[str, Any]
+    out_dtype: OutDtypeName
+    compute: ComputeName
+    precise: bool
+    seed: int
+    # Every model's stamps, by its path.
+    stamps: dict[Path, Stamps] = field(repr=False)
+    # Every model of `paths`, in its order, held open by the core for the merge.
+    handles: tuple[ModelHandle, ...] = field(repr=False, compare=False)
+    # The engine's tensor recipes, every parameter resolved and checked when planning.
+    recipes: tuple[TensorRecipe, ...] = field(repr=False)
+
+    @property
+    def method(self) -> str:
+        return self.config.method.name
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The merged models' references, in the recipe's order."""
+        return tuple(e.model for e in self.entries)
+
+    @property
+    def tensors(self) -> tuple[PlannedTensor, ...]:
+        return tuple(
+            PlannedTensor(name, tuple((e.model, t) for e, t in inputs), base_tensor)
+            for name, inputs, base_tensor, _ in self.outputs
+        )
+
+    def check_unchanged(self) -> None:
+        """Raises ModelReferenceError naming the first model file changed, added or removed since
+        planning."""
+        for model, now in _stamps(self.paths.values()).items():
+            if now == self.stamps[model]:
+                continue
+            before, after = dict(self.stamps[model]), dict(now)
+            for path in sorted(before.keys() | after.keys()):
+                if before.get(path) != after.get(path):
+                    what = "added" if path not in before else "removed" if path not in after else "changed"
+                    raise ModelReferenceError(f"{path}: {what} on disk since the merge was planned; plan it again")
+
+    def _redirected(self, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
+        """The recipes with (model, tensor) pairs sent to the files ``redirect`` names."""
+        if not redirect:
+            return list(self.recipes)
+        refs = list(self.paths)
+        out: list[TensorRecipe] = []
+        for recipe in self.recipes:
+            inputs = [
+                {**i, "model": redirect.get((refs[i["model"]], i["tensor"]), i["model"])} for i in recipe["inputs"]
+            ]
+            base = redirect.get((self.base, recipe["base_tensor"])) if self.base and recipe["base_tensor"] else None
+            out.append({**recipe, "inputs": inputs, "base_model": base})  # type: ignore[typeddict-item]
+        return out
+
+    def job(self, out_dir: str | None, *, threads: int, max_shard_bytes: int, redirect: Mapping[Any, int]) -> MergeJob:
+        """The engine's job; ``redirect`` sends (model, tensor) pairs to extra files appended to
+        the model list (a vocabulary laid out in the output tokenizer's order)."""
+        options = self.options
+        job: MergeJob = {
+            "models": [str(p) for p in self.paths.values()],
+            "base": list(self.paths).index(self.base) if self.base is not None else None,
+            "method": self.method,
+            "normalize": bool(options.get("normalize", False)),
+            "rescale": bool(options.get("rescale", False)),
+            "lambda": float(options.get("lambda", 1.0)),
+            "seed": self.seed,
+            "out_dtype": self.out_dtype,
+            "compute": self.compute,
+            "out_dir": out_dir,
+            "max_shard_bytes": max_shard_bytes,
+            "threads": threads,
+            "filter_wise": bool(options.get("filter_wise", False)),
+            "ram": cast(RamOptions, _options(options, _RAM_OPTIONS)),
+            "spherical": cast(SphericalOptions, _options(options, _SPHERICAL_OPTIONS)),
+            "tensors": self._redirected(redirect),
+            # Provenance compares the parents tensor by tensor; slices mix parents per layer.
+            "kinship": self.config.slices is None,
+        }
+        if SORT_ORDER_BYTES is not None:
+            job["sort_order_bytes"] = SORT_ORDER_BYTES
+        # float32 angles as torch's MKL builds compute them, where MKL is installed (see mkl.py).
+        library = mkl_library() if self.compute != "float64" else None
+        if library is not None:
+            job["mkl"] = library
+        return job
+
+
+# The method's global options the engine reads: recipe key → (job key, type). An option absent
+# here has no row in the method table for this method, so the engine keeps its own default.
+_RAM_OPTIONS = {"epsilon": ("epsilon", float), "r": ("r", float), "alpha": ("alpha", float)}
+_SPHERICAL_OPTIONS = {
+    "normalize_weights": ("normalize_weights", bool),
+    "eps": ("eps", float),
+    "tol": ("tol", float),
+    "max_iter": ("max_iter", int),
+    # mergekit ignores nuslerp_row_wise while nuslerp_flatten is true (the default); so does the engine.
+    "nuslerp_flatten": ("flatten", bool),
+    "nuslerp_row_wise": ("row_wise", bool),
+}
+
+
+def _options(options: Mapping[str, Any], keys: Mapping[str, tuple[str, type]]) -> dict[str, Any]:
+    return {job_key: kind(options[key]) for key, (job_key, kind) in keys.items() if key in options}
+
+
+def plan(
+    recipe: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    seed: int = 0,
+    offline: bool = False,
+    precise: bool = False,
+) -> MergePlan:
+    """Validates a mergekit recipe (a YAML path or a dict with the same keys), resolves its models
+    and reads their headers: what will be merged, typed, before any tensor is read.
+
+    By default the arithmetic is mergekit's: in the recipe's ``dtype`` (else the inputs' stored
+    dtype), rounded after each operation as torch rounds it. ``precise=True`` computes exactly in
+    float64 and rounds once to the output dtype."""
+    config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
+    refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
+    paths = {ref: resolve(ref, offline=offline) for ref in refs}
+    stamps = _stamps(paths.values())
+    method = config.method
+    # linear and passthrough ignore base_model (as in mergekit); nuslerp and multislerp work on task
+    # vectors when one is given; karcher averages it with the models (mergekit 0.1.5 gathers every
+    # model of the recipe, base_model included, into the mean).
+    base_ref = config.base_model if method.base in ("required", "optional") else None
+    inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
+    if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
+        inputs.append(ModelEntry(config.base_model, {}))
+    # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
+    opened = {ref: _opened(path, stamps[path]) for ref, path in paths.items()}
+    listings = {ref: listing for ref, (_, listing) in opened.items()}
+    reference = base_ref or inputs[0].model
+    base_config = read_json(model_dir(paths[reference]) / "config.json")
+    tensors = listings[reference]
+    names = [n for n, _, _ in tensors]
+    counts = [int(v) for k in COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)]
+    layers = counts[0] if counts else 0
+    if not layers:
+        found = [layer_of(n) for n in names]
+        layers = max((x for x in found if x is not None), default=0) + 1
+    options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
+    if config.slices is None:
+        outputs = _plan_models(names, base_ref, inputs, layers)
+    else:
+        naming = layer_naming(base_config, names, reference)
+        outputs = _plan_slices(config, names, base_ref, naming)
+        out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
+        base_config = {**(base_config or {}), naming.count_key: out_layers}
+    out_dtype = cast(OutDtypeName, out_dtype_name(config, base_config, tensors[0][2] if tensors else None))
+    compute: ComputeName = (
+        "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(t) for t in listings.values()])
+    )
+    if method.info.float32_result and config.out_dtype is None and compute in ("bfloat16", "float16"):
+        out_dtype = "F32"  # a float32 factor promotes the result, and mergekit writes it so
+    return MergePlan(
+        config=config,
+        paths=paths,
+        base=base_ref,
+        entries=tuple(inputs),
+        outputs=tuple(outputs),
+        base_config=base_config,
+        options=options,
+        out_dtype=out_dtype,
+        compute=compute,
+        precise=precise,
+        seed=seed,
+        stamps=stamps,
+        handles=tuple(handle for handle, _ in opened.values()),
+        # Every per-tensor parameter resolved and checked now, not when the merge runs.
+        recipes=tuple(_recipes(config, list(paths), outputs)),
+    )
+
+
+# Models opened by recent plans, by path and the stamps of their files: an evolution plans hundreds
+# of merges of the same parents, and a model is mapped and its header read again only when one of
+# its files changed. Few are kept: an open model holds its files (a deleted candidate's disk space
+# comes back when it falls out), though no memory between merges (the engine lets its pages go).
+_OPEN: OrderedDict[tuple[Path, Stamps], tuple[ModelHandle, Listing]] = OrderedDict()
+_KEEP_OPEN = 8
+_OPEN_LOCK = threading.Lock()
+
+
+def _opened(path: Path, stamps: Stamps) -> tuple[ModelHandle, Listing]:
+    """The model at ``path`` held open, and its tensor listing: opened once per version of its files."""
+    key = (path, stamps)
+    with _OPEN_LOCK:
+        found = _OPEN.get(key)
+        if found is not None:
+            _OPEN.move_to_end(key)
+            return found
+        for stale in [k for k in _OPEN if k[0] == path]:
+            del _OPEN[stale]  # its files changed: let the old ones go now
+    handle = open_model(path)
+    found = (handle, handle.tensors())
+    with _OPEN_LOCK:
+        _OPEN[key] = found
+        while len(_OPEN) > _KEEP_OPEN:
+            _OPEN.popitem(last=False)
+    return found
+
+
+def _stamps(paths: Iterable[Path]) -> dict[Path, Stamps]:
+    """The stamps of every model's safetensors files (and index). Plain strings and ``os`` calls:
+    a plan takes them twice per merge of many candidates."""
+    stamps: dict[Path, Stamps] = {}
+    for path in paths:
+        files: list[tuple[str, Stamp]] = []
+        try:
+            if os.path.isfile(path):
+                found = os.stat(path)
+                files.append((os.fspath(path), (found.st_size, found.st_mtime_ns, found.st_ino)))
+            else:
+                with os.scandir(path) as entries:
+                    for entry in entries:
+                        if ".safetensors" in entry.name and entry.is_file():
+                            found = entry.stat()
+                            files.append((entry.path, (found.st_size, found.st_mtime_ns, found.st_ino)))
+        except OSError:
+            pass  # gone meanwhile: check_unchanged reports its files as removed
+        stamps[path] = tuple(sorted(files))
+    return stamps
+
+
+def _plan_models(
+    tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
+) -> list[PlannedOutput]:
+    """`models:` recipes: every tensor of the base (or first model) merged from all inputs."""
+    return [
+        (name, [(entry, name) for entry in inputs], name if base_ref else None, gradient_position(name, layers))
+        for name in tensors
+    ]
+
+
+def _plan_slices(
+    config: MergeConfig, tensors: list[str], base_ref: str | None, naming: LayerNaming
+) -> list[PlannedOutput]:
+    """`slices:` recipes (frankenmerges): output layers numbered in slice order under the
+    architecture's layer prefix; the tensors before the first layer (embeddings) come from the
+    first slice's sources and those after the last (final norm, head) from the last slice's, as in
+    mergekit."""
+    slices = config.slices or ()
+    prefix = naming.prefix
+    by_layer = [n for n in tensors if naming.layer_of(n) is not None]
+    layer_suffixes = list(
+        dict.fromkeys(n[len(prefix) :].partition(".")[2] for n in by_layer if naming.layer_of(n) == 0)
+    )
+    outputs: list[PlannedOutput] = []
+    # Stored order puts embeddings first in most files, not all: GPT-2 stores `wte`/`wpe` beside
+    # `ln_f`, so "embed"-like names (wte, wpe, embed_*) go first and the rest last.
+    non_layer = [n for n in tensors if naming.layer_of(n) is None]
+    pre = [n for n in non_layer if re.search(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.", n)]
+    post = [n for n in non_layer if n not in pre]
+
+    def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
+        inputs = [(e, name) for e in slice_sources if e.model != base_ref]
+        return inputs, (name if base_ref else None)
+
+    for name in pre:
+        inputs, base = sources(slices[0], name)
+        outputs.append((name, inputs, base, None))
+    out_layer = 0
+    for slice_sources in slices:
+        assert slice_sources[0].layer_range is not None
+        span = slice_sources[0].layer_range[1] - slice_sources[0].layer_range[0]
+        for offset in range(span):
+            t = offset / (span - 1) if span > 1 else 1.0
+            for suffix in layer_suffixes:
+                out_name = f"{prefix}{out_layer}.{suffix}"
+                named = [(e, f"{prefix}{(e.layer_range or (0, 0))[0] + offset}.{suffix}") for e in slice_sources]
+                inputs = [(e, n) for e, n in named if e.model != base_ref]
+                base = next((n for e, n in named if e.model == base_ref), inputs[0][1] if base_ref else None)
+                outputs.append((out_name, inputs, base, t))
+            out_layer += 1
+    for name in post:
+        inputs, base = sources(slices[-1], name)
+        outputs.append((name, inputs, base, None))
+    return outputs
+
+
+def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput]) -> list[TensorRecipe]:
+    """The engine's tensor recipes, every parameter looked up per tensor and checked against the
+    method table's ranges."""
+    index = {ref: i for i, ref in enumerate(refs)}
+    method = config.method
+    # passthrough's `scale` is the factor its one input is multiplied by: it travels as the weight.
+    keys = {"weight": "scale" if "scale" in method.parameters else "weight", "density": "density"}
+    keys.update(gamma="gamma", epsilon="epsilon")
+    della = method.info.sparsification == "della"
+    per_entry: dict[str, dict[str, float | None]] = {}
+    tensors: list[TensorRecipe] = []
+    for name, inputs, base_tensor, t in outputs:
+        entries: list[MergeInput] = []
+        for entry, source_name in inputs:
+            fixed = per_entry.get(entry.model)
+            if fixed is None:
+                fixed = per_entry[entry.model] = {k: _fixed(config, entry, key) for k, key in keys.items()}
+            values = {
+                k: _value(config, entry, key, name, t) if (v := fixed[k]) is None else v for k, key in keys.items()
+            }
+            density, epsilon = values["density"], values["epsilon"]
+            if della and 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+                raise RecipeError(
+                    f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
+                )
+            entries.append({"model": index[entry.model], "tensor": source_name, **values})  # type: ignore[typeddict-item]
+        tensors.append(
+            {
+                "name": name,
+                "base_tensor": base_tensor,
+                "base_model": None,
+                "inputs": entries,
+                "t": float(lookup(config, None, "t", name, t, 0.0)),
+                "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),
+            }
+        )
+    return tensors
+
+
+_TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}
+
+
+def _fixed(config: MergeConfig, entry: ModelEntry, key: str) -> float | None:
+    """A per-model parameter's value when it is the same at every tensor (a plain number, or
+    absent: the table's default), else None. A plain number was range-checked with the recipe."""
+    for params in (entry.parameters, config.parameters):
+        if key in params:
+            value = params[key]
+            return float(value) if isinstance(value, (int, float)) else None
+    return float(config.method.tensor_defaults.get(key, _TENSOR_DEFAULTS.get(key, 0.0)))  # type: ignore[arg-type]
+
+
+def _value(config: MergeConfig, entry: ModelEntry, key: str, tensor: str, t: float | None) -> float:
+    """A per-model parameter's value at one tensor (a gradient or filters), checked against the
+    method table's range."""
+    method = config.method
+    fallback = float(method.tensor_defaults.get(key, _TENSOR_DEFAULTS.get(key, 0.0)))  # type: ignore[arg-type]
+    found = float(lookup(config, entry, key, tensor, t, fallback))
+
+    def fail(message: str) -> RecipeError:
+        return RecipeError(f"{message}, for {entry.model} at tensor {tensor}")
+
+    check_range(method, key, [found], fail)
+    return found
+
+
+def arithmetic_dtype(dtype: str | None, stored: list[str | None]) -> ComputeName:
+    """The dtype mergekit computes in: the recipe's ``dtype``, else the inputs' stored dtypes promoted
+    as torch promotes them (bf16 with f16 gives float32)."""
+    if dtype is not None:
+        return compute_name(dtype)
+    kinds = {TORCH_NAMES.get(s or "", "float32") for s in stored}
+    if len(kinds) == 1:
+        return kinds.pop()
+    return "float64" if "float64" in kinds else "float32"
+
+
+def _stored_dtype(tensors: list[tuple[str, list[int], str]]) -> str | None:
+    """The stored dtype of a model's first floating tensor."""
+    return next((d for _, _, d in tensors if d in ("F64", "F32", "F16", "BF16")), None)

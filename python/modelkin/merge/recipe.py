@@ -1,0 +1,395 @@
+"""mergekit YAML recipes: parsed with PyYAML and validated into typed objects against the core's
+method table (names, parameters, defaults, ranges, model counts), with line numbers in messages."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from .. import _core
+from ..io.dtypes import RECIPE_DTYPES, TORCH_NAMES
+from ..io.errors import RecipeError
+
+if TYPE_CHECKING:
+    from .vocabulary import TokenizerSpec
+
+__all__ = ["METHODS", "MergeConfig", "MethodSpec", "ModelEntry", "RecipeError", "load_config"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method as the core's method table declares it (`_core.methods()`), with the views
+    recipe validation needs."""
+
+    info: _core.MethodInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def summary(self) -> str:
+        return self.info.summary
+
+    @property
+    def base(self) -> str:
+        """What it does with base_model: required, optional, input or ignored."""
+        return self.info.base
+
+    @property
+    def needs_base(self) -> bool:
+        return self.info.base == "required"
+
+    @cached_property
+    def parameters(self) -> dict[str, _core.ParameterInfo]:
+        return {p.name: p for p in self.info.parameters}
+
+    def _defaults(self, scope: str) -> dict[str, object]:
+        return {p.name: p.default for p in self.info.parameters if p.scope == scope and not p.required}
+
+    @cached_property
+    def global_defaults(self) -> dict[str, object]:
+        return self._defaults("global")
+
+    @cached_property
+    def tensor_defaults(self) -> dict[str, object]:
+        return self._defaults("per_model")
+
+    @cached_property
+    def required_global(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.info.parameters if p.scope == "global" and p.required)
+
+    @cached_property
+    def required_tensor(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.info.parameters if p.scope == "per_model" and p.required)
+
+
+METHODS: dict[str, MethodSpec] = {info.name: MethodSpec(info) for info in _core.methods()}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    model: str
+    parameters: Mapping[str, Any]
+    # [first, end) layers taken from this model, in a `slices:` recipe.
+    layer_range: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    method: MethodSpec
+    models: tuple[ModelEntry, ...]
+    base_model: str | None
+    parameters: Mapping[str, Any]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    # The output vocabulary asked for (`tokenizer_source` or the `tokenizer:` section).
+    tokenizer: TokenizerSpec | None
+    chat_template: str | None
+    # The YAML as given; None for a dict recipe, whose YAML is written only when asked for (`text`).
+    source_text: str | None
+    raw: Mapping[str, Any]
+    # `slices:` recipes: the sources of each output slice, in order.
+    slices: tuple[tuple[ModelEntry, ...], ...] | None = None
+    # Keys mergekit accepts and ignores for this method (a per-model `weight` on slerp, say): each a
+    # one-line warning, printed and recorded in modelkin.json, never dropped silently.
+    ignored: list[str] = field(default_factory=list)
+
+    @cached_property
+    def text(self) -> str:
+        """The recipe as YAML (what mergekit_config.yml holds)."""
+        return self.source_text if self.source_text is not None else yaml.safe_dump(dict(self.raw), sort_keys=False)
+
+
+class _Lines:
+    """Maps key paths of the parsed YAML to line numbers, for messages."""
+
+    def __init__(self, text: str | None) -> None:
+        self._root = yaml.compose(text) if text else None
+
+    def line(self, path: Sequence[str | int]) -> str:
+        node = self._root
+        found = node
+        for key in path:
+            if isinstance(node, yaml.MappingNode):
+                node = next((v for k, v in node.value if k.value == key), None)
+            elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+                node = node.value[key]
+            else:
+                node = None
+            if node is None:
+                break
+            found = node
+        return f" (line {found.start_mark.line + 1})" if found is not None else ""
+
+
+def _where(path: Sequence[str | int]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
+
+
+def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
+    """Reads a mergekit YAML file (or a dict with the same keys) and validates it."""
+    if isinstance(recipe, Mapping):
+        # A deep copy: the caller may change the dict after planning (50 candidates from one dict).
+        raw: Any = copy.deepcopy(dict(recipe))
+        text: str | None = None
+        lines = _Lines(None)
+        source = "recipe"
+    else:
+        source = str(recipe)
+        text = Path(recipe).read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise RecipeError(f"{source}:{where} invalid YAML: {problem}") from error
+        lines = _Lines(text)
+
+    def fail(path: Sequence[str | int], message: str) -> RecipeError:
+        return RecipeError(f"{source}: {_where(path)}{lines.line(path)}: {message}")
+
+    if not isinstance(raw, Mapping):
+        raise RecipeError(f"{source}: a merge recipe is a mapping with merge_method and models")
+    known = {
+        "merge_method",
+        "models",
+        "slices",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "tokenizer_source",
+        "tokenizer",
+        "chat_template",
+        "name",
+    }
+    for key in raw:
+        if key not in known:
+            raise fail([key], f"unknown key (known: {', '.join(sorted(known))})")
+    method_name = raw.get("merge_method")
+    if method_name not in METHODS:
+        raise fail(["merge_method"], f"unknown merge_method {method_name!r}; supported: {', '.join(METHODS)}")
+    method = METHODS[method_name]
+    template = raw.get("chat_template")
+    if template is not None and not isinstance(template, str):
+        raise fail(["chat_template"], "chat_template must be a name (chatml, llama3, ...), auto or a Jinja template")
+    slices: list[tuple[ModelEntry, ...]] | None = None
+    if "slices" in raw:
+        if "models" in raw:
+            raise fail(["slices"], "use either models: or slices:, not both")
+        slices = []
+        if not isinstance(raw["slices"], list) or not raw["slices"]:
+            raise fail(["slices"], "a non-empty list of slices is required")
+        for i, item in enumerate(raw["slices"]):
+            for key in item if isinstance(item, Mapping) else ():
+                if key != "sources":
+                    raise fail(["slices", i, key], f"slice-level {key} is not supported yet (only sources)")
+            sources = item.get("sources") if isinstance(item, Mapping) else None
+            if not isinstance(sources, list) or not sources:
+                raise fail(["slices", i], "each slice needs a non-empty 'sources' list")
+            entries = []
+            for j, source in enumerate(sources):
+                entry = _model_entry(fail, ["slices", i, "sources", j], source)
+                span = source.get("layer_range")
+                if not (
+                    isinstance(span, list)
+                    and len(span) == 2
+                    and all(isinstance(v, int) for v in span)
+                    and 0 <= span[0] < span[1]
+                ):
+                    raise fail(["slices", i, "sources", j, "layer_range"], "layer_range must be [first, end)")
+                entries.append(ModelEntry(entry.model, entry.parameters, (span[0], span[1])))
+            lengths = {e.layer_range[1] - e.layer_range[0] for e in entries if e.layer_range}
+            if len(lengths) != 1:
+                raise fail(["slices", i], "all sources of a slice must span the same number of layers")
+            slices.append(tuple(entries))
+        models = [e for s in slices for e in s]
+    else:
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            raise fail(["models"], "a non-empty list of models is required")
+        models = [_model_entry(fail, ["models", i], entry) for i, entry in enumerate(models_raw)]
+    base = raw.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise fail(["base_model"], "base_model must be a model reference")
+    parameters = raw.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise fail(["parameters"], "parameters must be a mapping")
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None and raw[key] not in RECIPE_DTYPES:
+            raise fail([key], f"unsupported dtype {raw[key]!r} (float64, float32, float16, bfloat16)")
+    # Imported here: the vocabulary module raises this module's RecipeError.
+    from .vocabulary import parse_spec
+
+    refs = {m.model for m in models} | ({base} if base else set())
+    try:
+        tokenizer = parse_spec(raw, refs)
+    except RecipeError as error:
+        raise fail(["tokenizer" if "tokenizer" in raw else "tokenizer_source"], str(error)) from None
+    config = MergeConfig(
+        method=method,
+        models=tuple(models),
+        base_model=base,
+        parameters=dict(parameters),
+        dtype=raw.get("dtype"),
+        out_dtype=raw.get("out_dtype"),
+        tokenizer_source=raw.get("tokenizer_source"),
+        tokenizer=tokenizer,
+        chat_template=template,
+        source_text=text,
+        raw=raw,
+        slices=tuple(slices) if slices is not None else None,
+    )
+    _check_method(config, fail)
+    return config
+
+
+def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
+        raise fail(path, "each entry needs a 'model' string")
+    allowed = ("model", "parameters", "layer_range") if "sources" in path else ("model", "parameters")
+    for key in entry:
+        if key not in allowed:
+            raise fail([*path, key], f"unknown key (known here: {', '.join(allowed)})")
+    if "+" in entry["model"] and not Path(entry["model"]).exists():
+        raise fail([*path, "model"], "LoRA references (model+lora) are not supported")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise fail([*path, "parameters"], "parameters must be a mapping")
+    return ModelEntry(entry["model"], dict(params))
+
+
+def _check_method(config: MergeConfig, fail: Any) -> None:
+    if config.slices is not None:
+        _check_slices(config, fail)
+        return
+    method = config.method
+    others = [m.model for m in config.models if method.base in ("ignored", "input") or m.model != config.base_model]
+    if method.needs_base and config.base_model is None:
+        raise fail(["base_model"], f"{method.name} needs a base_model")
+    low, high = method.info.min_models, method.info.max_models
+    if len(others) < low or (high is not None and len(others) > high):
+        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        besides = " besides the base_model" if method.base not in ("ignored", "input") else ""
+        plural = "" if low == high == 1 else "s"
+        raise fail(["models"], f"{method.name} merges {count} model{plural}{besides}; the recipe gives {len(others)}")
+    if (
+        method.name == "nuslerp"
+        and config.parameters.get("nuslerp_row_wise")
+        and config.parameters.get("nuslerp_flatten", True)
+    ):
+        config.ignored.append(
+            "parameters.nuslerp_row_wise: ignored while nuslerp_flatten is true, as mergekit ignores it"
+        )
+    for key in method.required_global:
+        if key not in config.parameters:
+            raise fail(["parameters"], f"{method.name} needs the parameter '{key}'")
+    for i, entry in enumerate(config.models):
+        if entry.model == config.base_model and method.base not in ("ignored", "input"):
+            continue
+        for key in method.required_tensor:
+            if key not in entry.parameters and key not in config.parameters:
+                raise fail(["models", i], f"{method.name} needs '{key}' for {entry.model}")
+        for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
+            _check_names(fail, scope, method, params, config.ignored)
+            for key, value in params.items():
+                _check_value(fail, [*scope, key], method, key, value)
+
+
+def _check_slices(config: MergeConfig, fail: Any) -> None:
+    method = config.method
+    if method.needs_base and config.base_model is None:
+        raise fail(["base_model"], f"{method.name} needs a base_model")
+    for i, sources in enumerate(config.slices or ()):
+        high = method.info.max_models
+        if high is not None and len(sources) > high:
+            raise fail(["slices", i, "sources"], f"{method.name} takes at most {high} source(s) per slice")
+        for j, entry in enumerate(sources):
+            for scope, params in (
+                (["slices", i, "sources", j, "parameters"], entry.parameters),
+                (["parameters"], config.parameters),
+            ):
+                _check_names(fail, scope, method, params, config.ignored)
+                for key, value in params.items():
+                    _check_value(fail, [*scope, key], method, key, value)
+
+
+def known_parameters(method: MethodSpec) -> tuple[str, ...]:
+    """Every parameter a method reads, at any scope (mergekit lets a global value stand for a
+    per-model one and the reverse)."""
+    return tuple(method.parameters)
+
+
+def _check_names(
+    fail: Any, path: Sequence[Any], method: MethodSpec, params: Mapping[str, Any], ignored: list[str]
+) -> None:
+    known = known_parameters(method)
+    for key in params:
+        if key == "weight" and key not in known:
+            # mergekit's own suite gives every method a per-model weight and its methods that take
+            # none ignore it; refusing would break such recipes, so it is ignored out loud.
+            where = ".".join(str(p) for p in [*path, key])
+            message = f"{where}: {method.name} takes no weight; ignored, as mergekit ignores it"
+            if message not in ignored:
+                ignored.append(message)
+            continue
+        if key not in known:
+            names = ", ".join(known) or "none"
+            raise fail([*path, key], f"{method.name} has no parameter {key!r} (its parameters: {names})")
+        reason = method.parameters[key].ignored
+        if reason is not None:
+            where = ".".join(str(p) for p in [*path, key])
+            message = f"{where}: {reason}"
+            if message not in ignored:
+                ignored.append(message)
+
+
+def _check_value(fail: Any, path: list[str | int], method: MethodSpec, key: str, value: Any) -> None:
+    if isinstance(value, list) and not value:
+        raise fail(path, "an empty list is not a valid parameter value (a gradient needs at least one number)")
+    check_range(method, key, _all_numbers(value), lambda message: fail(path, message))
+
+
+def check_range(method: MethodSpec, key: str, values: Sequence[float], fail: Any) -> None:
+    """Raises ``fail(message)`` for the first value outside the parameter's declared range."""
+    parameter = method.parameters.get(key)
+    if parameter is None or parameter.range is None:
+        return
+    low, high, low_open, high_open = parameter.range
+    for v in values:
+        if (v <= low if low_open else v < low) or (v >= high if high_open else v > high):
+            raise fail(f"{key} {v} is outside {parameter.range_text} ({method.name}: {parameter.help})")
+
+
+def _all_numbers(value: Any) -> list[float]:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, list):
+        return [v for item in value for v in _all_numbers(item.get("value") if isinstance(item, Mapping) else item)]
+    return []
+
+
+def out_dtype_name(config: MergeConfig, base_config: Mapping[str, Any] | None, stored: str | None = None) -> str:
+    """The safetensors dtype of the output: out_dtype, else dtype, else (as mergekit, which then keeps
+    the loaded tensors' dtype) the base's stored dtype, else its config.json dtype (``dtype``, as
+    transformers 5 writes it, or ``torch_dtype``)."""
+    base = base_config or {}
+    if stored in ("F64", "F32", "F16", "BF16"):
+        base = {"dtype": TORCH_NAMES[stored]}
+    for name in (config.out_dtype, config.dtype, base.get("dtype"), base.get("torch_dtype")):
+        if isinstance(name, str) and name in RECIPE_DTYPES:
+            return RECIPE_DTYPES[name]
+    return "BF16"

@@ -1,0 +1,225 @@
+//! Raw all-pairs sums of k delta vectors (Σxᵢ and Σxᵢxⱼ) over blocks that sit in L1: the hot loop
+//! of `kinship_matrix`.
+//!
+//! The pairs are swept in register tiles (4×4 with AVX-512, 2×2 elsewhere), so each vector loaded
+//! from L1 feeds several pairs. One pair costs one fused multiply-add per element; that is what
+//! lets an all-pairs pass over eight fine-tunes stay near the cost of reading them. Every sum keeps
+//! `LANES` partial sums in a fixed order, so results do not depend on the thread count, and are
+//! the same on every CPU level that has FMA.
+
+// The pass imports the fused sweep from its own file: a re-export here would make this file and
+// `fused.rs` (which adds to `Gram`) import each other.
+pub(super) mod fused;
+
+use crate::kinship::simd::{Accumulator, Lanes, LANES};
+
+/// Raw sums of k vectors over the blocks added so far.
+#[derive(Debug, Clone)]
+pub(crate) struct Gram {
+    k: usize,
+    /// Σxᵢ as `LANES` partial sums: the fused sweep adds lane by lane, a decoded block's sum
+    /// goes to lane 0.
+    sums: Vec<Lanes>,
+    /// k×k, row-major; only i ≤ j is filled.
+    products: Vec<Lanes>,
+}
+
+impl Gram {
+    pub(crate) fn new(k: usize) -> Self {
+        Gram { k, sums: vec![[0.0; LANES]; k], products: vec![[0.0; LANES]; k * k] }
+    }
+
+    /// Adds a block's Σxᵢ (summed by whoever made the block, in the same sweep).
+    pub(crate) fn add_sum(&mut self, i: usize, sum: f64) {
+        self.sums[i][0] += sum;
+    }
+
+    /// Adds one block's products: row i holds `len` elements at `rows[i * stride..]`. `len` must
+    /// be a multiple of [`LANES`]; zero padding adds nothing.
+    pub(crate) fn add_products(&mut self, rows: &[f64], stride: usize, len: usize) {
+        assert!(
+            len.is_multiple_of(LANES) && len <= stride && rows.len() >= (self.k.max(1) - 1) * stride + len
+        );
+        add_products(&Rows { data: rows, stride, len }, self.k, &mut self.products);
+    }
+
+    /// (Σxᵢ, Σxᵢxⱼ as a full symmetric k×k matrix).
+    pub(crate) fn totals(&self) -> (Vec<f64>, Vec<f64>) {
+        let k = self.k;
+        let total = |lanes: &Lanes| lanes.iter().sum::<f64>();
+        let sums = self.sums.iter().map(total).collect();
+        let mut products = vec![0.0; k * k];
+        for i in 0..k {
+            for j in i..k {
+                let p = total(&self.products[i * k + j]);
+                products[i * k + j] = p;
+                products[j * k + i] = p;
+            }
+        }
+        (sums, products)
+    }
+}
+
+fn add_products(rows: &Rows, k: usize, products: &mut [Lanes]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { x86::tiles_avx512(rows, k, products) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: as above.
+            return unsafe { x86::tiles_avx2(rows, k, products) };
+        }
+    }
+    // SAFETY: plain arrays need no CPU feature.
+    unsafe { tiles::<Lanes, 2>(rows, k, products) }
+}
+
+struct Rows<'a> {
+    data: &'a [f64],
+    stride: usize,
+    len: usize,
+}
+
+impl Rows<'_> {
+    #[inline(always)]
+    fn row(&self, i: usize) -> &[f64] {
+        &self.data[i * self.stride..i * self.stride + self.len]
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{tiles, Lanes, Rows};
+    use crate::kinship::simd::x86::{Avx2, Avx512};
+
+    /// 4×4 tiles: sixteen accumulators and eight operands fit AVX-512's 32 registers.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tiles_avx512(rows: &Rows, k: usize, products: &mut [Lanes]) {
+        // SAFETY: the CPU has AVX-512F.
+        unsafe { tiles::<Avx512, 4>(rows, k, products) }
+    }
+
+    /// 2×2 tiles: four two-register accumulators and four operands fit AVX2's 16 registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiles_avx2(rows: &Rows, k: usize, products: &mut [Lanes]) {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { tiles::<Avx2, 2>(rows, k, products) }
+    }
+}
+
+/// Covers the upper triangle of the k×k pair matrix with tiles of at most T×T.
+///
+/// # Safety
+/// The CPU must have `A`'s features.
+#[inline(always)]
+unsafe fn tiles<A: Accumulator, const T: usize>(rows: &Rows, k: usize, products: &mut [Lanes]) {
+    for i0 in (0..k).step_by(T) {
+        for j0 in (i0..k).step_by(T) {
+            let (r, c) = (T.min(k - i0), T.min(k - j0));
+            let diagonal = i0 == j0;
+            // Monomorphise every tile shape that can occur, so accumulators stay in registers.
+            macro_rules! go {
+                ($($r:literal, $c:literal);*) => {
+                    match (r, c, diagonal) {
+                        $(
+                            // SAFETY: the caller guarantees the CPU features.
+                            ($r, $c, true) => unsafe { tile::<A, $r, $c, true>(rows, i0, j0, k, products) },
+                            // SAFETY: as above.
+                            ($r, $c, false) => unsafe { tile::<A, $r, $c, false>(rows, i0, j0, k, products) },
+                        )*
+                        _ => unreachable!("tile shapes are at most T×T"),
+                    }
+                };
+            }
+            if T == 4 {
+                go!(4, 4; 4, 3; 4, 2; 4, 1; 3, 3; 2, 2; 1, 1);
+            } else {
+                go!(2, 2; 2, 1; 1, 1);
+            }
+        }
+    }
+}
+
+/// Accumulates Σ xᵢxⱼ for rows i0..i0+R against rows j0..j0+C; on a diagonal tile only j ≥ i.
+///
+/// # Safety
+/// The CPU must have `A`'s features.
+#[inline(always)]
+unsafe fn tile<A: Accumulator, const R: usize, const C: usize, const DIAGONAL: bool>(
+    rows: &Rows,
+    i0: usize,
+    j0: usize,
+    k: usize,
+    products: &mut [Lanes],
+) {
+    let wanted = |r: usize, c: usize| !DIAGONAL || c >= r;
+    let xs: [&[f64]; R] = std::array::from_fn(|r| rows.row(i0 + r));
+    let ys: [&[f64]; C] = std::array::from_fn(|c| rows.row(j0 + c));
+    let slot = |r: usize, c: usize| (i0 + r) * k + j0 + c;
+    // Plain loops rather than closures: a closure does not inherit the CPU features, so the
+    // intrinsics in it would not be inlined.
+    // SAFETY (loads and stores below): every slot is a whole `Lanes` array of `products`, and
+    // every row holds `rows.len` values, a multiple of LANES, so e + LANES <= rows.len.
+    let mut acc = [[unsafe { A::load(products[slot(0, 0)].as_ptr()) }; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            acc[r][c] = unsafe { A::load(products[slot(r, c)].as_ptr()) };
+        }
+    }
+    let (mut x, mut y) = ([acc[0][0]; R], [acc[0][0]; C]);
+    for e in (0..rows.len).step_by(LANES) {
+        for r in 0..R {
+            x[r] = unsafe { A::load(xs[r].as_ptr().add(e)) };
+        }
+        for c in 0..C {
+            y[c] = unsafe { A::load(ys[c].as_ptr().add(e)) };
+        }
+        for r in 0..R {
+            for c in 0..C {
+                if wanted(r, c) {
+                    acc[r][c] = unsafe { acc[r][c].add_product(x[r], y[c]) };
+                }
+            }
+        }
+    }
+    for r in 0..R {
+        for c in 0..C {
+            if wanted(r, c) {
+                unsafe { acc[r][c].store(products[slot(r, c)].as_mut_ptr()) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_match_naive_for_every_tile_shape() {
+        for k in 1..=9 {
+            let (stride, len) = (40, 32);
+            let rows: Vec<f64> = (0..k * stride).map(|v| ((v * 7919) % 101) as f64 / 8.0 - 6.0).collect();
+            let mut gram = Gram::new(k);
+            for block_len in [len, 16] {
+                for i in 0..k {
+                    gram.add_sum(i, rows[i * stride..i * stride + block_len].iter().sum());
+                }
+                gram.add_products(&rows, stride, block_len);
+            }
+            let (sums, products) = gram.totals();
+            let row = |i: usize, n: usize| &rows[i * stride..i * stride + n];
+            for i in 0..k {
+                let expected: f64 = row(i, len).iter().sum::<f64>() + row(i, 16).iter().sum::<f64>();
+                assert_eq!(sums[i], expected, "k={k} sum {i}");
+                for j in 0..k {
+                    let dot = |n| row(i, n).iter().zip(row(j, n)).map(|(a, b)| a * b).sum::<f64>();
+                    // Values are multiples of 1/8 below 7, so every sum here is exact.
+                    assert_eq!(products[i * k + j], dot(len) + dot(16), "k={k} pair {i},{j}");
+                }
+            }
+        }
+    }
+}
