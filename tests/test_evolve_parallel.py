@@ -80,12 +80,19 @@ def test_local_worker_killed_mid_evaluation_is_retried_once(family, tmp_path, mo
     run = evo.evolve(config, tmp_path / "killed", workers=2)
     assert sorted(p.name for p in mortal.glob("died-*")) == sorted(f"died-{v}-search" for v in victims)
     assert outcome(run) == outcome(reference)  # the retried candidates scored as if nothing happened
-    # A job whose worker dies on both attempts fails (the run goes on).
+    # A job whose worker dies on every attempt is the machine's fault, not the candidate's: the run
+    # stops with the candidate pending and the fault recorded; mended, it resumes to the same run.
     monkeypatch.setenv("EVOLVE_TEST_DIE_ALWAYS", "1")
-    run = evo.evolve(config, tmp_path / "twice", workers=2)
-    failed = [c for c in run.candidates if c.status == "failed"]
-    assert sorted(f"c{c.id}" for c in failed) == sorted(victims)
-    assert all(c.error == "worker died twice during this job" for c in failed)
+    with pytest.raises(evo.MachineFault, match="worker process lost 3 times"):
+        evo.evolve(config, tmp_path / "lost", workers=2)
+    stopped = evo.open_run(tmp_path / "lost")
+    assert not [c for c in stopped.candidates if c.status == "failed"]
+    assert stopped.faults and all(f"c{f[1]}" in victims for f in stopped.faults)
+    assert all(stopped.candidate(f[1]).status == "pending" for f in stopped.faults)  # type: ignore[arg-type]
+    assert stopped.worker_restarts >= 3
+    monkeypatch.delenv("EVOLVE_TEST_DIE_ALWAYS")
+    monkeypatch.delenv("EVOLVE_TEST_DIE")
+    assert outcome(evo.evolve(config, tmp_path / "lost", workers=2)) == outcome(reference)
 
 
 @pytest.fixture

@@ -116,7 +116,6 @@ def test_recipes_are_valid_mergekit_recipes():
         ({"evaluator": {}}, "exactly one of"),
         ({"evaluator": {"command": "run it"}}, "{model}"),
         ({"evaluator": {"python": "nomodule"}}, "module:function"),
-        ({"evaluator": {"python": "m:f", "timeout": 5}}, "timeout applies to command"),
         ({"evaluator": {"command": "e {model}", "timeout": -1}}, "positive"),
         ({"evaluator": {"lm_eval": {"tasks": []}}}, "non-empty list"),
         ({"evaluator": {"lm_eval": {"tasks": ["x"], "fewshot": 5}}}, "unknown key"),

@@ -18,6 +18,7 @@ from typing import Any
 from .config import EvolveConfig, load_evolve_config
 from .errors import RunError
 from .evaluators import EvaluationError, ObjectiveError
+from .faults import MachineFault
 from .run import Run, evolve, open_run
 from .store import Candidate
 
@@ -25,6 +26,7 @@ __all__ = [
     "Candidate",
     "EvaluationError",
     "EvolveConfig",
+    "MachineFault",
     "ObjectiveError",
     "Run",
     "RunError",

@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from .faults import MachineFault
 from .run import Run
 from .store import Candidate, Store
 
@@ -33,6 +34,7 @@ class LiveTable:
         self.live = Live(console=console, refresh_per_second=4, transient=False)
         self.started = time.perf_counter()
         self.finished = 0
+        self.printed: dict[int, set[str]] = {}
 
     def __enter__(self) -> LiveTable:
         if self.console.is_terminal:
@@ -48,10 +50,23 @@ class LiveTable:
             self.finished += 1
         if not self.console.is_terminal:
             if event in ("done", "failed"):
-                score = "" if candidate.objective_search is None else f" search {candidate.objective_search:.4f}"
-                self.console.print(f"#{candidate.id} {candidate.role} {event}{score}")
+                self.print_line(candidate)
             return
         self.live.update(self.render(store))
+
+    def print_line(self, candidate: Candidate) -> None:
+        """One line per new fact about a candidate (a split scored, a failure): a candidate scored
+        on both splits, or failing on both, is not printed twice."""
+        facts = []
+        for split, value in (("search", candidate.objective_search), ("test", candidate.objective_test)):
+            if value is not None:
+                facts.append(f"{split} {value:.4f}")
+        if candidate.status == "failed":
+            facts.append("failed: " + (candidate.error or "").split("\n")[0])
+        new = [f for f in facts if f not in self.printed.setdefault(candidate.id, set())]
+        if new:
+            self.printed[candidate.id].update(new)
+            self.console.print(f"#{candidate.id} {candidate.role} " + ", ".join(new), soft_wrap=True)
 
     def render(self, store: Store) -> Group:
         candidates = store.candidates()
@@ -98,10 +113,15 @@ def evolve_command(
     from .report import candidates_table
     from .run import evolve
 
-    with LiveTable(err) as live:
-        run = evolve(
-            config, run_dir, force=force, reporter=live, offline=offline, threads=threads, workers=workers, ray=ray
-        )
+    try:
+        with LiveTable(err) as live:
+            run = evolve(
+                config, run_dir, force=force, reporter=live, offline=offline, threads=threads, workers=workers, ray=ray
+            )
+    except MachineFault as fault:
+        # Exit 1, not 2: nothing is wrong with the input; the run resumes once the machine is mended.
+        print(f"error: {fault}; the run stopped with its candidates pending: mend it and run again", file=sys.stderr)
+        raise typer.Exit(1) from fault
     out.print(candidates_table(run))
     best = run.best
     if best is not None:
@@ -145,8 +165,19 @@ def show_command(
         print(json.dumps(run.to_dict(), indent=2))
         return
     out.print(candidates_table(run))
+    print_faults(run)
     if run.stop_reason:
         print(f"stopped: {run.stop_reason}")
+
+
+def print_faults(run: Run) -> None:
+    """The machine's faults the run met and the workers it replaced: never candidate failures."""
+    for at, candidate, split, message in run.faults:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+        where = f" (candidate #{candidate}, {split})" if candidate is not None else ""
+        print(f"fault {when}: {message}{where}")
+    if run.worker_restarts:
+        print(f"worker processes restarted: {run.worker_restarts}")
 
 
 @runs_app.command("tree")

@@ -339,8 +339,6 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any]) -> Evaluator
     timeout = section.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise check.fail(["evaluator", "timeout"], "must be a positive number of seconds")
-    if timeout is not None and kind != "command":
-        raise check.fail(["evaluator", "timeout"], "timeout applies to command evaluators (this one runs in-process)")
     if kind == "command":
         if not isinstance(section["command"], str) or "{model}" not in section["command"]:
             raise check.fail(["evaluator", "command"], "must be a command line containing {model}")

@@ -23,6 +23,7 @@ from .errors import RunError
 from .evaluators import EvaluationError, check_scores, objective
 from .executors import Executor, Job
 from .experiment import Experiment
+from .faults import MachineFault
 from .store import Candidate, Store
 
 MODELS_DIR = "models"
@@ -130,6 +131,10 @@ class Driver:
             jobs.append(Job(candidate.id, split, model, recipe, scratch, self.config.seed, self.threads))
         for result in self.executor.run(jobs):
             candidate = self.store.get(result.candidate)
+            if result.fault is not None:
+                # Not the candidate's failure: it stays pending and the run stops (see faults.py).
+                self.store.record_fault(candidate.id, result.split, result.fault)
+                raise MachineFault(f"{result.fault} (while working on {candidate.label})")
             if result.merge_s is not None and not scratch:
                 self.store.record_merge(candidate.id, self.model_path(candidate), result.merge_s)
             if result.scores is None:

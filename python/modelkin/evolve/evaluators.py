@@ -67,7 +67,7 @@ def command_evaluator(template: str, timeout: float | None) -> EvaluatorFn:
         try:
             done = subprocess.run(line, shell=True, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired as error:
-            raise EvaluationError(f"evaluator timed out after {error.timeout:g} s: {line}") from error
+            raise EvaluationError(f"timeout: evaluator timed out after {error.timeout:g} s: {line}") from error
         if done.returncode != 0:
             tail = done.stderr.strip()[-STDERR_TAIL:]
             raise EvaluationError(f"evaluator exited with status {done.returncode}: {line}\n{tail}".rstrip())

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from .config import EvaluatorSpec
 from .errors import RunError
 from .evaluators import EvaluatorFn, make_evaluator
+from .faults import WORKER_LOSS_RETRIES, machine_fault
 
 # Environment variables that size the BLAS and OpenMP thread pools of a worker process.
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -59,20 +60,26 @@ class JobResult:
     merge_s: float | None
     eval_s: float
     worker: str = ""
+    # A fault of the machine (full disk, lost worker, ...): not the candidate's, which stays pending.
+    fault: str | None = None
 
 
 class Executor(Protocol):
     """Runs jobs, yielding each result as soon as it is ready (in any order)."""
 
     workers: int
+    # Worker processes replaced (lost, or killed on a timeout): shown in the run's report.
+    restarts: int
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]: ...
 
     def close(self) -> None: ...
 
 
-def run_job(job: Job, evaluate: EvaluatorFn) -> JobResult:
-    """Merges (if needed) and evaluates one job; every failure becomes the result's error."""
+def run_job(job: Job, evaluate: EvaluatorFn, evaluating: Callable[[], object] | None = None) -> JobResult:
+    """Merges (if needed) and evaluates one job; every failure becomes the result's error, or its
+    fault when the machine is to blame. ``evaluating`` is told when the evaluation starts (a pool
+    times the evaluation from then, not the merge)."""
     from ..merge.merging import merge
 
     where = f"{socket.gethostname()}:{os.getpid()}"
@@ -82,11 +89,15 @@ def run_job(job: Job, evaluate: EvaluatorFn) -> JobResult:
             start = time.perf_counter()
             merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
             merge_s = time.perf_counter() - start
+        if evaluating is not None:
+            evaluating()
         start = time.perf_counter()
         scores = dict(evaluate(job.model, job.split))
         return JobResult(job.candidate, job.split, scores, None, merge_s, time.perf_counter() - start, where)
-    except Exception as error:  # the candidate fails, the worker goes on
-        return JobResult(job.candidate, job.split, None, f"{type(error).__name__}: {error}", merge_s, 0.0, where)
+    except Exception as error:  # the candidate fails (or the machine did), the worker goes on
+        message = f"{type(error).__name__}: {error}"
+        fault = machine_fault(error)
+        return JobResult(job.candidate, job.split, None, message, merge_s, 0.0, where, fault)
     finally:
         if job.scratch:
             shutil.rmtree(job.model, ignore_errors=True)
@@ -96,6 +107,7 @@ class SerialExecutor:
     """One worker: the driver's own process (any evaluator callable works, nothing is pickled)."""
 
     workers = 1
+    restarts = 0
 
     def __init__(self, evaluate: EvaluatorFn) -> None:
         self.evaluate = evaluate
@@ -108,11 +120,17 @@ class SerialExecutor:
         pass
 
 
+# What a worker sends when a job's merge is done and its evaluation starts.
+EVALUATING = "evaluating"
+
+
 @dataclass
 class _Worker:
     process: subprocess.Popen[bytes]
     conn: Connection
     job: Job | None = None
+    # When the job's evaluation must be over (None: no timeout, or still merging).
+    deadline: float | None = None
 
 
 class LocalPoolExecutor:
@@ -124,6 +142,10 @@ class LocalPoolExecutor:
         self.workers = workers
         self.spec = spec
         self.override = override
+        # In-process evaluators (python, lm_eval) are timed here: a worker past the timeout is
+        # killed and replaced. Command evaluators time their own subprocess.
+        self.timeout = spec.timeout if spec.kind != "command" else None
+        self.restarts = 0
         self.pool: list[_Worker] = []
         self.threads = max(1, (os.cpu_count() or 1) // workers)
         self.authkey = secrets.token_bytes(16)
@@ -157,33 +179,57 @@ class LocalPoolExecutor:
         while pending or any(w.job is not None for w in self.pool):
             self._assign(pending, attempts)
             busy = [w for w in self.pool if w.job is not None]
-            ready = wait([w.conn for w in busy])
+            deadlines = [w.deadline for w in busy if w.deadline is not None]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready = wait([w.conn for w in busy], timeout=wait_s)
             results = []
             for worker in busy:
-                if worker.conn not in ready:
-                    continue
                 job = worker.job
                 assert job is not None
-                worker.job = None
+                if worker.conn not in ready:
+                    if worker.deadline is not None and time.monotonic() >= worker.deadline:
+                        results.append(self._timed_out(worker, job))
+                    continue
                 try:
-                    result = worker.conn.recv()
+                    message = worker.conn.recv()
                 except (EOFError, OSError):
-                    # The worker died mid-job: replace it, retry the job once elsewhere.
+                    # The worker died mid-job (killed, out of memory): the machine's fault, not the
+                    # candidate's. Replace it and retry the job elsewhere, a bounded number of times.
+                    worker.job, worker.deadline = None, None
                     worker.process.wait()
                     self.pool.remove(worker)
+                    self.restarts += 1
                     self._spawn(1)
-                    if attempts[(job.candidate, job.split)] < 2:
+                    if attempts[(job.candidate, job.split)] <= WORKER_LOSS_RETRIES:
                         pending.appendleft(job)
                     else:
-                        results.append(
-                            JobResult(job.candidate, job.split, None, "worker died twice during this job", None, 0.0)
-                        )
+                        lost = f"worker process lost {attempts[(job.candidate, job.split)]} times during this job"
+                        results.append(JobResult(job.candidate, job.split, None, lost, None, 0.0, fault=lost))
                     continue
-                assert isinstance(result, JobResult)
-                results.append(result)
+                if message == EVALUATING:
+                    if self.timeout is not None:
+                        worker.deadline = time.monotonic() + self.timeout
+                    continue
+                assert isinstance(message, JobResult)
+                worker.job, worker.deadline = None, None
+                results.append(message)
             # Freed workers take their next job before the driver records these results.
             self._assign(pending, attempts)
             yield from results
+
+    def _timed_out(self, worker: _Worker, job: Job) -> JobResult:
+        """Kills a worker whose evaluation ran past the timeout and starts another in its place;
+        the candidate fails with reason timeout (its own fault: it did not finish)."""
+        worker.process.kill()
+        worker.process.wait()
+        worker.conn.close()
+        self.pool.remove(worker)
+        self.restarts += 1
+        self._spawn(1)
+        if job.scratch:
+            shutil.rmtree(job.model, ignore_errors=True)
+        error = f"timeout: evaluator timed out after {self.timeout:g} s (its worker was killed and restarted)"
+        return JobResult(job.candidate, job.split, None, error, None, float(self.timeout or 0.0))
 
     def _assign(self, pending: deque[Job], attempts: dict[tuple[int, str], int]) -> None:
         for worker in self.pool:
@@ -253,6 +299,7 @@ class RayExecutor:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise RunError(f"--ray {address}: cannot reach a Ray cluster ({first})") from error
         self.workers = int(self.ray.cluster_resources().get("CPU", 1))
+        self.restarts = 0  # Ray restarts its own workers; a task lost twice stops the run
         self.spec = spec
         self.override = override
         self.remote = ray.remote(num_cpus=1, max_retries=1)(_ray_job)
@@ -284,9 +331,9 @@ class RayExecutor:
                 job = refs[ref]
                 try:
                     yield ray.get(ref)
-                except ray.exceptions.RayError as error:  # the worker died twice (Ray retried once)
-                    detail = type(error).__name__
-                    yield JobResult(job.candidate, job.split, None, f"Ray task failed: {detail}", None, 0.0)
+                except ray.exceptions.RayError as error:  # the worker or node was lost twice (Ray retried once)
+                    lost = f"Ray task lost twice ({type(error).__name__})"
+                    yield JobResult(job.candidate, job.split, None, lost, None, 0.0, fault=lost)
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import shutil
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from .errors import RunError
 from .evaluators import EvaluatorFn, make_evaluator
 from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
 from .experiment import Experiment, prepare_experiment
+from .faults import MachineFault, machine_fault
+from .lock import LOCK_NAME, RunLock
 from .search import run_cmaes
 from .soup import run_soup
 from .store import STORE_NAME, Candidate, Store
@@ -40,6 +44,10 @@ class Run:
     best_id: int | None
     kinship_seconds: float
     seed: int = 0
+    # Faults of the machine met (time, candidate, split, message): never candidate failures.
+    faults: tuple[tuple[float, int | None, str | None, str], ...] = ()
+    # Worker processes replaced (lost, or killed on an evaluator timeout) in the last session.
+    worker_restarts: int = 0
 
     @property
     def best(self) -> Candidate | None:
@@ -112,6 +120,8 @@ class Run:
             "strategy": self.strategy,
             "state": self.state,
             "stop_reason": self.stop_reason,
+            "faults": [{"at": at, "candidate": c, "split": sp, "message": m} for at, c, sp, m in self.faults],
+            "worker_restarts": self.worker_restarts,
             "best": self.best_id,
             "candidates": [self.candidate_dict(c) for c in self.candidates],
         }
@@ -139,7 +149,12 @@ def open_run(run_dir: str | os.PathLike[str]) -> Run:
     path = Path(run_dir)
     if not (path / STORE_NAME).is_file():
         raise RunError(f"{path}: not a modelkin run directory (no {STORE_NAME})")
-    store = Store(path)
+    try:
+        store = Store(path)
+    except sqlite3.OperationalError:
+        # A full disk or a read-only file system: read without writing (a read-only connection
+        # leaves the WAL's side files behind, so it is not the default).
+        store = Store(path, readonly=True)
     try:
         best = store.get_meta("best")
         return Run(
@@ -152,6 +167,8 @@ def open_run(run_dir: str | os.PathLike[str]) -> Run:
             stop_reason=store.get_meta("stop_reason"),
             best_id=None if best is None else int(best),
             kinship_seconds=float(store.get_meta("kinship_s") or 0.0),
+            faults=tuple(store.faults()),
+            worker_restarts=int(store.get_meta("worker_restarts") or 0),
             seed=int(store.get_meta("seed") or 0),
         )
     finally:
@@ -182,17 +199,34 @@ def evolve(
     # Resolved once, and a bad pool refused, before the run directory is touched.
     experiment = prepare_experiment(parsed, offline)
     executor = make_executor(experiment, path, evaluator, workers or parsed.workers, ray or parsed.ray)
+    lock: RunLock | None = None
+    driver: Driver | None = None
     try:
+        lock = _lock(path, force)
         _claim(path, parsed, force)
-    except BaseException:
-        executor.close()
-        raise
-    driver = Driver(experiment, path, executor, reporter=reporter, offline=offline, threads=threads)
-    try:
+        lock.announce()
+        driver = Driver(experiment, path, executor, reporter=reporter, offline=offline, threads=threads)
         drive(driver)
+    except MachineFault:
+        raise
+    except Exception as error:
+        # A fault of the machine met in the driver's own process (a parent re-made for kinship on
+        # a full disk, the store's own writes) stops the run the same way a worker's does.
+        fault = machine_fault(error)
+        if fault is None:
+            raise
+        if driver is not None:
+            with contextlib.suppress(Exception):  # the store may be what cannot be written
+                driver.store.record_fault(None, None, fault)
+        raise MachineFault(fault) from error
     finally:
-        driver.store.close()
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.store.set_meta(worker_restarts=str(executor.restarts))
+            driver.store.close()
         executor.close()
+        if lock is not None:
+            lock.release()
     return open_run(path)
 
 
@@ -226,17 +260,33 @@ def make_executor(
         paths = [p for p in (experiment.base, *experiment.pool, str(where)) if p is not None]
         executor.check_paths([p for p in paths if Path(p).is_absolute()])
         return executor
-    if workers == 1:
+    # An in-process evaluator with a timeout runs in a worker process, where it can be stopped.
+    timed = config.evaluator.timeout is not None and config.evaluator.kind != "command"
+    if workers == 1 and not timed:
         return SerialExecutor(evaluate)
     if override is not None:
         try:
             pickle.dumps(override)
         except Exception as error:
             raise RunError(
-                f"workers > 1 needs an evaluator that can be sent to worker processes (a module-level"
-                f" function), not {override!r}: {error}"
+                "workers > 1 (or an evaluator timeout) needs an evaluator that can be sent to worker processes"
+                f" (a module-level function), not {override!r}: {error}"
             ) from error
     return LocalPoolExecutor(workers, config.evaluator, override)
+
+
+def _lock(path: Path, force: bool) -> RunLock:
+    """Takes the run directory for this driver, refusing a directory that is neither empty nor a
+    run before anything is written into it, and a run another driver is running."""
+    if (
+        path.exists()
+        and not (path / STORE_NAME).exists()
+        and any(p.name != LOCK_NAME for p in path.iterdir())
+        and not force
+    ):
+        raise RunError(f"{path}: exists, is not empty and is not a run directory (pass --force to use it)")
+    path.mkdir(parents=True, exist_ok=True)
+    return RunLock(path)
 
 
 def _claim(path: Path, config: EvolveConfig, force: bool) -> None:
@@ -257,9 +307,6 @@ def _claim(path: Path, config: EvolveConfig, force: bool) -> None:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-    elif path.exists() and any(path.iterdir()) and not force:
-        raise RunError(f"{path}: exists, is not empty and is not a run directory (pass --force to use it)")
-    path.mkdir(parents=True, exist_ok=True)
     store = Store(path)
     try:
         if store.get_meta("fingerprint") is None:

@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS kinship (
 CREATE TABLE IF NOT EXISTS generations (
     generation INTEGER PRIMARY KEY, top TEXT NOT NULL, note TEXT
 );
+CREATE TABLE IF NOT EXISTS faults (
+    id INTEGER PRIMARY KEY, at REAL NOT NULL, candidate INTEGER, split TEXT, message TEXT NOT NULL
+);
 """
 STORE_NAME = "run.sqlite"
 
@@ -83,8 +86,12 @@ class Candidate:
 class Store:
     """The SQLite database of one run."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, *, readonly: bool = False) -> None:
         self.path = run_dir / STORE_NAME
+        if readonly:
+            # For readers where nothing can be written (a full disk, a read-only file system).
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+            return
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self.db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before the next step starts, so a crash loses at most the
@@ -243,6 +250,22 @@ class Store:
     def generations(self) -> list[tuple[int, list[int], str | None]]:
         rows = self.db.execute("SELECT generation, top, note FROM generations ORDER BY generation")
         return [(int(g), list(json.loads(t)), n) for g, t, n in rows]
+
+    def record_fault(self, candidate: int | None, split: str | None, message: str) -> None:
+        """A fault of the machine met while working on ``candidate`` (which stays pending)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO faults (at, candidate, split, message) VALUES (?, ?, ?, ?)",
+                (time.time(), candidate, split, message),
+            )
+
+    def faults(self) -> list[tuple[float, int | None, str | None, str]]:
+        """Every machine fault the run met, oldest first: (time, candidate, split, message)."""
+        try:
+            rows = self.db.execute("SELECT at, candidate, split, message FROM faults ORDER BY id").fetchall()
+        except sqlite3.OperationalError:  # a store written before faults were recorded, read-only
+            return []
+        return [(float(at), cand, split, str(message)) for at, cand, split, message in rows]
 
     def add_kinship_time(self, seconds: float) -> None:
         """Accumulates the time spent in kinship passes (part of the engine's overhead)."""

@@ -11,7 +11,7 @@ import time
 from multiprocessing.connection import Client
 
 from .evaluators import make_evaluator
-from .executors import run_job
+from .executors import EVALUATING, run_job
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -34,7 +34,7 @@ def main() -> None:
         job = conn.recv()
         if job is None:
             return
-        conn.send(run_job(job, evaluate))
+        conn.send(run_job(job, evaluate, lambda: conn.send(EVALUATING)))
 
 
 if __name__ == "__main__":
