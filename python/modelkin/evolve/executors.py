@@ -95,7 +95,9 @@ def run_job(job: Job, evaluate: EvaluatorFn, evaluating: Callable[[], object] | 
         scores = dict(evaluate(job.model, job.split))
         return JobResult(job.candidate, job.split, scores, None, merge_s, time.perf_counter() - start, where)
     except Exception as error:  # the candidate fails (or the machine did), the worker goes on
-        message = f"{type(error).__name__}: {error}"
+        # A private class (the merge's _Reported) is named by its public base: OSError, not _Reported.
+        name = next(c.__name__ for c in type(error).__mro__ if not c.__name__.startswith("_"))
+        message = f"{name}: {error}"
         fault = machine_fault(error)
         return JobResult(job.candidate, job.split, None, message, merge_s, 0.0, where, fault)
     finally:
@@ -241,6 +243,9 @@ class LocalPoolExecutor:
 
     def close(self) -> None:
         for worker in self.pool:
+            if worker.job is not None:
+                # Busy (the driver is stopping mid-generation): SIGTERM unwinds its job cleanly.
+                worker.process.terminate()
             with contextlib.suppress(OSError):
                 worker.conn.send(None)
         for worker in self.pool:

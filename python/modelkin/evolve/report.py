@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ..io.staging import copy_tree, remove_stale, staging_dir
 from ..merge.merging import merge
+from ..merge.output import publish
 from .run import Run
 from .store import Candidate
 
@@ -164,12 +165,15 @@ def write_best(run: Run, out: Path, overwrite: bool = False) -> Candidate:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"{out}: exists and is not empty (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.modelkin-", dir=out.parent))
+    # Named after this process, with the umask's mode (io/staging.py); a dead writer's goes first.
+    remove_stale(out)
+    staging = staging_dir(out)
     try:
         target = staging / "model"
         source = Path(best.path) if best.path else None
         if source is not None and source.exists():
-            shutil.copytree(source, target) if source.is_dir() else _copy_file(source, target)
+            # Fresh copies: the output's modes follow this command's umask, not the run's files'.
+            copy_tree(source, target) if source.is_dir() else _copy_file(source, target)
         else:
             _remake(run, best, target, staging)
         card = target / "README.md"
@@ -177,9 +181,7 @@ def write_best(run: Run, out: Path, overwrite: bool = False) -> Candidate:
         card.write_text(previous.rstrip() + "\n\n" + lineage_card(run, best))
         lineage: list[dict[str, Any]] = [run.candidate_dict(c) for c in run.lineage(best.id)]
         (target / "modelkin_lineage.json").write_text(json.dumps(lineage, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        target.rename(out)
+        publish(target, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return best

@@ -4,12 +4,14 @@ driver's pool, receives the evaluator, then runs jobs until told to stop."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import sys
 import threading
 import time
 from multiprocessing.connection import Client
 
+from ..io.signals import interrupts_as_ctrl_c
 from .evaluators import make_evaluator
 from .executors import EVALUATING, run_job
 
@@ -30,11 +32,14 @@ def main() -> None:
     conn.send(os.getpid())
     spec, override = conn.recv()
     evaluate = make_evaluator(spec, override)
-    while True:
-        job = conn.recv()
-        if job is None:
-            return
-        conn.send(run_job(job, evaluate, lambda: conn.send(EVALUATING)))
+    # SIGTERM/SIGHUP (the driver closing the pool, or the whole process group stopped) unwind a job
+    # as Ctrl-C does: its merge's temporary directory and scratch model are removed.
+    with interrupts_as_ctrl_c(), contextlib.suppress(KeyboardInterrupt):  # quietly: the driver says why
+        while True:
+            job = conn.recv()
+            if job is None:
+                return
+            conn.send(run_job(job, evaluate, lambda: conn.send(EVALUATING)))
 
 
 if __name__ == "__main__":

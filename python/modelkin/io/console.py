@@ -1,8 +1,10 @@
 """Running a command the way every modelkin command runs: an expected failure is one line on stderr
-and exit 2, an interrupt is exit 130. Shared by `modelkin` and the `merge_cal` shim."""
+and exit 2; an interrupt (Ctrl-C, SIGTERM, SIGHUP: see signals.py) cleans up and exits 128 + the
+signal's number (130, 143, 129). Shared by `modelkin` and the `merge_cal` shim."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import typer
 
 from .errors import ModelkinError
+from .signals import Interrupts, interrupts_as_ctrl_c
 
 INTERRUPTED = 130
 
@@ -19,23 +22,47 @@ _ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if
 
 
 def run_cli(command: Any, args: list[str] | None = None) -> int:
-    """Runs a typer command, turning every expected failure into one line and exit code 2."""
+    """Runs a typer command, turning every expected failure into one line and exit code 2, and
+    SIGTERM and SIGHUP into the interrupt Ctrl-C is (handlers installed for this call only)."""
+    with interrupts_as_ctrl_c() as interrupts:
+        try:
+            return _run(command, args, interrupts)
+        except KeyboardInterrupt:
+            # A second signal while the first one's failure was being reported.
+            return _interrupted(interrupts)
+
+
+def _run(command: Any, args: list[str] | None, interrupts: Interrupts) -> int:
     try:
         result = command.main(args=args, standalone_mode=False)
     except typer.Exit as done:
-        return int(done.exit_code)
+        result = int(done.exit_code)
     except _ClickException as error:
         error.show()  # type: ignore[attr-defined]
         return 2
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        return INTERRUPTED
+        return _interrupted(interrupts)
     except (ModelkinError, OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if interrupts.signum is not None:
+            # Cleaning up after the signal failed (a hung-up terminal refuses the progress bar's
+            # last write): the command was still interrupted, and says so.
+            return _interrupted(interrupts)
+        _say(f"error: {error}")
         return 2
     except sqlite3.Error as error:  # the run store (a full disk, a damaged file)
-        print(f"error: run store: {error}", file=sys.stderr)
+        _say(f"error: run store: {error}")
         return 2
     if result == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code
-        print("interrupted", file=sys.stderr)
+        return _interrupted(interrupts)
     return result if isinstance(result, int) else 0
+
+
+def _interrupted(interrupts: Interrupts) -> int:
+    _say("interrupted" if interrupts.exit_code == INTERRUPTED else f"interrupted ({interrupts.name})")
+    return interrupts.exit_code
+
+
+def _say(line: str) -> None:
+    """One line on stderr, unless stderr is gone (SIGHUP: the terminal closed)."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, overload
 from .._core import KinshipStats, ModelHandle, run_merge
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
+from ..io.staging import remove_stale, staging_dir
 from ..kinship.measure import METRICS, KinshipMatrix
 from .chat_template import resolve_template, write_template
 from .output import TOKENIZER_FILES, check_output, model_dir, output_config, parse_size, publish, write_metadata
@@ -179,7 +180,9 @@ def merge(
 
 
 class _staging:
-    """A temp directory beside ``out``, removed unless published; OSError messages name ``out``."""
+    """A temp directory beside ``out`` named after this process (see io/staging.py), removed
+    unless published; a dead writer's left beside ``out`` is removed first. OSError messages name
+    ``out``."""
 
     def __init__(self, out: Path) -> None:
         self.out = out
@@ -187,7 +190,8 @@ class _staging:
     def __enter__(self) -> Path:
         parent = self.out.resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.modelkin-", dir=parent))
+        remove_stale(parent / self.out.name)
+        self.path = staging_dir(parent / self.out.name)
         return self.path
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _: object) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._core import __version__
 from ..io.dtypes import TORCH_NAMES
+from ..io.staging import set_aside_path
 from .recipe import METHODS, MergeConfig, ModelEntry, RecipeError
 
 if TYPE_CHECKING:
@@ -63,9 +63,15 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
 def publish(staging: Path, out: Path) -> None:
     """Renames the finished staging directory into place; an old OUT is removed only after."""
     if out.exists():
-        old = out.with_name(f".{out.name}.modelkin-old-{os.getpid()}")
+        old = set_aside_path(out)
         out.rename(old)
-        staging.rename(out)
+        try:
+            staging.rename(out)
+        except BaseException:
+            # Failed or interrupted (a signal) between the renames: the old OUT goes back.
+            if not out.exists():
+                old.rename(out)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         staging.rename(out)

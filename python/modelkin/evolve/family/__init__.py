@@ -10,13 +10,13 @@ with the package, so the whole evolution loop runs for real on a laptop with no 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ...io.safetensors import load_model
+from ...io.staging import copy_tree
 from .forward import LlamaModel
 from .tasks import ANSWER_LEN, TASKS, examples
 
@@ -78,7 +78,7 @@ def write_task_family(directory: str | Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name in MODELS:
-        shutil.copytree(WEIGHTS / name, root / name, dirs_exist_ok=True)
+        copy_tree(WEIGHTS / name, root / name)  # modes from the umask, not the installed package's
         written[name] = root / name
     (root / "evolve.yml").write_text(EVOLVE_YML.format(keep=""))
     (root / "soup.yml").write_text(SOUP_YML)
