@@ -116,7 +116,8 @@ def main() -> None:
     print("  " + ", ".join(f"{n}: {pct(v).strip()}" for n, v in marks))
 
     # 2. Throughput: each mode a real `modelkin evolve` process, the modes alternating in rounds.
-    throughput(args, family)
+    if args.rounds > 0:  # --rounds 0: the search's scores only
+        throughput(args, family)
 
 
 def throughput(args: argparse.Namespace, family: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from modelkin.evolve.config import lm_eval_weights, load_evolve_config
-from modelkin.evolve.evaluators import EvaluationError, lm_eval_evaluator, make_evaluator
+from modelkin.evolve.evaluators import ObjectiveError, lm_eval_evaluator, make_evaluator
 
 
 @pytest.fixture
@@ -30,7 +30,11 @@ def fake_lm_eval(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 def test_adapter_passes_settings_and_reads_metrics(fake_lm_eval):
     settings = {
-        "tasks": ["arc_easy", {"name": "gsm8k", "weight": 2.0, "metric": "exact_match,strict"}],
+        # arc_easy reports two metrics: its entry names one (there is no default metric).
+        "tasks": [
+            {"name": "arc_easy", "metric": "acc,none"},
+            {"name": "gsm8k", "weight": 2.0, "metric": "exact_match,strict"},
+        ],
         "model_args": "dtype=float32",
         "limit": 50,
         "num_fewshot": 5,
@@ -49,15 +53,19 @@ def test_adapter_passes_settings_and_reads_metrics(fake_lm_eval):
 
 def test_adapter_refuses_a_missing_metric(fake_lm_eval):
     run = lm_eval_evaluator({"tasks": [{"name": "arc_easy", "metric": "f1,none"}]})
-    with pytest.raises(EvaluationError, match="no 'f1,none' for task 'arc_easy'"):
+    # A config error (the same for every candidate): it stops the run rather than failing candidates.
+    with pytest.raises(
+        ObjectiveError, match=r"no 'f1,none' for task 'arc_easy' \(it reports: acc,none, acc_norm,none\)"
+    ):
         run("/m", "search")
 
 
 def test_config_selects_the_adapter(fake_lm_eval):
     config = load_evolve_config(
-        {"pool": ["a", "b"], "base_model": "z", "evaluator": {"lm_eval": {"tasks": ["arc_easy"], "limit": 10}}}
+        {"pool": ["a", "b"], "base_model": "z", "evaluator": {"lm_eval": {"tasks": ["gsm8k"], "limit": 10}}}
     )
-    assert make_evaluator(config.evaluator)("/m", "test") == {"arc_easy": 0.5}
+    # gsm8k reports one metric: it is the score (without test_tasks, only search is scored).
+    assert make_evaluator(config.evaluator)("/m", "search") == {"gsm8k": 0.25}
 
 
 def test_heavy_dependencies_are_imported_only_when_asked_for():

@@ -17,7 +17,7 @@ from typing import Any
 
 from .config import EvolveConfig, load_evolve_config
 from .errors import RunError
-from .evaluators import EvaluationError, ObjectiveError
+from .evaluators import EvaluationError, ObjectiveError, SplitNotScored
 from .faults import MachineFault
 from .run import Run, evolve, open_run
 from .store import Candidate
@@ -30,6 +30,7 @@ __all__ = [
     "ObjectiveError",
     "Run",
     "RunError",
+    "SplitNotScored",
     "evolve",
     "load_evolve_config",
     "open_run",

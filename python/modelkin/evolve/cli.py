@@ -108,6 +108,14 @@ def evolve_command(
     ray: Annotated[
         str | None, typer.Option("--ray", help="Run evaluations as Ray tasks: ADDRESS, auto, or local.")
     ] = None,
+    task_search_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--task-search-path",
+            metavar="DIR",
+            help="A directory of lm-eval task YAMLs, added to the lm_eval evaluator's include_path (repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run an evolution (topk with kinship, greedy soup, CMA-ES recipe search); re-run to resume."""
     from .report import candidates_table
@@ -116,7 +124,15 @@ def evolve_command(
     try:
         with LiveTable(err) as live:
             run = evolve(
-                config, run_dir, force=force, reporter=live, offline=offline, threads=threads, workers=workers, ray=ray
+                config,
+                run_dir,
+                force=force,
+                reporter=live,
+                offline=offline,
+                threads=threads,
+                workers=workers,
+                ray=ray,
+                task_search_path=task_search_path or (),
             )
     except MachineFault as fault:
         # Exit 1, not 2: nothing is wrong with the input; the run resumes once the machine is mended.
@@ -130,8 +146,11 @@ def evolve_command(
 
 
 def best_table(run: Run, best: Candidate) -> Table:
-    """The best model against its parents and the base, on both splits."""
-    table = Table(title=f"best: {best.label} ({best.role})")
+    """The best model against its parents and the base, on both splits (a split the evaluator
+    cannot score is left empty, and the caption says why)."""
+    from .report import not_scored_caption
+
+    table = Table(title=f"best: {best.label} ({best.role})", caption=not_scored_caption(run), caption_justify="left")
     for column in ("model", "role", "search", "test"):
         table.add_column(column, justify="right" if column in ("search", "test") else "left")
     pool = [c for c in run.candidates if c.role == "pool" and c.objective_search is not None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,24 @@ MERGEKIT_EVOLVE_KEYS = (
     "apply_chat_template",
     "fewshot_as_multiturn",
 )
+# modelkin's own lm-eval settings, allowed at the top level beside mergekit-evolve's tasks: too.
+LM_EVAL_TOP_KEYS = ("test_tasks", "include_path")
+# Every key of the lm_eval evaluator's settings (evaluator.lm_eval).
+LM_EVAL_KEYS = (
+    "tasks",
+    "test_tasks",
+    "include_path",
+    "model",
+    "model_args",
+    "limit",
+    "num_fewshot",
+    "batch_size",
+    "device",
+    "apply_chat_template",
+    "fewshot_as_multiturn",
+)
+# The splits an evaluator is asked for: search drives selection, test is held out and only reported.
+SPLITS = ("search", "test")
 KINSHIP_METRICS = ("pcc", "cs", "ed")
 # Keys of the `merge:` section: a mergekit recipe without its models (the strategy picks those).
 MERGE_KEYS = ("merge_method", "parameters", "dtype", "out_dtype", "tokenizer_source")
@@ -103,6 +121,10 @@ class EvolveConfig:
     # Resources, not part of the experiment (they change no decision): not in the fingerprint.
     workers: int = 1
     ray: str | None = None
+    # The test split's objective weights when they differ from the search split's (lm-eval's
+    # test_tasks name other tasks than tasks:); derived from the evaluator, so not fingerprinted.
+    test_weights: Mapping[str, float] | None = None
+    separate_test_weights: bool = False
 
     @property
     def fingerprint(self) -> str:
@@ -122,6 +144,10 @@ class EvolveConfig:
             "cmaes": self.cmaes.__dict__,
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def split_weights(self, split: str) -> Mapping[str, float] | None:
+        """The objective weights of one split's scores (None: the plain mean)."""
+        return self.test_weights if split == "test" and self.separate_test_weights else self.weights
 
     def model_path(self, reference: str) -> str:
         """A model reference with relative local paths made absolute (from the config's directory)."""
@@ -178,6 +204,7 @@ TOP_KEYS = (
     "genome",
     "cmaes",
     *MERGEKIT_EVOLVE_KEYS,
+    *LM_EVAL_TOP_KEYS,
 )
 
 
@@ -233,7 +260,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     topk = _topk(check, raw.get("topk"), strategy)
     soup = _soup(check, raw.get("greedy_soup"), strategy)
     merge = _merge(check, raw.get("merge"), strategy) if strategy != "cmaes" else {}
-    evaluator = _evaluator(check, raw.get("evaluator"), raw)
+    evaluator = _evaluator(check, raw.get("evaluator"), raw, root)
     cmaes = _cmaes(check, raw.get("cmaes"), raw.get("random_init", False))
     weights = _objective(check, raw.get("objective"))
     seed = check.integer(["seed"], raw.get("seed", 0), 0)
@@ -246,9 +273,12 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         raise check.fail(["ray", "address"], "an address is required (host:port, auto, or local)")
     if "name" in raw and not isinstance(raw["name"], str):
         raise check.fail(["name"], "must be a string")
-    if evaluator.kind == "lm_eval" and weights is None:
-        # mergekit-evolve's task entries carry their objective weights: resolved here, once.
-        weights = lm_eval_weights(evaluator.lm_eval)
+    test_weights, separate = weights, False
+    if evaluator.kind == "lm_eval":
+        test_weights, separate = _lm_eval_test_weights(check, evaluator, weights)
+        if weights is None:
+            # mergekit-evolve's task entries carry their objective weights: resolved here, once.
+            weights = lm_eval_weights(evaluator.lm_eval)
     return EvolveConfig(
         pool=tuple(pool),
         base_model=base,
@@ -268,7 +298,38 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         ray=ray,
         genome=genome,
         cmaes=cmaes,
+        test_weights=test_weights,
+        separate_test_weights=separate,
     )
+
+
+def with_task_search_path(config: EvolveConfig, paths: Sequence[str | Path]) -> EvolveConfig:
+    """mergekit-evolve's ``--task-search-path DIR`` (repeatable): directories of lm-eval task YAMLs
+    added to the lm_eval evaluator's ``include_path`` (relative ones from the working directory, as
+    a command-line path reads). Refused for any other evaluator, which would silently ignore them."""
+    if not paths:
+        return config
+    if config.evaluator.kind != "lm_eval":
+        raise RecipeError(
+            f"--task-search-path: lm-eval task directories are for the lm_eval evaluator; {config.source}"
+            f" configures a {config.evaluator.kind} evaluator"
+        )
+    added = []
+    for path in paths:
+        found = Path(path).expanduser().resolve()
+        if not found.is_dir():
+            raise RecipeError(f"--task-search-path: {path} is not a directory")
+        added.append(str(found))
+    settings = dict(config.evaluator.lm_eval)
+    settings["include_path"] = [*include_paths(settings), *(p for p in added if p not in include_paths(settings))]
+    evaluator = replace(config.evaluator, lm_eval=settings)
+    return replace(config, evaluator=evaluator)
+
+
+def include_paths(settings: Mapping[str, Any]) -> list[str]:
+    """The lm_eval evaluator's task directories, as a list (its include_path is one or a list)."""
+    value = settings.get("include_path")
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def _topk(check: _Checker, value: Any, strategy: str) -> TopK:
@@ -315,7 +376,9 @@ def _merge(check: _Checker, value: Any, strategy: str) -> Mapping[str, Any]:
     return section
 
 
-def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any]) -> EvaluatorSpec:
+def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any], root: Path) -> EvaluatorSpec:
+    # Where the lm-eval settings were written: at the top level (mergekit-evolve) or nested.
+    at: list[str | int] = ["evaluator", "lm_eval"]
     if "tasks" in raw:
         if value is not None:
             raise check.fail(["tasks"], "tasks: configure the lm_eval evaluator; give either tasks: or evaluator:")
@@ -323,12 +386,13 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any]) -> Evaluator
             raise check.fail(["shuffle"], "shuffle: true is not supported (lm-eval's own sample order is used)")
         settings = {
             k: raw[k]
-            for k in ("tasks", "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn")
+            for k in ("tasks", "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", *LM_EVAL_TOP_KEYS)
             if k in raw
         }
         value = {"lm_eval": settings}
+        at = []
     else:
-        for key in MERGEKIT_EVOLVE_KEYS:
+        for key in (*MERGEKIT_EVOLVE_KEYS, *LM_EVAL_TOP_KEYS):
             if key in raw and key != "random_init":
                 raise check.fail([key], f"{key}: configures lm-eval tasks; it needs tasks:")
     section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout"))
@@ -347,30 +411,78 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any]) -> Evaluator
         if not isinstance(section["python"], str) or ":" not in section["python"]:
             raise check.fail(["evaluator", "python"], "must name a callable as 'module:function'")
         return EvaluatorSpec("python", python=section["python"], timeout=timeout)
-    lm: Mapping[str, Any] = check.keys(
-        ["evaluator", "lm_eval"],
-        section["lm_eval"],
-        (
-            "tasks",
-            "model",
-            "model_args",
-            "limit",
-            "num_fewshot",
-            "batch_size",
-            "device",
-            "apply_chat_template",
-            "fewshot_as_multiturn",
-        ),
-    )
+    lm = dict(check.keys(["evaluator", "lm_eval"], section["lm_eval"], LM_EVAL_KEYS))
     tasks = lm.get("tasks")
     if not isinstance(tasks, list) or not tasks:
-        raise check.fail(["evaluator", "lm_eval", "tasks"], "a non-empty list of tasks is required")
+        raise check.fail([*at, "tasks"], "a non-empty list of tasks is required")
+    _task_entries(check, [*at, "tasks"], tasks)
+    if "test_tasks" in lm:
+        test_tasks = lm["test_tasks"]
+        if not isinstance(test_tasks, list) or not test_tasks:
+            raise check.fail([*at, "test_tasks"], "a non-empty list of tasks is required (or no test_tasks:)")
+        _task_entries(check, [*at, "test_tasks"], test_tasks)
+    if "include_path" in lm:
+        lm["include_path"] = _include_path(check, [*at, "include_path"], lm["include_path"], root)
+    return EvaluatorSpec("lm_eval", lm_eval=lm, timeout=timeout)
+
+
+def _task_entries(check: _Checker, at: list[str | int], tasks: list[Any]) -> None:
+    """Each entry is a task name or {name, weight, metric} (mergekit-evolve's format)."""
+    names = set()
     for i, task in enumerate(tasks):
         entry = {"name": task} if isinstance(task, str) else task
-        check.keys(["evaluator", "lm_eval", "tasks", i], entry, ("name", "weight", "metric"))
-        if not isinstance(entry.get("name"), str):
-            raise check.fail(["evaluator", "lm_eval", "tasks", i], "each task needs a name")
-    return EvaluatorSpec("lm_eval", lm_eval=dict(lm), timeout=timeout)
+        check.keys([*at, i], entry, ("name", "weight", "metric"))
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
+            raise check.fail([*at, i], "each task needs a name")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise check.fail([*at, i, "weight"], "must be a number")
+        metric = entry.get("metric")
+        if metric is not None and (not isinstance(metric, str) or not metric):
+            raise check.fail([*at, i, "metric"], "must be a metric name as lm-eval reports it (e.g. 'acc,none')")
+        if entry["name"] in names:
+            raise check.fail([*at, i], f"task {entry['name']!r} is listed twice")
+        names.add(entry["name"])
+    weights = lm_eval_weights({"tasks": tasks})
+    if weights is not None and all(w == 0 for w in weights.values()):
+        raise check.fail(at, "every task's weight is zero")
+
+
+def _include_path(check: _Checker, at: list[str | int], value: Any, root: Path) -> list[str]:
+    """lm-eval's TaskManager include_path: a directory or a list of them, relative ones resolved
+    from the config file's directory (where the task YAMLs are usually kept), checked to exist."""
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        raise check.fail(at, "must be a directory of lm-eval task YAMLs, or a list of them")
+    out = []
+    for path in paths:
+        found = (root / Path(path).expanduser()).resolve()
+        if not found.is_dir():
+            raise check.fail(at, f"{path} is not a directory (resolved: {found})")
+        out.append(str(found))
+    return out
+
+
+def _lm_eval_test_weights(
+    check: _Checker, evaluator: EvaluatorSpec, weights: Mapping[str, float] | None
+) -> tuple[Mapping[str, float] | None, bool]:
+    """The test split's objective weights: test_tasks name their own tasks, so their entries carry
+    the test objective's weights; an explicit objective.weights applies to both splits and must
+    then name tasks that test_tasks lists too."""
+    settings = evaluator.lm_eval
+    if "test_tasks" not in settings:
+        return weights, False
+    if weights is None:
+        return lm_eval_weights(settings, "test_tasks"), True
+    listed = {t if isinstance(t, str) else t["name"] for t in settings["test_tasks"]}
+    missing = [t for t in weights if t not in listed]
+    if missing:
+        raise check.fail(
+            ["objective", "weights", missing[0]],
+            f"weighs task {missing[0]!r}, which test_tasks does not list (objective.weights applies to both"
+            " splits; give each test task its weight in its test_tasks entry instead)",
+        )
+    return weights, True
 
 
 GENOME_KEYS = (
@@ -478,10 +590,11 @@ def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
     return {str(k): float(v) for k, v in weights.items()}
 
 
-def lm_eval_weights(settings: Mapping[str, Any]) -> dict[str, float] | None:
+def lm_eval_weights(settings: Mapping[str, Any], key: str = "tasks") -> dict[str, float] | None:
     """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``, default 1),
-    or None when no task sets one (then the objective is the plain mean)."""
-    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get("tasks", [])]
+    or None when no task sets one (then the objective is the plain mean). ``key`` is ``tasks``
+    (the search split) or ``test_tasks``."""
+    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get(key, [])]
     if not any("weight" in t for t in tasks):
         return None
     return {str(t["name"]): float(t.get("weight", 1.0)) for t in tasks}

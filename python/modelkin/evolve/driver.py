@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
@@ -19,6 +19,7 @@ from pathlib import Path
 from ..kinship.measure import kinship_matrix
 from ..merge.merging import merge
 from . import strategies
+from .config import SPLITS
 from .errors import RunError
 from .evaluators import EvaluationError, check_scores, objective
 from .executors import Executor, Job
@@ -28,8 +29,12 @@ from .store import Candidate, Store
 
 MODELS_DIR = "models"
 SCRATCH_DIR = "scratch"
-SPLITS = ("search", "test")
 Reporter = Callable[[str, Candidate, Store], object]
+
+
+def split_optional(split: str) -> bool:
+    """Whether a split may be left unscored: test only (held out and reported, never selected on)."""
+    return split != "search"
 
 
 @dataclass
@@ -52,8 +57,11 @@ class Driver:
         reporter: Reporter | None = None,
         offline: bool = False,
         threads: int = 0,
+        unscored: Mapping[str, str] | None = None,
     ) -> None:
         self.experiment = experiment
+        # Splits the evaluator is known not to score (evaluators.unscored_splits), with the reason.
+        self.unscored = dict(unscored or {})
         self.config = experiment.config
         self.run_dir = run_dir
         self.executor = executor
@@ -115,7 +123,11 @@ class Driver:
         jobs = []
         for item, split in items:
             candidate = self.store.get(item.id)
-            if split in candidate.scores or candidate.status == "failed":
+            if split in candidate.scores or split in candidate.unscored or candidate.status == "failed":
+                continue
+            if split in self.unscored:
+                # Absent, never a copy of another split: nothing is merged or evaluated for it.
+                self.store.record_unscored(candidate.id, split, self.unscored[split])
                 continue
             model = self.model_path(candidate) if not scratch else str(self.run_dir / SCRATCH_DIR / f"c{candidate.id}")
             recipe = None
@@ -135,13 +147,24 @@ class Driver:
                 # Not the candidate's failure: it stays pending and the run stops (see faults.py).
                 self.store.record_fault(candidate.id, result.split, result.fault)
                 raise MachineFault(f"{result.fault} (while working on {candidate.label})")
+            if result.fatal:
+                # The config's error, not the candidate's: it stays pending, the run stops.
+                raise RunError(result.error or "the evaluator's configuration is wrong")
             if result.merge_s is not None and not scratch:
                 self.store.record_merge(candidate.id, self.model_path(candidate), result.merge_s)
+            if result.unscored is not None and split_optional(result.split):
+                self.store.record_unscored(candidate.id, result.split, result.unscored)
+                self.report("done", self.store.get(candidate.id), self.store)
+                continue
+            if result.unscored is not None:
+                # Selection reads the search split: a candidate without it cannot take part.
+                self._fail(candidate, f"the {result.split} split was not scored: {result.unscored}", count_failures)
+                continue
             if result.scores is None:
                 self._fail(candidate, result.error or "unknown error", count_failures)
                 continue
             try:
-                value = objective(check_scores(result.scores, "evaluator"), self.config.weights)
+                value = objective(check_scores(result.scores, "evaluator"), self.config.split_weights(result.split))
             except EvaluationError as error:
                 self._fail(candidate, str(error), count_failures)
                 continue

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from .config import EvaluatorSpec
 from .errors import RunError
-from .evaluators import EvaluatorFn, make_evaluator
+from .evaluators import EvaluatorFn, ObjectiveError, SplitNotScored, make_evaluator
 from .faults import WORKER_LOSS_RETRIES, machine_fault
 
 # Environment variables that size the BLAS and OpenMP thread pools of a worker process.
@@ -62,6 +62,10 @@ class JobResult:
     worker: str = ""
     # A fault of the machine (full disk, lost worker, ...): not the candidate's, which stays pending.
     fault: str | None = None
+    # Why the evaluator cannot score this split (scores is None): the split stays absent.
+    unscored: str | None = None
+    # The error is the config's (ObjectiveError), the same for every candidate: the run stops.
+    fatal: bool = False
 
 
 class Executor(Protocol):
@@ -92,8 +96,17 @@ def run_job(job: Job, evaluate: EvaluatorFn, evaluating: Callable[[], object] | 
         if evaluating is not None:
             evaluating()
         start = time.perf_counter()
-        scores = dict(evaluate(job.model, job.split))
+        raw = evaluate(job.model, job.split)
+        if raw is None:  # a bare callable (the evaluators of evaluators.py raise SplitNotScored)
+            raise SplitNotScored(f"the evaluator has no {job.split} split")
+        scores = dict(raw)
         return JobResult(job.candidate, job.split, scores, None, merge_s, time.perf_counter() - start, where)
+    except SplitNotScored as error:
+        return JobResult(
+            job.candidate, job.split, None, None, merge_s, time.perf_counter() - start, where, unscored=str(error)
+        )
+    except ObjectiveError as error:
+        return JobResult(job.candidate, job.split, None, str(error), merge_s, 0.0, where, fatal=True)
     except Exception as error:  # the candidate fails (or the machine did), the worker goes on
         # A private class (the merge's _Reported) is named by its public base: OSError, not _Reported.
         name = next(c.__name__ for c in type(error).__mro__ if not c.__name__.startswith("_"))

@@ -6,14 +6,20 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from ..io.staging import copy_tree, remove_stale, staging_dir
 from ..merge.merging import merge
 from ..merge.output import publish
+from .errors import RunError
 from .run import Run
 from .store import Candidate
 
@@ -26,9 +32,27 @@ def _parents(run: Run, c: Candidate) -> str:
     return " + ".join(run.candidate(p).label for p in c.parents)
 
 
+def not_scored_note(run: Run) -> str | None:
+    """Why a split has no scores ("test: not scored: lm_eval has no test_tasks"), one line per
+    split, or None when every split the run asked for was scored."""
+    lines = [f"{split}: not scored: {'; '.join(reasons)}" for split, reasons in run.not_scored().items()]
+    return "\n".join(lines) or None
+
+
+def not_scored_caption(run: Run) -> Text | None:
+    """:func:`not_scored_note` as a table caption (plain text: a reason may hold brackets)."""
+    note = not_scored_note(run)
+    return None if note is None else Text(note)
+
+
 def candidates_table(run: Run, title: str | None = None) -> Table:
-    """Every candidate: parents, role, kinship of its parents, scores on both splits, status, time."""
-    table = Table(title=title or f"{run.path} ({run.strategy}, {run.state})")
+    """Every candidate: parents, role, kinship of its parents, scores on both splits, status, time.
+    A split the evaluator cannot score is left empty and the caption says why."""
+    table = Table(
+        title=title or f"{run.path} ({run.strategy}, {run.state})",
+        caption=not_scored_caption(run),
+        caption_justify="left",
+    )
     numeric = ("id", "gen", "parents' pcc", "search", "test", "s")
     for column in ("id", "gen", "role", "model / parents", "parents' pcc", "search", "test", "status", "s"):
         table.add_column(column, justify="right" if column in numeric else "left")
@@ -41,7 +65,7 @@ def candidates_table(run: Run, title: str | None = None) -> Table:
             f"{c.id}{marker}",
             str(c.generation),
             c.role,
-            c.label if not c.parents else _parents(run, c),
+            Text(c.label, no_wrap=True, overflow="ellipsis") if not c.parents else _ParentsCell(run, c),
             _num(pair.get("pcc")) if pair else "",
             _num(c.objective_search),
             _num(c.objective_test),
@@ -51,12 +75,49 @@ def candidates_table(run: Run, title: str | None = None) -> Table:
     return table
 
 
-def plot_tree(run: Run, path: Path) -> None:
-    """The lineage: models as nodes coloured by search score, merges as edges labelled with kinship."""
-    import matplotlib
+class _ParentsCell:
+    """A merge's parents (a soup's ingredients) on one line: their names where the column is wide
+    enough, else their ids ("#2 + #3 + #4"), never wrapped one per row (which made a soup's row as
+    tall as its soup). Rich measures it from the ids (its narrowest) to the names (its widest)."""
 
+    def __init__(self, run: Run, c: Candidate) -> None:
+        self.names = _parents(run, c)
+        self.ids = " + ".join(f"#{p}" for p in c.parents)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement(min(cell_len(self.ids), cell_len(self.names)), cell_len(self.names))
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        text = self.names if cell_len(self.names) <= options.max_width else self.ids
+        yield Text(text, no_wrap=True, overflow="ellipsis")
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend, or one line saying how to install it."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise RunError("--plot needs matplotlib, which is not installed: pip install 'modelkin[plot]'") from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_tree(run: Run, path: Path) -> None:
+    """The lineage: models as nodes coloured by search score, merges as edges labelled with kinship."""
+    plt = _pyplot()
+    fig = tree_figure(run)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tree_figure(run: Run) -> Any:
+    """The figure :func:`plot_tree` writes: the lineage by generation, a colour bar for the
+    search score, and a title wrapped to the figure's width rather than cut at its edges."""
+    plt = _pyplot()
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
     nodes = [c for c in run.candidates if c.role != "base"]
     by_gen: dict[int, list[Candidate]] = {}
@@ -65,7 +126,10 @@ def plot_tree(run: Run, path: Path) -> None:
     where = {c.id: (i - (len(row) - 1) / 2, -g) for g, row in by_gen.items() for i, c in enumerate(row)}
     scores = [c.objective_search for c in nodes if c.objective_search is not None]
     low, high = (min(scores), max(scores)) if scores else (0.0, 1.0)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * max(len(r) for r in by_gen.values())), 1.8 * len(by_gen) + 1))
+    if high == low:  # one score (or none): a colour bar needs a range
+        low, high = low - 0.5, high + 0.5
+    width = max(7.0, 1.6 * max(len(r) for r in by_gen.values()) + 1.5)
+    fig, ax = plt.subplots(figsize=(width, 1.8 * len(by_gen) + 1.5))
     for c in nodes:
         pair = run.parents_kinship(c)
         for p in c.parents:
@@ -78,30 +142,33 @@ def plot_tree(run: Run, path: Path) -> None:
             text = f"pcc {pair.get('pcc', math.nan):.3f}"
             ax.annotate(text, (x, y + 0.2), ha="center", va="bottom", fontsize=7, color="C3")
     cmap = plt.get_cmap("viridis")
+    norm = Normalize(low, high)
     for c in nodes:
         x, y = where[c.id]
         value = c.objective_search
-        colour = "lightgrey" if value is None else cmap((value - low) / (high - low or 1.0))
+        colour = "lightgrey" if value is None else cmap(norm(value))
         edge = "red" if c.id == run.best_id else "black"
         ax.scatter([x], [y], s=600, color=colour, edgecolors=edge, linewidths=2 if c.id == run.best_id else 1, zorder=2)
         text = f"{c.label}\n{value:.3f}" if value is not None else f"{c.label}\n{c.status}"
         ax.annotate(text, (x, y - 0.2), ha="center", va="top", fontsize=7)
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="objective (search split)", shrink=0.8)
     ax.set_yticks([-g for g in by_gen], [f"gen {g}" for g in by_gen])
     ax.set_xticks([])
-    ax.set_title(f"lineage of {run.path.name} ({run.strategy}); colour: search score; red: parents' kinship")
+    # About 11 characters per inch at 10 pt: long run names wrap instead of running off the figure.
+    chars = max(30, int(width * 11))
+    title = [
+        *textwrap.wrap(f"lineage of {run.path.name} ({run.strategy})", chars),
+        *textwrap.wrap("colour: search score; red: parents' kinship (pcc); red ring: the best model", chars),
+    ]
+    ax.set_title("\n".join(title), fontsize=10)
     ax.margins(0.15, 0.25)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def plot_progress(run: Run, path: Path) -> None:
     """Best and population scores per generation (search split), with the base as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [c for c in run.candidates if c.role != "base" and c.objective_search is not None]
     ys = [c.objective_search or 0.0 for c in done]
@@ -144,6 +211,9 @@ def lineage_card(run: Run, best: Candidate) -> str:
             f" {_num(c.objective_search)} | {_num(c.objective_test)} |"
         )
     lines.append("")
+    note = not_scored_note(run)
+    if note is not None:
+        lines += [f"{line}." for line in note.splitlines()] + [""]
     for c in run.lineage(best.id):
         if c.recipe is None:
             continue
@@ -152,6 +222,8 @@ def lineage_card(run: Run, best: Candidate) -> str:
             if split in c.scores:
                 scores = ", ".join(f"{t} {v:.4f}" for t, v in c.scores[split].items())
                 lines.append(f"- {split}: {scores}")
+            elif split in c.unscored:
+                lines.append(f"- {split}: not scored: {c.unscored[split]}")
         lines.append("")
     return "\n".join(lines)
 

@@ -9,15 +9,15 @@ import os
 import pickle
 import shutil
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EvolveConfig, load_evolve_config
+from .config import EvolveConfig, load_evolve_config, with_task_search_path
 from .driver import Driver, Outcome, Reporter
 from .errors import RunError
-from .evaluators import EvaluatorFn, make_evaluator
+from .evaluators import EvaluatorFn, make_evaluator, unscored_splits
 from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
 from .experiment import Experiment, prepare_experiment
 from .faults import MachineFault, machine_fault
@@ -48,6 +48,16 @@ class Run:
     faults: tuple[tuple[float, int | None, str | None, str], ...] = ()
     # Worker processes replaced (lost, or killed on an evaluator timeout) in the last session.
     worker_restarts: int = 0
+
+    def not_scored(self) -> dict[str, list[str]]:
+        """Why a split has no scores, per split (each distinct reason once): the evaluator cannot
+        score it, so it is absent rather than a copy of another split."""
+        out: dict[str, list[str]] = {}
+        for c in self.candidates:
+            for split, reason in sorted(c.unscored.items()):
+                if reason not in out.setdefault(split, []):
+                    out[split].append(reason)
+        return out
 
     @property
     def best(self) -> Candidate | None:
@@ -138,6 +148,7 @@ class Run:
             "status": c.status,
             "scores": {split: dict(s) for split, s in c.scores.items()},
             "objective": {"search": c.objective_search, "test": c.objective_test},
+            "not_scored": dict(c.unscored),
             "kinship": self.kinship_of(c.id),
             "error": c.error,
             "seconds": {"merge": c.merge_s, "evaluate": c.eval_s},
@@ -186,14 +197,20 @@ def evolve(
     threads: int = 0,
     workers: int | None = None,
     ray: str | None = None,
+    task_search_path: Sequence[str | os.PathLike[str]] = (),
 ) -> Run:
     """Runs (or resumes) an evolution: ``config`` is an ``evolve.yml`` path or a dict of its keys,
     ``run_dir`` holds the store and the merged models. A run directory holding another config is
     refused unless ``force`` (which starts it over). ``evaluator`` overrides the config's with a
     callable ``(model_path, split) -> {task: score}``. ``workers`` evaluates that many candidates at
     once in local worker processes; ``ray`` (an address, ``auto``, or ``local`` for a private
-    cluster on this machine) runs them as Ray tasks instead. Neither changes the run's decisions."""
+    cluster on this machine) runs them as Ray tasks instead. Neither changes the run's decisions.
+    ``task_search_path`` (mergekit-evolve's ``--task-search-path``) adds directories of lm-eval task
+    YAMLs to the lm_eval evaluator's ``include_path``; it is refused for other evaluators."""
     parsed = load_evolve_config(config if isinstance(config, Mapping) else Path(config))
+    if task_search_path and evaluator is not None:
+        raise RunError("task_search_path is for the lm_eval evaluator; the evaluator callable given replaces it")
+    parsed = with_task_search_path(parsed, [os.fspath(p) for p in task_search_path])
     # Absolute, so the recipes stored with the candidates re-make them from any directory.
     path = Path(run_dir).resolve()
     # Resolved once, and a bad pool refused, before the run directory is touched.
@@ -205,7 +222,10 @@ def evolve(
         lock = _lock(path, force)
         _claim(path, parsed, force)
         lock.announce()
-        driver = Driver(experiment, path, executor, reporter=reporter, offline=offline, threads=threads)
+        unscored = unscored_splits(parsed.evaluator, evaluator)
+        driver = Driver(
+            experiment, path, executor, reporter=reporter, offline=offline, threads=threads, unscored=unscored
+        )
         drive(driver)
     except MachineFault:
         raise

@@ -59,6 +59,10 @@ def run_cmaes(driver: Driver) -> Outcome:
     if best is None:
         raise RunError("no candidate of the search could be evaluated")
     best = driver.score(best, "test")  # made again outside the scratch area: kept for `runs best`
+    if best.path is None:
+        # The evaluator has no test split, so scoring made nothing: the model is kept all the same.
+        driver.materialize(best)
+        best = store.get(best.id)
     evaluations = generations * popsize
     return Outcome(
         best, f"{generations} generations of {popsize} ({evaluations} evaluations, budget {settings.max_evals})"

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     eval_s REAL,
     created REAL NOT NULL,
     finished REAL,
-    genes TEXT
+    genes TEXT,
+    unscored TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS kinship (
     a INTEGER NOT NULL, b INTEGER NOT NULL, metric TEXT NOT NULL, value REAL,
@@ -74,6 +75,8 @@ class Candidate:
     eval_s: float | None
     # The CMA-ES genotype this candidate was made from (None for other strategies).
     genes: tuple[float, ...] | None = None
+    # Splits the evaluator cannot score, with the reason: absent from scores, never copied.
+    unscored: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -98,6 +101,9 @@ class Store:
         # state change in flight.
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
+        if "unscored" not in columns:  # a store written before splits could be left unscored
+            self.db.execute("ALTER TABLE candidates ADD COLUMN unscored TEXT NOT NULL DEFAULT '{}'")
 
     def close(self) -> None:
         self.db.close()
@@ -181,6 +187,14 @@ class Store:
                 (json.dumps(merged, sort_keys=True), objective, status, seconds, time.time(), id),
             )
 
+    def record_unscored(self, id: int, split: str, reason: str) -> None:
+        """Records that the evaluator cannot score ``split`` of this candidate, and why: the split
+        stays without a score (and is not asked for again on resume); the status is unchanged."""
+        current = self.get(id)
+        merged = {**current.unscored, split: reason}
+        with self.transaction() as db:
+            db.execute("UPDATE candidates SET unscored = ? WHERE id = ?", (json.dumps(merged, sort_keys=True), id))
+
     def record_merge(self, id: int, path: str, seconds: float) -> None:
         with self.transaction() as db:
             db.execute("UPDATE candidates SET path = ?, merge_s = ? WHERE id = ?", (path, seconds, id))
@@ -214,6 +228,8 @@ class Store:
             merge_s=merge_s,
             eval_s=eval_s,
             genes=None if row[17] is None else tuple(json.loads(row[17])),
+            # Absent in a store of an older version opened read-only (not migrated).
+            unscored=json.loads(row[18]) if len(row) > 18 and row[18] else {},
         )
 
     # --- kinship -----------------------------------------------------------------------------
