@@ -15,6 +15,7 @@ import importlib.util
 import json
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,20 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
-# tasks.py needs only numpy: load it by path so this script does not import the compiled package.
-_spec = importlib.util.spec_from_file_location("tasks", ROOT / "python/modelkin/evolve/family/tasks.py")
-assert _spec is not None and _spec.loader is not None
-tasks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tasks)
+
+
+def _load(name: str) -> types.ModuleType:
+    """A module of the family loaded by path, so this script does not import the compiled package:
+    tasks.py needs only numpy, hf.py (the tokenizer and generation files) nothing."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"python/modelkin/evolve/family/{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tasks = _load("tasks")
+hf = _load("hf")
 
 CONFIG = {
     "vocab_size": tasks.VOCAB,
@@ -177,6 +187,7 @@ def main() -> None:
             "modelkin_task_family": {"seed": seed, "trained_on": list(tasks.TASKS) if name == "base" else [name[3:]]},
         }
         (target / "config.json").write_text(json.dumps(config, indent=2))
+        hf.write_hf_files(target, tasks.TOKENS, CONFIG["max_position_embeddings"])
     (args.out / "training.json").write_text(json.dumps({"seed": seed, "search_scores": scores}, indent=2))
     print(f"wrote {args.out}")
 

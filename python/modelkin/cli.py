@@ -279,11 +279,16 @@ def example_command(
     directory: Annotated[Path | None, typer.Argument(help="Where to write the example family.")] = None,
     tasks: Annotated[
         Path | None,
-        typer.Option("--tasks", help="Write the trained task family (and evolve.yml, soup.yml) here instead."),
+        typer.Option(
+            "--tasks",
+            help="Write the trained task family here instead (Hugging Face models with tokenizers; evolve.yml,"
+            " soup.yml, and evolve-lmeval.yml with its lm-eval tasks in lm_eval_tasks/).",
+        ),
     ] = None,
 ) -> None:
     """Write a bundled family: the synthetic kinship family (DIRECTORY), or the trained task family
-    (--tasks DIR: a tiny Llama base and four fine-tunes, each mastering one task, ready to evolve)."""
+    (--tasks DIR: a tiny Llama base and four fine-tunes, each mastering one task, ready to evolve
+    with the numpy evaluator or through lm-eval)."""
     if (directory is None) == (tasks is None):
         raise typer.BadParameter("give either DIRECTORY or --tasks DIR")
     if tasks is not None:

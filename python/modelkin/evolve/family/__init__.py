@@ -2,7 +2,9 @@
 synthetic task (see :mod:`.tasks`), with an evaluator that runs them with a numpy forward pass.
 
 The weights were trained by ``scripts/train_task_family.py`` (torch, run by a developer) and ship
-with the package, so the whole evolution loop runs for real on a laptop with no download.
+with the package, so the whole evolution loop runs for real on a laptop with no download. Each model
+is a complete Hugging Face model (a character-level tokenizer and a generation config beside the
+weights, see :mod:`.hf`), and the tasks also ship as lm-eval task YAMLs (see :mod:`.lm_eval_tasks`).
 
     python -m modelkin.evolve.family MODEL --split search     # prints {"reverse": 0.93, ...}
 """
@@ -18,6 +20,8 @@ import numpy as np
 from ...io.safetensors import load_model
 from ...io.staging import copy_tree
 from .forward import LlamaModel
+from .lm_eval_tasks import DIRECTORY as LM_EVAL_TASKS
+from .lm_eval_tasks import write_lm_eval_tasks
 from .tasks import ANSWER_LEN, TASKS, examples
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -45,19 +49,39 @@ def evaluate(model: str | Path, split: str = "search") -> dict[str, float]:
     return scores
 
 
-EVOLVE_YML = """\
-# Top-k greedy merging with kinship-guided exploration (Hu et al. 2024) on the bundled task family.
+# The topk search both evolve.yml and evolve-lmeval.yml run: only the evaluator differs.
+TOPK_SEARCH = """\
 pool: [./ft-reverse, ./ft-sort, ./ft-shift, ./ft-swap]
 base_model: ./base
 strategy: topk
-topk: {{k: 3, generations: 5, explore: kinship, metric: pcc, stop_kinship: 0.9, patience: 2}}
+topk: {k: 3, generations: 5, explore: kinship, metric: pcc, stop_kinship: 0.9, patience: 2}
 merge:
   merge_method: slerp
-  parameters: {{t: 0.5}}
+  parameters: {t: 0.5}
   dtype: float32
+"""
+
+EVOLVE_YML = (
+    "# Top-k greedy merging with kinship-guided exploration (Hu et al. 2024) on the bundled task family.\n"
+    + TOPK_SEARCH.replace("{", "{{").replace("}", "}}")
+    + """\
 evaluator:
   python: "modelkin.evolve.family:evaluate"
 {keep}"""
+)
+
+EVOLVE_LMEVAL_YML = """\
+# The search of evolve.yml, scored by lm-evaluation-harness (pip install 'modelkin[lmeval]') instead of
+# the numpy evaluator: the task YAMLs and their data are in ./{directory}; tasks score the search split,
+# test_tasks the held-out test split, each by exact_match (the same prompts and scores as evolve.yml).
+{search}evaluator:
+  lm_eval:
+    include_path: ./{directory}
+    tasks: [{tasks}]
+    test_tasks: [{test_tasks}]
+    batch_size: 256
+    device: cpu
+"""
 
 SOUP_YML = """\
 # Greedy soup (Wortsman et al. 2022) of the bundled task family; the uniform soup is scored beside it.
@@ -72,16 +96,29 @@ evaluator:
 
 
 def write_task_family(directory: str | Path) -> dict[str, Path]:
-    """Copies the family's models to ``directory`` with ready configs ``evolve.yml`` (topk with
-    kinship exploration) and ``soup.yml`` (greedy soup); returns the paths written."""
+    """Copies the family's models to ``directory`` (each a complete Hugging Face model: weights,
+    config, tokenizer and generation config) with ready configs ``evolve.yml`` (topk with kinship
+    exploration), ``soup.yml`` (greedy soup) and ``evolve-lmeval.yml`` (the topk search through
+    lm-eval, on the task YAMLs and data written to ``lm_eval_tasks/``); returns the paths written."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name in MODELS:
         copy_tree(WEIGHTS / name, root / name)  # modes from the umask, not the installed package's
         written[name] = root / name
-    (root / "evolve.yml").write_text(EVOLVE_YML.format(keep=""))
-    (root / "soup.yml").write_text(SOUP_YML)
-    written["evolve.yml"] = root / "evolve.yml"
-    written["soup.yml"] = root / "soup.yml"
+    names = write_lm_eval_tasks(root / LM_EVAL_TASKS)
+    texts = {
+        "evolve.yml": EVOLVE_YML.format(keep=""),
+        "soup.yml": SOUP_YML,
+        "evolve-lmeval.yml": EVOLVE_LMEVAL_YML.format(
+            directory=LM_EVAL_TASKS,
+            search=TOPK_SEARCH,
+            tasks=", ".join(names["search"]),
+            test_tasks=", ".join(names["test"]),
+        ),
+    }
+    for name, text in texts.items():
+        (root / name).write_text(text)
+        written[name] = root / name
+    written[LM_EVAL_TASKS] = root / LM_EVAL_TASKS
     return written

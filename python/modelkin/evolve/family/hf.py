@@ -1,4 +1,4 @@
-"""The files beside the weights that make each model of the bundled task family a complete Hugging
+r"""The files beside the weights that make each model of the bundled task family a complete Hugging
 Face model: ``tokenizer.json`` (character level, exactly the family's tokens), ``tokenizer_config.json``
 and ``generation_config.json``. transformers' ``AutoTokenizer`` and ``AutoModelForCausalLM`` then load a
 family model (or a merge of them: merges copy these files) and ``generate`` its answers, which are
