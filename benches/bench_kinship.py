@@ -1,12 +1,20 @@
 """Kinship pass benchmarks: medians and ratios against baselines measured in the same run.
 
-    python benches/bench_kinship.py [--params 1e9] [--matrix-params 2.5e8] [--repeats 3]
+    python benches/bench_kinship.py [--params 1e9] [--dtype bf16] [--matrix-params 2.5e8] [--repeats 3]
 
-Generates a Llama-shaped bf16 family (base + fine-tunes) under bench-data/, then measures:
-  floor   reading every input byte once from the page cache on all cores (rust example read_floor)
-  modelkin  `modelkin.kinship` (the Rust pass), and its peak anonymous RSS
-  torch   a float64 torch streaming loop (safetensors safe_open + .double()), when torch is installed
-  matrix  `kinship_matrix` over 8 fine-tunes against a single pair's pass, on a smaller family
+Generates a Llama-shaped family (base + fine-tunes, bf16 unless --dtype says otherwise) under
+bench-data/, then measures, for one pair of fine-tunes against their base:
+  floor      reading every input byte once from the page cache on all cores (rust example read_floor)
+  reference  the pair kernel alone swept over the three mappings on all cores, no pass around it
+             (rust example reference_loop): the plain float64 loop that shows the floor is reachable
+  python     `modelkin.kinship(...)` (the Rust pass), and its peak anonymous RSS
+  cli        `modelkin kinship A B --base C --json`, timed as a subprocess (interpreter start-up,
+             imports and the pass)
+  torch      a float64 torch streaming loop (safetensors safe_open + .double()), when torch is installed
+and `kinship_matrix` over 8 fine-tunes against a single pair's pass, on a smaller family.
+Rounds alternate the measurements, so a drift in the machine's speed shows in every column alike.
+`--modelkin DIR` imports modelkin (and runs the CLI) from DIR instead of this checkout's python/,
+for A/B runs against another build.
 """
 
 from __future__ import annotations
@@ -26,7 +34,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "python"))
+# Where modelkin is imported from (and the CLI run from): this checkout, or --modelkin DIR.
+PACKAGE_DIR = ROOT / "python"
+for i, arg in enumerate(sys.argv):
+    if arg == "--modelkin" and i + 1 < len(sys.argv):
+        PACKAGE_DIR = Path(sys.argv[i + 1]).resolve()
+    elif arg.startswith("--modelkin="):
+        PACKAGE_DIR = Path(arg.split("=", 1)[1]).resolve()
+sys.path.insert(0, str(PACKAGE_DIR))
 
 from modelkin.example import llama_shapes as llama_layout  # noqa: E402
 from modelkin.io.safetensors import bf16_bits  # noqa: E402
@@ -42,13 +57,35 @@ def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:
     return llama_layout(hidden, int(hidden * 3.5), layers, vocab, kv=hidden)
 
 
-def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, base_seed: int | None) -> None:
-    """Writes one bf16 safetensors file tensor by tensor (bounded memory): the base's values
-    (from ``base_seed``) plus, for a fine-tune, a delta from ``seed``."""
+DTYPES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4), "f8_e4m3": ("F8_E4M3", 1)}
+
+
+def stored(values: np.ndarray, dtype: str) -> bytes:
+    """``values`` (float32) as the little-endian bytes of ``dtype``."""
+    if dtype == "bf16":
+        return bf16_bits(values).tobytes()
+    if dtype == "f16":
+        return values.astype("<f2").tobytes()
+    if dtype == "f32":
+        return values.astype("<f4").tobytes()
+    # FP8 E4M3 by hand (numpy has no fp8): the f16 bits rebiased by 2^8, mantissa cut to 3 bits
+    # (truncated: these are benchmark values, not a conversion anyone relies on).
+    bits = (values.astype(np.float32) / np.float32(256)).astype("<f2").view(np.uint16)
+    sign = (bits >> 8) & 0x80
+    magnitude = np.minimum((bits & 0x7FFF) >> 7, 0x7E)
+    return (sign | magnitude).astype(np.uint8).tobytes()
+
+
+def write_streamed(
+    path: Path, shapes: dict[str, tuple[int, ...]], seed: int, base_seed: int | None, dtype: str = "bf16"
+) -> None:
+    """Writes one safetensors file of ``dtype`` tensor by tensor (bounded memory): the base's
+    values (from ``base_seed``) plus, for a fine-tune, a delta from ``seed``."""
     header, offset = {}, 0
+    name_of, size = DTYPES[dtype]
     for name, shape in shapes.items():
-        n = int(np.prod(shape)) * 2
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        n = int(np.prod(shape)) * size
+        header[name] = {"dtype": name_of, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
@@ -61,10 +98,10 @@ def write_streamed(path: Path, shapes: dict[str, tuple[int, ...]], seed: int, ba
                 task = np.random.default_rng((1000, t)).standard_normal(shape, dtype=np.float32)
                 own = np.random.default_rng((seed, t)).standard_normal(shape, dtype=np.float32)
                 values += np.float32(0.001) * task + np.float32(0.002) * own
-            out.write(bf16_bits(values).tobytes())
+            out.write(stored(values, dtype))
 
 
-def family(directory: Path, params: float, fine_tunes: int) -> tuple[Path, list[Path]]:
+def family(directory: Path, params: float, fine_tunes: int, dtype: str = "bf16") -> tuple[Path, list[Path]]:
     shapes = llama_shapes(params)
     directory.mkdir(parents=True, exist_ok=True)
     base = directory / "base.safetensors"
@@ -73,7 +110,7 @@ def family(directory: Path, params: float, fine_tunes: int) -> tuple[Path, list[
         if not path.exists():
             print(f"  generating {path} ...", file=sys.stderr, flush=True)
             tmp = path.with_suffix(".tmp")
-            write_streamed(tmp, shapes, seed, None if path == base else 0)
+            write_streamed(tmp, shapes, seed, None if path == base else 0, dtype)
             tmp.rename(path)
     return base, paths
 
@@ -100,19 +137,32 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def floor_seconds(paths: list[Path], repeats: int) -> float:
-    exe = ROOT / "target" / "release" / "examples" / "read_floor"
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "read_floor"], cwd=ROOT, check=True)
-    runs = [
-        float(subprocess.run([exe, *map(str, paths)], capture_output=True, text=True, check=True).stdout.split()[1])
-        for _ in range(repeats)
-    ]
-    return statistics.median(runs)
+def build_examples() -> None:
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--example", "read_floor", "--example", "reference_loop"],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def example_seconds(name: str, args: list[str]) -> float:
+    """One run of a rust example that prints ``bytes seconds ...``."""
+    exe = ROOT / "target" / "release" / "examples" / name
+    return float(subprocess.run([exe, *args], capture_output=True, text=True, check=True).stdout.split()[1])
+
+
+def cli_seconds(a: Path, b: Path, base: Path) -> float:
+    """`modelkin kinship A B --base C --json` as a subprocess, from the imported package."""
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR)}
+    command = [sys.executable, "-m", "modelkin", "kinship", str(a), str(b), "--base", str(base), "--json"]
+    start = time.perf_counter()
+    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
 
 
 def peak_anon_rss_mb(code: str) -> float:
     """Runs ``code`` in a fresh interpreter and samples its RssAnon every 5 ms."""
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(PACKAGE_DIR)})
     peak = 0
 
     def sample() -> None:
@@ -158,21 +208,53 @@ def main() -> None:
     parser.add_argument("--matrix-params", type=float, default=2.5e8, help="parameters per model, matrix family")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=ROOT / "bench-data")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored dtype of the pair family")
+    parser.add_argument("--modelkin", type=Path, help="import modelkin from this directory (A/B runs)")
+    parser.add_argument("--no-matrix", action="store_true", help="skip the matrix family")
     args = parser.parse_args()
 
     import modelkin
 
-    print(f"# pair family: ~{args.params:.3g} parameters per model, bf16", flush=True)
-    base, fts = family(args.data / f"pair-{args.params:.0e}", args.params, 2)
+    print(f"# pair family: ~{args.params:.3g} parameters per model, {args.dtype}", flush=True)
+    suffix = "" if args.dtype == "bf16" else f"-{args.dtype}"
+    base, fts = family(args.data / f"pair-{args.params:.0e}{suffix}", args.params, 2, args.dtype)
     files = [base, *fts]
     warm(files)
+    build_examples()
     size_gb = sum(p.stat().st_size for p in files) / 1e9
-    floor = floor_seconds(files, args.repeats)
-    ours = median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), args.repeats)
+    print(f"modelkin from {PACKAGE_DIR}; {os.cpu_count()} cores")
+    # Rounds alternate every measurement (after one untimed pass of each), so a drift in the
+    # machine's speed moves every column alike; medians over the rounds.
+    columns: dict[str, list[float]] = {"floor": [], "reference": [], "python": [], "cli": []}
+    measure = {
+        "floor": lambda: example_seconds("read_floor", [str(p) for p in files]),
+        "reference": lambda: example_seconds(
+            "reference_loop", [str(fts[0]), str(fts[1]), str(base), "--dtype", args.dtype]
+        ),
+        "python": lambda: median_time(lambda: modelkin.kinship(fts[0], fts[1], base=base), 1),
+        "cli": lambda: cli_seconds(fts[0], fts[1], base),
+    }
+    for fn in measure.values():
+        fn()
+    for _ in range(args.repeats):
+        for name, fn in measure.items():
+            columns[name].append(fn())
     print(f"input bytes                 {size_gb:8.2f} GB")
-    print(f"floor (read every byte)     {floor:8.3f} s   {size_gb / floor:6.2f} GB/s")
+    for name, label in [
+        ("floor", "floor (read every byte)"),
+        ("reference", "reference loop (kernel)"),
+        ("python", "modelkin.kinship (Python)"),
+        ("cli", "modelkin kinship (CLI)"),
+    ]:
+        t = statistics.median(columns[name])
+        ratio = statistics.median(x / f for x, f in zip(columns[name], columns["floor"], strict=True))
+        print(f"{label:27s} {t:8.3f} s   {size_gb / t:6.2f} GB/s   ratio to floor {ratio:5.2f}x")
+    ours = statistics.median(columns["python"])
+    cli_over = statistics.median(c - p for c, p in zip(columns["cli"], columns["python"], strict=True))
+    print(f"CLI minus Python API        {cli_over:8.3f} s")
     print(
-        f"modelkin kinship            {ours:8.3f} s   {size_gb / ours:6.2f} GB/s   ratio to floor {ours / floor:5.2f}x"
+        "rounds (floor, reference, python, cli): "
+        + "; ".join(", ".join(f"{columns[n][r]:.3f}" for n in columns) for r in range(args.repeats))
     )
     code = f"import modelkin; modelkin.kinship({str(fts[0])!r}, {str(fts[1])!r}, base={str(base)!r})"
     print(f"peak anonymous RSS          {peak_anon_rss_mb(code):8.1f} MB  (whole Python process)")
@@ -186,6 +268,8 @@ def main() -> None:
     except ImportError as error:
         print(f"torch float64 loop          skipped ({error}; install torch and safetensors to compare)")
 
+    if args.no_matrix:
+        return
     print(f"\n# matrix family: ~{args.matrix_params:.3g} parameters per model, 8 fine-tunes", flush=True)
     base, fts = family(args.data / f"matrix-{args.matrix_params:.0e}", args.matrix_params, 8)
     warm([base, *fts])

@@ -3,13 +3,12 @@
 //! Tensor data inside a safetensors file starts wherever the header ends, so it is read as
 //! little-endian bytes and never reinterpreted in place (no alignment is assumed).
 
-// Staging copies raw file bytes into native words, which is only right on little-endian CPUs.
+// Stored words are read as native ones, which is only right on little-endian CPUs.
 #[cfg(target_endian = "big")]
 compile_error!("modelkin reads little-endian safetensors data on little-endian targets only");
 
 use std::sync::LazyLock;
 
-use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use multiversion::multiversion;
 
 /// A floating-point dtype that modelkin can decode.
@@ -80,60 +79,91 @@ pub fn decode(dtype: FloatDtype, bytes: &[u8], out: &mut [f64]) {
     }
 }
 
-/// Elements staged per step: the staging array stays in L1.
-const STAGE: usize = 1024;
-
-/// Copies little-endian words out of possibly unaligned bytes into an aligned buffer. A plain
-/// memcpy, so the widening loops that follow read aligned words and vectorise.
-pub(crate) fn stage<T: bytemuck::Pod>(bytes: &[u8], staging: &mut [T]) {
-    bytemuck::cast_slice_mut::<T, u8>(staging).copy_from_slice(bytes);
-}
-
 fn decode_f64(bytes: &[u8], out: &mut [f64]) {
-    stage(bytes, out);
+    bytemuck::cast_slice_mut::<f64, u8>(out).copy_from_slice(bytes);
 }
+
+/// Elements widened per step: one unaligned vector load of stored words each.
+const STEP: usize = 16;
 
 fn decode_f32(bytes: &[u8], out: &mut [f64]) {
-    decode_staged::<f32>(bytes, out, widen_f32);
+    widen_f32(bytes, out);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn widen_f32(values: &[f32], out: &mut [f64]) {
-    for (o, &v) in out.iter_mut().zip(values) {
-        *o = f64::from(v);
-    }
+fn widen_f32(bytes: &[u8], out: &mut [f64]) {
+    widen_words::<f32>(bytes, out, f64::from);
 }
 
 fn decode_bf16(bytes: &[u8], out: &mut [f64]) {
-    decode_staged::<u16>(bytes, out, widen_bf16);
+    widen_bf16(bytes, out);
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn widen_bf16(bits: &[u16], out: &mut [f64]) {
+fn widen_bf16(bytes: &[u8], out: &mut [f64]) {
     // bf16 is the upper half of an f32: shifting the bits up widens it exactly.
-    for (o, &b) in out.iter_mut().zip(bits) {
-        *o = f64::from(f32::from_bits(u32::from(b) << 16));
+    widen_words::<u16>(bytes, out, |b| f64::from(f32::from_bits(u32::from(b) << 16)));
+}
+
+/// Widens stored words read straight from `bytes` (any alignment), [`STEP`] per step: each step's
+/// words come in as one unaligned array read, which the compiler makes a vector load, so no
+/// aligned staging copy is needed for the loop to vectorise.
+#[inline(always)]
+fn widen_words<T: bytemuck::Pod>(bytes: &[u8], out: &mut [f64], widen: impl Fn(T) -> f64) {
+    let size = std::mem::size_of::<T>();
+    debug_assert_eq!(bytes.len(), out.len() * size);
+    let (mut words, mut values) = (bytes.chunks_exact(STEP * size), out.chunks_exact_mut(STEP));
+    for (w, o) in (&mut words).zip(&mut values) {
+        let w: [T; STEP] = bytemuck::pod_read_unaligned(w);
+        for (o, w) in o.iter_mut().zip(w) {
+            *o = widen(w);
+        }
+    }
+    for (w, o) in words.remainder().chunks_exact(size).zip(values.into_remainder()) {
+        *o = widen(bytemuck::pod_read_unaligned(w));
     }
 }
 
 fn decode_f16(bytes: &[u8], out: &mut [f64]) {
-    // half's slice conversion uses F16C/NEON when the CPU has them.
-    decode_staged::<u16>(bytes, out, |bits, out| {
-        bits.reinterpret_cast::<half::f16>().convert_to_f64_slice(out)
-    });
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("f16c") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { widen_f16_f16c(bytes, out) };
+        }
+    }
+    widen_words::<u16>(bytes, out, |b| half::f16::from_bits(b).to_f64());
 }
 
-/// Stages `bytes` in L1-sized steps of aligned `T` words and widens each step with `widen`.
-fn decode_staged<T: bytemuck::Pod + Default>(
-    bytes: &[u8],
-    out: &mut [f64],
-    widen: impl Fn(&[T], &mut [f64]),
-) {
-    let mut staging = [T::default(); STAGE];
-    for (out, bytes) in out.chunks_mut(STAGE).zip(bytes.chunks(STAGE * std::mem::size_of::<T>())) {
-        let staging = &mut staging[..out.len()];
-        stage(bytes, staging);
-        widen(staging, out);
+/// f16 widened by F16C, four elements per step, straight from the stored bytes.
+///
+/// # Safety
+/// The CPU must have AVX and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(bytes: &[u8], out: &mut [f64]) {
+    use std::arch::x86_64::{_mm256_cvtps_pd, _mm256_storeu_pd, _mm_cvtph_ps, _mm_loadl_epi64};
+    let (mut words, mut values) = (bytes.chunks_exact(8), out.chunks_exact_mut(4));
+    for (w, o) in (&mut words).zip(&mut values) {
+        // SAFETY: `w` holds 8 bytes and `o` 4 values; the CPU has the features.
+        unsafe {
+            _mm256_storeu_pd(
+                o.as_mut_ptr(),
+                _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(w.as_ptr().cast()))),
+            )
+        };
+    }
+    for (w, o) in words.remainder().chunks_exact(2).zip(values.into_remainder()) {
+        *o = half::f16::from_le_bytes([w[0], w[1]]).to_f64();
+    }
+}
+
+/// The value of one FP8 byte (`dtype` is [`FloatDtype::F8E4M3`] or [`FloatDtype::F8E5M2`]).
+pub(crate) fn f8_value(dtype: FloatDtype, byte: u8) -> f64 {
+    match dtype {
+        FloatDtype::F8E4M3 => F8E4M3_TABLE[usize::from(byte)],
+        FloatDtype::F8E5M2 => F8E5M2_TABLE[usize::from(byte)],
+        _ => unreachable!("not an FP8 format"),
     }
 }
 

@@ -11,14 +11,15 @@
 // `fused.rs` (which adds to `Gram`) import each other.
 pub(super) mod fused;
 
+use multiversion::multiversion;
+
 use crate::kinship::simd::{Accumulator, Lanes, LANES};
 
 /// Raw sums of k vectors over the blocks added so far.
 #[derive(Debug, Clone)]
 pub(crate) struct Gram {
     k: usize,
-    /// Σxᵢ as `LANES` partial sums: the fused sweep adds lane by lane, a decoded block's sum
-    /// goes to lane 0.
+    /// Σxᵢ as `LANES` partial sums, added lane by lane (element e to lane e mod 8).
     sums: Vec<Lanes>,
     /// k×k, row-major; only i ≤ j is filled.
     products: Vec<Lanes>,
@@ -29,9 +30,14 @@ impl Gram {
         Gram { k, sums: vec![[0.0; LANES]; k], products: vec![[0.0; LANES]; k * k] }
     }
 
-    /// Adds a block's Σxᵢ (summed by whoever made the block, in the same sweep).
-    pub(crate) fn add_sum(&mut self, i: usize, sum: f64) {
-        self.sums[i][0] += sum;
+    /// Adds one block's Σxᵢ: row i holds `len` elements at `rows[i * stride..]`, `len` a multiple
+    /// of [`LANES`]. Lane l adds the elements l, l + 8, ... in turn, as the fused sweep does, so
+    /// the sums do not depend on which of them made the block (nor on the CPU level).
+    pub(crate) fn add_row_sums(&mut self, rows: &[f64], stride: usize, len: usize) {
+        assert!(len.is_multiple_of(LANES) && len <= stride);
+        for (i, sums) in self.sums.iter_mut().enumerate() {
+            add_lanes(sums, &rows[i * stride..i * stride + len]);
+        }
     }
 
     /// Adds one block's products: row i holds `len` elements at `rows[i * stride..]`. `len` must
@@ -57,6 +63,16 @@ impl Gram {
             }
         }
         (sums, products)
+    }
+}
+
+/// Adds each element e of `row` to `sums` lane e mod 8, in order.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn add_lanes(sums: &mut Lanes, row: &[f64]) {
+    for values in row.chunks_exact(LANES) {
+        for (sum, value) in sums.iter_mut().zip(values) {
+            *sum += value;
+        }
     }
 }
 
@@ -154,6 +170,7 @@ unsafe fn tile<A: Accumulator, const R: usize, const C: usize, const DIAGONAL: b
     k: usize,
     products: &mut [Lanes],
 ) {
+    const { assert!(A::WIDTH == LANES) };
     let wanted = |r: usize, c: usize| !DIAGONAL || c >= r;
     let xs: [&[f64]; R] = std::array::from_fn(|r| rows.row(i0 + r));
     let ys: [&[f64]; C] = std::array::from_fn(|c| rows.row(j0 + c));
@@ -197,6 +214,30 @@ unsafe fn tile<A: Accumulator, const R: usize, const C: usize, const DIAGONAL: b
 mod tests {
     use super::*;
 
+    /// The tiles this CPU runs (AVX-512 or AVX2) and the plain-array tiles of the scalar fallback
+    /// give the same bits on values whose products round, for every k and tile shape.
+    #[test]
+    fn every_level_gives_the_same_products() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut value = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        for k in 1..=9 {
+            let (stride, len) = (72, 64);
+            let rows: Vec<f64> = (0..k * stride).map(|_| value()).collect();
+            let rows = Rows { data: &rows, stride, len };
+            let mut dispatched = vec![[0.0; LANES]; k * k];
+            let mut scalar = vec![[0.0; LANES]; k * k];
+            add_products(&rows, k, &mut dispatched);
+            // SAFETY: plain arrays need no CPU feature.
+            unsafe { tiles::<Lanes, 2>(&rows, k, &mut scalar) };
+            assert_eq!(dispatched, scalar, "k={k}");
+        }
+    }
+
     #[test]
     fn sums_match_naive_for_every_tile_shape() {
         for k in 1..=9 {
@@ -204,9 +245,7 @@ mod tests {
             let rows: Vec<f64> = (0..k * stride).map(|v| ((v * 7919) % 101) as f64 / 8.0 - 6.0).collect();
             let mut gram = Gram::new(k);
             for block_len in [len, 16] {
-                for i in 0..k {
-                    gram.add_sum(i, rows[i * stride..i * stride + block_len].iter().sum());
-                }
+                gram.add_row_sums(&rows, stride, block_len);
                 gram.add_products(&rows, stride, block_len);
             }
             let (sums, products) = gram.totals();

@@ -1,21 +1,31 @@
 //! The arithmetic of one chunk: reductions over f64 slices, compiled for several SIMD levels and
 //! picked at run time, so one wheel runs on any x86-64 or aarch64 and still uses AVX2/AVX-512.
 //!
-//! Every reduction keeps eight independent partial sums: that lets the compiler vectorise without
-//! reassociating, and fixes the summation order, so results do not depend on the CPU's level.
+//! Every reduction keeps independent partial sums in a fixed order (32 for one statistic, two sets
+//! of eight for the centred pair, 32 per statistic in the two-model kernel, `pair`): that lets the
+//! compiler vectorise without reassociating, keeps consecutive adds from waiting on each other,
+//! and fixes the summation order, so results do not depend on the CPU's level.
+
+mod pair;
 
 use multiversion::multiversion;
 
+pub use pair::{pair_delta_sums, pair_delta_sums_stored, PAIR_LANES};
+
 use crate::kinship::simd::{Accumulator, Lanes, LANES};
+
+/// Partial sums of the one-statistic reductions: four AVX-512 registers or eight AVX2 ones, enough
+/// that no add waits on the one before.
+const SUM_LANES: usize = 32;
 
 /// Σ x.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn sum(x: &[f64]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
+    let mut acc = [0.0f64; SUM_LANES];
+    let chunks = x.chunks_exact(SUM_LANES);
     let tail: f64 = chunks.remainder().iter().sum();
     for c in chunks {
-        for l in 0..LANES {
+        for l in 0..SUM_LANES {
             acc[l] += c[l];
         }
     }
@@ -25,12 +35,12 @@ pub fn sum(x: &[f64]) -> f64 {
 /// Σ (x − m)², a diagonal entry of the co-moment matrix.
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn centred_sum_squares(x: &[f64], m: f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
+    let mut acc = [0.0f64; SUM_LANES];
+    let chunks = x.chunks_exact(SUM_LANES);
     let tail: f64 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
     for c in chunks {
-        let c: &[f64; LANES] = c.try_into().expect("exact chunk");
-        for l in 0..LANES {
+        let c: &[f64; SUM_LANES] = c.try_into().expect("exact chunk");
+        for l in 0..SUM_LANES {
             let d = c[l] - m;
             acc[l] += d * d;
         }
@@ -96,6 +106,7 @@ unsafe fn centred_dot_and_squared_distance_with<A: Accumulator>(
     mx: f64,
     my: f64,
 ) -> (f64, f64) {
+    const { assert!(A::WIDTH == LANES) };
     let n = x.len().min(y.len());
     // SAFETY (every block below): the caller guarantees A's CPU features, and loads stay below
     // i + 2·LANES <= n.
@@ -147,8 +158,7 @@ pub fn f32_delta_and_sum(x: &[u8], z: &[f64], out: &mut [f64]) -> f64 {
 fn delta_and_sum<T: bytemuck::Pod>(x: &[u8], z: &[f64], out: &mut [f64], widen: impl Fn(T) -> f64) -> f64 {
     let size = std::mem::size_of::<T>();
     debug_assert_eq!(x.len(), out.len() * size);
-    // Two sets of partial sums, so the adds of consecutive steps do not wait on each other.
-    const STEP: usize = 2 * LANES;
+    const STEP: usize = SUM_LANES;
     let mut acc = [0.0f64; STEP];
     let mut tail = 0.0;
     let (xc, zc, mut oc) = (x.chunks_exact(STEP * size), z.chunks_exact(STEP), out.chunks_exact_mut(STEP));
@@ -191,11 +201,11 @@ pub fn stored_delta_and_sum(
 /// x ← x − y, returning Σ x (after the subtraction).
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut xc = x.chunks_exact_mut(LANES);
-    let mut yc = y.chunks_exact(LANES);
+    let mut acc = [0.0f64; SUM_LANES];
+    let mut xc = x.chunks_exact_mut(SUM_LANES);
+    let mut yc = y.chunks_exact(SUM_LANES);
     for (a, b) in (&mut xc).zip(&mut yc) {
-        for l in 0..LANES {
+        for l in 0..SUM_LANES {
             a[l] -= b[l];
             acc[l] += a[l];
         }
@@ -206,67 +216,6 @@ pub fn subtract_and_sum(x: &mut [f64], y: &[f64]) -> f64 {
         tail += *a;
     }
     acc.iter().sum::<f64>() + tail
-}
-
-/// For the deltas a = x − z and b = y − z of one chunk:
-/// [Σa, Σb, Σa², Σb², Σab, Σ(a − b)²], in a single sweep that never stores the deltas.
-/// The common two-model case; sums are raw but only over one chunk, and chunks are merged centred.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn pair_delta_sums(x: &[f64], y: &[f64], z: &[f64]) -> [f64; 6] {
-    pair_sums_widened(x, y, z, |v| v)
-}
-
-/// [`pair_delta_sums`] over stored bf16 words, widened in registers: no f64 buffers to write and
-/// read back, which is what bounds the two-model pass.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn pair_delta_sums_bf16(x: &[u16], y: &[u16], z: &[u16]) -> [f64; 6] {
-    pair_sums_widened(x, y, z, |b| f64::from(f32::from_bits(u32::from(b) << 16)))
-}
-
-/// [`pair_delta_sums`] over stored f32 values, widened in registers.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn pair_delta_sums_f32(x: &[f32], y: &[f32], z: &[f32]) -> [f64; 6] {
-    pair_sums_widened(x, y, z, f64::from)
-}
-
-#[inline(always)]
-fn pair_sums_widened<T: Copy>(x: &[T], y: &[T], z: &[T], widen: impl Fn(T) -> f64) -> [f64; 6] {
-    let mut acc = [[0.0f64; LANES]; 6];
-    let (xc, yc, zc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), z.chunks_exact(LANES));
-    let mut tail = [0.0f64; 6];
-    for ((&x, &y), &z) in xc.remainder().iter().zip(yc.remainder()).zip(zc.remainder()) {
-        let z = widen(z);
-        accumulate_pair(&mut tail, widen(x) - z, widen(y) - z);
-    }
-    for ((x, y), z) in xc.zip(yc).zip(zc) {
-        let (x, y, z): (&[T; LANES], &[T; LANES], &[T; LANES]) = (
-            x.try_into().expect("exact chunk"),
-            y.try_into().expect("exact chunk"),
-            z.try_into().expect("exact chunk"),
-        );
-        for l in 0..LANES {
-            let w = widen(z[l]);
-            let (a, b) = (widen(x[l]) - w, widen(y[l]) - w);
-            let d = a - b;
-            acc[0][l] += a;
-            acc[1][l] += b;
-            acc[2][l] += a * a;
-            acc[3][l] += b * b;
-            acc[4][l] += a * b;
-            acc[5][l] += d * d;
-        }
-    }
-    std::array::from_fn(|s| acc[s].iter().sum::<f64>() + tail[s])
-}
-
-#[inline(always)]
-fn accumulate_pair(acc: &mut [f64; 6], a: f64, b: f64) {
-    acc[0] += a;
-    acc[1] += b;
-    acc[2] += a * a;
-    acc[3] += b * b;
-    acc[4] += a * b;
-    acc[5] += (a - b) * (a - b);
 }
 
 /// max |x| (NaN propagates as NaN).
@@ -299,6 +248,19 @@ pub fn quantize_int8(x: &mut [f64], max_abs: f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The centred pair reduction the CPU runs and the scalar fallback give the same bits.
+    #[test]
+    fn centred_pair_is_the_same_on_every_level() {
+        let x: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.731).sin() * 1e-3).collect();
+        let y: Vec<f64> = (0..1003).map(|i| (i as f64 * 0.277).cos() * 1e-3).collect();
+        for n in [0, 5, 16, 17, 1003] {
+            let (x, y) = (&x[..n], &y[..n]);
+            // SAFETY: plain arrays need no CPU feature.
+            let scalar = unsafe { centred_dot_and_squared_distance_with::<Lanes>(x, y, 1e-4, -2e-4) };
+            assert_eq!(centred_dot_and_squared_distance(x, y, 1e-4, -2e-4), scalar, "n={n}");
+        }
+    }
 
     #[test]
     fn reductions_match_naive_sums() {

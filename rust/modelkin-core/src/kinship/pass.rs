@@ -1,6 +1,6 @@
 //! One streaming pass over a base model and k fine-tunes: per-tensor moments of every delta.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -20,6 +20,10 @@ use crate::kinship::stats::{Mode, Moments};
 /// Elements per work item: large enough to amortise scheduling, small enough that k+1 decoded
 /// buffers of it stay in a core's L2 cache.
 const CHUNK: usize = 16 * 1024;
+
+/// Elements per work item of the two-model pass over stored bytes. Its raw sums keep 32 partial
+/// sums (see `kernel::pair`), so each adds PAIR_CHUNK / 32 terms: as many as a CHUNK's eight did.
+const PAIR_CHUNK: usize = 4 * CHUNK;
 
 /// Elements per block of the all-pairs sweep: the base's and k deltas' blocks stay in L1.
 const GRAM_BLOCK: usize = 256;
@@ -52,15 +56,56 @@ pub fn kinship_pass(
             Some(scope) => Some(quantisation_scales(family, plan, scope, progress)?),
             None => None,
         };
+        let scale = |t: usize| scales.as_ref().map(|s| &s[t]);
+        // Pass one already found NaN/Inf in some tensors; they are not read again.
+        let read: Vec<usize> = (0..plan.len()).filter(|&t| !matches!(scale(t), Some(Err(_)))).collect();
+        let scale_of = |t: usize| match scale(t) {
+            Some(Ok(scale)) => Some(scale.as_slice()),
+            _ => None,
+        };
+        let fused: Vec<Option<FloatDtype>> = plan
+            .iter()
+            .enumerate()
+            .map(|(t, tensor)| match scale_of(t) {
+                None => fused_format(tensor.sources.len() - 1, tensor.sources.iter().map(|s| s.dtype)),
+                Some(_) => None,
+            })
+            .collect();
+        let mut sums: Vec<std::result::Result<Moments, usize>> =
+            plan.iter().map(|tensor| Ok(Moments::empty(tensor.sources.len() - 1))).collect();
+        par_tensor_chunks(
+            family,
+            plan,
+            &read,
+            |t| if stored_pair(&plan[t], scale_of(t)) { PAIR_CHUNK } else { CHUNK },
+            progress,
+            |t, buffer, first, len| {
+                let tensor = &plan[t];
+                if pair_path(tensor, scale_of(t)) {
+                    pair_chunk(family, tensor, first, len, buffer)
+                } else {
+                    gram_chunk(family, tensor, first, len, scale_of(t), fused[t], buffer)
+                }
+            },
+            // Chunk by chunk in order, so the merged moments do not depend on the scheduling.
+            |t, outcome| match (outcome, &mut sums[t]) {
+                (ChunkOutcome::Moments(m), Ok(moments)) => moments.merge(&m),
+                // The first chunk with NaN/Inf names the culprit.
+                (ChunkOutcome::NonFinite(culprit), sums @ Ok(_)) => *sums = Err(culprit),
+                (ChunkOutcome::MaxAbs(_), _) => unreachable!("the moments pass yields no maxima"),
+                (_, Err(_)) => {}
+            },
+        )?;
         let mut tensors = Vec::with_capacity(plan.len());
-        for (t, tensor) in plan.iter().enumerate() {
-            let outcome = match scales.as_ref().map(|s| &s[t]) {
-                // Pass one already found NaN/Inf here; don't read it again.
-                Some(Err(culprit)) => Err(*culprit),
-                Some(Ok(scale)) => tensor_moments(family, tensor, Some(scale), progress)?,
-                None => tensor_moments(family, tensor, None, progress)?,
+        for (t, (tensor, outcome)) in plan.iter().zip(sums).enumerate() {
+            let outcome = match (scale(t), outcome) {
+                (Some(Err(culprit)), _) => Err(*culprit),
+                (_, Ok(mut moments)) => {
+                    recheck_distances(family, tensor, &mut moments, scale_of(t), progress)?;
+                    Ok(moments)
+                }
+                (_, Err(culprit)) => Err(culprit),
             };
-            release(family, tensor);
             match outcome {
                 Ok(moments) => tensors.push(TensorStats {
                     name: tensor.name.clone(),
@@ -112,22 +157,84 @@ thread_local! {
     static CHUNK_BUFFER: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn par_chunks<'a, T, F>(tensor: &'a PlannedTensor, progress: &'a Progress, work: F) -> Result<Vec<T>>
+/// Work items per parallel sweep of [`par_tensor_chunks`]: enough that the threads seldom wait for
+/// each other at a sweep's end, few enough that the outcomes held until then stay small.
+const WINDOW: usize = 2048;
+
+/// Runs `work(t, buffer, first, len)` over the chunks of the tensors `plan[t]` for t in `tensors`,
+/// `chunk(t)` elements each, in parallel across tensors: no thread waits at the end of a tensor
+/// for the others to finish theirs (a pass over a model of hundreds of tensors would wait
+/// hundreds of times). Each outcome goes to `fold(t, outcome)` in the order of the tensors and
+/// their chunks, so what it folds does not depend on the scheduling. A tensor's pages are let go
+/// once its last chunk is done. `buffer` holds (k + 1)·[`CHUNK`] values whatever the chunk is.
+fn par_tensor_chunks<T, W>(
+    family: &Family,
+    plan: &[PlannedTensor],
+    tensors: &[usize],
+    chunk: impl Fn(usize) -> usize,
+    progress: &Progress,
+    work: W,
+    mut fold: impl FnMut(usize, T),
+) -> Result<()>
+where
+    T: Send,
+    W: Fn(usize, &mut [f64], usize, usize) -> T + Sync + Send,
+{
+    // Every chunk of every tensor, in reading order: (tensor, first element, elements).
+    let mut items = Vec::new();
+    for &t in tensors {
+        let (numel, chunk) = (plan[t].numel, chunk(t));
+        items.extend((0..numel.div_ceil(chunk)).map(|c| (t, c * chunk, chunk.min(numel - c * chunk))));
+        if numel == 0 {
+            release(family, &plan[t]);
+        }
+    }
+    let remaining: Vec<AtomicUsize> = plan
+        .iter()
+        .enumerate()
+        .map(|(t, tensor)| AtomicUsize::new(tensor.numel.div_ceil(chunk(t).max(1))))
+        .collect();
+    for window in items.chunks(WINDOW) {
+        let outcomes = window
+            .par_iter()
+            .map(|&(t, first, len)| {
+                progress.check()?;
+                let tensor = &plan[t];
+                let k = tensor.sources.len() - 1;
+                // One buffer per worker thread for the whole pass: allocating per job would map
+                // and fault in fresh zero pages over and over.
+                let outcome = CHUNK_BUFFER.with_borrow_mut(|buffer| {
+                    buffer.resize(buffer.len().max((k + 1) * CHUNK), 0.0);
+                    work(t, &mut buffer[..(k + 1) * CHUNK], first, len)
+                });
+                let bytes_per_element: u64 = tensor.sources.iter().map(|s| s.dtype.size() as u64).sum();
+                progress.done.fetch_add(len as u64 * bytes_per_element, Ordering::Relaxed);
+                if remaining[t].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    release(family, tensor);
+                }
+                Ok(outcome)
+            })
+            .collect::<Result<Vec<T>>>()?;
+        for (&(t, _, _), outcome) in window.iter().zip(outcomes) {
+            fold(t, outcome);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `work(buffer, first, len)` over one tensor's chunks in parallel; the results in order.
+fn par_chunks<T, F>(tensor: &PlannedTensor, progress: &Progress, work: F) -> Result<Vec<T>>
 where
     T: Send,
     F: Fn(&mut [f64], usize, usize) -> T + Sync + Send,
 {
     let k = tensor.sources.len() - 1;
-    let chunks = tensor.numel.div_ceil(CHUNK);
     let bytes_per_element: u64 = tensor.sources.iter().map(|s| s.dtype.size() as u64).sum();
-    (0..chunks)
+    (0..tensor.numel.div_ceil(CHUNK))
         .into_par_iter()
         .map(|c| {
             progress.check()?;
-            let first = c * CHUNK;
-            let len = CHUNK.min(tensor.numel - first);
-            // One buffer per worker thread for the whole pass: allocating per job would map and
-            // fault in fresh zero pages over and over.
+            let (first, len) = (c * CHUNK, CHUNK.min(tensor.numel - c * CHUNK));
             let outcome = CHUNK_BUFFER.with_borrow_mut(|buffer| {
                 buffer.resize(buffer.len().max((k + 1) * CHUNK), 0.0);
                 work(&mut buffer[..(k + 1) * CHUNK], first, len)
@@ -148,28 +255,31 @@ fn quantisation_scales(
     scope: Mode,
     progress: &Progress,
 ) -> Result<Vec<Scales>> {
-    let mut scales = Vec::with_capacity(plan.len());
-    for tensor in plan {
-        let k = tensor.sources.len() - 1;
-        let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
+    let mut scales: Vec<Scales> =
+        plan.iter().map(|tensor| Ok(vec![0.0f64; tensor.sources.len() - 1])).collect();
+    let all: Vec<usize> = (0..plan.len()).collect();
+    par_tensor_chunks(
+        family,
+        plan,
+        &all,
+        |_| CHUNK,
+        progress,
+        |t, buffer, first, len| {
+            let tensor = &plan[t];
             if let Err(culprit) = load_deltas(family, tensor, first, len, buffer) {
                 return ChunkOutcome::NonFinite(culprit);
             }
+            let k = tensor.sources.len() - 1;
             ChunkOutcome::MaxAbs(
                 (0..k).map(|i| kernel::max_abs(&buffer[(i + 1) * CHUNK..(i + 1) * CHUNK + len])).collect(),
             )
-        })?;
-        release(family, tensor);
-        let mut max = Ok(vec![0.0f64; k]);
-        for outcome in outcomes {
-            match (outcome, &mut max) {
-                (ChunkOutcome::MaxAbs(m), Ok(max)) => max.iter_mut().zip(m).for_each(|(a, b)| *a = a.max(b)),
-                (ChunkOutcome::NonFinite(culprit), Ok(_)) => max = Err(culprit),
-                _ => {}
-            }
-        }
-        scales.push(max);
-    }
+        },
+        |t, outcome| match (outcome, &mut scales[t]) {
+            (ChunkOutcome::MaxAbs(m), Ok(max)) => max.iter_mut().zip(m).for_each(|(a, b)| *a = a.max(b)),
+            (ChunkOutcome::NonFinite(culprit), max @ Ok(_)) => *max = Err(culprit),
+            _ => {}
+        },
+    )?;
     if scope == Mode::Full {
         let k = plan.first().map_or(0, |t| t.sources.len() - 1);
         // Tensors with NaN/Inf are reported or skipped later; they take no part in the scale.
@@ -182,42 +292,40 @@ fn quantisation_scales(
     Ok(scales)
 }
 
-/// The tensor's moments, or the index of the source holding NaN/Inf.
-fn tensor_moments(
+/// Whether a tensor's chunks go to the two-model kernel (two fine-tunes, no quantisation).
+fn pair_path(tensor: &PlannedTensor, scales: Option<&[f64]>) -> bool {
+    tensor.sources.len() == 3 && scales.is_none()
+}
+
+/// Whether the two-model kernel reads the tensor's stored bytes directly (its sources share a
+/// dtype): it then needs no buffer, and its chunks can be longer ([`PAIR_CHUNK`]), which spreads
+/// the per-chunk costs (scheduling, merging moments) over more elements.
+fn stored_pair(tensor: &PlannedTensor, scales: Option<&[f64]>) -> bool {
+    pair_path(tensor, scales) && tensor.sources.iter().all(|s| s.dtype == tensor.sources[0].dtype)
+}
+
+/// Replaces the distances of the all-pairs path that may have cancelled in the raw-sum identity
+/// with ones swept directly (the two-model kernel sums Σ(a − b)² itself).
+fn recheck_distances(
     family: &Family,
     tensor: &PlannedTensor,
+    moments: &mut Moments,
     scales: Option<&[f64]>,
     progress: &Progress,
-) -> Result<std::result::Result<Moments, usize>> {
-    let k = tensor.sources.len() - 1;
-    let pair_path = k == 2 && scales.is_none();
-    let fused = if scales.is_none() { fused_format(k, tensor.sources.iter().map(|s| s.dtype)) } else { None };
-    let outcomes = par_chunks(tensor, progress, |buffer, first, len| {
-        if pair_path {
-            pair_chunk(family, tensor, first, len, buffer)
-        } else {
-            gram_chunk(family, tensor, first, len, scales, fused, buffer)
-        }
-    })?;
-    let mut moments = Moments::empty(k);
-    for outcome in outcomes {
-        match outcome {
-            ChunkOutcome::Moments(m) => moments.merge(&m),
-            ChunkOutcome::NonFinite(culprit) => return Ok(Err(culprit)),
-            ChunkOutcome::MaxAbs(_) => unreachable!("the moments pass yields no maxima"),
-        }
+) -> Result<()> {
+    if pair_path(tensor, scales) {
+        return Ok(());
     }
-    if !pair_path {
-        for i in 0..k {
-            for j in i + 1..k {
-                if moments.distance_may_have_cancelled(i, j, RAW_SUM_RELATIVE_ERROR) {
-                    let direct = direct_squared_distance(family, tensor, (i, j), scales, progress)?;
-                    moments.set_squared_distance(i, j, direct);
-                }
+    let k = tensor.sources.len() - 1;
+    for i in 0..k {
+        for j in i + 1..k {
+            if moments.distance_may_have_cancelled(i, j, RAW_SUM_RELATIVE_ERROR) {
+                let direct = direct_squared_distance(family, tensor, (i, j), scales, progress)?;
+                moments.set_squared_distance(i, j, direct);
             }
         }
     }
-    Ok(Ok(moments))
+    Ok(())
 }
 
 /// Raw all-pairs sums of one chunk: with a `fused` format (from [`fused_format`]) the fine-tunes
@@ -250,14 +358,15 @@ fn gram_chunk(
         let padded = count.next_multiple_of(LANES);
         family.read_f64(&tensor.sources[0], start, &mut base[..count]);
         for (i, (source, delta)) in tensor.sources[1..].iter().zip(rows.chunks_mut(GRAM_BLOCK)).enumerate() {
-            let mut sum = family.read_delta(source, start, &base[..count], &mut delta[..count]);
+            family.read_delta(source, start, &base[..count], &mut delta[..count]);
             if let Some(scales) = scales {
                 kernel::quantize_int8(&mut delta[..count], scales[i]);
-                sum = kernel::sum(&delta[..count]);
             }
             delta[count..padded].fill(0.0);
-            gram.add_sum(i, sum);
         }
+        // Summed lane by lane from the rows, in the fused sweep's order: the sums do not depend on
+        // which path (or CPU level) made the chunk.
+        gram.add_row_sums(rows, GRAM_BLOCK, padded);
         gram.add_products(rows, GRAM_BLOCK, padded);
     }
     let (sums, products) = gram.totals();
@@ -293,8 +402,8 @@ fn direct_squared_distance(
     Ok(parts.iter().sum())
 }
 
-/// The two-model chunk without quantisation: decode, then one fused sweep (the hot path of
-/// `modelkin kinship`).
+/// The two-model chunk without quantisation (the hot path of `modelkin kinship`): one sweep over
+/// the mapped bytes when the three sources share a dtype; otherwise they are widened first.
 fn pair_chunk(
     family: &Family,
     tensor: &PlannedTensor,
@@ -302,57 +411,23 @@ fn pair_chunk(
     len: usize,
     buffer: &mut [f64],
 ) -> ChunkOutcome {
-    let dtypes: Vec<FloatDtype> = tensor.sources.iter().map(|s| s.dtype).collect();
-    let sums = match dtypes[..] {
-        [FloatDtype::BF16, FloatDtype::BF16, FloatDtype::BF16] => {
-            staged_pair_sums::<u16>(family, tensor, first, len, kernel::pair_delta_sums_bf16)
-        }
-        [FloatDtype::F32, FloatDtype::F32, FloatDtype::F32] => {
-            staged_pair_sums::<f32>(family, tensor, first, len, kernel::pair_delta_sums_f32)
-        }
-        _ => {
-            let (z, rest) = buffer.split_at_mut(CHUNK);
-            let (x, y) = rest.split_at_mut(CHUNK);
-            let (z, x, y) = (&mut z[..len], &mut x[..len], &mut y[..len]);
-            family.read_f64(&tensor.sources[0], first, z);
-            family.read_f64(&tensor.sources[1], first, x);
-            family.read_f64(&tensor.sources[2], first, y);
-            kernel::pair_delta_sums(x, y, z)
-        }
+    let [z, x, y] = [0, 1, 2].map(|s| &tensor.sources[s]);
+    let sums = if x.dtype == z.dtype && y.dtype == z.dtype {
+        let [z, x, y] = [z, x, y].map(|s| family.raw_bytes(s, first, len));
+        kernel::pair_delta_sums_stored(tensor.sources[0].dtype, x, y, z)
+    } else {
+        let (zb, rest) = buffer.split_at_mut(CHUNK);
+        let (xb, yb) = rest.split_at_mut(CHUNK);
+        let (zb, xb, yb) = (&mut zb[..len], &mut xb[..len], &mut yb[..len]);
+        family.read_f64(z, first, zb);
+        family.read_f64(x, first, xb);
+        family.read_f64(y, first, yb);
+        kernel::pair_delta_sums(xb, yb, zb)
     };
     if sums.iter().all(|s| s.is_finite()) {
         return ChunkOutcome::Moments(Moments::from_pair_sums(len, sums));
     }
     ChunkOutcome::NonFinite(nonfinite_source(family, tensor, first, len, buffer))
-}
-
-/// A fused pair kernel: raw sums of (x − z, y − z) over stored words.
-type PairSums<T> = fn(&[T], &[T], &[T]) -> [f64; 6];
-
-/// Words staged per step of the fused pair path: three of them stay in L1.
-const PAIR_STAGE: usize = 2048;
-
-/// Raw pair sums of one chunk whose three sources share a dtype stored as `T` words: the bytes are
-/// copied into aligned staging arrays and widened inside `sums`.
-fn staged_pair_sums<T: bytemuck::Pod + Default>(
-    family: &Family,
-    tensor: &PlannedTensor,
-    first: usize,
-    len: usize,
-    sums: PairSums<T>,
-) -> [f64; 6] {
-    let mut staging = [[T::default(); PAIR_STAGE]; 3];
-    let mut total = [0.0f64; 6];
-    for start in (first..first + len).step_by(PAIR_STAGE) {
-        let count = PAIR_STAGE.min(first + len - start);
-        for (stage, source) in staging.iter_mut().zip(&tensor.sources) {
-            crate::io::dtype::stage(family.raw_bytes(source, start, count), &mut stage[..count]);
-        }
-        let [z, x, y] = &staging;
-        let part = sums(&x[..count], &y[..count], &z[..count]);
-        total.iter_mut().zip(part).for_each(|(t, p)| *t += p);
-    }
-    total
 }
 
 /// Which source of a chunk holds NaN/Inf (the base when it does, since it spoils every delta).
@@ -363,13 +438,17 @@ fn nonfinite_source(
     len: usize,
     buffer: &mut [f64],
 ) -> usize {
-    let values = &mut buffer[..len];
+    // A chunk may be longer than the buffer (see PAIR_CHUNK): each source is read a piece at a time.
+    let step = buffer.len().min(len).max(1);
     tensor
         .sources
         .iter()
         .position(|source| {
-            family.read_f64(source, first, values);
-            !kernel::sum(values).is_finite()
+            (first..first + len).step_by(step).any(|start| {
+                let values = &mut buffer[..step.min(first + len - start)];
+                family.read_f64(source, start, values);
+                !kernel::sum(values).is_finite()
+            })
         })
         .unwrap_or(0)
 }

@@ -330,7 +330,6 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kinship::simd::Lanes;
 
     fn stored(format: FloatDtype, values: &[f32]) -> Vec<u8> {
         use crate::io::encode::{encode, OutDtype};
@@ -382,10 +381,8 @@ mod tests {
                         let row = &mut rows[i * stride..i * stride + done];
                         crate::io::dtype::decode(format, &sources[i + 1][..done * format.size()], row);
                         row.iter_mut().zip(&base).for_each(|(d, z)| *d -= z);
-                        // Lane l sums the elements l, l + 8, ... in turn, as the sweep does.
-                        let lanes: Lanes = std::array::from_fn(|l| row.iter().skip(l).step_by(LANES).sum());
-                        tiled.add_sum(i, lanes.iter().sum());
                     }
+                    tiled.add_row_sums(&rows, stride, done);
                     tiled.add_products(&rows, stride, done);
                     let ((fs, fp), (ts, tp)) = (fused.totals(), tiled.totals());
                     assert_eq!((fs, fp), (ts, tp), "{format:?} k={k} count={count}");
