@@ -4,6 +4,7 @@ Python callable and a command-line script), and config writers."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,15 @@ def evaluations_after(log: Path, offset: int) -> list[tuple[str, str]]:
 
 def log_length(log: Path) -> int:
     return len(log.read_text().splitlines()) if log.exists() else 0
+
+
+def one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Asserts a refusal: exit 2, one `error:` line on stderr naming every fragment, no traceback
+    (the live lines of a non-terminal, "#id role ...", come before it)."""
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "Traceback" not in done.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

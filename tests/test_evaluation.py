@@ -25,7 +25,15 @@ import pytest
 from rich.console import Console
 
 import modelkin.evolve as evo
-from evolve_support import EVAL_SCRIPT, command_evaluator, hashed_scores, search_config, small_family, write_config
+from evolve_support import (
+    EVAL_SCRIPT,
+    command_evaluator,
+    hashed_scores,
+    one_line_error,
+    search_config,
+    small_family,
+    write_config,
+)
 from modelkin.evolve.config import load_evolve_config, with_task_search_path
 from modelkin.evolve.evaluators import (
     NO_SPLIT_PLACEHOLDER,
@@ -158,17 +166,6 @@ def topk(base: Path, pool: list[Path], evaluator: dict[str, Any] | None = None, 
         **({"evaluator": evaluator} if evaluator is not None else {}),
         **extra,
     }
-
-
-def one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    # (the live lines of a non-terminal, "#id role ...", come before it)
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert "Traceback" not in done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def flat(text: str) -> str:

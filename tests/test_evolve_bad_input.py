@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import modelkin.evolve as evo
-from evolve_support import command_evaluator, small_family, write_config
+from evolve_support import command_evaluator, one_line_error, small_family, write_config
 from modelkin.evolve.store import STORE_NAME
 from modelkin.io.safetensors import save_model
 from modelkin.testing import run_cli, tree_digest
@@ -44,16 +44,6 @@ def evolve_cli(
 ) -> subprocess.CompletedProcess[str]:
     path = write_config(tmp_path / f"{run}.yml", **config)
     return run_cli("evolve", str(path), str(tmp_path / run), *args)
-
-
-def one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> str:
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    lines = [ln for ln in done.stderr.splitlines() if ln.strip() and not ln.startswith("#")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
-    assert "Traceback" not in done.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_pool_model_that_is_not_a_fine_tune(family, tmp_path):
