@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,12 @@ HERE = Path(__file__).resolve().parent
 EVAL_SCRIPT = HERE / "fake_evaluator.py"
 
 
-def hashed_scores(model: str | Path, split: str) -> dict[str, float]:
+def hashed_scores(model: str | Path | Mapping[str, Any], split: str) -> dict[str, float]:
     """Deterministic scores from a model's weights: pseudo-random, so selection has work to do,
-    and the same bits always give the same scores (any change in a merge changes them)."""
-    tensors = load_model(model)
-    total = sum(float(np.abs(t.astype(np.float64)).sum()) for t in tensors.values())
+    and the same bits always give the same scores (any change in a merge changes them). ``model``
+    is a directory, or the model in memory (a resident evaluator's)."""
+    tensors = model if isinstance(model, Mapping) else load_model(model)
+    total = sum(float(np.abs(tensors[name].astype(np.float64)).sum()) for name in sorted(tensors))
     layer = float(np.abs(tensors["model.layers.0.self_attn.q_proj.weight"].astype(np.float64)).sum())
     offset = 0.0 if split == "search" else 0.01
     return {"alpha": (total * 1e3) % 1.0 + offset, "beta": (layer * 1e4) % 1.0}

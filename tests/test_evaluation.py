@@ -35,16 +35,9 @@ from evolve_support import (
     write_config,
 )
 from modelkin.evolve.config import load_evolve_config, with_task_search_path
-from modelkin.evolve.evaluators import (
-    NO_SPLIT_PLACEHOLDER,
-    NO_TEST_TASKS,
-    ObjectiveError,
-    SplitNotScored,
-    lm_eval_evaluator,
-    make_evaluator,
-    pick_metric,
-    unscored_splits,
-)
+from modelkin.evolve.evaluator_registry import make_evaluator, unscored_splits
+from modelkin.evolve.evaluators import NO_SPLIT_PLACEHOLDER, NO_TEST_TASKS, ObjectiveError, SplitNotScored
+from modelkin.evolve.lmeval import lm_eval_evaluator, pick_metric
 from modelkin.io.errors import RecipeError
 from modelkin.testing import run_cli
 
@@ -332,7 +325,9 @@ def test_metric_is_the_entry_s_else_the_only_one_reported():
 def test_an_ambiguous_metric_stops_the_run_at_the_first_evaluation(family, tmp_path, fake_lm_eval):
     base, pool = family
     tasks = task_dir(tmp_path / "eval_tasks", "two_metrics_alpha")
-    config = topk(base, pool, {"lm_eval": {"tasks": ["two_metrics_alpha"], "include_path": str(tasks)}})
+    config = topk(
+        base, pool, {"resident": False, "lm_eval": {"tasks": ["two_metrics_alpha"], "include_path": str(tasks)}}
+    )
     done = run_cli("evolve", str(write_config(tmp_path / "run.yml", **config)), str(tmp_path / "run"))
     one_line_error(done, "'two_metrics_alpha' reports 2 metrics (exact_match,none, acc,none)", "metric:")
     assert len(calls(fake_lm_eval)) == 1  # the base, once: no candidate after it was tried
@@ -349,7 +344,7 @@ def test_custom_tasks_and_test_tasks_through_the_cli(family, tmp_path, fake_lm_e
     cwd = tmp_path / "work"
     task_dir(cwd / "eval_tasks", "alpha_search", "beta_search", "alpha_test", "beta_test")
     lm = {"tasks": ["alpha_search", {"name": "beta_search", "weight": 3}], "test_tasks": ["alpha_test", "beta_test"]}
-    path = write_config(cwd / "evolve.yml", **topk(base, pool, {"lm_eval": lm}))
+    path = write_config(cwd / "evolve.yml", **topk(base, pool, {"resident": False, "lm_eval": lm}))
     done = subprocess.run(
         [sys.executable, "-m", "modelkin", "evolve", "evolve.yml", "runs/exp1", "--task-search-path", "./eval_tasks"],
         cwd=cwd,
@@ -386,7 +381,7 @@ def test_custom_tasks_and_test_tasks_through_the_cli(family, tmp_path, fake_lm_e
 def test_custom_task_without_its_directory_is_not_found(family, tmp_path, fake_lm_eval):
     """Without include_path (or --task-search-path) lm-eval knows only its own tasks."""
     base, pool = family
-    config = topk(base, pool, {"lm_eval": {"tasks": ["alpha_search"]}})
+    config = topk(base, pool, {"resident": False, "lm_eval": {"tasks": ["alpha_search"]}})
     done = run_cli("evolve", str(write_config(tmp_path / "run.yml", **config)), str(tmp_path / "run"))
     one_line_error(done, "base model could not be evaluated", "'alpha_search' is not a registered task")
 
@@ -394,7 +389,7 @@ def test_custom_task_without_its_directory_is_not_found(family, tmp_path, fake_l
 def test_lm_eval_without_test_tasks_leaves_test_empty(family, tmp_path, fake_lm_eval):
     base, pool = family
     tasks = task_dir(tmp_path / "eval_tasks", "alpha_search")
-    config = topk(base, pool, {"lm_eval": {"tasks": ["alpha_search"], "include_path": str(tasks)}})
+    config = topk(base, pool, {"resident": False, "lm_eval": {"tasks": ["alpha_search"], "include_path": str(tasks)}})
     run = evo.evolve(config, tmp_path / "run")
     assert all(c["tasks"] == ["alpha_search"] for c in calls(fake_lm_eval))  # test was never asked for
     assert_no_test_column(run, NO_TEST_TASKS)
@@ -412,7 +407,9 @@ def test_lm_eval_noise_is_quieted_in_the_evaluator_only(tmp_path, fake_lm_eval, 
     model = small_family(tmp_path / "fam", n=1)[0]
     logging.getLogger("lm_eval").setLevel(logging.NOTSET)
     settings = {"tasks": ["alpha_search"], "include_path": str(tasks)}
-    evaluate = make_evaluator(load_evolve_config({**LM, "evaluator": {"lm_eval": settings}}).evaluator)
+    evaluate = make_evaluator(
+        load_evolve_config({**LM, "evaluator": {"resident": False, "lm_eval": settings}}).evaluator
+    )
     assert logging.getLogger("lm_eval").level == logging.NOTSET  # nothing changes before lm-eval is used
     assert evaluate(str(model), "search") == {"alpha_search": hashed_scores(model, "search")["alpha"]}
     assert "fatal:" not in capfd.readouterr().err  # its git probe

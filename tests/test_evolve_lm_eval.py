@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 
 from modelkin.evolve.config import lm_eval_weights, load_evolve_config
-from modelkin.evolve.evaluators import ObjectiveError, lm_eval_evaluator, make_evaluator
+from modelkin.evolve.evaluator_registry import make_evaluator
+from modelkin.evolve.evaluators import ObjectiveError
+from modelkin.evolve.lmeval import lm_eval_evaluator
 
 
 @pytest.fixture
@@ -63,6 +65,10 @@ def test_adapter_refuses_a_missing_metric(fake_lm_eval):
 def test_config_selects_the_adapter(fake_lm_eval):
     config = load_evolve_config(
         {"pool": ["a", "b"], "base_model": "z", "evaluator": {"lm_eval": {"tasks": ["gsm8k"], "limit": 10}}}
+    )
+    assert config.evaluator.resident  # lm-eval's hf model is kept resident unless told otherwise
+    config = load_evolve_config(
+        {"pool": ["a", "b"], "base_model": "z", "evaluator": {"resident": False, "lm_eval": {"tasks": ["gsm8k"]}}}
     )
     # gsm8k reports one metric: it is the score (without test_tasks, only search is scored).
     assert make_evaluator(config.evaluator)("/m", "search") == {"gsm8k": 0.25}

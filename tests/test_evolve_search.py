@@ -199,7 +199,8 @@ num_fewshot: 0
 """
     path = tmp_path / "mergekit-evolve.yml"
     path.write_text(text)
-    run = evo.evolve(path, tmp_path / "run")
+    # The stand-in has only simple_evaluate: lm-eval's model is built by it (not kept resident).
+    run = evo.evolve(path, tmp_path / "run", resident=False)
     searched = [c for c in run.candidates if c.role == "search"]
     assert searched and all(c.status == "done" for c in searched)
     # 2 layers x 3 models x 2 filter sets x (weight, density): the default budget of 100

@@ -877,3 +877,30 @@ def test_karcher_in_float32_stays_near_the_exact_mean(tmp_path, fam, monkeypatch
         expected = karcher([m[k] for m in models])
         scale = float(np.abs(expected).max())
         np.testing.assert_allclose(out[k], expected, rtol=1e-4, atol=1e-4 * scale, err_msg=k)
+
+
+def test_a_model_in_several_slices_keeps_each_slices_parameters(tmp_path):
+    """A model used by two slices with different parameters (a layer path, a frankenmerge with
+    scales): each slice's own. Before this was fixed, the first slice's plain value was reused for
+    every later slice of the same model, silently."""
+    from evolve_support import small_family
+    from modelkin.io.safetensors import load_model
+
+    _, (a, b) = small_family(tmp_path / "fam", n=2)
+    recipe = {
+        "merge_method": "passthrough",
+        "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": str(a), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(b), "layer_range": [1, 2], "parameters": {"scale": 0.5}}]},
+            {"sources": [{"model": str(a), "layer_range": [0, 1], "parameters": {"scale": 3.0}}]},
+            {"sources": [{"model": str(b), "layer_range": [1, 2]}]},
+        ],
+    }
+    merged = merge(recipe)
+    ta, tb = load_model(a), load_model(b)
+    name = "self_attn.q_proj.weight"
+    expected = [ta[f"model.layers.0.{name}"], 0.5 * tb[f"model.layers.1.{name}"], 3.0 * ta[f"model.layers.0.{name}"]]
+    expected.append(tb[f"model.layers.1.{name}"])
+    for layer, want in enumerate(expected):
+        assert np.array_equal(np.asarray(merged[f"model.layers.{layer}.{name}"]), want.astype(np.float32)), layer

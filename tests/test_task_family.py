@@ -277,7 +277,7 @@ LM_EVAL_SCORES = """
 import json, sys
 from lm_eval.tasks import TaskManager
 from modelkin.evolve.config import load_evolve_config
-from modelkin.evolve.evaluators import make_evaluator
+from modelkin.evolve.evaluator_registry import make_evaluator
 
 config_path, model = sys.argv[1], sys.argv[2]
 config = load_evolve_config(config_path)

@@ -14,6 +14,7 @@ from .io.errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
+from .io.resident import ResidentModel, StoredModel
 from .io.resolve import resolve
 from .kinship.measure import METRICS, KinshipMatrix, KinshipResult, TensorKinship, kinship, kinship_matrix
 from .merge.merging import MergedModel, MergeResult, merge
@@ -35,7 +36,9 @@ __all__ = [
     "NonFiniteError",
     "PlannedTensor",
     "RecipeError",
+    "ResidentModel",
     "ShapeMismatchError",
+    "StoredModel",
     "TensorKinship",
     "UnsupportedFormatError",
     "__version__",

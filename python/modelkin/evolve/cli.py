@@ -156,7 +156,8 @@ def best_table(run: Run, best: Candidate) -> Table:
     pool = [c for c in run.candidates if c.role == "pool" and c.objective_search is not None]
     top_pool = max(pool, key=lambda c: c.objective_search or 0.0, default=None)
     rows = [best, *(run.candidate(p) for p in best.parents)]
-    rows += [c for c in (top_pool,) if c is not None and c not in rows] + [run.base]
+    rows += [c for c in (top_pool,) if c is not None and c not in rows]
+    rows += [c for c in (run.base,) if c is not None]
     for c in rows:
         role = "best" if c.id == best.id else "parent" if c.id in best.parents else c.role
         role = "best of pool" if c is top_pool and c.id not in best.parents else role
@@ -185,8 +186,19 @@ def show_command(
         return
     out.print(candidates_table(run))
     print_faults(run)
+    phase_best = run.ps_best_id
+    if phase_best is not None:
+        ps = run.candidate(phase_best)
+        print(f"PS phase best: #{ps.id} search {_score(ps.objective_search)} test {_score(ps.objective_test)}")
+        dfs = run.best
+        if dfs is not None:
+            print(f"DFS phase best: #{dfs.id} search {_score(dfs.objective_search)} test {_score(dfs.objective_test)}")
     if run.stop_reason:
         print(f"stopped: {run.stop_reason}")
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def print_faults(run: Run) -> None:

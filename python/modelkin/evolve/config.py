@@ -15,10 +15,13 @@ from typing import Any, Literal
 import yaml
 
 from ..merge.recipe import METHODS, RecipeError, _Lines, _where
+from .dfs_genome import PS_MODEL, SCALE_MEANINGS, SCALINGS, DfsSpec
 from .genome import METHOD_PARAMS, NEEDS_BASE, GenomeSpec
 
-Strategy = Literal["topk", "greedy_soup", "cmaes"]
-STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup", "cmaes")
+Strategy = Literal["topk", "greedy_soup", "cmaes", "dfs", "ps+dfs"]
+STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup", "cmaes", "dfs", "ps+dfs")
+# Strategies that run CMA-ES (and read the cmaes: section).
+SEARCHES: tuple[str, ...] = ("cmaes", "dfs", "ps+dfs")
 # Strategies that this version refuses by name rather than ignoring.
 PLANNED_STRATEGIES: tuple[str, ...] = ()
 # mergekit-evolve's top-level keys besides genome: its lm-eval tasks and how they are run.
@@ -47,6 +50,8 @@ LM_EVAL_KEYS = (
     "apply_chat_template",
     "fewshot_as_multiturn",
 )
+# lm-eval's Hugging Face model names (the models whose weights a resident evaluator replaces).
+HF_MODELS = ("hf", "hf-auto", "huggingface")
 # The splits an evaluator is asked for: search drives selection, test is held out and only reported.
 SPLITS = ("search", "test")
 KINSHIP_METRICS = ("pcc", "cs", "ed")
@@ -84,6 +89,8 @@ class Cmaes:
     seed: int | None = None
     penalty: float | None = None
     random_init: bool = False
+    # ps+dfs: the DFS phase's budget (max_evals is the PS phase's); None: the same as max_evals.
+    dfs_max_evals: int | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,9 @@ class EvaluatorSpec:
     python: str | None = None
     lm_eval: Mapping[str, Any] = field(default_factory=dict)
     timeout: float | None = None
+    # Candidates handed over in memory (see evaluators.py): lm_eval with its hf model by default,
+    # a python callable when asked. How, not what, is scored: not part of the fingerprint.
+    resident: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +128,7 @@ class EvolveConfig:
     root: Path
     genome: GenomeSpec | None = None
     cmaes: Cmaes = field(default_factory=Cmaes)
+    dfs: DfsSpec | None = None
     # Resources, not part of the experiment (they change no decision): not in the fingerprint.
     workers: int = 1
     ray: str | None = None
@@ -136,12 +147,17 @@ class EvolveConfig:
             "topk": self.topk.__dict__,
             "greedy_soup": self.greedy_soup.__dict__,
             "merge": dict(self.merge),
-            "evaluator": {**self.evaluator.__dict__, "lm_eval": dict(self.evaluator.lm_eval)},
+            "evaluator": {
+                **{k: v for k, v in self.evaluator.__dict__.items() if k != "resident"},
+                "lm_eval": dict(self.evaluator.lm_eval),
+            },
             "weights": dict(self.weights) if self.weights is not None else None,
             "seed": self.seed,
             "keep": self.keep,
             "genome": None if self.genome is None else self.genome.__dict__,
-            "cmaes": self.cmaes.__dict__,
+            # dfs_max_evals only where set: a run made before it existed keeps its identity.
+            "cmaes": {k: v for k, v in self.cmaes.__dict__.items() if k != "dfs_max_evals" or v is not None},
+            **({"dfs": self.dfs.__dict__} if self.dfs is not None else {}),
         }
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -203,6 +219,7 @@ TOP_KEYS = (
     "name",
     "genome",
     "cmaes",
+    "dfs",
     *MERGEKIT_EVOLVE_KEYS,
     *LM_EVAL_TOP_KEYS,
 )
@@ -238,13 +255,21 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         raise check.fail(["strategy"], f"strategy {strategy!r} is not supported yet")
     check.choice(["strategy"], strategy, STRATEGIES)
     genome = None
-    if strategy == "cmaes":
+    dfs = None
+    if strategy in ("cmaes", "ps+dfs"):
         for key in ("pool", "base_model", "merge"):
             if key in raw:
-                raise check.fail([key], f"strategy cmaes takes its models and method from genome:, not {key}:")
+                raise check.fail([key], f"strategy {strategy} takes its models and method from genome:, not {key}:")
         genome = _genome(check, raw.get("genome"))
         pool: Any = list(genome.models)
         base = genome.base_model
+    elif strategy == "dfs":
+        for key in ("pool", "merge", "genome"):
+            if key in raw:
+                raise check.fail([key], f"strategy dfs takes its models from dfs:, not {key}:")
+        base = raw.get("base_model")
+        if base is not None and not isinstance(base, str):
+            raise check.fail(["base_model"], "must be a model reference (scored beside the search, not merged)")
     else:
         for key in ("genome", "cmaes"):
             if key in raw:
@@ -253,7 +278,14 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         base = raw.get("base_model")
         if not isinstance(base, str):
             raise check.fail(["base_model"], "a base_model reference is required (the pool's common base)")
-    if not isinstance(pool, list) or len(pool) < 2 or not all(isinstance(p, str) for p in pool):
+    if strategy in ("dfs", "ps+dfs"):
+        dfs = parse_dfs(check, raw.get("dfs"), strategy)
+        sources = [m for m in dfs.models if m != PS_MODEL]
+        pool = sources if strategy == "dfs" else [*pool, *(m for m in sources if m not in pool)]
+    elif "dfs" in raw:
+        raise check.fail(["dfs"], f"dfs: is for strategies dfs and ps+dfs (this config's strategy is {strategy})")
+    minimum = 1 if strategy == "dfs" else 2
+    if not isinstance(pool, list) or len(pool) < minimum or not all(isinstance(p, str) for p in pool):
         raise check.fail(["pool"], "a list of at least two model references is required")
     if len(set(pool)) != len(pool):
         raise check.fail(["pool"], "a model appears twice in the pool")
@@ -261,7 +293,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     soup = _soup(check, raw.get("greedy_soup"), strategy)
     merge = _merge(check, raw.get("merge"), strategy) if strategy != "cmaes" else {}
     evaluator = _evaluator(check, raw.get("evaluator"), raw, root)
-    cmaes = _cmaes(check, raw.get("cmaes"), raw.get("random_init", False))
+    cmaes = _cmaes(check, raw.get("cmaes"), raw.get("random_init", False), strategy)
     weights = _objective(check, raw.get("objective"))
     seed = check.integer(["seed"], raw.get("seed", 0), 0)
     keep = check.choice(["keep"], raw.get("keep", "all"), ("all", "top"))
@@ -298,6 +330,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         ray=ray,
         genome=genome,
         cmaes=cmaes,
+        dfs=dfs,
         test_weights=test_weights,
         separate_test_weights=separate,
     )
@@ -395,7 +428,7 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any], root: Path) 
         for key in (*MERGEKIT_EVOLVE_KEYS, *LM_EVAL_TOP_KEYS):
             if key in raw and key != "random_init":
                 raise check.fail([key], f"{key}: configures lm-eval tasks; it needs tasks:")
-    section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout"))
+    section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout", "resident"))
     kinds = [k for k in ("command", "python", "lm_eval") if k in section]
     if len(kinds) != 1:
         raise check.fail(["evaluator"], "exactly one of command, python or lm_eval is required")
@@ -403,15 +436,27 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any], root: Path) 
     timeout = section.get("timeout")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise check.fail(["evaluator", "timeout"], "must be a positive number of seconds")
+    resident = section.get("resident")
+    if resident is not None and not isinstance(resident, bool):
+        raise check.fail(["evaluator", "resident"], "must be true or false")
     if kind == "command":
         if not isinstance(section["command"], str) or "{model}" not in section["command"]:
             raise check.fail(["evaluator", "command"], "must be a command line containing {model}")
+        if resident:
+            raise check.fail(["evaluator", "resident"], "a command evaluator reads a model directory (python, lm_eval)")
         return EvaluatorSpec("command", command=section["command"], timeout=timeout)
     if kind == "python":
         if not isinstance(section["python"], str) or ":" not in section["python"]:
             raise check.fail(["evaluator", "python"], "must name a callable as 'module:function'")
-        return EvaluatorSpec("python", python=section["python"], timeout=timeout)
+        return EvaluatorSpec("python", python=section["python"], timeout=timeout, resident=bool(resident))
     lm = dict(check.keys(["evaluator", "lm_eval"], section["lm_eval"], LM_EVAL_KEYS))
+    hf = lm.get("model", "hf") in HF_MODELS
+    if resident and not hf:
+        raise check.fail(
+            ["evaluator", "resident"],
+            f"needs lm-eval's hf model, whose weights modelkin can replace in place (model: {lm['model']}"
+            " loads its own); set resident: false",
+        )
     tasks = lm.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise check.fail([*at, "tasks"], "a non-empty list of tasks is required")
@@ -423,7 +468,9 @@ def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any], root: Path) 
         _task_entries(check, [*at, "test_tasks"], test_tasks)
     if "include_path" in lm:
         lm["include_path"] = _include_path(check, [*at, "include_path"], lm["include_path"], root)
-    return EvaluatorSpec("lm_eval", lm_eval=lm, timeout=timeout)
+    # Resident by default where it can be: the same scores (tests/test_evolve_lm_eval.py), without
+    # rebuilding lm-eval's model and tasks, or writing a scratch candidate, for every evaluation.
+    return EvaluatorSpec("lm_eval", lm_eval=lm, timeout=timeout, resident=hf if resident is None else resident)
 
 
 def _task_entries(check: _Checker, at: list[str | int], tasks: list[Any]) -> None:
@@ -547,9 +594,17 @@ def _genome(check: _Checker, value: Any) -> GenomeSpec:
     )
 
 
-def _cmaes(check: _Checker, value: Any, random_init: Any) -> Cmaes:
-    section = check.keys(["cmaes"], value, ("sigma0", "popsize", "max_evals", "seed", "penalty", "random_init"))
+def _cmaes(check: _Checker, value: Any, random_init: Any, strategy: str) -> Cmaes:
+    keys = ("sigma0", "popsize", "max_evals", "seed", "penalty", "random_init", "dfs_max_evals")
+    section = check.keys(["cmaes"], value, keys)
     at: list[str | int] = ["cmaes"]
+    if value is not None and strategy not in SEARCHES:
+        raise check.fail(["cmaes"], f"cmaes: is for strategies {', '.join(SEARCHES)} (this config's is {strategy})")
+    dfs_max_evals = section.get("dfs_max_evals")
+    if dfs_max_evals is not None:
+        if strategy != "ps+dfs":
+            raise check.fail([*at, "dfs_max_evals"], "is the DFS phase's budget of strategy ps+dfs")
+        dfs_max_evals = check.integer([*at, "dfs_max_evals"], dfs_max_evals, 1)
     sigma0 = section.get("sigma0", 1 / 6)
     if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or sigma0 <= 0:
         raise check.fail([*at, "sigma0"], "must be a positive number")
@@ -572,7 +627,33 @@ def _cmaes(check: _Checker, value: Any, random_init: Any) -> Cmaes:
         seed=seed,
         penalty=None if penalty is None else float(penalty),
         random_init=init,
+        dfs_max_evals=dfs_max_evals,
     )
+
+
+def parse_dfs(check: _Checker, value: Any, strategy: str) -> DfsSpec:
+    """The ``dfs:`` section: the source models (A first; ``ps``, the PS phase's best, only in
+    ps+dfs), repeats, scaling and the meaning of a scale."""
+    at: list[str | int] = ["dfs"]
+    if value is None:
+        raise check.fail(at, f"strategy {strategy} needs a dfs: section (models, repeats, scaling, scale)")
+    section = check.keys(at, value, ("models", "repeats", "scaling", "scale", "dtype"))
+    models = section.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise check.fail([*at, "models"], "a list of model references is required (A first)")
+    if len(set(models)) != len(models):
+        raise check.fail([*at, "models"], "a model appears twice")
+    if strategy == "ps+dfs" and models[0] != PS_MODEL:
+        raise check.fail([*at, "models"], f"strategy ps+dfs starts from its PS phase's best: {PS_MODEL} comes first")
+    if strategy == "dfs" and PS_MODEL in models:
+        raise check.fail([*at, "models"], f"{PS_MODEL} names the PS phase's best model, which only ps+dfs has")
+    repeats = check.integer([*at, "repeats"], section.get("repeats", 3), 1)
+    scaling = check.choice([*at, "scaling"], section.get("scaling", "matrix"), SCALINGS)
+    meaning = check.choice([*at, "scale"], section.get("scale", "residual"), SCALE_MEANINGS)
+    dtype = section.get("dtype")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16", "float64"):
+        raise check.fail([*at, "dtype"], "must be float32, bfloat16, float16 or float64")
+    return DfsSpec(tuple(models), repeats, scaling, meaning, dtype)
 
 
 def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..kinship.measure import kinship_matrix
 from ..merge.merging import merge
 from . import strategies
-from .config import SPLITS
+from .config import SEARCHES, SPLITS
 from .errors import RunError
 from .evaluators import EvaluationError, check_scores, objective
 from .executors import Executor, Job
@@ -226,7 +226,7 @@ class Driver:
             if base.status == "failed":
                 first_line = (base.error or "").splitlines()[0] if base.error else "unknown error"
                 raise RunError(f"the base model could not be evaluated: {first_line}")
-        if not strategies.rank(self.pool()) and self.config.strategy != "cmaes":
+        if not strategies.rank(self.pool()) and self.config.strategy not in SEARCHES:
             raise RunError("no pool model could be evaluated")
 
     def pool(self) -> list[Candidate]:

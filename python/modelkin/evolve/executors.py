@@ -26,9 +26,11 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..io.resident import StoredModel
 from .config import EvaluatorSpec
 from .errors import RunError
-from .evaluators import EvaluatorFn, ObjectiveError, SplitNotScored, make_evaluator
+from .evaluator_registry import make_evaluator
+from .evaluators import EvaluatorFn, ModelInput, ObjectiveError, SplitNotScored
 from .faults import WORKER_LOSS_RETRIES, machine_fault
 
 # Environment variables that size the BLAS and OpenMP thread pools of a worker process.
@@ -80,23 +82,39 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def run_job(job: Job, evaluate: EvaluatorFn, evaluating: Callable[[], object] | None = None) -> JobResult:
+def run_job(
+    job: Job, evaluate: EvaluatorFn, resident: bool = False, evaluating: Callable[[], object] | None = None
+) -> JobResult:
     """Merges (if needed) and evaluates one job; every failure becomes the result's error, or its
     fault when the machine is to blame. ``evaluating`` is told when the evaluation starts (a pool
-    times the evaluation from then, not the merge)."""
+    times the evaluation from then, not the merge).
+
+    A ``resident`` evaluator is handed the model in memory: a candidate merged here is merged in
+    memory and evaluated from there (a scratch candidate never touches the disk; a kept one is
+    written before it is evaluated, as the driver and later merges read it), and a model already on
+    disk is mapped from its files."""
     from ..merge.merging import merge
 
     where = f"{socket.gethostname()}:{os.getpid()}"
     merge_s = None
+    start = time.perf_counter()
     try:
+        model: ModelInput = job.model
         if job.recipe is not None and not Path(job.model).exists():
-            start = time.perf_counter()
-            merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
+            if resident:
+                merged = merge(job.recipe, seed=job.seed, threads=job.threads)
+                if not job.scratch:
+                    merged.save(job.model, overwrite=True)
+                model = merged
+            else:
+                merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
             merge_s = time.perf_counter() - start
+        elif resident:
+            model = StoredModel(job.model)
         if evaluating is not None:
             evaluating()
         start = time.perf_counter()
-        raw = evaluate(job.model, job.split)
+        raw = evaluate(model, job.split)
         if raw is None:  # a bare callable (the evaluators of evaluators.py raise SplitNotScored)
             raise SplitNotScored(f"the evaluator has no {job.split} split")
         scores = dict(raw)
@@ -124,12 +142,13 @@ class SerialExecutor:
     workers = 1
     restarts = 0
 
-    def __init__(self, evaluate: EvaluatorFn) -> None:
+    def __init__(self, evaluate: EvaluatorFn, resident: bool = False) -> None:
         self.evaluate = evaluate
+        self.resident = resident
 
     def run(self, jobs: Sequence[Job]) -> Iterator[JobResult]:
         for job in jobs:
-            yield run_job(job, self.evaluate)
+            yield run_job(job, self.evaluate, self.resident)
 
     def close(self) -> None:
         pass
@@ -283,8 +302,17 @@ def _probe(address: str) -> None:
         raise RunError(f"--ray {address}: cannot reach a Ray cluster ({error.strerror or error})") from error
 
 
+# The evaluators of this Ray worker process, by configuration: Ray runs many tasks in one worker
+# process, and a resident evaluator keeps its model between them.
+_RAY_EVALUATORS: dict[str, EvaluatorFn] = {}
+
+
 def _ray_job(job: Job, spec: EvaluatorSpec, override: EvaluatorFn | None) -> JobResult:
-    return run_job(job, make_evaluator(spec, override))
+    key = repr((spec, override))
+    if key not in _RAY_EVALUATORS:
+        _RAY_EVALUATORS.clear()  # one at a time: a resident evaluator holds a whole model
+        _RAY_EVALUATORS[key] = make_evaluator(spec, override)
+    return run_job(job, _RAY_EVALUATORS[key], spec.resident)
 
 
 def _ray_visible(paths: list[str]) -> tuple[str, list[str]]:

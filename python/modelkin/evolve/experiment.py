@@ -12,12 +12,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._core import open_model
 from ..io.resolve import resolve
 from ..merge.parameters import layer_of
 from ..merge.recipe import RecipeError, load_config
 from .config import EvolveConfig
+from .dfs_genome import OUTPUT_PROJECTIONS, PS_MODEL, DfsGenome, DfsSpec
 from .errors import RunError
 from .genome import Genome, GenomeSpec
 from .recipes import pair_recipe, soup_recipe
@@ -40,6 +42,10 @@ class Experiment:
     pool: tuple[str, ...]
     genome: Genome | None = None
     search: SearchPlan | None = None
+    # strategy dfs and ps+dfs: the layer-path genome (for ps+dfs its first model is the PS phase's
+    # best, bound when that phase ends: see DfsGenome.with_first) and its search's shape.
+    dfs: DfsGenome | None = None
+    dfs_search: SearchPlan | None = None
 
     @property
     def base_required(self) -> str:
@@ -59,6 +65,10 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
     or a genome that does not fit the models."""
     base = None if config.base_model is None else str(resolve(config.model_path(config.base_model), offline=offline))
     pool = [str(resolve(config.model_path(ref), offline=offline)) for ref in config.pool]
+    if config.strategy == "dfs":
+        assert config.dfs is not None
+        dfs = build_dfs(config, config.dfs, dict(zip(config.pool, pool, strict=True)), None)
+        return Experiment(config, base, tuple(pool), dfs=dfs, dfs_search=search_plan(config, dfs.size))
     reference, reference_name = (base, config.base_model) if base is not None else (pool[0], config.pool[0])
     assert reference is not None and reference_name is not None
     expected = {name: shape for name, shape, _ in open_model(reference).tensors()}
@@ -71,7 +81,13 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
             load_config(genome.recipe(genome.initial()))
         except RecipeError as error:
             raise RecipeError(f"{config.source}: genome: {str(error).split(': ', 1)[-1]}") from error
-        return Experiment(config, base, tuple(pool), genome, search_plan(config, genome))
+        plan = search_plan(config, genome.size)
+        if config.dfs is None:
+            return Experiment(config, base, tuple(pool), genome, plan)
+        # ps+dfs: the PS phase's best has the PS models' architecture (its stand-in: the first).
+        dfs = build_dfs(config, config.dfs, dict(zip(config.pool, pool, strict=True)), pool[0])
+        budget = config.cmaes.dfs_max_evals or config.cmaes.max_evals
+        return Experiment(config, base, tuple(pool), genome, plan, dfs, search_plan(config, dfs.size, budget))
     assert base is not None
     try:
         if config.strategy == "topk":
@@ -83,16 +99,64 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
     return Experiment(config, base, tuple(pool))
 
 
-def search_plan(config: EvolveConfig, genome: Genome) -> SearchPlan:
-    """(population size, generations) of a search: whole generations within ``max_evals``."""
+def search_plan(config: EvolveConfig, size: int, budget: int | None = None) -> SearchPlan:
+    """(population size, generations) of a search of ``size`` genes: whole generations within
+    ``budget`` (``cmaes.max_evals`` unless given)."""
     settings = config.cmaes
-    popsize = settings.popsize or default_popsize(genome.size)
-    generations = settings.max_evals // popsize
+    popsize = settings.popsize or default_popsize(size)
+    evals = settings.max_evals if budget is None else budget
+    generations = evals // popsize
     if generations < 1:
-        raise RecipeError(
-            f"{config.source}: cmaes.max_evals: {settings.max_evals} is less than one population of {popsize}"
-        )
+        key = "max_evals" if budget is None else "dfs_max_evals"
+        raise RecipeError(f"{config.source}: cmaes.{key}: {evals} is less than one population of {popsize}")
     return SearchPlan(popsize, generations)
+
+
+def build_dfs(config: EvolveConfig, spec: DfsSpec, paths: dict[str, str], ps_stand_in: str | None) -> DfsGenome:
+    """The layer-path genome over the resolved DFS models, refusing models of another architecture
+    or hidden size than A's, and architectures where scales cannot be folded into the weights."""
+    where = f"{config.source}: dfs.models"
+    models = [ps_stand_in if ref == PS_MODEL and ps_stand_in is not None else paths[ref] for ref in spec.models]
+    configs = [_config(path) for path in models]
+    first_type = configs[0].get("model_type")
+    if first_type not in OUTPUT_PROJECTIONS:
+        raise RecipeError(
+            f"{where}: {spec.models[0]} is a {first_type or 'model without a model_type'}: DFS folds its scales into"
+            f" pre-norm layers of {', '.join(OUTPUT_PROJECTIONS)} (post-norm and extra sublayer norms, as Gemma-2/3's,"
+            " do not fold)"
+        )
+    layouts = [_layer_layout(path) for path in models]
+    layers = []
+    for ref, cfg, (count, layout) in zip(spec.models, configs, layouts, strict=True):
+        if cfg.get("model_type") != first_type:
+            raise RecipeError(f"{where}: {ref} is a {cfg.get('model_type')}, {spec.models[0]} a {first_type}")
+        if layout != layouts[0][1]:
+            differs = sorted(set(layout.items()) ^ set(layouts[0][1].items()))[0][0]
+            raise RecipeError(f"{where}: {ref} and {spec.models[0]} differ in tensor {differs} (shape or presence)")
+        layers.append(count)
+    return DfsGenome(spec, models, layers, str(first_type))
+
+
+def _config(path: str) -> dict[str, Any]:
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    try:
+        loaded: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return loaded
+
+
+def _layer_layout(path: str) -> tuple[int, dict[str, tuple[tuple[int, ...], ...]]]:
+    """(layer count, the shapes of every tensor name with its layer number replaced by N)."""
+    shapes: dict[str, set[tuple[int, ...]]] = {}
+    numbers = set()
+    for name, shape, _ in open_model(path).tensors():
+        layer = layer_of(name)
+        if layer is not None:
+            numbers.add(layer)
+            name = name.replace(f".{layer}.", ".N.", 1)
+        shapes.setdefault(name, set()).add(tuple(shape))
+    return len(numbers), {name: tuple(sorted(found)) for name, found in shapes.items()}
 
 
 def build_genome(

@@ -167,7 +167,12 @@ def tree_figure(run: Run) -> Any:
 
 
 def plot_progress(run: Run, path: Path) -> None:
-    """Best and population scores per generation (search split), with the base as a reference line."""
+    """Best and population scores per generation (search split), with the base as a reference line;
+    for a DFS run, the best model's layer path (see :func:`plot_path`)."""
+    chosen = run.best
+    if chosen is not None and chosen.hops:
+        plot_path(run, chosen, path)
+        return
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     done = [c for c in run.candidates if c.role != "base" and c.objective_search is not None]
@@ -179,13 +184,38 @@ def plot_progress(run: Run, path: Path) -> None:
         values = [c.objective_search for c in done if c.generation <= g and c.objective_search is not None]
         best.append(max(values))
     ax.plot(gens, best, marker="o", color="C0", label="best so far")
-    if run.base.objective_search is not None:
+    if run.base is not None and run.base.objective_search is not None:
         ax.axhline(run.base.objective_search, color="C3", ls="--", lw=1, label="base")
     ax.set_xticks(gens)
     ax.set_xlabel("generation")
     ax.set_ylabel("objective (search split)")
     ax.set_title(f"{run.path.name} ({run.strategy}): scores by generation")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_path(run: Run, best: Candidate, path: Path) -> None:
+    """The paper's figure of a DFS model: hop by hop (x), which source layer it runs (y: the models'
+    layers stacked in order), its scale as colour."""
+    plt = _pyplot()
+    hops = list(best.hops or ())
+    models = list(dict.fromkeys(str(h["model"]) for h in hops))
+    depth = {m: 1 + max(int(h["layer"]) for h in hops if h["model"] == m) for m in models}
+    offsets = {m: sum(depth[n] for n in models[: models.index(m)]) for m in models}
+    ys = [offsets[str(h["model"])] + int(h["layer"]) for h in hops]
+    scales = [float(h["scale"]) for h in hops]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(hops)), 4))
+    ax.plot(range(len(hops)), ys, color="0.7", lw=1, zorder=1)
+    dots = ax.scatter(range(len(hops)), ys, c=scales, cmap="viridis", s=40, zorder=2)
+    fig.colorbar(dots, ax=ax, label="scale at the hop")
+    for m in models[1:]:
+        ax.axhline(offsets[m] - 0.5, color="0.85", lw=1)
+    ax.set_yticks([offsets[m] for m in models], [Path(m).name or m for m in models])
+    ax.set_xlabel("hop")
+    ax.set_ylabel("source layer (models stacked)")
+    ax.set_title(f"{run.path.name} ({run.strategy}): layer path of #{best.id}, search {_num(best.objective_search)}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -202,8 +232,9 @@ def lineage_card(run: Run, best: Candidate) -> str:
         "|---|---|---|---|---|---|",
     ]
     base = run.base
-    base_scores = f"{_num(base.objective_search)} | {_num(base.objective_test)}"
-    lines.append(f"| `{base.label}` (base) | reference | | | {base_scores} |")
+    if base is not None:
+        base_scores = f"{_num(base.objective_search)} | {_num(base.objective_test)}"
+        lines.append(f"| `{base.label}` (base) | reference | | | {base_scores} |")
     for c in run.lineage(best.id):
         pair = run.parents_kinship(c)
         lines.append(
@@ -211,6 +242,18 @@ def lineage_card(run: Run, best: Candidate) -> str:
             f" {_num(c.objective_search)} | {_num(c.objective_test)} |"
         )
     lines.append("")
+    if best.hops:
+        lines += [
+            "### Layer path (data-flow-space search)",
+            "",
+            "Each hop is one layer of a source model; its scale is the factor applied at that hop in the run's"
+            " meaning, already folded into this checkpoint's weights.",
+            "",
+            "| hop | model | layer | scale |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {i} | `{h['model']}` | {h['layer']} | {h['scale']:.4f} |" for i, h in enumerate(best.hops)]
+        lines.append("")
     note = not_scored_note(run)
     if note is not None:
         lines += [f"{line}." for line in note.splitlines()] + [""]

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pickle
@@ -14,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EvolveConfig, load_evolve_config, with_task_search_path
+from .config import HF_MODELS, EvolveConfig, load_evolve_config, with_task_search_path
+from .dfs import run_dfs, run_ps_dfs
 from .driver import Driver, Outcome, Reporter
 from .errors import RunError
-from .evaluators import EvaluatorFn, make_evaluator, unscored_splits
+from .evaluator_registry import make_evaluator, unscored_splits
+from .evaluators import EvaluatorFn
 from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
 from .experiment import Experiment, prepare_experiment
 from .faults import MachineFault, machine_fault
@@ -65,8 +68,19 @@ class Run:
         return None if self.best_id is None else self.candidate(self.best_id)
 
     @property
-    def base(self) -> Candidate:
-        return next(c for c in self.candidates if c.role == "base")
+    def base(self) -> Candidate | None:
+        """The base model's row (None for a run without a base: a genome without one, or DFS)."""
+        return next((c for c in self.candidates if c.role == "base"), None)
+
+    @property
+    def ps_best_id(self) -> int | None:
+        """ps+dfs: the PS phase's best candidate (the DFS phase's A)."""
+        found = [c for c in self.candidates if c.role == "dfs" and c.key == "dfs:start"]
+        if self.strategy != "ps+dfs" or not found:
+            return None
+        ps = [c for c in self.candidates if c.role == "search" and c.status == "done"]
+        best = max(ps, key=lambda c: (c.objective_search or 0.0, -c.id), default=None)
+        return None if best is None else best.id
 
     def candidate(self, id: int) -> Candidate:
         for c in self.candidates:
@@ -152,6 +166,7 @@ class Run:
             "kinship": self.kinship_of(c.id),
             "error": c.error,
             "seconds": {"merge": c.merge_s, "evaluate": c.eval_s},
+            **({"path": [dict(h) for h in c.hops]} if c.hops is not None else {}),
         }
 
 
@@ -198,6 +213,7 @@ def evolve(
     workers: int | None = None,
     ray: str | None = None,
     task_search_path: Sequence[str | os.PathLike[str]] = (),
+    resident: bool | None = None,
 ) -> Run:
     """Runs (or resumes) an evolution: ``config`` is an ``evolve.yml`` path or a dict of its keys,
     ``run_dir`` holds the store and the merged models. A run directory holding another config is
@@ -206,8 +222,13 @@ def evolve(
     once in local worker processes; ``ray`` (an address, ``auto``, or ``local`` for a private
     cluster on this machine) runs them as Ray tasks instead. Neither changes the run's decisions.
     ``task_search_path`` (mergekit-evolve's ``--task-search-path``) adds directories of lm-eval task
-    YAMLs to the lm_eval evaluator's ``include_path``; it is refused for other evaluators."""
+    YAMLs to the lm_eval evaluator's ``include_path``; it is refused for other evaluators.
+    ``resident`` (default: the config's ``evaluator.resident``; False for an ``evaluator`` callable)
+    hands the evaluator each model in memory (a :class:`~modelkin.io.resident.ResidentModel`)
+    instead of its path."""
     parsed = load_evolve_config(config if isinstance(config, Mapping) else Path(config))
+    if evaluator is not None or resident is not None:
+        parsed = _with_resident(parsed, bool(resident), evaluator is not None)
     if task_search_path and evaluator is not None:
         raise RunError("task_search_path is for the lm_eval evaluator; the evaluator callable given replaces it")
     parsed = with_task_search_path(parsed, [os.fspath(p) for p in task_search_path])
@@ -250,6 +271,18 @@ def evolve(
     return open_run(path)
 
 
+def _with_resident(config: EvolveConfig, resident: bool, override: bool) -> EvolveConfig:
+    """The config with ``resident`` as given to :func:`evolve` (a callable given takes the place of
+    the config's evaluator, whatever its kind)."""
+    spec = config.evaluator
+    if resident and not override:
+        if spec.kind == "command":
+            raise RunError("resident: a command evaluator reads a model directory; use python or lm_eval")
+        if spec.kind == "lm_eval" and spec.lm_eval.get("model", "hf") not in HF_MODELS:
+            raise RunError(f"resident: needs lm-eval's hf model (model: {spec.lm_eval['model']} loads its own)")
+    return dataclasses.replace(config, evaluator=dataclasses.replace(spec, resident=resident))
+
+
 def drive(driver: Driver) -> Outcome:
     """Runs the driver's experiment with its strategy, from wherever its store stands."""
     driver.prepare()
@@ -257,6 +290,10 @@ def drive(driver: Driver) -> Outcome:
     strategy = driver.config.strategy
     if strategy == "cmaes":
         outcome = run_cmaes(driver)
+    elif strategy == "dfs":
+        outcome = run_dfs(driver)
+    elif strategy == "ps+dfs":
+        outcome = run_ps_dfs(driver)
     elif strategy == "topk":
         outcome = run_topk(driver)
     else:
@@ -283,7 +320,7 @@ def make_executor(
     # An in-process evaluator with a timeout runs in a worker process, where it can be stopped.
     timed = config.evaluator.timeout is not None and config.evaluator.kind != "command"
     if workers == 1 and not timed:
-        return SerialExecutor(evaluate)
+        return SerialExecutor(evaluate, config.evaluator.resident)
     if override is not None:
         try:
             pickle.dumps(override)

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     created REAL NOT NULL,
     finished REAL,
     genes TEXT,
-    unscored TEXT NOT NULL DEFAULT '{}'
+    unscored TEXT NOT NULL DEFAULT '{}',
+    hops TEXT
 );
 CREATE TABLE IF NOT EXISTS kinship (
     a INTEGER NOT NULL, b INTEGER NOT NULL, metric TEXT NOT NULL, value REAL,
@@ -77,6 +78,8 @@ class Candidate:
     genes: tuple[float, ...] | None = None
     # Splits the evaluator cannot score, with the reason: absent from scores, never copied.
     unscored: Mapping[str, str] = field(default_factory=dict)
+    # A DFS candidate's layer path: [{"model", "layer", "scale"}, ...] (None for other strategies).
+    hops: tuple[Mapping[str, Any], ...] | None = None
 
     @property
     def label(self) -> str:
@@ -104,6 +107,8 @@ class Store:
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
         if "unscored" not in columns:  # a store written before splits could be left unscored
             self.db.execute("ALTER TABLE candidates ADD COLUMN unscored TEXT NOT NULL DEFAULT '{}'")
+        if "hops" not in columns:  # a store written before DFS
+            self.db.execute("ALTER TABLE candidates ADD COLUMN hops TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -138,13 +143,14 @@ class Store:
         recipe: Mapping[str, Any] | None = None,
         path: str | None = None,
         genes: Sequence[float] | None = None,
+        hops: Sequence[Mapping[str, Any]] | None = None,
     ) -> Candidate:
         """Inserts a candidate unless one with ``key`` exists; returns the stored one either way."""
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO candidates"
-                " (key, generation, role, parents, reference, recipe, path, created, genes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " (key, generation, role, parents, reference, recipe, path, created, genes, hops)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key,
                     generation,
@@ -155,6 +161,7 @@ class Store:
                     path,
                     time.time(),
                     None if genes is None else json.dumps([float(g) for g in genes]),
+                    None if hops is None else json.dumps([dict(h) for h in hops]),
                 ),
             )
         found = self.by_key(key)
@@ -230,6 +237,7 @@ class Store:
             genes=None if row[17] is None else tuple(json.loads(row[17])),
             # Absent in a store of an older version opened read-only (not migrated).
             unscored=json.loads(row[18]) if len(row) > 18 and row[18] else {},
+            hops=tuple(json.loads(row[19])) if len(row) > 19 and row[19] else None,
         )
 
     # --- kinship -----------------------------------------------------------------------------

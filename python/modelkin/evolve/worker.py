@@ -12,7 +12,7 @@ import time
 from multiprocessing.connection import Client
 
 from ..io.signals import interrupts_as_ctrl_c
-from .evaluators import make_evaluator
+from .evaluator_registry import make_evaluator
 from .executors import EVALUATING, run_job
 
 
@@ -39,7 +39,7 @@ def main() -> None:
             job = conn.recv()
             if job is None:
                 return
-            conn.send(run_job(job, evaluate, lambda: conn.send(EVALUATING)))
+            conn.send(run_job(job, evaluate, spec.resident, lambda: conn.send(EVALUATING)))
 
 
 if __name__ == "__main__":

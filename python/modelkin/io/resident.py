@@ -1,17 +1,21 @@
-"""A model held in memory by the engine rather than stored in files (a merge made without an output
-directory). It reads as a mapping from tensor names to read-only numpy arrays that share the engine's
-buffers, and every layer that takes a model reference (kinship, merging) accepts one."""
+"""A model the engine holds: in memory (a merge made without an output directory) or a model directory
+mapped from its files (:class:`StoredModel`). It reads as a mapping from tensor names to read-only
+numpy arrays that share the engine's buffers, and every layer that takes a model reference (kinship,
+merging, an evaluator given models in memory) accepts one."""
 
 from __future__ import annotations
 
+import json
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from .._core import ModelHandle
+from .._core import ModelHandle, open_model
 
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype(np.float64),
@@ -28,6 +32,10 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
         bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
         return bfloat16
     return _NUMPY_DTYPES[name]
+
+
+# The numpy view of a safetensors dtype's bytes that torch.from_numpy takes (bf16 through int16).
+_TORCH_VIEWS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "int16"}
 
 
 class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
@@ -48,6 +56,11 @@ class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
         """How results name this model (it has no path)."""
 
     @property
+    @abstractmethod
+    def config(self) -> dict[str, Any] | None:
+        """The model's config.json (None when it has none)."""
+
+    @property
     def tensor_names(self) -> tuple[str, ...]:
         return self._names
 
@@ -64,5 +77,55 @@ class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
 
+    def torch_tensor(self, name: str) -> Any:
+        """One tensor as a ``torch.Tensor`` sharing the engine's buffer (no copy; bf16 as
+        ``torch.bfloat16``). The memory is read-only: copy the tensor before writing to it. torch
+        is imported here, never by modelkin otherwise."""
+        import warnings
+
+        import torch
+
+        shape, dtype = self._tensors.info(name)
+        if dtype not in _TORCH_VIEWS:
+            raise TypeError(f"tensor {name}: {dtype} has no torch view")
+        raw = self._tensors.raw(name).view(np.dtype(_TORCH_VIEWS[dtype]))
+        with warnings.catch_warnings():
+            # torch warns that the array is not writable: the tensor shares read-only memory.
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(raw)
+        if dtype == "BF16":
+            tensor = tensor.view(torch.bfloat16)
+        return tensor.reshape(shape)
+
+    def torch_state_dict(self) -> dict[str, Any]:
+        """The model as a torch state dict of tensors sharing the engine's buffers (see
+        :meth:`torch_tensor`): what ``model.load_state_dict`` takes, without a copy in between."""
+        return {name: self.torch_tensor(name) for name in self._names}
+
     def __len__(self) -> int:
         return len(self._names)
+
+
+class StoredModel(ResidentModel):
+    """A model directory (or safetensors file) opened by the engine: its files memory-mapped, its
+    tensors read without a copy, as a merged model's are. What an evaluator that takes models in
+    memory receives for a model that is already on disk (a pool member, a kept candidate)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        super().__init__(open_model(self.path))
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        file = (self.path if self.path.is_dir() else self.path.parent) / "config.json"
+        if not file.is_file():
+            return None
+        loaded: dict[str, Any] = json.loads(file.read_text())
+        return loaded
+
+    def __repr__(self) -> str:
+        return f"StoredModel({str(self.path)!r}, {len(self)} tensors)"

@@ -71,6 +71,16 @@ class MergedModel(ResidentModel):
         base = self._extras.base_config
         return None if base is None else output_config(base, self.plan.out_dtype)
 
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The model directory whose tokenizer files (and generation config) the merge copies: the
+        base's, else the first model's. None when the merge makes its own (a ``tokenizer:`` or
+        ``chat_template:`` request)."""
+        config = self.plan.config
+        if config.tokenizer is not None or config.chat_template is not None:
+            return None
+        return model_dir(self.plan.paths[self.plan.base or self.plan.entries[0].model])
+
     def __repr__(self) -> str:
         return f"MergedModel({self.plan.method}, {len(self)} tensors, {self.nbytes / 1e6:.1f} MB)"
 

@@ -359,14 +359,15 @@ def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput])
     keys = {"weight": "scale" if "scale" in method.parameters else "weight", "density": "density"}
     keys.update(gamma="gamma", epsilon="epsilon")
     della = method.info.sparsification == "della"
-    per_entry: dict[str, dict[str, float | None]] = {}
+    # Keyed by the entry, not its model: a model in several slices has each slice's parameters.
+    per_entry: dict[int, dict[str, float | None]] = {}
     tensors: list[TensorRecipe] = []
     for name, inputs, base_tensor, t in outputs:
         entries: list[MergeInput] = []
         for entry, source_name in inputs:
-            fixed = per_entry.get(entry.model)
+            fixed = per_entry.get(id(entry))
             if fixed is None:
-                fixed = per_entry[entry.model] = {k: _fixed(config, entry, key) for k, key in keys.items()}
+                fixed = per_entry[id(entry)] = {k: _fixed(config, entry, key) for k, key in keys.items()}
             values = {
                 k: _value(config, entry, key, name, t) if (v := fixed[k]) is None else v for k, key in keys.items()
             }

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ...io.resident import ResidentModel
 from ...io.safetensors import load_model
 from ...io.staging import copy_tree
 from .forward import LlamaModel
@@ -28,8 +29,13 @@ WEIGHTS = Path(__file__).parent / "weights"
 MODELS = ("base", "ft-reverse", "ft-sort", "ft-shift", "ft-swap")
 
 
-def load(model: str | Path) -> LlamaModel:
-    """A model directory of the family (or a merge of it) ready for the numpy forward pass."""
+def load(model: str | Path | ResidentModel) -> LlamaModel:
+    """A model of the family (or a merge of it) ready for the numpy forward pass: its directory, or
+    the model in memory (a merged candidate handed over by a resident run, nothing written)."""
+    if isinstance(model, ResidentModel):
+        if model.config is None:
+            raise ValueError(f"{model.label}: no config (a Llama model is expected)")
+        return LlamaModel(model, model.config)
     path = Path(model)
     config_path = path / "config.json"
     if not config_path.is_file():
@@ -38,8 +44,9 @@ def load(model: str | Path) -> LlamaModel:
     return LlamaModel(load_model(path), config)
 
 
-def evaluate(model: str | Path, split: str = "search") -> dict[str, float]:
-    """Exact-match accuracy of greedy decoding on each task's prompts of ``split`` (search or test)."""
+def evaluate(model: str | Path | ResidentModel, split: str = "search") -> dict[str, float]:
+    """Exact-match accuracy of greedy decoding on each task's prompts of ``split`` (search or test);
+    ``model`` is a model directory or a model in memory (``resident: true``)."""
     net = load(model)
     scores: dict[str, float] = {}
     for task in TASKS:
@@ -67,6 +74,7 @@ EVOLVE_YML = (
     + """\
 evaluator:
   python: "modelkin.evolve.family:evaluate"
+  resident: true   # candidates are handed over in memory: nothing is read back from disk
 {keep}"""
 )
 
@@ -92,6 +100,7 @@ greedy_soup: {compare: ">="}
 merge: {merge_method: linear, dtype: float32}
 evaluator:
   python: "modelkin.evolve.family:evaluate"
+  resident: true
 """
 
 

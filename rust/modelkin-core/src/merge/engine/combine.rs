@@ -174,12 +174,13 @@ fn combine_block<const F32: bool>(
             }
         }
         (Method::Passthrough, _) => {
-            // mergekit multiplies by a Python float (float32 in half arithmetic).
+            // mergekit multiplies by a Python float, which torch casts to the tensor's working
+            // dtype first (float32 for float32 and half arithmetic), then multiplies in it.
             let scale = stats.weights[0];
             if scale == 1.0 {
                 merged.copy_from_slice(inputs[0]);
             } else {
-                let scale = if half.is_some() { r(scale) } else { scale };
+                let scale = r(scale);
                 merged.iter_mut().zip(inputs[0]).for_each(|(out, &x)| *out = r(x * scale));
             }
         }
