@@ -366,3 +366,53 @@ def test_mergekit_makes_the_same_checkpoint_from_a_path_recipe(fam, tmp_path, me
         assert np.array_equal(ours[name], other[name]), name
     layers = json.loads((tmp_path / "theirs" / "config.json").read_text())["num_hidden_layers"]
     assert layers == len(g.path(x))
+
+
+def test_transformers_loads_a_path_checkpoint_with_no_custom_code(fam, tmp_path):
+    """The exported path is a plain LlamaForCausalLM: transformers gives the numpy forward's logits,
+    and greedy generation with the KV cache on equals generation with it off."""
+    from test_task_family import peer_env, peer_python
+
+    python = peer_python()
+    if python is None:
+        pytest.skip("no Python with torch and transformers (set MODELKIN_PEER_PYTHON or make .venv-peers)")
+    g = genome(fam, "matrix", "residual", repeats=3, dtype="float32")
+    x = some_path(g, 0)
+    out = merge(g.recipe(x)).save(tmp_path / "path-model")
+    np.save(tmp_path / "ids.npy", IDS)
+    script = f"""
+import json, numpy as np, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(np.load({str(tmp_path / "ids.npy")!r}))
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, torch_dtype=torch.float64).eval()
+with torch.no_grad():
+    np.save({str(tmp_path / "logits.npy")!r}, model(input_ids=ids).logits.numpy())
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    plain = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+new = cached[:, ids.shape[1]:].tolist()
+print(json.dumps({{"class": type(model).__name__, "same": bool((cached == plain).all()), "new": new}}))
+"""
+    done = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=300, env=peer_env())
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["class"] == "LlamaForCausalLM" and result["same"]
+    ours = load(out)
+    assert ours.layers == len(g.path(x)) > 2
+    # transformers keeps rotary tables and RMSNorm in float32 (see test_task_family).
+    np.testing.assert_allclose(ours.logits(IDS), np.load(tmp_path / "logits.npy"), rtol=0, atol=2e-5)
+    assert ours.generate(IDS, 6).tolist() == result["new"]
+
+
+def test_dfs_on_two_workers_is_the_same_run_and_plots_its_path(fam, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the plot extra)")
+    config = {**dfs_config(fam), "cmaes": {"max_evals": 13, "seed": 1}}
+    one = evo.evolve(config, tmp_path / "one")
+    two = evo.evolve(config, tmp_path / "two", workers=2)
+
+    def rows(run: evo.Run) -> list[tuple[Any, ...]]:
+        return [(c.id, c.role, c.hops, c.scores, c.objective_search) for c in run.candidates]
+
+    assert rows(one) == rows(two)
+    done = run_cli("runs", "show", str(tmp_path / "two"), "--plot", str(tmp_path / "path.png"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "path.png").stat().st_size > 1000

@@ -5,11 +5,13 @@ place. The task objects are built once per split, and each task's requests once:
 prompt and its generation arguments, which depend on the data and the tokenizer, never the weights.
 
 A candidate is copied in only when it is the same model up to its weights: the same config.json
-(ignoring the keys that only label it), the same tensor names and shapes, and the same tokenizer
-files. Anything else (a stacked merge with more layers, another tokenizer) builds the model again,
-which gives lm-eval's own result. Where the model cannot be updated in place at all (a checkpoint
-name transformers renames on loading, a parameter no tensor fills), it is built for every candidate
-and a line on stderr says so.
+(ignoring the keys that only label it, and keys the model's config class does not define, which
+transformers' own modelling code never reads: a fine-tune's training notes; all keys count with
+``trust_remote_code``), the same tensor names and shapes, and the same tokenizer files. Anything
+else (a stacked merge with more layers, another tokenizer) builds the model again, which gives
+lm-eval's own result. Where the model cannot be updated in place at all (a checkpoint name
+transformers renames on loading, a parameter no tensor fills), it is built for every candidate and a
+line on stderr says so.
 
 torch and lm_eval are imported only here, when the first evaluation runs.
 """
@@ -54,6 +56,8 @@ class ResidentLM:
         # Models built (the first, and every candidate that is not the same model up to its weights).
         self.builds = 0
         self._identity: tuple[Any, ...] | None = None
+        # The config keys the built model's config class defines (None: every key counts).
+        self._known: frozenset[str] | None = None
         self._targets: dict[str, Any] | None = None
         self._tasks: dict[str, list[Any]] = {}
         self._manager: Any = None
@@ -71,13 +75,22 @@ class ResidentLM:
         """The lm-eval model holding ``model``'s weights: the kept one with the tensors copied in,
         or a new one when ``model`` differs from it in more than its weights."""
         held = StoredModel(model) if isinstance(model, str) else model
-        identity = _identity(held)
-        if self.lm is not None and identity == self._identity and self._targets is not None:
+        if self.lm is not None and _identity(held, self._known) == self._identity and self._targets is not None:
             self._copy_in(held)
         else:
             self._build(held)
-            self._identity = identity
+            self._known = self._config_keys()
+            self._identity = _identity(held, self._known)
         return self.lm
+
+    def _config_keys(self) -> frozenset[str] | None:
+        if "trust_remote_code" in str(self.settings.get("model_args") or ""):
+            return None  # remote code may read any key
+        config: Any = getattr(getattr(self.lm, "model", None), "config", None)
+        try:
+            return frozenset(type(config)().to_dict())
+        except Exception:  # a config class that needs arguments: every key counts
+            return None
 
     def tasks(self, split: str, names: Sequence[str]) -> list[Any]:
         """The split's task objects, each building its requests once; task names (loaded by lm-eval
@@ -151,9 +164,9 @@ def _targets(lm: Any, model: ResidentModel) -> tuple[dict[str, Any] | None, str]
     return targets, ""
 
 
-def _identity(model: ResidentModel) -> tuple[Any, ...]:
+def _identity(model: ResidentModel, known: frozenset[str] | None) -> tuple[Any, ...]:
     """What must match for a candidate's weights to be copied into the kept model."""
-    config = {k: v for k, v in (model.config or {}).items() if k not in _LABEL_KEYS}
+    config = {k: v for k, v in (model.config or {}).items() if k not in _LABEL_KEYS and (known is None or k in known)}
     layout = tuple((name, tuple(model.handle.info(name)[0])) for name in model.tensor_names)
     tokenizer = _tokenizer_dir(model)
     files = _fingerprint(tokenizer) if tokenizer is not None else (id(model),)  # its own: built again
