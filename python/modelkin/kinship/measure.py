@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._core import KinshipPlan, KinshipStats, ModelHandle
+from ..io.adapter import is_adapter
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
 
@@ -192,6 +193,8 @@ def kinship(
     deltas to int8 as the original kinship tool does; ``device`` ("cpu", "cuda") uses torch."""
     names = _metric_list(metrics)
     mode: Literal["full", "split"] = "split" if split else "full"
+    if any(not isinstance(m, ResidentModel) and is_adapter(m) for m in (model_a, model_b)):
+        return _adapter_kinship(model_a, model_b, base, names, split, per_tensor, low_precision, device)
     stats = measure(
         [model_a, model_b],
         base,
@@ -222,6 +225,74 @@ def kinship(
     )
 
 
+def _adapter_kinship(
+    model_a: ModelRef,
+    model_b: ModelRef,
+    base: ModelRef,
+    names: list[str],
+    split: bool,
+    per_tensor: bool,
+    low_precision: bool,
+    device: str | None,
+) -> KinshipResult:
+    """A pair with a LoRA adapter in it: exact from the factors (see :mod:`.lora`)."""
+    from . import lora
+
+    if low_precision or device is not None:
+        asked = "low_precision" if low_precision else "device"
+        raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
+    if any(isinstance(m, ResidentModel) for m in (model_a, model_b, base)):
+        raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
+    assert not isinstance(model_a, ResidentModel) and not isinstance(model_b, ResidentModel)
+    assert not isinstance(base, ResidentModel)
+    sums = lora.pair_sums(lora.side(os.fspath(model_a)), lora.side(os.fspath(model_b)), os.fspath(base))
+    breakdown = None
+    if per_tensor:
+        breakdown = tuple(TensorKinship(name, s.n, s.metric("pcc"), s.metric("cs"), s.metric("ed")) for name, s in sums)
+    return KinshipResult(
+        models=(label(model_a), label(model_b)),
+        base=label(base),
+        mode="split" if split else "full",
+        metrics=lora.metrics(sums, names, split),
+        n=sum(s.n for _, s in sums),
+        tensors=len(sums),
+        per_tensor=breakdown,
+    )
+
+
+def _adapter_matrix(
+    models: Sequence[ModelRef], base: ModelRef, names: list[str], split: bool, low_precision: bool, device: str | None
+) -> KinshipMatrix:
+    """An N x N matrix with LoRA adapters among the models: every pair exact from the factors."""
+    from . import lora
+
+    if low_precision or device is not None:
+        asked = "low_precision" if low_precision else "device"
+        raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
+    if any(isinstance(m, ResidentModel) for m in (*models, base)):
+        raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
+    sides = [lora.side(os.fspath(m)) for m in models if not isinstance(m, ResidentModel)]
+    assert not isinstance(base, ResidentModel)
+    count = len(sides)
+    matrices = {m: np.zeros((count, count)) for m in names}
+    n = tensors = 0
+    for i in range(count):
+        for j in range(i, count):
+            sums = lora.pair_sums(sides[i], sides[j], os.fspath(base))
+            values = lora.metrics(sums, names, split)
+            for m in names:
+                matrices[m][i, j] = matrices[m][j, i] = values[m]
+            n, tensors = sum(s.n for _, s in sums), len(sums)
+    return KinshipMatrix(
+        names=tuple(label(m) for m in models),
+        base=label(base),
+        mode="split" if split else "full",
+        metrics=matrices,
+        n=n,
+        tensors=tensors,
+    )
+
+
 def kinship_matrix(
     models: Sequence[ModelRef],
     *,
@@ -240,6 +311,8 @@ def kinship_matrix(
     if len(models) < 2:
         raise ValueError("a kinship matrix needs at least two models")
     mode: Literal["full", "split"] = "split" if split else "full"
+    if any(not isinstance(m, ResidentModel) and is_adapter(m) for m in models):
+        return _adapter_matrix(models, base, names, split, low_precision, device)
     stats = measure(
         models,
         base,
