@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--base", default=str(ROOT / "bench-data" / "pair-1e+09" / "base.safetensors"))
     parser.add_argument("--rank", type=int, default=16)
     args = parser.parse_args()
+    if not Path(args.base).is_file():
+        sys.exit(f"{args.base}: no such base (benches/bench_kinship.py writes bench-data/pair-1e+09; or pass --base)")
     sys.path.insert(0, str(ROOT / "python"))
     with tempfile.TemporaryDirectory(prefix="bench-lora-", dir=ROOT / "bench-data") as scratch:
         root = Path(scratch)

@@ -193,6 +193,9 @@ def test_the_command_line_takes_adapters(tmp_path, family):
     shown = json.loads(done.stdout)
     api = modelkin.kinship(tmp_path / "a", tmp_path / "b", base=base_dir)
     assert shown["metrics"]["pcc"] == pytest.approx(api.pcc, rel=1e-12)
+    done = run_cli("matrix", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(base_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    assert str(api.pcc)[:8] in done.stdout
     config = tmp_path / "a" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
     done = run_cli("kinship", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(base_dir))
