@@ -83,18 +83,9 @@ def timing(module: str, owner: str, attr: str) -> Iterator[list[float]]:
 
 
 def resident_section(out: Path, family: Path, written: dict[str, Path]) -> None:
-    search = {
-        "strategy": "cmaes",
-        "genome": {
-            "models": [str(family / m) for m in ("ft-reverse", "ft-sort", "ft-shift", "ft-swap")],
-            "base_model": str(family / "base"),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 1,
-            "dtype": "float32",
-        },
-        "cmaes": {"sigma0": 1 / 6, "max_evals": 32, "seed": 0},
-        "evaluator": {"python": "modelkin.evolve.family:evaluate"},
-    }
+    from bench_search import search_config  # this script's folder is on the path when it runs
+
+    search = search_config(family, 32)
     variants: list[tuple[str, dict[str, Any], tuple[str, str, str]]] = [
         (
             "numpy evaluator, CMA-ES (32 candidates)",
@@ -163,13 +154,9 @@ def jobs_timed(compute: list[float]) -> Iterator[list[tuple[float, float]]]:
 def dfs_section(out: Path, family: Path, soup: evo.Run | None) -> None:
     fine_tunes = [str(family / m) for m in ("ft-reverse", "ft-sort", "ft-shift", "ft-swap")]
     evaluator = {"python": "modelkin.evolve.family:evaluate", "resident": True}
-    genome = {
-        "models": fine_tunes,
-        "base_model": str(family / "base"),
-        "merge_method": "task_arithmetic",
-        "layer_granularity": 1,
-        "dtype": "float32",
-    }
+    from bench_search import search_config
+
+    genome = search_config(family, 100)["genome"]
     dfs = {"repeats": 3, "scaling": "matrix", "scale": "residual"}
     variants = {
         "PS (CMA-ES, task_arithmetic per layer)": {

@@ -296,21 +296,14 @@ def test_ps_dfs_killed_with_sigkill_resumes_to_the_same_run(tmp_path):
 
     from test_evolve_resume import comparable, evolve_process
 
-    from evolve_support import command_evaluator, runs_json, small_family, stored_scores, write_config
+    from evolve_support import command_evaluator, runs_json, search_config, small_family, stored_scores, write_config
 
     base, pool = small_family(tmp_path / "fam", n=2)
+    evaluator = {"command": command_evaluator("--sleep 0.1")}
     config = {
+        **search_config(base, pool, evaluator, max_evals=9, dfs_max_evals=13, seed=0),
         "strategy": "ps+dfs",
-        "genome": {
-            "models": [str(p) for p in pool],
-            "base_model": str(base),
-            "merge_method": "task_arithmetic",
-            "layer_granularity": 1,
-            "dtype": "float32",
-        },
         "dfs": {"models": ["ps", str(pool[1])], "repeats": 2, "scaling": "matrix"},
-        "cmaes": {"max_evals": 9, "dfs_max_evals": 13, "seed": 0},
-        "evaluator": {"command": command_evaluator("--sleep 0.1")},
     }
     path = write_config(tmp_path / "evolve.yml", **config)
     reference = evolve_process(path, tmp_path / "reference")
