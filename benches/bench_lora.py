@@ -50,7 +50,7 @@ for i, adapter_dir in enumerate(sys.argv[1:3]):
         w = handle.raw(name).view(ml_dtypes.bfloat16).reshape(shape).astype(np.float32)
         delta = adapter.low_rank.get(name)
         if delta is not None:
-            w = w + (delta.scale * (delta.left @ delta.right)).astype(np.float32)
+            w = w + delta.dense().astype(np.float32)
         tensors[name] = w
     save_file(f"{out}/m{i}.safetensors", tensors, "BF16")
     del tensors

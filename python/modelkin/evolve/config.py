@@ -14,8 +14,18 @@ from typing import Any, Literal
 
 import yaml
 
-from ..merge.recipe import METHODS, RecipeError, _Lines, _where
+from ..merge.recipe import METHODS, RecipeError
+from .checker import Checker
 from .dfs_genome import PS_MODEL, SCALE_MEANINGS, SCALINGS, DfsSpec
+from .evaluator_config import (
+    LM_EVAL_TOP_KEYS,
+    MERGEKIT_EVOLVE_KEYS,
+    EvaluatorSpec,
+    include_paths,
+    lm_eval_test_weights,
+    lm_eval_weights,
+    parse_evaluator,
+)
 from .genome import METHOD_PARAMS, NEEDS_BASE, GenomeSpec
 
 Strategy = Literal["topk", "greedy_soup", "cmaes", "dfs", "ps+dfs"]
@@ -24,34 +34,6 @@ STRATEGIES: tuple[str, ...] = ("topk", "greedy_soup", "cmaes", "dfs", "ps+dfs")
 SEARCHES: tuple[str, ...] = ("cmaes", "dfs", "ps+dfs")
 # Strategies that this version refuses by name rather than ignoring.
 PLANNED_STRATEGIES: tuple[str, ...] = ()
-# mergekit-evolve's top-level keys besides genome: its lm-eval tasks and how they are run.
-MERGEKIT_EVOLVE_KEYS = (
-    "tasks",
-    "limit",
-    "num_fewshot",
-    "shuffle",
-    "random_init",
-    "apply_chat_template",
-    "fewshot_as_multiturn",
-)
-# modelkin's own lm-eval settings, allowed at the top level beside mergekit-evolve's tasks: too.
-LM_EVAL_TOP_KEYS = ("test_tasks", "include_path")
-# Every key of the lm_eval evaluator's settings (evaluator.lm_eval).
-LM_EVAL_KEYS = (
-    "tasks",
-    "test_tasks",
-    "include_path",
-    "model",
-    "model_args",
-    "limit",
-    "num_fewshot",
-    "batch_size",
-    "device",
-    "apply_chat_template",
-    "fewshot_as_multiturn",
-)
-# lm-eval's Hugging Face model names (the models whose weights a resident evaluator replaces).
-HF_MODELS = ("hf", "hf-auto", "huggingface")
 # The splits an evaluator is asked for: search drives selection, test is held out and only reported.
 SPLITS = ("search", "test")
 KINSHIP_METRICS = ("pcc", "cs", "ed")
@@ -91,20 +73,6 @@ class Cmaes:
     random_init: bool = False
     # ps+dfs: the DFS phase's budget (max_evals is the PS phase's); None: the same as max_evals.
     dfs_max_evals: int | None = None
-
-
-@dataclass(frozen=True)
-class EvaluatorSpec:
-    """How candidates are scored: exactly one of ``command``, ``python`` or ``lm_eval``."""
-
-    kind: Literal["command", "python", "lm_eval"]
-    command: str | None = None
-    python: str | None = None
-    lm_eval: Mapping[str, Any] = field(default_factory=dict)
-    timeout: float | None = None
-    # Candidates handed over in memory (see evaluators.py): lm_eval with its hf model by default,
-    # a python callable when asked. How, not what, is scored: not part of the fingerprint.
-    resident: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,35 +141,6 @@ class EvolveConfig:
         return reference
 
 
-class _Checker:
-    def __init__(self, source: str, text: str | None) -> None:
-        self.source = source
-        self.lines = _Lines(text)
-
-    def fail(self, path: Sequence[str | int], message: str) -> RecipeError:
-        return RecipeError(f"{self.source}: {_where(path)}{self.lines.line(path)}: {message}")
-
-    def keys(self, path: list[str | int], value: Any, known: Sequence[str]) -> Mapping[str, Any]:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            raise self.fail(path, "must be a mapping")
-        for key in value:
-            if key not in known:
-                raise self.fail([*path, key], f"unknown key (known: {', '.join(known)})")
-        return value
-
-    def integer(self, path: list[str | int], value: Any, low: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise self.fail(path, f"must be an integer >= {low}")
-        return value
-
-    def choice(self, path: list[str | int], value: Any, options: Sequence[str]) -> Any:
-        if value not in options:
-            raise self.fail(path, f"{value!r} is not one of {', '.join(options)}")
-        return value
-
-
 TOP_KEYS = (
     "pool",
     "base_model",
@@ -230,7 +169,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     if isinstance(config, Mapping):
         raw: Any = dict(config)
         text = yaml.safe_dump(raw, sort_keys=False)
-        check = _Checker("config", None)
+        check = Checker("config", None)
         root = Path.cwd()
     else:
         path = Path(config)
@@ -244,7 +183,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
             mark = getattr(error, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise RecipeError(f"{path}:{where} invalid YAML: {getattr(error, 'problem', None) or error}") from error
-        check = _Checker(str(path), text)
+        check = Checker(str(path), text)
         root = path.resolve().parent
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{check.source}: an evolution config is a mapping (pool, base_model, strategy, ...)")
@@ -292,7 +231,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
     topk = _topk(check, raw.get("topk"), strategy)
     soup = _soup(check, raw.get("greedy_soup"), strategy)
     merge = _merge(check, raw.get("merge"), strategy) if strategy != "cmaes" else {}
-    evaluator = _evaluator(check, raw.get("evaluator"), raw, root)
+    evaluator = parse_evaluator(check, raw.get("evaluator"), raw, root)
     cmaes = _cmaes(check, raw.get("cmaes"), raw.get("random_init", False), strategy)
     weights = _objective(check, raw.get("objective"))
     seed = check.integer(["seed"], raw.get("seed", 0), 0)
@@ -307,7 +246,7 @@ def load_evolve_config(config: str | Path | Mapping[str, Any]) -> EvolveConfig:
         raise check.fail(["name"], "must be a string")
     test_weights, separate = weights, False
     if evaluator.kind == "lm_eval":
-        test_weights, separate = _lm_eval_test_weights(check, evaluator, weights)
+        test_weights, separate = lm_eval_test_weights(check, evaluator, weights)
         if weights is None:
             # mergekit-evolve's task entries carry their objective weights: resolved here, once.
             weights = lm_eval_weights(evaluator.lm_eval)
@@ -359,13 +298,7 @@ def with_task_search_path(config: EvolveConfig, paths: Sequence[str | Path]) -> 
     return replace(config, evaluator=evaluator)
 
 
-def include_paths(settings: Mapping[str, Any]) -> list[str]:
-    """The lm_eval evaluator's task directories, as a list (its include_path is one or a list)."""
-    value = settings.get("include_path")
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
-def _topk(check: _Checker, value: Any, strategy: str) -> TopK:
+def _topk(check: Checker, value: Any, strategy: str) -> TopK:
     if value is not None and strategy != "topk":
         raise check.fail(["topk"], f"topk: settings given but the strategy is {strategy}")
     section = check.keys(["topk"], value, ("k", "generations", "explore", "metric", "stop_kinship", "patience"))
@@ -383,14 +316,14 @@ def _topk(check: _Checker, value: Any, strategy: str) -> TopK:
     )
 
 
-def _soup(check: _Checker, value: Any, strategy: str) -> GreedySoup:
+def _soup(check: Checker, value: Any, strategy: str) -> GreedySoup:
     if value is not None and strategy != "greedy_soup":
         raise check.fail(["greedy_soup"], f"greedy_soup: settings given but the strategy is {strategy}")
     section = check.keys(["greedy_soup"], value, ("compare",))
     return GreedySoup(compare=check.choice(["greedy_soup", "compare"], section.get("compare", ">="), (">=", ">")))
 
 
-def _merge(check: _Checker, value: Any, strategy: str) -> Mapping[str, Any]:
+def _merge(check: Checker, value: Any, strategy: str) -> Mapping[str, Any]:
     section = dict(check.keys(["merge"], value, MERGE_KEYS))
     default = "linear" if strategy == "greedy_soup" else "slerp"
     method = section.setdefault("merge_method", default)
@@ -409,129 +342,6 @@ def _merge(check: _Checker, value: Any, strategy: str) -> Mapping[str, Any]:
     return section
 
 
-def _evaluator(check: _Checker, value: Any, raw: Mapping[str, Any], root: Path) -> EvaluatorSpec:
-    # Where the lm-eval settings were written: at the top level (mergekit-evolve) or nested.
-    at: list[str | int] = ["evaluator", "lm_eval"]
-    if "tasks" in raw:
-        if value is not None:
-            raise check.fail(["tasks"], "tasks: configure the lm_eval evaluator; give either tasks: or evaluator:")
-        if raw.get("shuffle"):
-            raise check.fail(["shuffle"], "shuffle: true is not supported (lm-eval's own sample order is used)")
-        settings = {
-            k: raw[k]
-            for k in ("tasks", "limit", "num_fewshot", "apply_chat_template", "fewshot_as_multiturn", *LM_EVAL_TOP_KEYS)
-            if k in raw
-        }
-        value = {"lm_eval": settings}
-        at = []
-    else:
-        for key in (*MERGEKIT_EVOLVE_KEYS, *LM_EVAL_TOP_KEYS):
-            if key in raw and key != "random_init":
-                raise check.fail([key], f"{key}: configures lm-eval tasks; it needs tasks:")
-    section = check.keys(["evaluator"], value, ("command", "python", "lm_eval", "timeout", "resident"))
-    kinds = [k for k in ("command", "python", "lm_eval") if k in section]
-    if len(kinds) != 1:
-        raise check.fail(["evaluator"], "exactly one of command, python or lm_eval is required")
-    kind = kinds[0]
-    timeout = section.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise check.fail(["evaluator", "timeout"], "must be a positive number of seconds")
-    resident = section.get("resident")
-    if resident is not None and not isinstance(resident, bool):
-        raise check.fail(["evaluator", "resident"], "must be true or false")
-    if kind == "command":
-        if not isinstance(section["command"], str) or "{model}" not in section["command"]:
-            raise check.fail(["evaluator", "command"], "must be a command line containing {model}")
-        if resident:
-            raise check.fail(["evaluator", "resident"], "a command evaluator reads a model directory (python, lm_eval)")
-        return EvaluatorSpec("command", command=section["command"], timeout=timeout)
-    if kind == "python":
-        if not isinstance(section["python"], str) or ":" not in section["python"]:
-            raise check.fail(["evaluator", "python"], "must name a callable as 'module:function'")
-        return EvaluatorSpec("python", python=section["python"], timeout=timeout, resident=bool(resident))
-    lm = dict(check.keys(["evaluator", "lm_eval"], section["lm_eval"], LM_EVAL_KEYS))
-    hf = lm.get("model", "hf") in HF_MODELS
-    if resident and not hf:
-        raise check.fail(
-            ["evaluator", "resident"],
-            f"needs lm-eval's hf model, whose weights modelkin can replace in place (model: {lm['model']}"
-            " loads its own); set resident: false",
-        )
-    tasks = lm.get("tasks")
-    if not isinstance(tasks, list) or not tasks:
-        raise check.fail([*at, "tasks"], "a non-empty list of tasks is required")
-    _task_entries(check, [*at, "tasks"], tasks)
-    if "test_tasks" in lm:
-        test_tasks = lm["test_tasks"]
-        if not isinstance(test_tasks, list) or not test_tasks:
-            raise check.fail([*at, "test_tasks"], "a non-empty list of tasks is required (or no test_tasks:)")
-        _task_entries(check, [*at, "test_tasks"], test_tasks)
-    if "include_path" in lm:
-        lm["include_path"] = _include_path(check, [*at, "include_path"], lm["include_path"], root)
-    # Resident by default where it can be: the same scores (tests/test_evolve_lm_eval.py), without
-    # rebuilding lm-eval's model and tasks, or writing a scratch candidate, for every evaluation.
-    return EvaluatorSpec("lm_eval", lm_eval=lm, timeout=timeout, resident=hf if resident is None else resident)
-
-
-def _task_entries(check: _Checker, at: list[str | int], tasks: list[Any]) -> None:
-    """Each entry is a task name or {name, weight, metric} (mergekit-evolve's format)."""
-    names = set()
-    for i, task in enumerate(tasks):
-        entry = {"name": task} if isinstance(task, str) else task
-        check.keys([*at, i], entry, ("name", "weight", "metric"))
-        if not isinstance(entry, Mapping) or not isinstance(entry.get("name"), str) or not entry["name"]:
-            raise check.fail([*at, i], "each task needs a name")
-        weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise check.fail([*at, i, "weight"], "must be a number")
-        metric = entry.get("metric")
-        if metric is not None and (not isinstance(metric, str) or not metric):
-            raise check.fail([*at, i, "metric"], "must be a metric name as lm-eval reports it (e.g. 'acc,none')")
-        if entry["name"] in names:
-            raise check.fail([*at, i], f"task {entry['name']!r} is listed twice")
-        names.add(entry["name"])
-    weights = lm_eval_weights({"tasks": tasks})
-    if weights is not None and all(w == 0 for w in weights.values()):
-        raise check.fail(at, "every task's weight is zero")
-
-
-def _include_path(check: _Checker, at: list[str | int], value: Any, root: Path) -> list[str]:
-    """lm-eval's TaskManager include_path: a directory or a list of them, relative ones resolved
-    from the config file's directory (where the task YAMLs are usually kept), checked to exist."""
-    paths = [value] if isinstance(value, str) else value
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
-        raise check.fail(at, "must be a directory of lm-eval task YAMLs, or a list of them")
-    out = []
-    for path in paths:
-        found = (root / Path(path).expanduser()).resolve()
-        if not found.is_dir():
-            raise check.fail(at, f"{path} is not a directory (resolved: {found})")
-        out.append(str(found))
-    return out
-
-
-def _lm_eval_test_weights(
-    check: _Checker, evaluator: EvaluatorSpec, weights: Mapping[str, float] | None
-) -> tuple[Mapping[str, float] | None, bool]:
-    """The test split's objective weights: test_tasks name their own tasks, so their entries carry
-    the test objective's weights; an explicit objective.weights applies to both splits and must
-    then name tasks that test_tasks lists too."""
-    settings = evaluator.lm_eval
-    if "test_tasks" not in settings:
-        return weights, False
-    if weights is None:
-        return lm_eval_weights(settings, "test_tasks"), True
-    listed = {t if isinstance(t, str) else t["name"] for t in settings["test_tasks"]}
-    missing = [t for t in weights if t not in listed]
-    if missing:
-        raise check.fail(
-            ["objective", "weights", missing[0]],
-            f"weighs task {missing[0]!r}, which test_tasks does not list (objective.weights applies to both"
-            " splits; give each test task its weight in its test_tasks entry instead)",
-        )
-    return weights, True
-
-
 GENOME_KEYS = (
     "models",
     "merge_method",
@@ -546,7 +356,7 @@ GENOME_KEYS = (
 )
 
 
-def _genome(check: _Checker, value: Any) -> GenomeSpec:
+def _genome(check: Checker, value: Any) -> GenomeSpec:
     if value is None:
         raise check.fail(["genome"], "strategy cmaes needs a genome: section (mergekit-evolve's keys)")
     section = check.keys(["genome"], value, GENOME_KEYS)
@@ -594,7 +404,7 @@ def _genome(check: _Checker, value: Any) -> GenomeSpec:
     )
 
 
-def _cmaes(check: _Checker, value: Any, random_init: Any, strategy: str) -> Cmaes:
+def _cmaes(check: Checker, value: Any, random_init: Any, strategy: str) -> Cmaes:
     keys = ("sigma0", "popsize", "max_evals", "seed", "penalty", "random_init", "dfs_max_evals")
     section = check.keys(["cmaes"], value, keys)
     at: list[str | int] = ["cmaes"]
@@ -631,7 +441,7 @@ def _cmaes(check: _Checker, value: Any, random_init: Any, strategy: str) -> Cmae
     )
 
 
-def parse_dfs(check: _Checker, value: Any, strategy: str) -> DfsSpec:
+def parse_dfs(check: Checker, value: Any, strategy: str) -> DfsSpec:
     """The ``dfs:`` section: the source models (A first; ``ps``, the PS phase's best, only in
     ps+dfs), repeats, scaling and the meaning of a scale."""
     at: list[str | int] = ["dfs"]
@@ -656,7 +466,7 @@ def parse_dfs(check: _Checker, value: Any, strategy: str) -> DfsSpec:
     return DfsSpec(tuple(models), repeats, scaling, meaning, dtype)
 
 
-def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
+def _objective(check: Checker, value: Any) -> Mapping[str, float] | None:
     section = check.keys(["objective"], value, ("weights",))
     weights = section.get("weights")
     if weights is None:
@@ -669,13 +479,3 @@ def _objective(check: _Checker, value: Any) -> Mapping[str, float] | None:
     if all(float(w) == 0 for w in weights.values()):
         raise check.fail(["objective", "weights"], "every weight is zero")
     return {str(k): float(v) for k, v in weights.items()}
-
-
-def lm_eval_weights(settings: Mapping[str, Any], key: str = "tasks") -> dict[str, float] | None:
-    """The objective weights lm-eval task entries carry (mergekit-evolve's ``weight``, default 1),
-    or None when no task sets one (then the objective is the plain mean). ``key`` is ``tasks``
-    (the search split) or ``test_tasks``."""
-    tasks = [{"name": t} if isinstance(t, str) else t for t in settings.get(key, [])]
-    if not any("weight" in t for t in tasks):
-        return None
-    return {str(t["name"]): float(t.get("weight", 1.0)) for t in tasks}

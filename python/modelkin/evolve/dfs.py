@@ -38,7 +38,7 @@ def run_ps_dfs(driver: Driver) -> Outcome:
     ps_best, improvements = search_phase(driver, ps)
     ps_best = driver.score(ps_best, "test")
     first = driver.materialize(ps_best)  # the DFS phase's A: a model of the run directory
-    driver.store.set_meta(ps_best=str(ps_best.id))
+    driver.store.set_meta(ps_best=str(ps_best.id))  # read back as Run.ps_best_id
     genome, plan = driver.experiment.dfs, driver.experiment.dfs_search
     assert genome is not None and plan is not None
     best, _ = dfs_phase(driver, genome.with_first(first), plan, ps.plan.generations, improvements)
@@ -55,7 +55,7 @@ def dfs_phase(driver: Driver, genome: DfsGenome, plan: SearchPlan, offset: int, 
 
     start = store.add(START_KEY, offset, DFS_ROLE, genes=x0.tolist(), recipe=genome.recipe(x0), hops=hops(x0))
     driver.score_many([(start, "search")], scratch=True)
-    phase = Phase("dfs", DFS_ROLE, genome.size, genome.recipe, x0, plan, offset, hops)
+    phase = Phase("dfs", DFS_ROLE, genome.recipe, x0, plan, offset, hops)
     return search_phase(driver, phase, store.get(start.id), improvements)
 
 

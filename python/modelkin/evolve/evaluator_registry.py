@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from .config import EvaluatorSpec
+from .evaluator_config import EvaluatorSpec
 from .evaluators import (
     NO_SPLIT_PLACEHOLDER,
     NO_TEST_TASKS,

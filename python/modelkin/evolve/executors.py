@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..io.resident import StoredModel
-from .config import EvaluatorSpec
 from .errors import RunError
+from .evaluator_config import EvaluatorSpec
 from .evaluator_registry import make_evaluator
 from .evaluators import EvaluatorFn, ModelInput, ObjectiveError, SplitNotScored
 from .faults import WORKER_LOSS_RETRIES, machine_fault

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .config import HF_MODELS, include_paths
+from .evaluator_config import HF_MODELS, include_paths
 from .evaluators import (
     NO_TEST_TASKS,
     EvaluationError,

@@ -31,14 +31,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.resident import ResidentModel, StoredModel
+from ..io.resident import TORCH_VIEWS, ResidentModel, StoredModel
 from ..merge.merging import MergedModel
 from ..merge.output import TOKENIZER_FILES
 
 # config.json keys that label a checkpoint without changing the model it builds.
 _LABEL_KEYS = ("_name_or_path", "transformers_version")
-# The stored dtypes whose tensors copy into torch parameters (ResidentModel.torch_tensor).
-_COPIED = ("F64", "F32", "F16", "BF16")
 
 
 class ResidentLM:
@@ -154,7 +152,7 @@ def _targets(lm: Any, model: ResidentModel) -> tuple[dict[str, Any] | None, str]
         target = state.get(name)
         if target is None:
             return None, f"tensor {name} is not a parameter of the loaded model"
-        if list(target.shape) != list(shape) or dtype not in _COPIED:
+        if list(target.shape) != list(shape) or dtype not in TORCH_VIEWS:
             return None, f"tensor {name} is {dtype} {shape}, the parameter {list(target.shape)}"
         targets[name] = target
     filled = {t.data_ptr() for t in targets.values()}

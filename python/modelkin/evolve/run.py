@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import HF_MODELS, EvolveConfig, load_evolve_config, with_task_search_path
+from .config import EvolveConfig, load_evolve_config, with_task_search_path
 from .dfs import run_dfs, run_ps_dfs
 from .driver import Driver, Outcome, Reporter
 from .errors import RunError
+from .evaluator_config import resident_refusal
 from .evaluator_registry import make_evaluator, unscored_splits
 from .evaluators import EvaluatorFn
 from .executors import Executor, LocalPoolExecutor, RayExecutor, SerialExecutor
@@ -51,6 +52,8 @@ class Run:
     faults: tuple[tuple[float, int | None, str | None, str], ...] = ()
     # Worker processes replaced (lost, or killed on an evaluator timeout) in the last session.
     worker_restarts: int = 0
+    # ps+dfs: the PS phase's best candidate (the DFS phase's A), once that phase has ended.
+    ps_best_id: int | None = None
 
     def not_scored(self) -> dict[str, list[str]]:
         """Why a split has no scores, per split (each distinct reason once): the evaluator cannot
@@ -71,16 +74,6 @@ class Run:
     def base(self) -> Candidate | None:
         """The base model's row (None for a run without a base: a genome without one, or DFS)."""
         return next((c for c in self.candidates if c.role == "base"), None)
-
-    @property
-    def ps_best_id(self) -> int | None:
-        """ps+dfs: the PS phase's best candidate (the DFS phase's A)."""
-        found = [c for c in self.candidates if c.role == "dfs" and c.key == "dfs:start"]
-        if self.strategy != "ps+dfs" or not found:
-            return None
-        ps = [c for c in self.candidates if c.role == "search" and c.status == "done"]
-        best = max(ps, key=lambda c: (c.objective_search or 0.0, -c.id), default=None)
-        return None if best is None else best.id
 
     def candidate(self, id: int) -> Candidate:
         for c in self.candidates:
@@ -196,6 +189,7 @@ def open_run(run_dir: str | os.PathLike[str]) -> Run:
             faults=tuple(store.faults()),
             worker_restarts=int(store.get_meta("worker_restarts") or 0),
             seed=int(store.get_meta("seed") or 0),
+            ps_best_id=None if (ps_best := store.get_meta("ps_best")) is None else int(ps_best),
         )
     finally:
         store.close()
@@ -275,11 +269,9 @@ def _with_resident(config: EvolveConfig, resident: bool, override: bool) -> Evol
     """The config with ``resident`` as given to :func:`evolve` (a callable given takes the place of
     the config's evaluator, whatever its kind)."""
     spec = config.evaluator
-    if resident and not override:
-        if spec.kind == "command":
-            raise RunError("resident: a command evaluator reads a model directory; use python or lm_eval")
-        if spec.kind == "lm_eval" and spec.lm_eval.get("model", "hf") not in HF_MODELS:
-            raise RunError(f"resident: needs lm-eval's hf model (model: {spec.lm_eval['model']} loads its own)")
+    refusal = resident_refusal(spec.kind, spec.lm_eval) if resident and not override else None
+    if refusal is not None:
+        raise RunError(f"resident: {refusal}")
     return dataclasses.replace(config, evaluator=dataclasses.replace(spec, resident=resident))
 
 

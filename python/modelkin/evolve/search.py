@@ -40,7 +40,6 @@ class Phase:
 
     prefix: str
     role: str
-    size: int
     recipe: Callable[[npt.NDArray[np.float64]], dict[str, Any]]
     x0: npt.NDArray[np.float64]
     plan: SearchPlan
@@ -65,7 +64,7 @@ def ps_phase(driver: Driver) -> Phase:
     config, genome, plan = driver.config, driver.experiment.genome, driver.experiment.search
     assert genome is not None and plan is not None
     x0 = genome.initial(random=config.cmaes.random_init, seed=search_seed(config))
-    return Phase("cmaes", "search", genome.size, genome.recipe, x0, plan)
+    return Phase("cmaes", "search", genome.recipe, x0, plan)
 
 
 def search_seed(config: EvolveConfig) -> int:
@@ -84,7 +83,7 @@ def search_phase(
     settings = config.cmaes
     popsize, generations = phase.plan.popsize, phase.plan.generations
     seed = search_seed(config)
-    kind = SepCMA if phase.size > SEPARABLE_ABOVE else CMA
+    kind = SepCMA if phase.x0.size > SEPARABLE_ABOVE else CMA
     optimizer = kind(mean=phase.x0, sigma=settings.sigma0, seed=seed, population_size=popsize)
     best = start if start is not None and start.status == "done" else None
     if best is not None:

@@ -35,7 +35,7 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
 
 
 # The numpy view of a safetensors dtype's bytes that torch.from_numpy takes (bf16 through int16).
-_TORCH_VIEWS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "int16"}
+TORCH_VIEWS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "int16"}
 
 
 class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
@@ -86,9 +86,9 @@ class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
         import torch
 
         shape, dtype = self._tensors.info(name)
-        if dtype not in _TORCH_VIEWS:
+        if dtype not in TORCH_VIEWS:
             raise TypeError(f"tensor {name}: {dtype} has no torch view")
-        raw = self._tensors.raw(name).view(np.dtype(_TORCH_VIEWS[dtype]))
+        raw = self._tensors.raw(name).view(np.dtype(TORCH_VIEWS[dtype]))
         with warnings.catch_warnings():
             # torch warns that the array is not writable: the tensor shares read-only memory.
             warnings.simplefilter("ignore", UserWarning)

@@ -15,6 +15,7 @@ from .._core import KinshipPlan, KinshipStats, ModelHandle
 from ..io.adapter import is_adapter
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
+from . import lora
 
 MetricName = Literal["pcc", "cs", "ed"]
 METRICS: tuple[MetricName, ...] = ("pcc", "cs", "ed")
@@ -225,6 +226,22 @@ def kinship(
     )
 
 
+def _adapter_sides(
+    models: Sequence[ModelRef], base: ModelRef, low_precision: bool, device: str | None
+) -> tuple[list[lora.Side], str]:
+    """The models of an adapter kinship, read once, and the base's path; the options the factor
+    path has no use for are refused."""
+    if low_precision or device is not None:
+        asked = "low_precision" if low_precision else "device"
+        raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
+    paths = []
+    for model in (*models, base):
+        if isinstance(model, ResidentModel):
+            raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
+        paths.append(os.fspath(model))
+    return [lora.side(p) for p in paths[:-1]], paths[-1]
+
+
 def _adapter_kinship(
     model_a: ModelRef,
     model_b: ModelRef,
@@ -236,16 +253,8 @@ def _adapter_kinship(
     device: str | None,
 ) -> KinshipResult:
     """A pair with a LoRA adapter in it: exact from the factors (see :mod:`.lora`)."""
-    from . import lora
-
-    if low_precision or device is not None:
-        asked = "low_precision" if low_precision else "device"
-        raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
-    if any(isinstance(m, ResidentModel) for m in (model_a, model_b, base)):
-        raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
-    assert not isinstance(model_a, ResidentModel) and not isinstance(model_b, ResidentModel)
-    assert not isinstance(base, ResidentModel)
-    sums = lora.pair_sums(lora.side(os.fspath(model_a)), lora.side(os.fspath(model_b)), os.fspath(base))
+    (side_a, side_b), base_path = _adapter_sides([model_a, model_b], base, low_precision, device)
+    sums = lora.pair_sums(side_a, side_b, base_path)
     breakdown = None
     if per_tensor:
         breakdown = tuple(TensorKinship(name, s.n, s.metric("pcc"), s.metric("cs"), s.metric("ed")) for name, s in sums)
@@ -264,21 +273,13 @@ def _adapter_matrix(
     models: Sequence[ModelRef], base: ModelRef, names: list[str], split: bool, low_precision: bool, device: str | None
 ) -> KinshipMatrix:
     """An N x N matrix with LoRA adapters among the models: every pair exact from the factors."""
-    from . import lora
-
-    if low_precision or device is not None:
-        asked = "low_precision" if low_precision else "device"
-        raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
-    if any(isinstance(m, ResidentModel) for m in (*models, base)):
-        raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
-    sides = [lora.side(os.fspath(m)) for m in models if not isinstance(m, ResidentModel)]
-    assert not isinstance(base, ResidentModel)
+    sides, base_path = _adapter_sides(models, base, low_precision, device)
     count = len(sides)
     matrices = {m: np.zeros((count, count)) for m in names}
     n = tensors = 0
     for i in range(count):
         for j in range(i, count):
-            sums = lora.pair_sums(sides[i], sides[j], os.fspath(base))
+            sums = lora.pair_sums(sides[i], sides[j], base_path)
             values = lora.metrics(sums, names, split)
             for m in names:
                 matrices[m][i, j] = matrices[m][j, i] = values[m]
