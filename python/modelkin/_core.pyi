@@ -100,6 +100,19 @@ def open_model(path: str | os.PathLike[str]) -> ModelHandle:
     """Opens a model (a safetensors file or a directory of shards): its files mapped and headers
     read, for any number of merges and kinship passes."""
 
+def apply_adapter(
+    base: str | os.PathLike[str],
+    adapter: str | os.PathLike[str],
+    targets: Sequence[tuple[str, str, str, float, Literal["plain", "transposed"], Literal["sum", "delta_first"]]],
+    replacements: Sequence[tuple[str, str]],
+    label: str,
+) -> ModelHandle:
+    """The model at `base` with a LoRA adapter (its safetensors file `adapter`) applied as PEFT's
+    `merge_and_unload` applies it, bit for bit: `targets` are (base tensor, A tensor, B tensor,
+    scale, layout, where the delta is rounded), `replacements` (base tensor, the adapter tensor
+    stored whole). The changed tensors are held in memory, the rest mapped from the base's files;
+    `label` names the model in messages."""
+
 @final
 class ModelHandle:
     """A model the core holds open: memory-mapped safetensors files (`open_model`), or a merged

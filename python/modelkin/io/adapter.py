@@ -18,12 +18,15 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from .errors import InvalidModelError
+from .._core import ModelHandle, open_model
+from .._core import apply_adapter as _core_apply
+from .errors import InvalidModelError, ModelReferenceError
+from .resolve import resolve
 from .safetensors import load_file
 
 CONFIG = "adapter_config.json"
@@ -79,9 +82,36 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> flo
     return default
 
 
-def load_adapter(path: str | Path) -> Adapter:
-    """Reads a PEFT LoRA adapter directory (see the module's docs); a one-line error names what is
-    wrong or not supported."""
+@dataclass(frozen=True)
+class Target:
+    """One base tensor an adapter's factors change, as stored: ΔW = scale·B·A, or its transpose."""
+
+    tensor: str  # the base tensor's name
+    a: str  # the adapter's tensor keys
+    b: str
+    rank: int
+    scale: float
+    transposed: bool  # an embedding (vocab x dim) or a fan_in_fan_out Conv1D weight
+    embedding: bool
+
+
+@dataclass(frozen=True)
+class AdapterLayout:
+    """What an adapter changes, read from its config and its file's header (no tensor data)."""
+
+    path: Path
+    base: str | None  # base_model_name_or_path, as written
+    targets: tuple[Target, ...]
+    replaced: dict[str, str]  # base tensor name -> the adapter's tensor stored whole
+
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+
+def read_layout(path: str | Path) -> AdapterLayout:
+    """Reads a PEFT LoRA adapter directory's config and header (see the module's docs); a one-line
+    error names what is wrong or not supported."""
     folder = Path(path)
     try:
         config: dict[str, Any] = json.loads((folder / CONFIG).read_text())
@@ -96,44 +126,121 @@ def load_adapter(path: str | Path) -> Adapter:
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise InvalidModelError(f"{folder}: no {WEIGHTS}")
-    tensors = load_file(weights)
+    listing = {name: shape for name, shape, _ in open_model(weights).tensors()}
     default_r = int(config.get("r", 8))
     default_alpha = float(config.get("lora_alpha", default_r))
     rslora = bool(config.get("use_rslora", False))
     fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
     ranks = dict(config.get("rank_pattern") or {})
     alphas = dict(config.get("alpha_pattern") or {})
-    factors: dict[str, dict[str, Array]] = {}
-    replaced: dict[str, Array] = {}
-    for key, value in tensors.items():
+    factors: dict[str, dict[str, str]] = {}
+    replaced: dict[str, str] = {}
+    for key in listing:
         name = key.removeprefix(_PREFIX)
         found = re.fullmatch(
             r"(.+)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.default)?(?:\.weight)?", name
         )
         if found is not None:
-            factors.setdefault(found[1], {})[found[2]] = np.asarray(value, dtype=np.float64)
+            factors.setdefault(found[1], {})[found[2]] = key
             continue
-        saved = re.fullmatch(r"(.+)\.modules_to_save(?:\.default)?\.(.+)", name)
-        replaced[saved[1] + "." + saved[2] if saved else name] = np.asarray(value, dtype=np.float64)
-    low_rank: dict[str, LowRank] = {}
+        # modules_to_save copies, and the base layer PEFT saves with a targeted embedding
+        # (save_embedding_layers): both load over the base's tensor.
+        saved = re.fullmatch(r"(.+)\.(?:modules_to_save(?:\.default)?|base_layer)\.(.+)", name)
+        replaced[saved[1] + "." + saved[2] if saved else name] = key
+    targets: list[Target] = []
     for module, parts in factors.items():
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A", "lora_B")
         if a_key not in parts or b_key not in parts:
             missing = a_key if a_key not in parts else b_key
             raise InvalidModelError(f"{folder}: module {module} has no {missing} tensor")
-        a, b = parts[a_key], parts[b_key]
+        a_shape, b_shape = listing[parts[a_key]], listing[parts[b_key]]
         r = int(_pattern_value(ranks, module, default_r))
-        if a.shape[0] != r or b.shape[1] != r:
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != r or b_shape[1] != r:
             raise InvalidModelError(
-                f"{folder}: module {module}: rank {r} from the config, but lora_A is {list(a.shape)}"
-                f" and lora_B {list(b.shape)}"
+                f"{folder}: module {module}: rank {r} from the config, but {a_key} is {list(a_shape)}"
+                f" and {b_key} {list(b_shape)}"
             )
         alpha = _pattern_value(alphas, module, default_alpha)
         scale = alpha / math.sqrt(r) if rslora else alpha / r
-        if embedding or fan_in_fan_out:
-            # Embeddings are vocab x dim, Conv1D stores in x out: ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ.
-            low_rank[f"{module}.weight"] = LowRank(a.T.copy(), b.T.copy(), scale)
-        else:
-            low_rank[f"{module}.weight"] = LowRank(b, a, scale)
-    return Adapter(folder, config.get("base_model_name_or_path"), low_rank, replaced)
+        targets.append(
+            Target(f"{module}.weight", parts[a_key], parts[b_key], r, scale, embedding or fan_in_fan_out, embedding)
+        )
+    return AdapterLayout(folder, config.get("base_model_name_or_path"), tuple(targets), replaced)
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Reads a PEFT LoRA adapter directory with its factors in float64 (see the module's docs)."""
+    layout = read_layout(path)
+    tensors = load_file(layout.weights)
+    low_rank: dict[str, LowRank] = {}
+    for t in layout.targets:
+        a, b = (np.asarray(tensors[k], dtype=np.float64) for k in (t.a, t.b))
+        # Embeddings are vocab x dim, Conv1D stores in x out: ΔW = s·(B·A)ᵀ = s·Aᵀ·Bᵀ.
+        low_rank[t.tensor] = LowRank(a.T.copy(), b.T.copy(), t.scale) if t.transposed else LowRank(b, a, t.scale)
+    replaced = {name: np.asarray(tensors[key], dtype=np.float64) for name, key in layout.replaced.items()}
+    return Adapter(layout.path, layout.base, low_rank, replaced)
+
+
+_LAYOUT: dict[bool, Literal["plain", "transposed"]] = {False: "plain", True: "transposed"}
+# PEFT rounds an embedding's delta to the weight's dtype before adding it, a linear layer's sum once.
+_ROUNDING: dict[bool, Literal["sum", "delta_first"]] = {False: "sum", True: "delta_first"}
+
+
+def apply_adapter(base: str | Path, adapter: AdapterLayout, label: str) -> ModelHandle:
+    """The model at ``base`` with ``adapter`` applied as PEFT's ``merge_and_unload`` applies it (what
+    mergekit's ``model+lora`` merges), bit for bit, with no cache directory: the changed tensors are
+    computed in memory by the core, the rest mapped from the base's files."""
+    targets = [(t.tensor, t.a, t.b, t.scale, _LAYOUT[t.transposed], _ROUNDING[t.embedding]) for t in adapter.targets]
+    return _core_apply(base, adapter.weights, targets, sorted(adapter.replaced.items()), label)
+
+
+def split_reference(reference: str) -> tuple[str, str] | None:
+    """mergekit's ``BASE+ADAPTER`` reference split in two, or None for a plain reference (a path that
+    exists with a ``+`` in its name is a path)."""
+    if "+" not in reference or Path(reference).expanduser().exists():
+        return None
+    base, adapter = reference.split("+", 1)
+    return base, adapter
+
+
+def _named_base(layout: AdapterLayout) -> Path | None:
+    """The local path of the base the adapter's config names, if it is on this machine (a Hub id is
+    looked up in the local cache only)."""
+    if not layout.base:
+        return None
+    for candidate in (layout.base, os.fspath(layout.path.parent / layout.base)):
+        try:
+            return resolve(candidate, offline=True)
+        except (FileNotFoundError, ModelReferenceError):
+            continue
+    return None
+
+
+def resolve_adapted(
+    reference: str, *, base: Path | None = None, offline: bool = False
+) -> tuple[Path, AdapterLayout] | None:
+    """For a reference to an adapted model, the base's local path and the adapter: ``BASE+ADAPTER``
+    (mergekit's syntax), or a bare adapter, applied to ``base`` when one is given (a base its config
+    names that is on this machine must then be the same model) and else to the base its config
+    names. None for a plain model."""
+    split = split_reference(reference)
+    if split is not None:
+        base_path, adapter_path = resolve(split[0], offline=offline), resolve(split[1], offline=offline)
+        if not is_adapter(adapter_path):
+            raise ModelReferenceError(f"{reference}: {split[1]} is not a LoRA adapter (it has no {CONFIG})")
+        return base_path, read_layout(adapter_path)
+    path = resolve(reference, offline=offline)
+    if not is_adapter(path):
+        return None
+    layout = read_layout(path)
+    named = _named_base(layout)
+    if base is not None:
+        if named is not None and named.resolve() != base.resolve():
+            raise ModelReferenceError(f"{reference}: the adapter's base is {layout.base}, but the base given is {base}")
+        return base, layout
+    if named is not None:
+        return named, layout
+    if not layout.base:
+        raise ModelReferenceError(f"{reference}: the adapter names no base (base_model_name_or_path) and none is given")
+    return resolve(layout.base, offline=offline), layout

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -175,10 +175,15 @@ def read_tensor(model: str | Path, name: str) -> tuple[npt.NDArray[np.float64], 
         f.seek(8 + size + begin)
         raw = f.read(end - begin)
     kind = info["dtype"]
+    if kind != "BF16" and kind not in _NUMPY:
+        raise ValueError(f"{file}: tensor {name} has dtype {kind} (F64, F32, F16, BF16 are read)")
+    return decode_tensor(raw, kind, info["shape"]), kind
+
+
+def decode_tensor(raw: bytes | npt.NDArray[np.uint8], kind: Dtype, shape: Sequence[int]) -> npt.NDArray[np.float64]:
+    """Stored bytes of an F64, F32, F16 or BF16 tensor widened exactly to float64."""
     if kind == "BF16":
         values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    elif kind in _NUMPY:
-        values = np.frombuffer(raw, dtype=_NUMPY[kind]).astype(np.float64)
     else:
-        raise ValueError(f"{file}: tensor {name} has dtype {kind} (F64, F32, F16, BF16 are read)")
-    return values.reshape(info["shape"]), kind
+        values = np.frombuffer(raw, dtype=_NUMPY[kind]).astype(np.float64)
+    return values.reshape(tuple(shape))

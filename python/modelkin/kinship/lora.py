@@ -98,10 +98,13 @@ class Side:
             values, _ = read_tensor(self.path, name)
             reference, _ = read_tensor(base, name)
             return values[:rows] - reference[:rows]
-        if name in self.adapter.replaced:
-            reference, _ = read_tensor(base, name)
-            return self.adapter.replaced[name][:rows] - reference[:rows]
         found = self.adapter.low_rank.get(name)
+        if name in self.adapter.replaced:
+            # Stored whole (modules_to_save, or a targeted embedding's saved base layer): dense,
+            # with the factors' delta on top when the tensor is targeted too.
+            reference, _ = read_tensor(base, name)
+            dense = self.adapter.replaced[name][:rows] - reference[:rows]
+            return dense if found is None else dense + found.rows(rows).dense()
         return None if found is None else found.rows(rows)
 
 

@@ -304,4 +304,4 @@ def _lay_out_vocabulary(planned: MergePlan, scratch: Path) -> tuple[OutputVocabu
         if VOCAB_TENSOR.search(name):
             feeds = [(planned.base, base_tensor)] if planned.base and base_tensor else []
             tensors[name] = feeds + [(entry.model, tensor) for entry, tensor in inputs]
-    return vocabulary, lay_out(vocabulary, config.tokenizer, token_base, tensors, planned.paths, scratch)
+    return vocabulary, lay_out(vocabulary, config.tokenizer, token_base, tensors, planned.read_tensor, scratch)

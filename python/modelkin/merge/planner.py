@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from .._core import ModelHandle, open_model
+from ..io.adapter import AdapterLayout, apply_adapter, resolve_adapted
 from ..io.dtypes import TORCH_NAMES, compute_name
 from ..io.errors import ModelReferenceError
 from ..io.resolve import resolve
+from ..io.safetensors import Dtype, decode_tensor, read_tensor
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
 from .mkl import mkl_library
@@ -61,7 +63,7 @@ class MergePlan:
     to run a plan whose models changed on disk since."""
 
     config: MergeConfig
-    # Model reference → local path, every model of the recipe.
+    # Model reference → local path, every model of the recipe (for an adapted model, its base's).
     paths: dict[str, Path]
     base: str | None
     # The merged models (the base excluded unless the method averages it in), in recipe order.
@@ -80,6 +82,8 @@ class MergePlan:
     handles: tuple[ModelHandle, ...] = field(repr=False, compare=False)
     # The engine's tensor recipes, every parameter resolved and checked when planning.
     recipes: tuple[TensorRecipe, ...] = field(repr=False)
+    # Model reference → the LoRA adapter applied to its base (``BASE+ADAPTER``, or a bare adapter).
+    adapters: dict[str, AdapterLayout] = field(default_factory=dict)
 
     @property
     def method(self) -> str:
@@ -100,7 +104,7 @@ class MergePlan:
     def check_unchanged(self) -> None:
         """Raises ModelReferenceError naming the first model file changed, added or removed since
         planning."""
-        for model, now in _stamps(self.paths.values()).items():
+        for model, now in _stamps(self.stamps).items():
             if now == self.stamps[model]:
                 continue
             before, after = dict(self.stamps[model]), dict(now)
@@ -108,6 +112,15 @@ class MergePlan:
                 if before.get(path) != after.get(path):
                     what = "added" if path not in before else "removed" if path not in after else "changed"
                     raise ModelReferenceError(f"{path}: {what} on disk since the merge was planned; plan it again")
+
+    def read_tensor(self, ref: str, name: str) -> tuple[Any, Dtype]:
+        """One tensor of a model of the plan in float64, with its stored dtype: an adapted model's
+        from its handle (the adapter applied), any other's from its file."""
+        if ref in self.adapters:
+            handle = self.handles[list(self.paths).index(ref)]
+            shape, dtype = handle.info(name)
+            return decode_tensor(handle.raw(name), cast(Dtype, dtype), shape), cast(Dtype, dtype)
+        return read_tensor(self.paths[ref], name)
 
     def _redirected(self, redirect: Mapping[Any, int]) -> list[TensorRecipe]:
         """The recipes with (model, tensor) pairs sent to the files ``redirect`` names."""
@@ -128,7 +141,8 @@ class MergePlan:
         the model list (a vocabulary laid out in the output tokenizer's order)."""
         options = self.options
         job: MergeJob = {
-            "models": [str(p) for p in self.paths.values()],
+            # The handles' paths: an adapted model goes by its reference (its base applied in memory).
+            "models": [str(h.path) for h in self.handles],
             "base": list(self.paths).index(self.base) if self.base is not None else None,
             "method": self.method,
             "normalize": bool(options.get("normalize", False)),
@@ -189,8 +203,8 @@ def plan(
     float64 and rounds once to the output dtype."""
     config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
     refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
-    paths = {ref: resolve(ref, offline=offline) for ref in refs}
-    stamps = _stamps(paths.values())
+    paths, adapters = _resolve_models(refs, config.base_model, offline)
+    stamps = _stamps([*paths.values(), *(a.path for a in adapters.values())])
     method = config.method
     # linear and passthrough ignore base_model (as in mergekit); nuslerp and multislerp work on task
     # vectors when one is given; karcher averages it with the models (mergekit 0.1.5 gathers every
@@ -200,7 +214,10 @@ def plan(
     if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
-    opened = {ref: _opened(path, stamps[path]) for ref, path in paths.items()}
+    opened = {
+        ref: _opened_adapted(ref, path, adapters[ref], stamps) if ref in adapters else _opened(path, stamps[path])
+        for ref, path in paths.items()
+    }
     listings = {ref: listing for ref, (_, listing) in opened.items()}
     reference = base_ref or inputs[0].model
     base_config = read_json(model_dir(paths[reference]) / "config.json")
@@ -241,7 +258,49 @@ def plan(
         handles=tuple(handle for handle, _ in opened.values()),
         # Every per-tensor parameter resolved and checked now, not when the merge runs.
         recipes=tuple(_recipes(config, list(paths), outputs)),
+        adapters=adapters,
     )
+
+
+def _resolve_models(
+    refs: list[str], base_model: str | None, offline: bool
+) -> tuple[dict[str, Path], dict[str, AdapterLayout]]:
+    """Every reference's local path, and the adapter of each adapted one: ``BASE+ADAPTER``, or a
+    bare adapter (applied to the recipe's base_model when it has one, else to the base its config
+    names)."""
+    paths: dict[str, Path] = {}
+    adapters: dict[str, AdapterLayout] = {}
+    base_path: Path | None = None
+    if base_model is not None:
+        found = resolve_adapted(base_model, offline=offline)
+        base_path = found[0] if found is not None else resolve(base_model, offline=offline)
+    for ref in refs:
+        found = resolve_adapted(ref, base=None if ref == base_model else base_path, offline=offline)
+        if found is None:
+            paths[ref] = resolve(ref, offline=offline)
+        else:
+            paths[ref], adapters[ref] = found
+    return paths, adapters
+
+
+def _opened_adapted(
+    ref: str, base: Path, adapter: AdapterLayout, stamps: Mapping[Path, Stamps]
+) -> tuple[ModelHandle, Listing]:
+    """The base with the adapter applied (see :func:`..io.adapter.apply_adapter`), held open: made
+    once per version of both models' files."""
+    key = (Path(f"{base}+{adapter.path}"), stamps[base] + stamps[adapter.path])
+    with _OPEN_LOCK:
+        found = _OPEN.get(key)
+        if found is not None:
+            _OPEN.move_to_end(key)
+            return found
+    handle = apply_adapter(base, adapter, ref)
+    found = (handle, handle.tensors())
+    with _OPEN_LOCK:
+        _OPEN[key] = found
+        while len(_OPEN) > _KEEP_OPEN:
+            _OPEN.popitem(last=False)
+    return found
 
 
 # Models opened by recent plans, by path and the stamps of their files: an evolution plans hundreds

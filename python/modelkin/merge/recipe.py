@@ -262,8 +262,6 @@ def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
     for key in entry:
         if key not in allowed:
             raise fail([*path, key], f"unknown key (known here: {', '.join(allowed)})")
-    if "+" in entry["model"] and not Path(entry["model"]).exists():
-        raise fail([*path, "model"], "LoRA references (model+lora) are not supported")
     params = entry.get("parameters") or {}
     if not isinstance(params, Mapping):
         raise fail([*path, "parameters"], "parameters must be a mapping")

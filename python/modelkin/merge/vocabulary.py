@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..io.errors import RecipeError
-from ..io.safetensors import Dtype, read_tensor, save_file, stored_values
+from ..io.safetensors import Dtype, save_file, stored_values
 
 # Tensors indexed by token (mergekit's `vocabulary_axis: 0` weights, across its architectures).
 VOCAB_TENSOR = re.compile(
@@ -484,11 +484,12 @@ def lay_out(
     spec: TokenizerSpec,
     token_base: str,
     tensors: Mapping[str, list[tuple[str, str]]],
-    paths: Mapping[str, Path],
+    read: Callable[[str, str], tuple[np.ndarray, Dtype]],
     scratch: Path,
 ) -> dict[tuple[str, str], Path]:
     """Lays out every token-indexed tensor of the merge in the output vocabulary: ``tensors`` maps
-    each one to the (model, tensor name) pairs that feed it. Returns the scratch file holding each
+    each one to the (model, tensor name) pairs that feed it; ``read`` reads one (an adapted model's
+    with its adapter applied). Returns the scratch file holding each
     (model, tensor name) laid out, under the same name; the merge reads those instead.
 
     One tensor at a time, in float32 (float64 for F64 weights): copies are exact, and memory is that
@@ -500,7 +501,7 @@ def lay_out(
         dtypes: dict[str, Dtype] = {}
         names: dict[str, str] = {}
         for ref, name in sources:
-            values, dtype = read_tensor(paths[ref], name)
+            values, dtype = read(ref, name)
             rows = values.shape[0]
             # A token past the tensor's rows (a tokenizer larger than the weights) has no row.
             out.permutations[ref] = np.where(out.permutations[ref] < rows, out.permutations[ref], -1)

@@ -1,5 +1,6 @@
 //! `modelkin._core`: the thin PyO3 layer over modelkin-core. Heavy work runs with the GIL released.
 
+mod adapter;
 mod errors;
 mod kinship;
 mod merge;
@@ -17,6 +18,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<merge::MergeOutcome>()?;
     module.add_class::<model::ModelHandle>()?;
     module.add_function(wrap_pyfunction!(model::open_model, module)?)?;
+    module.add_function(wrap_pyfunction!(adapter::apply_adapter, module)?)?;
     module.add_class::<methods::MethodInfo>()?;
     module.add_class::<methods::ParameterInfo>()?;
     module.add_function(wrap_pyfunction!(merge::run_merge, module)?)?;

@@ -246,6 +246,19 @@ impl Model {
         Ok(Model { path: label, shards: vec![shard], tensors: entries.into_iter().collect() })
     }
 
+    /// This model with the tensors of `changed` (a model in memory, of the same names and shapes)
+    /// read from `changed` instead: an adapter applied to its base. `label` names it in messages.
+    pub fn overlaid(mut self, label: &str, changed: Model) -> Model {
+        let first = self.shards.len();
+        for (name, mut entry) in changed.tensors {
+            entry.shard += first;
+            self.tensors.insert(name, entry);
+        }
+        self.shards.extend(changed.shards);
+        self.path = PathBuf::from(label);
+        self
+    }
+
     /// The in-memory bytes of a model made by [`Model::from_memory`].
     pub fn memory(&self) -> Option<&Arc<OwnedBytes>> {
         match self.shards.as_slice() {
