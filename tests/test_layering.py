@@ -325,7 +325,7 @@ def test_rust_core_has_no_circle() -> None:
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
-BINDING_LAYERS = {"errors": 0, "progress": 0, "model": 0, "kinship": 1, "merge": 2, "methods": 2, "": TOP}
+BINDING_LAYERS = {"errors": 0, "progress": 0, "model": 0, "adapter": 0, "kinship": 1, "merge": 2, "methods": 2, "": TOP}
 
 
 def test_rust_binding_layers() -> None:
