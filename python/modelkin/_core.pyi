@@ -26,6 +26,7 @@ __all__ = [
     "ShapeMismatchError",
     "UnsupportedFormatError",
     "__version__",
+    "apply_adapter",
     "methods",
     "open_model",
     "run_merge",
