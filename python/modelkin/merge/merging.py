@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
 from .._core import KinshipStats, ModelHandle, run_merge
+from ..io.adapter import WEIGHTS
+from ..io.errors import RecipeError
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
 from ..io.staging import remove_stale, staging_dir
 from ..kinship.measure import METRICS, KinshipMatrix
+from .adapter_output import write_adapter_merge
 from .chat_template import resolve_template, write_template
 from .output import TOKENIZER_FILES, check_output, model_dir, output_config, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
@@ -170,6 +173,8 @@ def merge(
     for message in planned.config.ignored:
         print(f"warning: {message}", file=sys.stderr)
     shard_bytes = parse_size(out_shard_size)
+    if planned.config.out_format == "adapter":
+        return _merge_to_adapter(planned, out, overwrite)
     if out is None:
         if planned.config.tokenizer is None:
             outcome, extras = _run(planned, None, None, threads, shard_bytes, progress)
@@ -187,6 +192,25 @@ def merge(
         _finish(planned, staging, kinship, extras)
         publish(staging, out_path)
     return MergeResult(out_path, planned.method, planned.models, planned.base, kinship, int(outcome.bytes_written))
+
+
+def _merge_to_adapter(planned: MergePlan, out: str | os.PathLike[str] | None, overwrite: bool) -> MergeResult:
+    """``out_format: adapter``: the merge written as a PEFT adapter (see :mod:`.adapter_output`)."""
+    if out is None:
+        raise RecipeError("out_format: adapter writes a directory: give an output path")
+    out_path = Path(out)
+    check_output(out_path, [*planned.paths.values(), *(a.path for a in planned.adapters.values())], overwrite)
+    with _staging(out_path) as staging:
+        written = write_adapter_merge(planned, staging)
+        size = (staging / WEIGHTS).stat().st_size
+        publish(staging, out_path)
+    if planned.config.adapter_rank is not None:
+        print(
+            f"adapter_rank {planned.config.adapter_rank}: {len(written.errors)} modules reduced, dropped"
+            f" Frobenius norm {written.total_error:.6g} in total (per module in modelkin.json)",
+            file=sys.stderr,
+        )
+    return MergeResult(out_path, planned.method, planned.models, planned.base, None, size)
 
 
 class _staging:

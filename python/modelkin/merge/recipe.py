@@ -98,6 +98,10 @@ class MergeConfig:
     raw: Mapping[str, Any]
     # `slices:` recipes: the sources of each output slice, in order.
     slices: tuple[tuple[ModelEntry, ...], ...] | None = None
+    # modelkin's own keys: "adapter" writes a PEFT adapter (linear and task arithmetic of adapters),
+    # optionally reduced to `adapter_rank`.
+    out_format: str = "model"
+    adapter_rank: int | None = None
     # Keys mergekit accepts and ignores for this method (a per-model `weight` on slerp, say): each a
     # one-line warning, printed and recorded in modelkin.json, never dropped silently.
     ignored: list[str] = field(default_factory=list)
@@ -171,6 +175,8 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         "tokenizer",
         "chat_template",
         "name",
+        "out_format",
+        "adapter_rank",
     }
     for key in raw:
         if key not in known:
@@ -235,6 +241,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         tokenizer = parse_spec(raw, refs)
     except RecipeError as error:
         raise fail(["tokenizer" if "tokenizer" in raw else "tokenizer_source"], str(error)) from None
+    out_format, adapter_rank = _out_format(raw, method, fail)
     config = MergeConfig(
         method=method,
         models=tuple(models),
@@ -248,9 +255,42 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         source_text=text,
         raw=raw,
         slices=tuple(slices) if slices is not None else None,
+        out_format=out_format,
+        adapter_rank=adapter_rank,
     )
     _check_method(config, fail)
     return config
+
+
+# What adapter output refuses: a key whose meaning has no low-rank form here, and why.
+_NOT_FOR_ADAPTERS = {
+    "slices": "stacks layers",
+    "tokenizer": "changes the vocabulary",
+    "tokenizer_source": "changes the vocabulary",
+    "chat_template": "writes tokenizer files",
+    "dtype": "is the merge's arithmetic; adapter output is computed in float64 on the factors",
+}
+
+
+def _out_format(raw: Mapping[str, Any], method: MethodSpec, fail: Any) -> tuple[str, int | None]:
+    out_format = raw.get("out_format", "model")
+    if out_format not in ("model", "adapter"):
+        raise fail(["out_format"], f"out_format must be model or adapter, not {out_format!r}")
+    rank = raw.get("adapter_rank")
+    valid = isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1
+    if rank is not None and (out_format != "adapter" or not valid):
+        raise fail(["adapter_rank"], "adapter_rank is a positive integer, with out_format: adapter")
+    if out_format == "adapter":
+        if method.name not in ("linear", "task_arithmetic"):
+            raise fail(
+                ["merge_method"],
+                f"out_format: adapter: {method.name} is not exact on low-rank factors (linear and"
+                " task_arithmetic are); leave out_format unset for a full model",
+            )
+        for key, why in _NOT_FOR_ADAPTERS.items():
+            if raw.get(key) is not None:
+                raise fail([key], f"not with out_format: adapter ({key} {why})")
+    return out_format, rank
 
 
 def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
