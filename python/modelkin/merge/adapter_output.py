@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .. import __version__
+from .._core import __version__
 from ..io.adapter import CONFIG, WEIGHTS, Adapter, load_adapter
 from ..io.errors import RecipeError
 from ..io.safetensors import Dtype, read_tensor, save_file
