@@ -140,7 +140,9 @@ class Driver:
                 self._fail(candidate, f"model of {candidate.label} is gone: {model}")
                 continue
             self.report("start", candidate, self.store)
-            jobs.append(Job(candidate.id, split, model, recipe, scratch, self.config.seed, self.threads))
+            jobs.append(
+                Job(candidate.id, split, model, recipe, scratch, self.config.seed, self.threads, self.experiment.base)
+            )
         for result in self.executor.run(jobs):
             candidate = self.store.get(result.candidate)
             if result.fault is not None:

@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +27,8 @@ from multiprocessing.connection import Connection, Listener, wait
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..io.resident import StoredModel
+from ..io.adapter import is_adapter
+from ..io.resident import AdaptedModel, StoredModel
 from .errors import RunError
 from .evaluator_config import EvaluatorSpec
 from .evaluator_registry import make_evaluator
@@ -49,6 +51,8 @@ class Job:
     scratch: bool = False
     seed: int = 0
     threads: int = 0
+    # The run's base: what an adapter in the pool is applied to.
+    base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def run_job(
 
     where = f"{socket.gethostname()}:{os.getpid()}"
     merge_s = None
+    applied: str | None = None
     start = time.perf_counter()
     try:
         model: ModelInput = job.model
@@ -109,6 +114,15 @@ def run_job(
             else:
                 merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
             merge_s = time.perf_counter() - start
+        elif is_adapter(job.model):
+            # A LoRA adapter of the pool: evaluated as its base with the adapter applied, in memory,
+            # or (for an evaluator that takes paths) written to a temporary directory first.
+            adapted = AdaptedModel(job.model, job.base)
+            if resident:
+                model = adapted
+            else:
+                applied = tempfile.mkdtemp(prefix="modelkin-adapter-")
+                model = str(adapted.save(Path(applied) / "model"))
         elif resident:
             model = StoredModel(job.model)
         if evaluating is not None:
@@ -134,6 +148,8 @@ def run_job(
     finally:
         if job.scratch:
             shutil.rmtree(job.model, ignore_errors=True)
+        if applied is not None:
+            shutil.rmtree(applied, ignore_errors=True)
 
 
 class SerialExecutor:

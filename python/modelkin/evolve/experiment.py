@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .._core import open_model
+from ..io.adapter import check_fits, is_adapter, resolve_adapted
 from ..io.resolve import resolve
 from ..merge.parameters import layer_of
 from ..merge.recipe import RecipeError, load_config
@@ -65,6 +66,9 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
     or a genome that does not fit the models."""
     base = None if config.base_model is None else str(resolve(config.model_path(config.base_model), offline=offline))
     pool = [str(resolve(config.model_path(ref), offline=offline)) for ref in config.pool]
+    adapters = [ref for ref, path in zip(config.pool, pool, strict=True) if is_adapter(path)]
+    if adapters and config.dfs is not None:
+        raise RunError(f"pool model {adapters[0]} is a LoRA adapter: strategy {config.strategy} takes full models")
     if config.strategy == "dfs":
         assert config.dfs is not None
         dfs = build_dfs(config, config.dfs, dict(zip(config.pool, pool, strict=True)), None)
@@ -73,6 +77,14 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
     assert reference is not None and reference_name is not None
     expected = {name: shape for name, shape, _ in open_model(reference).tensors()}
     for ref, path in zip(config.pool, pool, strict=True):
+        if is_adapter(path):
+            # An adapter is its base with a low-rank delta: it fits when its targets do.
+            if base is None:
+                raise RunError(f"pool model {ref} is a LoRA adapter: the run needs its base_model")
+            found_base = resolve_adapted(path, base=Path(base))
+            assert found_base is not None
+            check_fits(found_base[1], expected, reference_name)
+            continue
         found = {name: shape for name, shape, _ in open_model(path).tensors()}
         _check_fine_tune(ref, found, expected, reference_name)
     if config.genome is not None:

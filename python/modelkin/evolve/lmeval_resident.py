@@ -31,9 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io.resident import TORCH_VIEWS, ResidentModel, StoredModel
+from ..io.resident import TOKENIZER_FILES, TORCH_VIEWS, AdaptedModel, ResidentModel, StoredModel
 from ..merge.merging import MergedModel
-from ..merge.output import TOKENIZER_FILES
 
 # config.json keys that label a checkpoint without changing the model it builds.
 _LABEL_KEYS = ("_name_or_path", "transformers_version")
@@ -174,7 +173,7 @@ def _identity(model: ResidentModel, known: frozenset[str] | None) -> tuple[Any, 
 def _tokenizer_dir(model: ResidentModel) -> Path | None:
     if isinstance(model, StoredModel):
         return model.path if model.path.is_dir() else model.path.parent
-    if isinstance(model, MergedModel):
+    if isinstance(model, MergedModel | AdaptedModel):
         return model.tokenizer_dir
     return None
 
@@ -201,7 +200,7 @@ def _directory(model: ResidentModel) -> Any:
     if isinstance(model, StoredModel) and model.path.is_dir():
         yield str(model.path)
         return
-    if not isinstance(model, MergedModel):
+    if not isinstance(model, MergedModel | AdaptedModel):
         raise TypeError(f"lm_eval cannot build a model from {model.label}")
     scratch = Path(tempfile.mkdtemp(prefix="modelkin-lmeval-"))
     try:

@@ -209,7 +209,8 @@ def _named_base(layout: AdapterLayout) -> Path | None:
     looked up in the local cache only)."""
     if not layout.base:
         return None
-    for candidate in (layout.base, os.fspath(layout.path.parent / layout.base)):
+    # A relative path is tried beside the adapter first (a pool of adapters next to their base).
+    for candidate in (os.fspath(layout.path.parent / layout.base), layout.base):
         try:
             return resolve(candidate, offline=True)
         except (FileNotFoundError, ModelReferenceError):
@@ -244,3 +245,24 @@ def resolve_adapted(
     if not layout.base:
         raise ModelReferenceError(f"{reference}: the adapter names no base (base_model_name_or_path) and none is given")
     return resolve(layout.base, offline=offline), layout
+
+
+def check_fits(layout: AdapterLayout, listing: dict[str, list[int]], base: str) -> None:
+    """Refuses, naming it, a target or stored tensor the base lacks or whose shape does not fit."""
+    shapes = {name: shape for name, shape, _ in open_model(layout.weights).tensors()}
+    for t in layout.targets:
+        if t.tensor not in listing:
+            raise InvalidModelError(f"{layout.path}: targets {t.tensor}, which the base {base} does not have")
+        rows, cols = shapes[t.b][0], shapes[t.a][1]
+        want = [cols, rows] if t.transposed else [rows, cols]
+        if list(listing[t.tensor]) != want:
+            raise InvalidModelError(
+                f"{layout.path}: {t.tensor}: the adapter's delta is {want}, the base's tensor {list(listing[t.tensor])}"
+            )
+    for name, key in layout.replaced.items():
+        if name not in listing:
+            raise InvalidModelError(f"{layout.path}: stores {name} whole, which the base {base} does not have")
+        if list(shapes[key]) != list(listing[name]):
+            raise InvalidModelError(
+                f"{layout.path}: {key} is {list(shapes[key])}, the base's {name} {list(listing[name])}"
+            )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +18,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .._core import ModelHandle, open_model
+from .adapter import apply_adapter, resolve_adapted
+from .errors import InvalidModelError
 
 _NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype(np.float64),
@@ -33,6 +37,12 @@ def numpy_dtype(name: str) -> np.dtype[Any]:
         return bfloat16
     return _NUMPY_DTYPES[name]
 
+
+# The files a model directory's tokenizer (and generation config) is made of: copied with a model.
+TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
+    r"chat_template.*|generation_config\.json)$"
+)
 
 # The numpy view of a safetensors dtype's bytes that torch.from_numpy takes (bf16 through int16).
 TORCH_VIEWS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "int16"}
@@ -129,3 +139,49 @@ class StoredModel(ResidentModel):
 
     def __repr__(self) -> str:
         return f"StoredModel({str(self.path)!r}, {len(self)} tensors)"
+
+
+class AdaptedModel(ResidentModel):
+    """A LoRA adapter applied to its base (as PEFT's ``merge_and_unload`` applies it, bit for bit),
+    held by the engine: the changed tensors in memory, the rest mapped from the base's files. What
+    an evaluator receives for an adapter in an evolution's pool; ``base`` is the base's path (else
+    the base the adapter's config names)."""
+
+    def __init__(self, adapter: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> None:
+        found = resolve_adapted(os.fspath(adapter), base=Path(base) if base is not None else None)
+        if found is None:
+            raise InvalidModelError(f"{adapter}: not a LoRA adapter (no adapter_config.json)")
+        self.path = Path(adapter)
+        self.base_path, self.adapter = found
+        super().__init__(apply_adapter(self.base_path, self.adapter, str(self.path)))
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where its tokenizer files are: the base's directory."""
+        return self.base_path if self.base_path.is_dir() else self.base_path.parent
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        file = self.tokenizer_dir / "config.json"
+        if not file.is_file():
+            return None
+        loaded: dict[str, Any] = json.loads(file.read_text())
+        return loaded
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Writes the applied model into the empty or new ``directory``: its tensors, and the base's
+        config and tokenizer files."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.handle.save(str(out), 5 << 30)
+        for file in self.tokenizer_dir.iterdir():
+            if file.is_file() and (file.name == "config.json" or TOKENIZER_FILES.match(file.name)):
+                shutil.copyfile(file, out / file.name)
+        return out
+
+    def __repr__(self) -> str:
+        return f"AdaptedModel({str(self.path)!r} on {str(self.base_path)!r})"

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, overload
 from .._core import KinshipStats, ModelHandle, run_merge
 from ..io.adapter import WEIGHTS
 from ..io.errors import RecipeError
-from ..io.resident import ResidentModel
+from ..io.resident import TOKENIZER_FILES, ResidentModel
 from ..io.resolve import resolve
 from ..io.staging import remove_stale, staging_dir
 from ..kinship.measure import METRICS, KinshipMatrix
 from .adapter_output import write_adapter_merge
 from .chat_template import resolve_template, write_template
-from .output import TOKENIZER_FILES, check_output, model_dir, output_config, parse_size, publish, write_metadata
+from .output import check_output, model_dir, output_config, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
 from .vocabulary import VOCAB_TENSOR, OutputVocabulary, lay_out, write_tokenizer
 from .vocabulary import build as build_vocabulary

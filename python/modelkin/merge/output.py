@@ -12,16 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._core import __version__
 from ..io.dtypes import TORCH_NAMES
+from ..io.resident import TOKENIZER_FILES
 from ..io.staging import set_aside_path
 from .recipe import METHODS, MergeConfig, ModelEntry, RecipeError
 
 if TYPE_CHECKING:
     from ..kinship.measure import KinshipMatrix
-
-TOKENIZER_FILES = re.compile(
-    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|"
-    r"chat_template.*|generation_config\.json)$"
-)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*$", re.IGNORECASE)

@@ -27,6 +27,8 @@ from .tasks import ANSWER_LEN, TASKS, examples
 
 WEIGHTS = Path(__file__).parent / "weights"
 MODELS = ("base", "ft-reverse", "ft-sort", "ft-shift", "ft-swap")
+# LoRA adapters of the base, one per task (scripts/extract_family_adapters.py).
+ADAPTERS = ("lora-reverse", "lora-sort", "lora-shift", "lora-swap")
 
 
 def load(model: str | Path | ResidentModel) -> LlamaModel:
@@ -104,21 +106,41 @@ evaluator:
 """
 
 
+# LoraHub's setting (Huang et al. 2023) on the family's adapters: CMA-ES over one weight per adapter.
+EVOLVE_LORA_YML = """\
+# CMA-ES over the weights of the family's four LoRA adapters (one per adapter, as LoraHub searches
+# them), each candidate their task arithmetic on the base, scored by the numpy evaluator in memory.
+strategy: cmaes
+genome:
+  models: [./lora-reverse, ./lora-sort, ./lora-shift, ./lora-swap]
+  base_model: ./base
+  merge_method: task_arithmetic
+  layer_granularity: 0
+  dtype: float32
+cmaes: {sigma0: 0.1667, max_evals: 40, seed: 0}
+evaluator:
+  python: "modelkin.evolve.family:evaluate"
+  resident: true
+"""
+
+
 def write_task_family(directory: str | Path) -> dict[str, Path]:
     """Copies the family's models to ``directory`` (each a complete Hugging Face model: weights,
-    config, tokenizer and generation config) with ready configs ``evolve.yml`` (topk with kinship
-    exploration), ``soup.yml`` (greedy soup) and ``evolve-lmeval.yml`` (the topk search through
+    config, tokenizer and generation config) and its four LoRA adapters (``lora-*``, PEFT's layout)
+    with ready configs ``evolve.yml`` (topk with kinship exploration), ``soup.yml`` (greedy soup),
+    ``evolve-lora.yml`` (CMA-ES over the adapters' weights) and ``evolve-lmeval.yml`` (the topk search through
     lm-eval, on the task YAMLs and data written to ``lm_eval_tasks/``); returns the paths written."""
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
-    for name in MODELS:
+    for name in (*MODELS, *ADAPTERS):
         copy_tree(WEIGHTS / name, root / name)  # modes from the umask, not the installed package's
         written[name] = root / name
     names = write_lm_eval_tasks(root / LM_EVAL_TASKS)
     texts = {
         "evolve.yml": EVOLVE_YML.format(keep=""),
         "soup.yml": SOUP_YML,
+        "evolve-lora.yml": EVOLVE_LORA_YML,
         "evolve-lmeval.yml": EVOLVE_LMEVAL_YML.format(
             directory=LM_EVAL_TASKS,
             search=TOPK_SEARCH,
