@@ -81,8 +81,10 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
             # An adapter is its base with a low-rank delta: it fits when its targets do.
             if base is None:
                 raise RunError(f"pool model {ref} is a LoRA adapter: the run needs its base_model")
-            found_base = resolve_adapted(path, base=Path(base))
+            found_base = resolve_adapted(path, offline=offline)
             assert found_base is not None
+            if found_base[0].resolve() != Path(base).resolve():
+                raise RunError(f"pool model {ref} is a LoRA adapter of {found_base[0]}, not of the base {base}")
             check_fits(found_base[1], expected, reference_name)
             continue
         found = {name: shape for name, shape, _ in open_model(path).tensors()}

@@ -222,9 +222,9 @@ def resolve_adapted(
     reference: str, *, base: Path | None = None, offline: bool = False
 ) -> tuple[Path, AdapterLayout] | None:
     """For a reference to an adapted model, the base's local path and the adapter: ``BASE+ADAPTER``
-    (mergekit's syntax), or a bare adapter, applied to ``base`` when one is given (a base its config
-    names that is on this machine must then be the same model) and else to the base its config
-    names. None for a plain model."""
+    (mergekit's syntax), or a bare adapter, applied to the base its config names when that is on
+    this machine, else to ``base`` when one is given, else to the named base fetched. None for a
+    plain model."""
     split = split_reference(reference)
     if split is not None:
         base_path, adapter_path = resolve(split[0], offline=offline), resolve(split[1], offline=offline)
@@ -236,12 +236,10 @@ def resolve_adapted(
         return None
     layout = read_layout(path)
     named = _named_base(layout)
-    if base is not None:
-        if named is not None and named.resolve() != base.resolve():
-            raise ModelReferenceError(f"{reference}: the adapter's base is {layout.base}, but the base given is {base}")
-        return base, layout
     if named is not None:
         return named, layout
+    if base is not None:
+        return base, layout
     if not layout.base:
         raise ModelReferenceError(f"{reference}: the adapter names no base (base_model_name_or_path) and none is given")
     return resolve(layout.base, offline=offline), layout

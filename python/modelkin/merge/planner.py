@@ -266,8 +266,8 @@ def _resolve_models(
     refs: list[str], base_model: str | None, offline: bool
 ) -> tuple[dict[str, Path], dict[str, AdapterLayout]]:
     """Every reference's local path, and the adapter of each adapted one: ``BASE+ADAPTER``, or a
-    bare adapter (applied to the recipe's base_model when it has one, else to the base its config
-    names)."""
+    bare adapter (applied to the base its config names, or when that is not on this machine to the
+    recipe's base_model)."""
     paths: dict[str, Path] = {}
     adapters: dict[str, AdapterLayout] = {}
     base_path: Path | None = None
