@@ -8,7 +8,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -289,18 +289,7 @@ def _opened_adapted(
     """The base with the adapter applied (see :func:`..io.adapter.apply_adapter`), held open: made
     once per version of both models' files."""
     key = (Path(f"{base}+{adapter.path}"), stamps[base] + stamps[adapter.path])
-    with _OPEN_LOCK:
-        found = _OPEN.get(key)
-        if found is not None:
-            _OPEN.move_to_end(key)
-            return found
-    handle = apply_adapter(base, adapter, ref)
-    found = (handle, handle.tensors())
-    with _OPEN_LOCK:
-        _OPEN[key] = found
-        while len(_OPEN) > _KEEP_OPEN:
-            _OPEN.popitem(last=False)
-    return found
+    return _cached(key, lambda: apply_adapter(base, adapter, ref))
 
 
 # Models opened by recent plans, by path and the stamps of their files: an evolution plans hundreds
@@ -314,15 +303,20 @@ _OPEN_LOCK = threading.Lock()
 
 def _opened(path: Path, stamps: Stamps) -> tuple[ModelHandle, Listing]:
     """The model at ``path`` held open, and its tensor listing: opened once per version of its files."""
-    key = (path, stamps)
+    return _cached((path, stamps), lambda: open_model(path))
+
+
+def _cached(key: tuple[Path, Stamps], make: Callable[[], ModelHandle]) -> tuple[ModelHandle, Listing]:
+    """The handle kept under ``key`` (a path and its files' stamps), else made by ``make`` and kept;
+    an older version of the same path is let go first."""
     with _OPEN_LOCK:
         found = _OPEN.get(key)
         if found is not None:
             _OPEN.move_to_end(key)
             return found
-        for stale in [k for k in _OPEN if k[0] == path]:
+        for stale in [k for k in _OPEN if k[0] == key[0]]:
             del _OPEN[stale]  # its files changed: let the old ones go now
-    handle = open_model(path)
+    handle = make()
     found = (handle, handle.tensors())
     with _OPEN_LOCK:
         _OPEN[key] = found
