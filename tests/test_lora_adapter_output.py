@@ -188,3 +188,33 @@ def test_peft_loads_the_written_adapter_and_merges_it_as_modelkin_does(tmp_path)
     theirs = np.load(tmp_path / "peft.npz")
     for name in dense.tensor_names:
         np.testing.assert_allclose(theirs[name], np.asarray(dense[name]), rtol=2e-6, atol=2e-7, err_msg=name)
+
+
+def test_slices_may_weigh_layers_but_not_move_them(tmp_path, adapters):
+    fam, base = adapters
+
+    def slices(ranges: list[tuple[int, int]], weights: list[float]) -> list[dict[str, Any]]:
+        return [
+            {
+                "sources": [
+                    {"model": str(tmp_path / k), "layer_range": list(r), "parameters": {"weight": w}}
+                    for k in ("a", "b")
+                ]
+            }
+            for r, w in zip(ranges, weights, strict=True)
+        ]
+
+    body = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(fam.base),
+        "slices": slices([(0, 1), (1, 2)], [0.3, 0.9]),
+    }
+    dense = modelkin.merge(write_recipe(tmp_path / "dense.yml", body), precise=True)
+    modelkin.merge(write_recipe(tmp_path / "ad.yml", {**body, "out_format": "adapter"}), tmp_path / "out")
+    ours = materialised(base, tmp_path / "out")
+    for name in base:
+        np.testing.assert_allclose(ours[name], np.asarray(dense[name]), rtol=2e-6, atol=1e-7, err_msg=name)
+    moved = {**body, "slices": slices([(1, 2), (0, 1)], [0.3, 0.9]), "out_format": "adapter"}
+    done = run_cli("merge", str(write_recipe(tmp_path / "moved.yml", moved)), str(tmp_path / "moved"))
+    assert done.returncode == 2 and "move or stack layers" in done.stderr, done.stderr
+    assert not (tmp_path / "moved").exists()

@@ -45,9 +45,14 @@ def family(tmp_path_factory):
 
 def config(root: Path, strategy: str, models: list[str], resident: bool) -> dict[str, Any]:
     spec = json.loads(json.dumps(SPECS[strategy]))
+    models_given = models
     models = [str(root / m) for m in models]
     if strategy == "cmaes":
         spec["genome"] |= {"models": models, "base_model": str(root / "base")}
+        if all(m.startswith("lora-") for m in models_given):
+            # Candidates written as adapters: the factors concatenated, no merge dtype.
+            del spec["genome"]["dtype"]
+            spec["genome"]["out_format"] = "adapter"
     else:
         spec |= {"pool": models, "base_model": str(root / "base")}
     return spec | {"evaluator": {"python": "modelkin.evolve.family:evaluate", "resident": resident}}
@@ -65,6 +70,12 @@ def test_an_adapter_pool_evolves_as_its_materialised_models(tmp_path, family, st
     assert summary(adapters) == summary(dense)
     assert adapters.best is not None and adapters.best.objective_search is not None
     assert adapters.stop_reason == (dense.stop_reason or "").replace("dense-", "")
+    if strategy == "cmaes":
+        # The best candidate is exported as what it is: a PEFT adapter of the base.
+        done = run_cli("runs", "best", str(tmp_path / "adapters"), str(tmp_path / "best"))
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "best" / "adapter_config.json").is_file()
+        assert not (tmp_path / "best" / "model.safetensors").exists()
 
 
 def test_topk_kinship_of_adapters_is_the_factor_path_and_matches_dense(family):
@@ -100,3 +111,24 @@ def test_dfs_refuses_an_adapter_pool(tmp_path, family):
     path.write_text(yaml.safe_dump(spec))
     done = run_cli("evolve", str(path), str(tmp_path / "run"))
     assert done.returncode == 2 and "LoRA adapter" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    "genome,words",
+    [
+        ({"merge_method": "ties", "out_format": "adapter"}, "not ties"),
+        ({"merge_method": "task_arithmetic", "out_format": "adapter", "dtype": "float32"}, "dtype"),
+        ({"merge_method": "task_arithmetic", "out_format": "lora"}, "model or adapter"),
+    ],
+)
+def test_adapter_candidates_are_refused_where_not_exact(tmp_path, family, genome, words):
+    spec = {
+        "strategy": "cmaes",
+        "genome": {"models": [str(family / a) for a in ADAPTERS[:2]], "base_model": str(family / "base"), **genome},
+        "evaluator": {"python": "modelkin.evolve.family:evaluate"},
+    }
+    path = tmp_path / "bad.yml"
+    path.write_text(yaml.safe_dump(spec))
+    done = run_cli("evolve", str(path), str(tmp_path / "run"))
+    assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not (tmp_path / "run").exists()

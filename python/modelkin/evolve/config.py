@@ -353,6 +353,7 @@ GENOME_KEYS = (
     "filters",
     "smooth",
     "dtype",
+    "out_format",
 )
 
 
@@ -390,6 +391,20 @@ def _genome(check: Checker, value: Any) -> GenomeSpec:
     dtype = section.get("dtype", "bfloat16")
     if dtype not in ("float32", "bfloat16", "float16", "float64"):
         raise check.fail([*at, "dtype"], "must be float32, bfloat16, float16 or float64")
+    out_format = section.get("out_format", "model")
+    if out_format not in ("model", "adapter"):
+        raise check.fail([*at, "out_format"], "must be model or adapter")
+    if out_format == "adapter":
+        # Each candidate a PEFT adapter (concatenated factors, computed in float64): exact only for
+        # weighted sums of adapters, and no merge arithmetic dtype applies.
+        if method not in ("linear", "task_arithmetic"):
+            raise check.fail(
+                [*at, "out_format"], f"adapter candidates are exact for linear and task_arithmetic, not {method}"
+            )
+        if "dtype" in section:
+            raise check.fail(
+                [*at, "dtype"], "not with out_format: adapter (candidates are computed in float64 on the factors)"
+            )
     return GenomeSpec(
         models=tuple(str(r) for r in refs),
         merge_method=str(method),
@@ -401,6 +416,7 @@ def _genome(check: Checker, value: Any) -> GenomeSpec:
         filters=tuple(filters),
         smooth=bool(section.get("smooth", False)),
         dtype=str(dtype),
+        out_format=str(out_format),
     )
 
 

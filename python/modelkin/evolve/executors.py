@@ -106,7 +106,10 @@ def run_job(
     try:
         model: ModelInput = job.model
         if job.recipe is not None and not Path(job.model).exists():
-            if resident:
+            if job.recipe.get("out_format") == "adapter":
+                # A candidate written as a LoRA adapter (kilobytes), evaluated as one below.
+                merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
+            elif resident:
                 merged = merge(job.recipe, seed=job.seed, threads=job.threads)
                 if not job.scratch:
                     merged.save(job.model, overwrite=True)
@@ -114,17 +117,18 @@ def run_job(
             else:
                 merge(job.recipe, job.model, overwrite=True, seed=job.seed, threads=job.threads)
             merge_s = time.perf_counter() - start
-        elif is_adapter(job.model):
-            # A LoRA adapter of the pool: evaluated as its base with the adapter applied, in memory,
-            # or (for an evaluator that takes paths) written to a temporary directory first.
-            adapted = AdaptedModel(job.model, job.base)
+        if isinstance(model, str) and is_adapter(model):
+            # A LoRA adapter (of the pool, or a candidate written as one): evaluated as its base with
+            # the adapter applied, in memory, or (for an evaluator that takes paths) written to a
+            # temporary directory first.
+            adapted = AdaptedModel(model, job.base)
             if resident:
                 model = adapted
             else:
                 applied = tempfile.mkdtemp(prefix="modelkin-adapter-")
                 model = str(adapted.save(Path(applied) / "model"))
-        elif resident:
-            model = StoredModel(job.model)
+        elif resident and isinstance(model, str):
+            model = StoredModel(model)
         if evaluating is not None:
             evaluating()
         start = time.perf_counter()

@@ -50,6 +50,8 @@ class GenomeSpec:
     filters: tuple[str, ...] = ()
     smooth: bool = False
     dtype: str = "bfloat16"
+    # "adapter": every model a LoRA adapter, each candidate written as one (kilobytes, not a model).
+    out_format: str = "model"
 
 
 class Genome:
@@ -99,7 +101,11 @@ class Genome:
     def recipe(self, x: Sequence[float] | npt.NDArray[np.float64]) -> dict[str, Any]:
         """The mergekit recipe a genotype stands for (models named by path)."""
         spec = self.spec
-        recipe: dict[str, Any] = {"merge_method": spec.merge_method, "dtype": spec.dtype}
+        recipe: dict[str, Any] = {"merge_method": spec.merge_method}
+        if spec.out_format == "adapter":
+            recipe["out_format"] = "adapter"
+        else:
+            recipe["dtype"] = spec.dtype
         if spec.merge_method == "slerp":
             return {**recipe, **self._slerp(np.asarray(x, dtype=np.float64).reshape(self.shape))}
         values = self.values(x)

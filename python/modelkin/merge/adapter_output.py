@@ -100,6 +100,10 @@ def write_adapter_merge(plan: MergePlan, staging: Path) -> AdapterResult:
     for recipe in plan.recipes:
         name = recipe["name"]
         inputs = [(refs[i["model"]], i["tensor"], float(i.get("weight", 1.0))) for i in recipe["inputs"]]
+        moved = next((tensor for _, tensor, _ in inputs if tensor != name), None)
+        if moved is not None or (plan.base is not None and recipe["base_tensor"] not in (None, name)):
+            # A delta of the base is a delta per tensor: slices may weigh layers, not move them.
+            raise RecipeError(f"out_format: adapter: slices that move or stack layers ({name} from {moved})")
         coefficients = _coefficients(plan, [w for _, _, w in inputs])
         low: list[tuple[Array, Array]] = []
         dense: Array | None = None

@@ -264,7 +264,6 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
 
 # What adapter output refuses: a key whose meaning has no low-rank form here, and why.
 _NOT_FOR_ADAPTERS = {
-    "slices": "stacks layers",
     "tokenizer": "changes the vocabulary",
     "tokenizer_source": "changes the vocabulary",
     "chat_template": "writes tokenizer files",

@@ -109,14 +109,15 @@ evaluator:
 # LoraHub's setting (Huang et al. 2023) on the family's adapters: CMA-ES over one weight per adapter.
 EVOLVE_LORA_YML = """\
 # CMA-ES over the weights of the family's four LoRA adapters (one per adapter, as LoraHub searches
-# them), each candidate their task arithmetic on the base, scored by the numpy evaluator in memory.
+# them): each candidate their task arithmetic, written as one PEFT adapter (the factors concatenated,
+# kilobytes), scored by the numpy evaluator on the base with the adapter applied in memory.
 strategy: cmaes
 genome:
   models: [./lora-reverse, ./lora-sort, ./lora-shift, ./lora-swap]
   base_model: ./base
   merge_method: task_arithmetic
   layer_granularity: 0
-  dtype: float32
+  out_format: adapter
 cmaes: {sigma0: 0.1667, max_evals: 40, seed: 0}
 evaluator:
   python: "modelkin.evolve.family:evaluate"
