@@ -15,6 +15,7 @@ from lora_support import VARIANTS, exact_deltas, write_adapter
 import modelkin
 from evolve_support import small_family
 from modelkin.io.safetensors import load_model, save_model
+from modelkin.testing import read_safetensors, run_cli
 from reference import full, split
 
 
@@ -136,3 +137,48 @@ def test_a_matrix_of_adapters_and_a_full_fine_tune(tmp_path, family):
         for metric in ("pcc", "cs", "ed"):
             assert matrix[metric][i, j] == matrix[metric][j, i] == pytest.approx(pair.metrics[metric], rel=1e-12)
     assert np.allclose(np.diag(matrix["pcc"]), 1.0) and np.all(np.diag(matrix["ed"]) == 0.0)
+
+
+def test_adapters_by_hub_id_from_a_fake_offline_cache(tmp_path, family):
+    from test_cli import fake_hub_cache
+
+    base_dir, _, base = family
+    for name, variant, seed in (("a", "plain", 1), ("b", "rslora and patterns", 2)):
+        targets, config = VARIANTS[variant]
+        write_adapter(tmp_path / name, base, targets, {**config, "base_model_name_or_path": "org/base"}, seed=seed)
+    cache = tmp_path / "hub"
+    for repo, path in (("org/base", base_dir), ("org/lora-a", tmp_path / "a"), ("org/lora-b", tmp_path / "b")):
+        fake_hub_cache(cache, repo, path)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    done = run_cli("kinship", "org/lora-a", "org/lora-b", "--base", "org/base", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    local = modelkin.kinship(tmp_path / "a", tmp_path / "b", base=base_dir)
+    assert json.loads(done.stdout)["metrics"]["pcc"] == pytest.approx(local.pcc, rel=1e-12)
+    # In a recipe: BASE+ADAPTER by Hub ids, and a bare adapter whose config names its base by Hub id.
+    for model in ("org/base+org/lora-a", "org/lora-a"):
+        recipe = tmp_path / "r.yml"
+        recipe.write_text(
+            json.dumps({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1}}]})
+        )
+        out = tmp_path / f"out-{model.replace('/', '_')}"
+        done = run_cli("merge", str(recipe), str(out), env=env)
+        assert done.returncode == 0, done.stderr
+        want = modelkin.merge(
+            {
+                "merge_method": "linear",
+                "models": [{"model": f"{base_dir}+{tmp_path / 'a'}", "parameters": {"weight": 1}}],
+            }
+        )
+        got = read_safetensors(out)
+        for name in want.tensor_names:
+            np.testing.assert_array_equal(got[name], np.asarray(want[name], dtype=np.float64), err_msg=name)
+
+
+def test_an_adapter_of_another_base_is_refused_naming_both(tmp_path, family):
+    base_dir, fine_tune, base = family
+    targets, config = VARIANTS["plain"]
+    write_adapter(tmp_path / "a", base, targets, {**config, "base_model_name_or_path": str(fine_tune)}, seed=1)
+    write_adapter(tmp_path / "b", base, targets, config, seed=2)
+    done = run_cli("kinship", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(base_dir))
+    assert done.returncode == 2, done.stderr
+    assert str(fine_tune) in done.stderr and str(base_dir) in done.stderr and len(done.stderr.strip().splitlines()) == 1

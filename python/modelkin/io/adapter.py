@@ -204,7 +204,7 @@ def split_reference(reference: str) -> tuple[str, str] | None:
     return base, adapter
 
 
-def _named_base(layout: AdapterLayout) -> Path | None:
+def named_base(layout: AdapterLayout) -> Path | None:
     """The local path of the base the adapter's config names, if it is on this machine (a Hub id is
     looked up in the local cache only)."""
     if not layout.base:
@@ -235,7 +235,7 @@ def resolve_adapted(
     if not is_adapter(path):
         return None
     layout = read_layout(path)
-    named = _named_base(layout)
+    named = named_base(layout)
     if named is not None:
         return named, layout
     if base is not None:

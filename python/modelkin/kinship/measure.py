@@ -6,13 +6,15 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from .._core import KinshipPlan, KinshipStats, ModelHandle
-from ..io.adapter import is_adapter
+from ..io.adapter import is_adapter, named_base, read_layout
+from ..io.errors import ModelReferenceError
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
 from . import lora
@@ -194,8 +196,8 @@ def kinship(
     deltas to int8 as the original kinship tool does; ``device`` ("cpu", "cuda") uses torch."""
     names = _metric_list(metrics)
     mode: Literal["full", "split"] = "split" if split else "full"
-    if any(not isinstance(m, ResidentModel) and is_adapter(m) for m in (model_a, model_b)):
-        return _adapter_kinship(model_a, model_b, base, names, split, per_tensor, low_precision, device)
+    if any(_is_adapter(m, offline) for m in (model_a, model_b)):
+        return _adapter_kinship(model_a, model_b, base, names, split, per_tensor, low_precision, device, offline)
     stats = measure(
         [model_a, model_b],
         base,
@@ -226,11 +228,17 @@ def kinship(
     )
 
 
+def _is_adapter(model: ModelRef, offline: bool) -> bool:
+    """Whether a reference (a directory, or a Hub id, resolved) is a LoRA adapter."""
+    return not isinstance(model, ResidentModel) and is_adapter(resolve(model, offline=offline))
+
+
 def _adapter_sides(
-    models: Sequence[ModelRef], base: ModelRef, low_precision: bool, device: str | None
+    models: Sequence[ModelRef], base: ModelRef, low_precision: bool, device: str | None, offline: bool
 ) -> tuple[list[lora.Side], str]:
     """The models of an adapter kinship, read once, and the base's path; the options the factor
-    path has no use for are refused."""
+    path has no use for are refused, and so is an adapter whose config names another base that is
+    on this machine."""
     if low_precision or device is not None:
         asked = "low_precision" if low_precision else "device"
         raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
@@ -238,7 +246,13 @@ def _adapter_sides(
     for model in (*models, base):
         if isinstance(model, ResidentModel):
             raise ValueError("adapter kinship reads models on disk: save the in-memory model first")
-        paths.append(os.fspath(model))
+        paths.append(os.fspath(resolve(model, offline=offline)))
+    for model, path in zip(models, paths[:-1], strict=True):
+        if is_adapter(path):
+            layout = read_layout(path)
+            named = named_base(layout)
+            if named is not None and named.resolve() != Path(paths[-1]).resolve():
+                raise ModelReferenceError(f"{label(model)}: an adapter of {layout.base}, not of the base {label(base)}")
     return [lora.side(p) for p in paths[:-1]], paths[-1]
 
 
@@ -251,9 +265,10 @@ def _adapter_kinship(
     per_tensor: bool,
     low_precision: bool,
     device: str | None,
+    offline: bool,
 ) -> KinshipResult:
     """A pair with a LoRA adapter in it: exact from the factors (see :mod:`.lora`)."""
-    (side_a, side_b), base_path = _adapter_sides([model_a, model_b], base, low_precision, device)
+    (side_a, side_b), base_path = _adapter_sides([model_a, model_b], base, low_precision, device, offline)
     sums = lora.pair_sums(side_a, side_b, base_path)
     breakdown = None
     if per_tensor:
@@ -270,10 +285,16 @@ def _adapter_kinship(
 
 
 def _adapter_matrix(
-    models: Sequence[ModelRef], base: ModelRef, names: list[str], split: bool, low_precision: bool, device: str | None
+    models: Sequence[ModelRef],
+    base: ModelRef,
+    names: list[str],
+    split: bool,
+    low_precision: bool,
+    device: str | None,
+    offline: bool,
 ) -> KinshipMatrix:
     """An N x N matrix with LoRA adapters among the models: every pair exact from the factors."""
-    sides, base_path = _adapter_sides(models, base, low_precision, device)
+    sides, base_path = _adapter_sides(models, base, low_precision, device, offline)
     count = len(sides)
     matrices = {m: np.zeros((count, count)) for m in names}
     n = tensors = 0
@@ -312,8 +333,8 @@ def kinship_matrix(
     if len(models) < 2:
         raise ValueError("a kinship matrix needs at least two models")
     mode: Literal["full", "split"] = "split" if split else "full"
-    if any(not isinstance(m, ResidentModel) and is_adapter(m) for m in models):
-        return _adapter_matrix(models, base, names, split, low_precision, device)
+    if any(_is_adapter(m, offline) for m in models):
+        return _adapter_matrix(models, base, names, split, low_precision, device, offline)
     stats = measure(
         models,
         base,
