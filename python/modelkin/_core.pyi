@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedFormatError",
     "__version__",
     "apply_adapter",
+    "compose_model",
     "methods",
     "open_model",
     "run_merge",
@@ -113,6 +114,11 @@ def apply_adapter(
     scale, layout, where the delta is rounded), `replacements` (base tensor, the adapter tensor
     stored whole). The changed tensors are held in memory, the rest mapped from the base's files;
     `label` names the model in messages."""
+
+def compose_model(parts: Sequence[tuple[ModelHandle, Sequence[tuple[str, str]]]], label: str) -> ModelHandle:
+    """A model made of views of others: each part a model and the (new name, name there) of the
+    tensors it gives; a later part's tensor replaces an earlier one's of the same name. Nothing is
+    copied (files are mapped again, bytes in memory shared); `label` names it in messages."""
 
 @final
 class ModelHandle:

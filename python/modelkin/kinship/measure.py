@@ -17,6 +17,7 @@ from ..io.adapter import is_adapter, named_base, read_layout
 from ..io.errors import ModelReferenceError
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
+from ..io.towers import read_vlm
 from . import lora
 
 MetricName = Literal["pcc", "cs", "ed"]
@@ -140,7 +141,24 @@ def label(model: ModelRef) -> str:
 def _opened(model: ModelRef, offline: bool) -> str | ModelHandle:
     if isinstance(model, ResidentModel):
         return model.handle
-    return str(resolve(model, offline=offline))
+    path = resolve(model, offline=offline)
+    vlm = read_vlm(path)
+    # A VLM is measured by its language model, under the text architecture's names.
+    return vlm.language_model(str(path)) if vlm is not None else str(path)
+
+
+def _vision_left_out(models: Sequence[ModelRef], offline: bool) -> tuple[tuple[str, str], ...]:
+    """One line per VLM among ``models``: its tensors outside the language model are not compared."""
+    notes = []
+    for model in models:
+        if isinstance(model, ResidentModel):
+            continue
+        vlm = read_vlm(resolve(model, offline=offline))
+        if vlm is not None and vlm.others:
+            notes.append(
+                (f"{label(model)}: {len(vlm.others)} tensors outside its language model", "vision tower and projector")
+            )
+    return tuple(notes)
 
 
 def measure(
@@ -224,7 +242,7 @@ def kinship(
         n=stats.elements,
         tensors=len(stats.tensor_names),
         per_tensor=breakdown,
-        skipped=tuple(stats.skipped),
+        skipped=tuple(stats.skipped) + _vision_left_out([model_a, model_b, base], offline),
     )
 
 
@@ -352,5 +370,5 @@ def kinship_matrix(
         metrics={m: stats.matrix(m, mode) for m in names},
         n=stats.elements,
         tensors=len(stats.tensor_names),
-        skipped=tuple(stats.skipped),
+        skipped=tuple(stats.skipped) + _vision_left_out([*models, base], offline),
     )

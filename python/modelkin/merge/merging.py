@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
-from .._core import KinshipStats, ModelHandle, run_merge
+from .._core import KinshipStats, ModelHandle, open_model, run_merge
 from ..io.adapter import WEIGHTS
 from ..io.errors import RecipeError
 from ..io.resident import TOKENIZER_FILES, ResidentModel
@@ -23,6 +23,7 @@ from .adapter_output import write_adapter_merge
 from .chat_template import resolve_template, write_template
 from .output import check_output, model_dir, output_config, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
+from .vlm_output import as_vlm, vlm_config, write_vlm_files
 from .vocabulary import VOCAB_TENSOR, OutputVocabulary, lay_out, write_tokenizer
 from .vocabulary import build as build_vocabulary
 
@@ -72,6 +73,8 @@ class MergedModel(ResidentModel):
     def config(self) -> dict[str, Any] | None:
         """The config.json the merge writes (dtype keys set to the output dtype)."""
         base = self._extras.base_config
+        if self.plan.vlm is not None:
+            return vlm_config(self.plan, base)
         return None if base is None else output_config(base, self.plan.out_dtype)
 
     @property
@@ -82,6 +85,8 @@ class MergedModel(ResidentModel):
         config = self.plan.config
         if config.tokenizer is not None or config.chat_template is not None:
             return None
+        if self.plan.vlm is not None:
+            return self.plan.vlm.path
         return model_dir(self.plan.paths[self.plan.base or self.plan.entries[0].model])
 
     def __repr__(self) -> str:
@@ -182,12 +187,22 @@ def merge(
             with tempfile.TemporaryDirectory(prefix="modelkin-vocabulary-") as scratch:
                 outcome, extras = _run(planned, None, Path(scratch), threads, shard_bytes, progress)
         assert outcome.model is not None
-        return MergedModel(planned, outcome.model, _kinship(planned, outcome.kinship), extras)
+        handle = outcome.model
+        if planned.vlm is not None:
+            handle = as_vlm(planned, handle, str(handle.path))
+        return MergedModel(planned, handle, _kinship(planned, outcome.kinship), extras)
     out_path = Path(out)
     check_output(out_path, list(planned.paths.values()), overwrite)
     with _staging(out_path) as staging:
-        outcome, extras = _run(planned, staging, staging / ".vocabulary", threads, shard_bytes, progress)
+        # A merge into a VLM: its language model is merged into a directory of its own first, then
+        # written with the VLM's other tensors under the VLM's names.
+        tensors_dir = staging / ".language_model" if planned.vlm is not None else staging
+        tensors_dir.mkdir(exist_ok=True)
+        outcome, extras = _run(planned, tensors_dir, staging / ".vocabulary", threads, shard_bytes, progress)
         shutil.rmtree(staging / ".vocabulary", ignore_errors=True)
+        if planned.vlm is not None:
+            as_vlm(planned, open_model(tensors_dir), str(out_path)).save(str(staging), shard_bytes)
+            shutil.rmtree(tensors_dir)
         kinship = _kinship(planned, outcome.kinship)
         _finish(planned, staging, kinship, extras)
         publish(staging, out_path)
@@ -310,6 +325,8 @@ def _finish(planned: MergePlan, staging: Path, kinship: KinshipMatrix | None, ex
         write_template(staging, extras.template)
     elif config.chat_template == "auto":
         print("warning: chat_template: auto found no template among the models; none written", file=sys.stderr)
+    if planned.vlm is not None:
+        write_vlm_files(planned, staging, extras.base_config)
 
 
 def _lay_out_vocabulary(planned: MergePlan, scratch: Path) -> tuple[OutputVocabulary, dict[tuple[str, str], Path]]:

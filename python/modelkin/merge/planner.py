@@ -19,6 +19,7 @@ from ..io.dtypes import TORCH_NAMES, compute_name
 from ..io.errors import ModelReferenceError
 from ..io.resolve import resolve
 from ..io.safetensors import Dtype, decode_tensor, read_tensor
+from ..io.towers import Vlm, read_vlm
 from .architecture import COUNT_KEYS, LayerNaming, layer_naming
 from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
 from .mkl import mkl_library
@@ -84,6 +85,16 @@ class MergePlan:
     recipes: tuple[TensorRecipe, ...] = field(repr=False)
     # Model reference → the LoRA adapter applied to its base (``BASE+ADAPTER``, or a bare adapter).
     adapters: dict[str, AdapterLayout] = field(default_factory=dict)
+    # Model reference → a VLM merged through its language model (the output is then that VLM).
+    vlms: dict[str, Vlm] = field(default_factory=dict)
+
+    @property
+    def vlm(self) -> Vlm | None:
+        """The VLM the merge is written as: the first among the merged models, else the base."""
+        for ref in [*(e.model for e in self.entries), *([self.base] if self.base else [])]:
+            if ref in self.vlms:
+                return self.vlms[ref]
+        return next(iter(self.vlms.values()), None)
 
     @property
     def method(self) -> str:
@@ -213,14 +224,19 @@ def plan(
     inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
     if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
         inputs.append(ModelEntry(config.base_model, {}))
+    # A VLM takes part through its language model, under the text architecture's names.
+    vlms = {ref: vlm for ref, path in paths.items() if ref not in adapters and (vlm := read_vlm(path)) is not None}
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
-    opened = {
-        ref: _opened_adapted(ref, path, adapters[ref], stamps) if ref in adapters else _opened(path, stamps[path])
-        for ref, path in paths.items()
-    }
+    opened = {ref: _opened_model(ref, path, adapters, vlms, stamps) for ref, path in paths.items()}
+    if vlms and config.tokenizer is not None:
+        raise RecipeError("a merge into a VLM takes no tokenizer or tokenizer_source (the VLM's tokenizer is kept)")
     listings = {ref: listing for ref, (_, listing) in opened.items()}
     reference = base_ref or inputs[0].model
-    base_config = read_json(model_dir(paths[reference]) / "config.json")
+    base_config = (
+        dict(vlms[reference].text_config)
+        if reference in vlms
+        else read_json(model_dir(paths[reference]) / "config.json")
+    )
     tensors = listings[reference]
     names = [n for n, _, _ in tensors]
     counts = [int(v) for k in COUNT_KEYS if isinstance(v := (base_config or {}).get(k), int)]
@@ -259,6 +275,7 @@ def plan(
         # Every per-tensor parameter resolved and checked now, not when the merge runs.
         recipes=tuple(_recipes(config, list(paths), outputs)),
         adapters=adapters,
+        vlms=vlms,
     )
 
 
@@ -281,6 +298,18 @@ def _resolve_models(
         else:
             paths[ref], adapters[ref] = found
     return paths, adapters
+
+
+def _opened_model(
+    ref: str, path: Path, adapters: Mapping[str, AdapterLayout], vlms: Mapping[str, Vlm], stamps: Mapping[Path, Stamps]
+) -> tuple[ModelHandle, Listing]:
+    """A model of the plan held open: an adapter applied to its base, a VLM's language model, or
+    the model's own files."""
+    if ref in adapters:
+        return _opened_adapted(ref, path, adapters[ref], stamps)
+    if ref in vlms:
+        return _cached((Path(f"{path}#language_model"), stamps[path]), lambda: vlms[ref].language_model(ref))
+    return _opened(path, stamps[path])
 
 
 def _opened_adapted(

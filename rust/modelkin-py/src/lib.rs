@@ -19,6 +19,7 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<model::ModelHandle>()?;
     module.add_function(wrap_pyfunction!(model::open_model, module)?)?;
     module.add_function(wrap_pyfunction!(adapter::apply_adapter, module)?)?;
+    module.add_function(wrap_pyfunction!(model::compose_model, module)?)?;
     module.add_class::<methods::MethodInfo>()?;
     module.add_class::<methods::ParameterInfo>()?;
     module.add_function(wrap_pyfunction!(merge::run_merge, module)?)?;

@@ -246,6 +246,36 @@ impl Model {
         Ok(Model { path: label, shards: vec![shard], tensors: entries.into_iter().collect() })
     }
 
+    /// Some of this model's tensors under other names: `names` lists (new name, name here). The
+    /// files are mapped again (or the bytes in memory shared), nothing is copied; `label` names the
+    /// view in messages. A VLM's language model seen under its text architecture's names.
+    pub fn view(&self, label: &str, names: &[(String, String)]) -> Result<Model> {
+        let shards = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let backing = match &shard.backing {
+                    Backing::Owned(bytes) => Backing::Owned(Arc::clone(bytes)),
+                    Backing::Mapped(_) => {
+                        let file = File::open(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
+                        // SAFETY: as in `Shard::open`.
+                        Backing::Mapped(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&shard.path, e))?)
+                    }
+                };
+                Ok(Shard { path: shard.path.clone(), backing, pending: Mutex::new(0..0) })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut tensors = HashMap::with_capacity(names.len());
+        for (new, old) in names {
+            let entry = self
+                .tensors
+                .get(old)
+                .ok_or_else(|| Error::MissingTensor { path: self.path.clone(), tensor: old.clone() })?;
+            tensors.insert(new.clone(), entry.clone());
+        }
+        Ok(Model { path: PathBuf::from(label), shards, tensors })
+    }
+
     /// This model with the tensors of `changed` (a model in memory, of the same names and shapes)
     /// read from `changed` instead: an adapter applied to its base. `label` names it in messages.
     pub fn overlaid(mut self, label: &str, changed: Model) -> Model {

@@ -1,0 +1,113 @@
+"""Vision-language models seen through their language model: for each supported architecture, a
+table maps the language model's tensors to the text architecture's names (``model.layers.N.…``,
+``model.embed_tokens``, ``model.norm``, ``lm_head``) and names the config key of the text config.
+Declared, not guessed: a VLM of another architecture is refused by name, with the list.
+
+The language model is then an ordinary model to kinship and merges (a view of the VLM's files under
+the text names, nothing copied); the other tensors (vision tower, projector) stay the VLM's."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._core import ModelHandle, compose_model, open_model
+from .errors import InvalidModelError
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One VLM architecture's language model: how its tensors are named, where its text config is."""
+
+    # (VLM prefix, text prefix) pairs, one list per tensor naming the architecture has had.
+    namings: tuple[tuple[tuple[str, str], ...], ...]
+    text_config: str = "text_config"
+
+
+# transformers 5 names LLaVA's language model `model.language_model.…` with `lm_head` on top; older
+# versions `language_model.model.…` and `language_model.lm_head`. LLaVA-NeXT is named the same.
+_LLAVA_NAMINGS = (
+    (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+)
+TOWERS: dict[str, Tower] = {"llava": Tower(_LLAVA_NAMINGS), "llava_next": Tower(_LLAVA_NAMINGS)}
+
+
+@dataclass(frozen=True)
+class Vlm:
+    """A VLM on disk and its language model's tensors under the text names."""
+
+    path: Path
+    architecture: str
+    config: dict[str, Any]
+    # text name -> the VLM's name, in the VLM's storage order
+    language: dict[str, str]
+    # the VLM's other tensors (vision tower, projector, ...)
+    others: tuple[str, ...]
+
+    @property
+    def text_config_key(self) -> str:
+        return TOWERS[self.architecture].text_config
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.config.get(self.text_config_key) or {}
+        return found
+
+    def to_vlm_name(self, text_name: str) -> str:
+        """The VLM's name of a language tensor (a stacked merge's new layers follow the naming)."""
+        for prefix_vlm, prefix_text in _naming(self):
+            if text_name.startswith(prefix_text):
+                return prefix_vlm + text_name[len(prefix_text) :]
+        raise InvalidModelError(f"{self.path}: no VLM name for {text_name}")
+
+    def language_model(self, label: str | None = None) -> ModelHandle:
+        """The language model as a model of the text architecture (a view: nothing is copied)."""
+        handle = open_model(self.path)
+        return compose_model([(handle, list(self.language.items()))], label or f"{self.path} (language model)")
+
+
+def _naming(vlm: Vlm) -> tuple[tuple[str, str], ...]:
+    for naming in TOWERS[vlm.architecture].namings:
+        if any(name.startswith(naming[0][0]) for name in vlm.language.values()):
+            return naming
+    return TOWERS[vlm.architecture].namings[0]
+
+
+def _config(path: Path) -> dict[str, Any] | None:
+    folder = path if path.is_dir() else path.parent
+    try:
+        loaded: dict[str, Any] = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return loaded
+
+
+def read_vlm(path: str | os.PathLike[str]) -> Vlm | None:
+    """The VLM at ``path`` (its language model's names mapped), None for a model that is not one; a
+    VLM of an architecture with no table is refused by name."""
+    folder = Path(path)
+    config = _config(folder)
+    if config is None or not isinstance(config.get("vision_config"), dict):
+        return None
+    architecture = str(config.get("model_type"))
+    if architecture not in TOWERS:
+        raise InvalidModelError(
+            f"{folder}: model_type {architecture} is a vision-language model modelkin has no tower table for"
+            f" (supported: {', '.join(TOWERS)})"
+        )
+    names = [name for name, _, _ in open_model(folder).tensors()]
+    for naming in TOWERS[architecture].namings:
+        language: dict[str, str] = {}
+        for name in names:
+            for prefix_vlm, prefix_text in naming:
+                if name.startswith(prefix_vlm):
+                    language[prefix_text + name[len(prefix_vlm) :]] = name
+                    break
+        if any(text.startswith("model.layers.") for text in language):
+            others = tuple(name for name in names if name not in set(language.values()))
+            return Vlm(folder, architecture, config, language, others)
+    raise InvalidModelError(f"{folder}: a {architecture} model with no language model tensors under its known names")
