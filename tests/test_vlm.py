@@ -217,3 +217,45 @@ def test_transformers_loads_the_merged_vlm(tmp_path, family):
     assert done.returncode == 0, done.stderr
     loaded = subprocess.run([python, "-c", _LOAD, str(tmp_path / "out")], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+
+EVOLVE: dict[str, dict[str, Any]] = {
+    "topk": {
+        "strategy": "topk",
+        "topk": {"k": 2, "generations": 2, "explore": "kinship", "metric": "pcc"},
+        "merge": {"merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32"},
+    },
+    "soup": {"strategy": "greedy_soup", "merge": {"merge_method": "linear", "dtype": "float32"}},
+    "cmaes": {
+        "strategy": "cmaes",
+        "genome": {"merge_method": "task_arithmetic", "layer_granularity": 1, "dtype": "float32"},
+        "cmaes": {"sigma0": 0.1667, "max_evals": 10, "seed": 0},
+    },
+}
+
+
+@pytest.mark.parametrize("strategy", list(EVOLVE))
+@pytest.mark.parametrize("resident", [True, False])
+def test_a_pool_with_a_vlm_evolves_vlms_as_the_text_pool_evolves_llms(tmp_path, family, strategy, resident):
+    import modelkin.evolve as evo
+
+    def config(first: str) -> dict[str, Any]:
+        spec = json.loads(json.dumps(EVOLVE[strategy]))
+        models = [str(family / m) for m in (first, "ft-reverse", "ft-shift", "ft-swap")]
+        where = spec["genome"] if strategy == "cmaes" else spec
+        where |= {("models" if strategy == "cmaes" else "pool"): models, "base_model": str(family / "base")}
+        return spec | {"evaluator": {"python": "modelkin.evolve.family:evaluate", "resident": resident}}
+
+    vlm = evo.evolve(config("llava-sort-transformers5"), tmp_path / "vlm")
+    text = evo.evolve(config("ft-sort"), tmp_path / "text")
+    summary = [(c.generation, c.role, c.parents, c.objective_search, c.objective_test) for c in vlm.candidates]
+    assert summary == [(c.generation, c.role, c.parents, c.objective_search, c.objective_test) for c in text.candidates]
+    done = run_cli("runs", "best", str(tmp_path / "vlm"), str(tmp_path / "best"))
+    assert done.returncode == 0, done.stderr
+    best = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert vlm.best is not None
+    # The best is written as the VLM when the VLM went into it (its recipe names it), else as an LLM.
+    made_from_vlm = "llava-sort" in json.dumps(vlm.best.recipe) or "llava-sort" in str(vlm.best.path)
+    assert (best.get("model_type") == "llava") == made_from_vlm
+    if made_from_vlm:
+        assert "model.vision_tower.vision_model.post_layernorm.weight" in read_safetensors(tmp_path / "best")

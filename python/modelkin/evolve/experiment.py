@@ -17,6 +17,7 @@ from typing import Any
 from .._core import open_model
 from ..io.adapter import check_fits, is_adapter, resolve_adapted
 from ..io.resolve import resolve
+from ..io.towers import read_vlm
 from ..merge.parameters import layer_of
 from ..merge.recipe import RecipeError, load_config
 from .config import EvolveConfig
@@ -87,7 +88,10 @@ def prepare_experiment(config: EvolveConfig, offline: bool = False) -> Experimen
                 raise RunError(f"pool model {ref} is a LoRA adapter of {found_base[0]}, not of the base {base}")
             check_fits(found_base[1], expected, reference_name)
             continue
-        found = {name: shape for name, shape, _ in open_model(path).tensors()}
+        vlm = read_vlm(path)
+        # A VLM takes part through its language model, which must fit the (text) base.
+        handle = vlm.language_model() if vlm is not None else open_model(path)
+        found = {name: shape for name, shape, _ in handle.tensors()}
         _check_fine_tune(ref, found, expected, reference_name)
     if config.genome is not None:
         genome = build_genome(config, config.genome, base, pool, list(expected))

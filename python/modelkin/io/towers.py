@@ -16,6 +16,7 @@ from typing import Any
 
 from .._core import ModelHandle, compose_model, open_model
 from .errors import InvalidModelError
+from .resident import ResidentModel
 
 
 @dataclass(frozen=True)
@@ -86,20 +87,8 @@ def _config(path: Path) -> dict[str, Any] | None:
     return loaded
 
 
-def read_vlm(path: str | os.PathLike[str]) -> Vlm | None:
-    """The VLM at ``path`` (its language model's names mapped), None for a model that is not one; a
-    VLM of an architecture with no table is refused by name."""
-    folder = Path(path)
-    config = _config(folder)
-    if config is None or not isinstance(config.get("vision_config"), dict):
-        return None
-    architecture = str(config.get("model_type"))
-    if architecture not in TOWERS:
-        raise InvalidModelError(
-            f"{folder}: model_type {architecture} is a vision-language model modelkin has no tower table for"
-            f" (supported: {', '.join(TOWERS)})"
-        )
-    names = [name for name, _, _ in open_model(folder).tensors()]
+def _language(names: list[str], architecture: str) -> dict[str, str] | None:
+    """text name -> the VLM's name of every language tensor, under the naming ``names`` use."""
     for naming in TOWERS[architecture].namings:
         language: dict[str, str] = {}
         for name in names:
@@ -108,6 +97,66 @@ def read_vlm(path: str | os.PathLike[str]) -> Vlm | None:
                     language[prefix_text + name[len(prefix_vlm) :]] = name
                     break
         if any(text.startswith("model.layers.") for text in language):
-            others = tuple(name for name in names if name not in set(language.values()))
-            return Vlm(folder, architecture, config, language, others)
-    raise InvalidModelError(f"{folder}: a {architecture} model with no language model tensors under its known names")
+            return language
+    return None
+
+
+def _architecture(config: dict[str, Any] | None, where: object) -> str | None:
+    """The VLM architecture a config describes, None for a model that is not a VLM."""
+    if config is None or not isinstance(config.get("vision_config"), dict):
+        return None
+    architecture = str(config.get("model_type"))
+    if architecture not in TOWERS:
+        raise InvalidModelError(
+            f"{where}: model_type {architecture} is a vision-language model modelkin has no tower table for"
+            f" (supported: {', '.join(TOWERS)})"
+        )
+    return architecture
+
+
+def read_vlm(path: str | os.PathLike[str]) -> Vlm | None:
+    """The VLM at ``path`` (its language model's names mapped), None for a model that is not one; a
+    VLM of an architecture with no table is refused by name."""
+    folder = Path(path)
+    config = _config(folder)
+    architecture = _architecture(config, folder)
+    if architecture is None or config is None:
+        return None
+    names = [name for name, _, _ in open_model(folder).tensors()]
+    language = _language(names, architecture)
+    if language is None:
+        raise InvalidModelError(
+            f"{folder}: a {architecture} model with no language model tensors under its known names"
+        )
+    others = tuple(name for name in names if name not in set(language.values()))
+    return Vlm(folder, architecture, config, language, others)
+
+
+class LanguageModel(ResidentModel):
+    """A VLM's language model held by the engine under the text architecture's names (a view of
+    the VLM's tensors, nothing copied), with the text config: what a text evaluator reads."""
+
+    def __init__(self, vlm: ResidentModel, text_config: dict[str, Any], language: dict[str, str]) -> None:
+        super().__init__(compose_model([(vlm.handle, list(language.items()))], f"{vlm.label} (language model)"))
+        self._label = f"{vlm.label} (language model)"
+        self._config = text_config
+
+    @property
+    def label(self) -> str:
+        return self._label
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self._config
+
+
+def language_model(model: ResidentModel) -> ResidentModel:
+    """``model`` itself, or its language model when it is a VLM (in memory or on disk)."""
+    config = model.config
+    architecture = _architecture(config, model.label)
+    if architecture is None or config is None:
+        return model
+    language = _language(list(model.tensor_names), architecture)
+    if language is None:
+        raise InvalidModelError(f"{model.label}: a {architecture} model with no language model tensors")
+    return LanguageModel(model, dict(config.get(TOWERS[architecture].text_config) or {}), language)

@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ...io.resident import ResidentModel
+from ...io.resident import ResidentModel, StoredModel
 from ...io.safetensors import load_model
 from ...io.staging import copy_tree
+from ...io.towers import language_model
 from .forward import LlamaModel
 from .lm_eval_tasks import DIRECTORY as LM_EVAL_TASKS
 from .lm_eval_tasks import write_lm_eval_tasks
@@ -34,16 +35,19 @@ ADAPTERS = ("lora-reverse", "lora-sort", "lora-shift", "lora-swap")
 def load(model: str | Path | ResidentModel) -> LlamaModel:
     """A model of the family (or a merge of it) ready for the numpy forward pass: its directory, or
     the model in memory (a merged candidate handed over by a resident run, nothing written)."""
-    if isinstance(model, ResidentModel):
-        if model.config is None:
-            raise ValueError(f"{model.label}: no config (a Llama model is expected)")
-        return LlamaModel(model, model.config)
-    path = Path(model)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json (a Llama model directory is expected)")
-    config: dict[str, Any] = json.loads(config_path.read_text())
-    return LlamaModel(load_model(path), config)
+    if not isinstance(model, ResidentModel):
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json (a Llama model directory is expected)")
+        config: dict[str, Any] = json.loads((path / "config.json").read_text())
+        if "vision_config" not in config:
+            return LlamaModel(load_model(path), config)
+        model = StoredModel(path)
+    # A VLM (its text model the family's) is scored by its language model: the tasks are text.
+    model = language_model(model)
+    if model.config is None:
+        raise ValueError(f"{model.label}: no config (a Llama model is expected)")
+    return LlamaModel(model, model.config)
 
 
 def evaluate(model: str | Path | ResidentModel, split: str = "search") -> dict[str, float]:
