@@ -134,6 +134,10 @@ def run_and_check_merge(tmp_path: Path, config: dict, deterministic: bool = True
         shutil.rmtree(theirs, ignore_errors=True)
         subprocess.run([MERGEKIT, str(recipe), str(theirs)], check=True, capture_output=True, timeout=600)
         assert stored_dtypes(out) == stored_dtypes(theirs)
+        # config.json names the dtype mergekit names (the recipe's, for methods a float32 factor
+        # promotes to float32 tensors).
+        mine, their_config = (json.loads((d / "config.json").read_text()) for d in (out, theirs))
+        assert mine["dtype"] == (their_config.get("dtype") or their_config.get("torch_dtype"))
         for name, value in read_safetensors(theirs).items():
             np.testing.assert_array_equal(tensors[name], value, err_msg=name)
     return out

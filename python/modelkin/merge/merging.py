@@ -75,7 +75,7 @@ class MergedModel(ResidentModel):
         base = self._extras.base_config
         if self.plan.vlm is not None:
             return vlm_config(self.plan, base)
-        return None if base is None else output_config(base, self.plan.out_dtype)
+        return None if base is None else output_config(base, self.plan.config_dtype_name)
 
     @property
     def tokenizer_dir(self) -> Path | None:
@@ -313,7 +313,7 @@ def _finish(planned: MergePlan, staging: Path, kinship: KinshipMatrix | None, ex
         planned.paths,
         planned.base,
         list(planned.entries),
-        planned.out_dtype,
+        planned.config_dtype_name,
         extras.base_config,
         options,
         kinship,

@@ -83,10 +83,18 @@ class MergePlan:
     handles: tuple[ModelHandle, ...] = field(repr=False, compare=False)
     # The engine's tensor recipes, every parameter resolved and checked when planning.
     recipes: tuple[TensorRecipe, ...] = field(repr=False)
+    # The dtype config.json names: the output dtype, except where a float32 factor promotes the
+    # tensors (ramplus_tl, arcee_fusion): mergekit still names the recipe's dtype there.
+    config_dtype: OutDtypeName | None = None
     # Model reference → the LoRA adapter applied to its base (``BASE+ADAPTER``, or a bare adapter).
     adapters: dict[str, AdapterLayout] = field(default_factory=dict)
     # Model reference → a VLM merged through its language model (the output is then that VLM).
     vlms: dict[str, Vlm] = field(default_factory=dict)
+
+    @property
+    def config_dtype_name(self) -> OutDtypeName:
+        """The dtype config.json names (see ``config_dtype``)."""
+        return self.config_dtype or self.out_dtype
 
     @property
     def vlm(self) -> Vlm | None:
@@ -256,6 +264,7 @@ def plan(
     compute: ComputeName = (
         "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(t) for t in listings.values()])
     )
+    config_dtype = out_dtype
     if method.info.float32_result and config.out_dtype is None and compute in ("bfloat16", "float16"):
         out_dtype = "F32"  # a float32 factor promotes the result, and mergekit writes it so
     return MergePlan(
@@ -276,6 +285,7 @@ def plan(
         recipes=tuple(_recipes(config, list(paths), outputs)),
         adapters=adapters,
         vlms=vlms,
+        config_dtype=config_dtype,
     )
 
 

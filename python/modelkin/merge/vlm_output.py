@@ -36,7 +36,7 @@ def vlm_config(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[s
     """The VLM's config with its text config's layer count (a stacked merge) and dtype the merge's."""
     vlm = planned.vlm
     assert vlm is not None
-    name = TORCH_NAMES[planned.out_dtype]
+    name = TORCH_NAMES[planned.config_dtype_name]
     text = dict(vlm.text_config)
     for key in COUNT_KEYS:
         if text_config is not None and key in text_config and key in text:
