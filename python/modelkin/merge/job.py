@@ -30,6 +30,7 @@ class TensorRecipe(TypedDict):
     inputs: list[MergeInput]
     t: NotRequired[float]
     select_topk: NotRequired[float]
+    draws_before: NotRequired[int]
 
 
 class RamOptions(TypedDict, total=False):

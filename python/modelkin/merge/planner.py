@@ -4,6 +4,7 @@ read."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -282,7 +283,7 @@ def plan(
         stamps=stamps,
         handles=tuple(handle for handle, _ in opened.values()),
         # Every per-tensor parameter resolved and checked now, not when the merge runs.
-        recipes=tuple(_recipes(config, list(paths), outputs)),
+        recipes=tuple(_with_fusion_draws(config, _recipes(config, list(paths), outputs), tensors, options)),
         adapters=adapters,
         vlms=vlms,
         config_dtype=config_dtype,
@@ -480,6 +481,25 @@ def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput])
             }
         )
     return tensors
+
+
+# arcee_fusion: mergekit estimates the quartiles of tensors past a million entries from a sample of
+# a million drawn with torch's generator, in the order its executor runs the tensors (by name).
+_FUSION_SAMPLE = 1_000_000
+
+
+def _with_fusion_draws(
+    config: MergeConfig, recipes: list[TensorRecipe], listing: Listing, options: Mapping[str, Any]
+) -> list[TensorRecipe]:
+    """arcee_fusion's recipes with the draws mergekit's process makes before each tensor (its
+    generator seeded with the merge's seed, as ``--random-seed`` seeds it), unless the recipe asks
+    for the exact quartiles (``exact_quantiles: true``)."""
+    if config.method.name != "arcee_fusion" or options.get("exact_quantiles"):
+        return recipes
+    sizes = {name: math.prod(shape) for name, shape, _ in listing}
+    sampled = sorted(r["name"] for r in recipes if sizes.get(r["base_tensor"] or r["name"], 0) > _FUSION_SAMPLE)
+    before = {name: i * _FUSION_SAMPLE for i, name in enumerate(sampled)}
+    return [{**r, "draws_before": before.get(r["name"], 0)} for r in recipes]
 
 
 _TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}

@@ -120,11 +120,14 @@ impl ModelArg {
     }
 }
 
+/// One part of a composed model: a model and the (new name, name there) of the tensors it gives.
+type Part = (Py<ModelHandle>, Vec<(String, String)>);
+
 /// A model made of views of others: each part a model and the (new name, name there) of the
 /// tensors it gives; a later part's tensor replaces an earlier one's of the same name. Nothing is
 /// copied (files are mapped again, bytes in memory shared).
 #[pyfunction]
-pub fn compose_model(parts: Vec<(Py<ModelHandle>, Vec<(String, String)>)>, label: String) -> PyResult<ModelHandle> {
+pub fn compose_model(parts: Vec<Part>, label: String) -> PyResult<ModelHandle> {
     let mut composed: Option<Model> = None;
     for (handle, names) in &parts {
         let view = handle.get().model.view(&label, names).map_err(to_py)?;
@@ -133,6 +136,7 @@ pub fn compose_model(parts: Vec<(Py<ModelHandle>, Vec<(String, String)>)>, label
             Some(model) => model.overlaid(&label, view),
         });
     }
-    let model = composed.ok_or_else(|| to_py(modelkin_core::Error::InvalidArgument("no parts to compose".into())))?;
+    let model =
+        composed.ok_or_else(|| to_py(modelkin_core::Error::InvalidArgument("no parts to compose".into())))?;
     Ok(ModelHandle { model: Arc::new(model) })
 }

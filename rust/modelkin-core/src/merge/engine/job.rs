@@ -57,6 +57,11 @@ pub struct TensorRecipe {
     /// `select_topk` parameter (sce).
     #[serde(default = "one")]
     pub select_topk: f64,
+    /// arcee_fusion: draws mergekit's process made from torch's generator (seeded with the job's
+    /// seed) before this tensor, whose quartiles it then estimates from a sample as mergekit does
+    /// (tensors past a million entries). None: the exact quartiles.
+    #[serde(default)]
+    pub draws_before: Option<u64>,
 }
 
 /// Global options of the spherical methods (mergekit's defaults when absent).

@@ -296,7 +296,12 @@ pub const METHODS: &[MethodSpec] = &[
             "keep the other model's changes whose softmax-KL importance is an outlier (median + 1.5 IQR)",
             BaseUse::Required,
             Inputs { min: 1, max: 1 },
-            &[],
+            &[global(
+                "exact_quantiles",
+                DefaultValue::Flag(false),
+                None,
+                "modelkin: exact quartiles instead of mergekit's sample of a million in larger tensors",
+            )],
             Statistics::Importance,
         )
     },

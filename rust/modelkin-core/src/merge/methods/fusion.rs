@@ -2,18 +2,21 @@
 //! being |x − z| times the KL divergence of the row's softmax (x's against the base's), and
 //! "important" meaning at least median + 1.5·IQR of the tensor's importances.
 //!
-//! mergekit estimates the quartiles from a random sample of a million entries in larger tensors;
-//! modelkin takes them exactly over every entry (in float64, keyed at float32), so the threshold is
-//! reproducible.
+//! mergekit estimates the quartiles from a random sample of a million entries (drawn with
+//! replacement by `torch.randint` from torch's generator) in larger tensors. Given the draws its
+//! process made before the tensor (the planner counts them in mergekit's order, its generator
+//! seeded with the merge's seed as `--random-seed` seeds it), the same sample is drawn here, for
+//! mergekit's bits; otherwise the quartiles are taken exactly over every entry.
 
 use rayon::prelude::*;
 
 use crate::io::error::Result;
 use crate::io::progress::Progress;
 use crate::merge::engine::job::{no_base, Compute, MergeJob};
-use crate::merge::engine::source::{with_block, Resolved};
+use crate::merge::engine::source::{with_block, Resolved, Source};
 use crate::merge::torch::half_ops::{Bf16Rounding, F16Rounding, Rounding};
 use crate::merge::torch::radix;
+use crate::merge::torch::random::Mt19937;
 
 /// What the output pass needs: each row's KL divergence and the importance threshold.
 #[derive(Debug, Clone)]
@@ -122,19 +125,28 @@ pub(crate) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
             }))
         })
         .collect::<Result<_>>()?;
-    // torch: (q · (n − 1)).long() with q a float32 tensor.
-    let rank = |q: f32| ((q * (n.saturating_sub(1)) as f32) as usize).min(n.saturating_sub(1));
-    let ranks = vec![vec![rank(0.25), rank(0.5), rank(0.75)]];
-    let found =
-        radix::order_statistics(&sources, tensor.block, n, &ranks, progress, |first, len, _, keys| {
-            with_block(&sources, first, len, |v| {
-                keys.extend(
-                    (0..len)
-                        .map(|e| ordered(importance(job.compute, kl[(first + e) / cols], v[1][e], v[0][e]))),
-                )
-            })
-        })?;
-    let [q1, median, q3] = [0, 1, 2].map(|i| unordered(found[0][i].value()));
+    let sampled = tensor.recipe.draws_before.filter(|_| n > SAMPLE);
+    let [q1, median, q3] = match sampled {
+        Some(draws) => sampled_quartiles(job, &sources, &kl, cols, n, draws),
+        None => {
+            let ranks = vec![vec![rank(0.25, n), rank(0.5, n), rank(0.75, n)]];
+            let found = radix::order_statistics(
+                &sources,
+                tensor.block,
+                n,
+                &ranks,
+                progress,
+                |first, len, _, keys| {
+                    with_block(&sources, first, len, |v| {
+                        keys.extend((0..len).map(|e| {
+                            ordered(importance(job.compute, kl[(first + e) / cols], v[1][e], v[0][e]))
+                        }))
+                    })
+                },
+            )?;
+            [0, 1, 2].map(|i| unordered(found[0][i].value()))
+        }
+    };
     let threshold = match job.compute {
         Compute::Float64 => f64::from(median) + 1.5 * (f64::from(q3) - f64::from(q1)),
         // 0-dim tensors of the working dtype; 1.5 a Python scalar.
@@ -144,6 +156,37 @@ pub(crate) fn measure(job: &MergeJob, tensor: &Resolved, progress: &Progress) ->
         }
     };
     Ok(Fusion { kl, cols, threshold })
+}
+
+/// mergekit samples the importances of tensors with more entries than this.
+const SAMPLE: usize = 1_000_000;
+
+/// torch: `(q · (n − 1)).long()` with q a float32 tensor.
+fn rank(q: f32, n: usize) -> usize {
+    ((q * (n.saturating_sub(1)) as f32) as usize).min(n.saturating_sub(1))
+}
+
+/// The quartiles of a million importances drawn as mergekit draws them: `torch.randint(n, (10⁶,))`
+/// (each index one 32-bit draw modulo n, in order) after `draws` earlier draws, sorted.
+fn sampled_quartiles(
+    job: &MergeJob,
+    sources: &[&Source],
+    kl: &[f64],
+    cols: usize,
+    n: usize,
+    draws: u64,
+) -> [f32; 3] {
+    let mut generator = Mt19937::new(job.seed);
+    generator.discard(draws);
+    let indices: Vec<usize> = (0..SAMPLE).map(|_| generator.next_u32() as usize % n).collect();
+    let mut keys: Vec<u32> = indices
+        .par_iter()
+        .map(|&i| {
+            with_block(sources, i, 1, |v| ordered(importance(job.compute, kl[i / cols], v[1][0], v[0][0])))
+        })
+        .collect();
+    keys.par_sort_unstable();
+    [0.25, 0.5, 0.75].map(|q| unordered(keys[rank(q, SAMPLE)]))
 }
 
 #[cfg(test)]
