@@ -257,3 +257,61 @@ def test_refused_by_name(tmp_path, models, method, base, params, refusal):
     with pytest.raises(RecipeError, match=refusal):
         merge(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def mamba_like(path: Path, seed: int) -> str:
+    """A one-layer MambaForCausalLM layout (mergekit's mamba architecture), its conv1d weight a
+    tensor of three axes (widened to (16, 3, 5) so its vectors along the first axis are 15)."""
+    rng = np.random.default_rng(seed)
+    p = "backbone.layers.0.mixer."
+    shapes: dict[str, tuple[int, ...]] = {
+        "backbone.embeddings.weight": (64, 8),
+        f"{p}A_log": (16, 4),
+        f"{p}conv1d.bias": (16,),
+        f"{p}conv1d.weight": (16, 3, 5),
+        f"{p}D": (16,),
+        f"{p}dt_proj.bias": (16,),
+        f"{p}dt_proj.weight": (16, 2),
+        f"{p}in_proj.weight": (32, 8),
+        f"{p}out_proj.weight": (8, 16),
+        f"{p}x_proj.weight": (10, 16),
+        "backbone.layers.0.norm.weight": (8,),
+        "backbone.norm_f.weight": (8,),
+        "lm_head.weight": (64, 8),
+    }
+    tensors = {n: rng.normal(0, 0.02, s).astype(np.float32) for n, s in shapes.items()}
+    config = {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "num_hidden_layers": 1}
+    save_model(path, tensors, "F32", config=config)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_nuslerp_row_wise_on_three_axes(tmp_path, monkeypatch, dtype, with_base):
+    """nuslerp_row_wise with nuslerp_flatten: false on a tensor of three axes (a convolution's
+    weight): mergekit's vectors along the first axis, bit for bit (float32 with the C library's
+    trig on both sides, as in test_mergekit_compat: MKL's is not published)."""
+    a, b, c = (mamba_like(tmp_path / name, seed) for name, seed in (("a", 1), ("b", 2), ("c", 3)))
+    config = two_model_config(
+        a, b, "nuslerp", c if with_base else None, {"nuslerp_row_wise": True, "nuslerp_flatten": False}
+    )
+    config["dtype"] = dtype
+    if dtype == "float32":
+        monkeypatch.setenv("MODELKIN_MKL", "")
+    out = tmp_path / "out"
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(config))
+    merge(recipe, out)
+    if MERGEKIT is None:
+        pytest.skip("mergekit-yaml not found (install mergekit==0.1.5 in a separate venv)")
+    theirs = tmp_path / "theirs"
+    command = [MERGEKIT]
+    if dtype == "float32":
+        python = peer_python(MERGEKIT)
+        if python is None:
+            pytest.skip("mergekit's venv Python is needed to run it with the C library's trig")
+        command = [str(python), str(Path(__file__).with_name("mergekit_libm_trig.py"))]
+    subprocess.run([*command, str(recipe), str(theirs)], check=True, capture_output=True, timeout=600)
+    ours = read_safetensors(out)
+    for name, value in read_safetensors(theirs).items():
+        np.testing.assert_array_equal(ours[name], value, err_msg=name)

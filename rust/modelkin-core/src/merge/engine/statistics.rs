@@ -305,7 +305,7 @@ impl TensorStatistics {
                 stats.mix_rows = Some(model_stock::row_factors(job, tensor, progress)?)
             }
             Method::ModelStock => stats.mix = model_stock::factors(job, tensor, progress)?,
-            Method::Nuslerp if nuslerp::applies(job, tensor) => {
+            Method::Nuslerp if nuslerp::applies(job) => {
                 stats.nuslerp = Some(nuslerp::measure(job, tensor, &stats.weights, progress)?)
             }
             Method::Nuslerp if !job.spherical.flatten => {

@@ -7,8 +7,8 @@
 //! sweeps take each run's reductions (the two vectors' norms, then their unit vectors' dot
 //! product); the output pass applies the run's factors. A column's norm is torch's generic strided
 //! reduction (squares added row after row in float32) and its dot product torch's outer sum
-//! ([`OuterSum`]). Row-wise on tensors of three or more axes is left to the float64 factors of
-//! `engine/statistics.rs`.
+//! ([`OuterSum`]). Row-wise on tensors of three or more axes the vectors run along the first axis
+//! too: the columns of the tensor seen as a (first axis, the rest) matrix.
 
 use crate::io::error::Result;
 use crate::io::progress::Progress;
@@ -48,11 +48,10 @@ pub(crate) struct Nuslerp {
     runs: Vec<Run>,
 }
 
-/// Whether this module takes the tensor: any flattened one, rows along the last axis, and the
-/// columns of a matrix (a vector's own axis when row-wise on a 1-D tensor).
-pub(crate) fn applies(job: &MergeJob, tensor: &Resolved) -> bool {
+/// Whether this module takes the tensor: every one in a working dtype (flattened, rows along the
+/// last axis, or row-wise vectors along the first axis); float64 takes the exact factors.
+pub(crate) fn applies(job: &MergeJob) -> bool {
     job.compute != Compute::Float64
-        && (job.spherical.flatten || !job.spherical.row_wise || tensor.shape.len() <= 2)
 }
 
 impl Runs {
@@ -64,6 +63,13 @@ impl Runs {
             // One column is one contiguous run, which torch reduces as such.
             [_, 1] if job.spherical.row_wise => Runs::Consecutive(n),
             [_, cols] if job.spherical.row_wise => Runs::Columns(*cols),
+            // Row-wise on three or more axes: mergekit moves axis 0 last (a transposed view), and
+            // torch's reductions coalesce the other axes, which are contiguous in memory, into
+            // one: the vectors are the columns of the tensor seen as (first axis, the rest).
+            [first, ..] if job.spherical.row_wise => match n / (*first).max(1) {
+                1 => Runs::Consecutive(n),
+                rest => Runs::Columns(rest),
+            },
             [.., last] => Runs::Consecutive((*last).max(1)),
         }
     }
