@@ -247,10 +247,17 @@ def test_recipe_keys_are_used_or_refused(tmp_path, change, message):
 def test_slice_level_keys_and_unsupported_options_are_refused():
     from modelkin.merge.recipe import RecipeError, load_config
 
-    with pytest.raises(RecipeError, match="slice-level base_model is not supported yet"):
+    with pytest.raises(RecipeError, match=r"slices\[0\]\.bogus.*unknown key"):
         load_config(
             {
                 "merge_method": "linear",
-                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "base_model": "a"}],
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "bogus": "a"}],
+            }
+        )
+    with pytest.raises(RecipeError, match="b is not among the slice's sources"):
+        load_config(
+            {
+                "merge_method": "task_arithmetic",
+                "slices": [{"sources": [{"model": "a", "layer_range": [0, 1]}], "base_model": "b"}],
             }
         )

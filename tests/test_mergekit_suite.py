@@ -315,3 +315,33 @@ def test_nuslerp_row_wise_on_three_axes(tmp_path, monkeypatch, dtype, with_base)
     ours = read_safetensors(out)
     for name, value in read_safetensors(theirs).items():
         np.testing.assert_array_equal(ours[name], value, err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp"])
+def test_slice_level_parameters_base_model_and_residual_weight(tmp_path, models, method):
+    """mergekit's slice-level keys: `parameters` (after each source's own, before the recipe's),
+    `base_model` (the slice's base instead of the recipe's) and `residual_weight` (parsed and never
+    applied by mergekit 0.1.5: ignored out loud). Bit for bit with mergekit."""
+    a, b, c = models["a"], models["b"], models["c"]
+    per_slice = {"ties": {"weight": 0.3, "density": 0.5}, "task_arithmetic": {"weight": 0.3}, "slerp": {"t": 0.2}}
+    first = [{"model": m, "layer_range": [0, 1]} for m in (a, b, c)]
+    second = [{"model": m, "layer_range": [1, 2]} for m in (a, b, c)]
+    if method == "slerp":
+        first, second = first[:2], [second[0], second[2]]
+    else:
+        first[1]["parameters"] = {"weight": 0.7}
+    config = {
+        "merge_method": method,
+        "base_model": c if method != "slerp" else a,
+        "dtype": "bfloat16",
+        "parameters": {"density": 0.9, "weight": 0.5} if method == "ties" else {"t": 0.6} if method == "slerp" else {},
+        "slices": [
+            {"sources": first, "parameters": per_slice[method], "residual_weight": 0.2},
+            {"sources": second, "base_model": a, "parameters": {**per_slice[method], "weight": 0.4}},
+        ],
+    }
+    if method == "slerp":
+        config["slices"][1]["parameters"] = {"t": 0.8}
+    out = run_and_check_merge(tmp_path, config)
+    ignored = json.loads((out / "modelkin.json").read_text())["ignored"]
+    assert any("residual_weight" in line for line in ignored), ignored

@@ -181,15 +181,15 @@ def test_unknown_method_parameters_are_refused(trio, tmp_path):
     ("change", "key"),
     [
         ({"modules": {"text": {"models": []}}}, "modules"),
-        ({"slices": "residual_weight"}, "residual_weight"),
+        ({"slices": "bogus"}, "bogus"),
         ({"slices": "base_model"}, "base_model"),
         ({"slices": "parameters"}, "parameters"),
         ({"unknown_top_level": 1}, "unknown_top_level"),
     ],
 )
 def test_unsupported_schema_keys_are_refused(trio, tmp_path, change, key):
-    """mergekit's `modules`, and slice-level base_model, residual_weight and parameters: refused by
-    name (modelkin's slices take `sources` only)."""
+    """mergekit's `modules`, an unknown slice-level key, and slice-level base_model and parameters
+    of the wrong type: refused by name (the slice-level keys themselves run: test_mergekit_suite)."""
     config: dict = {"merge_method": "linear", "dtype": "float32"}
     if "slices" in change:
         config["slices"] = [{"sources": [{"model": trio[1], "layer_range": [0, 2]}], key: 0.5}]

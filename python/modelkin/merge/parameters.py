@@ -49,10 +49,23 @@ def evaluate(value: Any, tensor: str, t: float | None) -> Any:
 
 
 def lookup(
-    config: MergeConfig, entry: ModelEntry | None, key: str, tensor: str, t: float | None, default: object = None
+    config: MergeConfig,
+    entry: ModelEntry | None,
+    key: str,
+    tensor: str,
+    t: float | None,
+    default: object = None,
+    slice_parameters: Mapping[str, Any] | None = None,
 ) -> Any:
-    """mergekit's order: the model's own parameters, then the global ones, then the default."""
-    for params in ((entry.parameters if entry else {}), config.parameters):
+    """mergekit's order: the model's own parameters, then its slice's (``slice_parameters`` for a
+    parameter shared by the slice's models), then the global ones, then the default; the first
+    that yields a value wins."""
+    scopes = (
+        (entry.parameters, entry.slice_parameters, config.parameters)
+        if entry
+        else (slice_parameters or {}, config.parameters)
+    )
+    for params in scopes:
         if key in params:
             value = evaluate(params[key], tensor, t)
             if value is not None:

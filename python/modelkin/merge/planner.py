@@ -153,6 +153,7 @@ class MergePlan:
                 {**i, "model": redirect.get((refs[i["model"]], i["tensor"]), i["model"])} for i in recipe["inputs"]
             ]
             base = redirect.get((self.base, recipe["base_tensor"])) if self.base and recipe["base_tensor"] else None
+            base = base if base is not None else recipe.get("base_model")
             out.append({**recipe, "inputs": inputs, "base_model": base})  # type: ignore[typeddict-item]
         return out
 
@@ -222,7 +223,12 @@ def plan(
     dtype), rounded after each operation as torch rounds it. ``precise=True`` computes exactly in
     float64 and rounds once to the output dtype."""
     config = load_config(recipe if isinstance(recipe, Mapping) else Path(recipe))
-    refs = list(dict.fromkeys([*(m.model for m in config.models), *([config.base_model] if config.base_model else [])]))
+    slice_bases = [m.slice_base for m in config.models if m.slice_base]
+    refs = list(
+        dict.fromkeys(
+            [*(m.model for m in config.models), *([config.base_model] if config.base_model else []), *slice_bases]
+        )
+    )
     paths, adapters = _resolve_models(refs, config.base_model, offline)
     stamps = _stamps([*paths.values(), *(a.path for a in adapters.values())])
     method = config.method
@@ -417,9 +423,16 @@ def _plan_slices(
     pre = [n for n in non_layer if re.search(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.", n)]
     post = [n for n in non_layer if n not in pre]
 
+    uses_base = config.method.base in ("required", "optional")
+
+    def slice_base(slice_sources: tuple[ModelEntry, ...]) -> str | None:
+        """The slice's base_model, else the recipe's (none for a method that ignores it)."""
+        return (slice_sources[0].slice_base or base_ref) if uses_base else None
+
     def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
-        inputs = [(e, name) for e in slice_sources if e.model != base_ref]
-        return inputs, (name if base_ref else None)
+        based = slice_base(slice_sources)
+        inputs = [(e, name) for e in slice_sources if e.model != based]
+        return inputs, (name if based else None)
 
     for name in pre:
         inputs, base = sources(slices[0], name)
@@ -428,13 +441,16 @@ def _plan_slices(
     for slice_sources in slices:
         assert slice_sources[0].layer_range is not None
         span = slice_sources[0].layer_range[1] - slice_sources[0].layer_range[0]
+        # A slice's own base_model stands for the recipe's in its layers (the engine reads it
+        # per tensor; see `_recipes`).
+        based = slice_base(slice_sources)
         for offset in range(span):
             t = offset / (span - 1) if span > 1 else 1.0
             for suffix in layer_suffixes:
                 out_name = f"{prefix}{out_layer}.{suffix}"
                 named = [(e, f"{prefix}{(e.layer_range or (0, 0))[0] + offset}.{suffix}") for e in slice_sources]
-                inputs = [(e, n) for e, n in named if e.model != base_ref]
-                base = next((n for e, n in named if e.model == base_ref), inputs[0][1] if base_ref else None)
+                inputs = [(e, n) for e, n in named if e.model != based]
+                base = next((n for e, n in named if e.model == based), inputs[0][1] if based else None)
                 outputs.append((out_name, inputs, base, t))
             out_layer += 1
     for name in post:
@@ -470,14 +486,18 @@ def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput])
                     f"della needs density ± epsilon inside (0, 1): {density} ± {epsilon} for {entry.model} at {name}"
                 )
             entries.append({"model": index[entry.model], "tensor": source_name, **values})  # type: ignore[typeddict-item]
+        first = inputs[0][0] if inputs else None
+        shared = first.slice_parameters if first else None
+        # A slice's own base_model: read for this tensor instead of the job's base.
+        base_model = index[first.slice_base] if first and first.slice_base and base_tensor else None
         tensors.append(
             {
                 "name": name,
                 "base_tensor": base_tensor,
-                "base_model": None,
+                "base_model": base_model,
                 "inputs": entries,
-                "t": float(lookup(config, None, "t", name, t, 0.0)),
-                "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0)),
+                "t": float(lookup(config, None, "t", name, t, 0.0, shared)),
+                "select_topk": float(lookup(config, None, "select_topk", name, t, 1.0, shared)),
             }
         )
     return tensors
@@ -508,7 +528,7 @@ _TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}
 def _fixed(config: MergeConfig, entry: ModelEntry, key: str) -> float | None:
     """A per-model parameter's value when it is the same at every tensor (a plain number, or
     absent: the table's default), else None. A plain number was range-checked with the recipe."""
-    for params in (entry.parameters, config.parameters):
+    for params in (entry.parameters, entry.slice_parameters, config.parameters):
         if key in params:
             value = params[key]
             return float(value) if isinstance(value, (int, float)) else None

@@ -79,6 +79,10 @@ class ModelEntry:
     parameters: Mapping[str, Any]
     # [first, end) layers taken from this model, in a `slices:` recipe.
     layer_range: tuple[int, int] | None = None
+    # Its slice's `parameters` (looked up after the source's own, before the recipe's) and
+    # `base_model` (the slice's base instead of the recipe's), in a `slices:` recipe.
+    slice_parameters: Mapping[str, Any] = field(default_factory=dict)
+    slice_base: str | None = None
 
 
 @dataclass(frozen=True)
@@ -193,13 +197,29 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         if "models" in raw:
             raise fail(["slices"], "use either models: or slices:, not both")
         slices = []
+        residual: list[str] = []
         if not isinstance(raw["slices"], list) or not raw["slices"]:
             raise fail(["slices"], "a non-empty list of slices is required")
         for i, item in enumerate(raw["slices"]):
             for key in item if isinstance(item, Mapping) else ():
-                if key != "sources":
-                    raise fail(["slices", i, key], f"slice-level {key} is not supported yet (only sources)")
+                if key not in ("sources", "parameters", "base_model", "residual_weight"):
+                    raise fail(
+                        ["slices", i, key], "unknown key (known here: sources, parameters, base_model, residual_weight)"
+                    )
             sources = item.get("sources") if isinstance(item, Mapping) else None
+            slice_parameters = item.get("parameters") or {}
+            if not isinstance(slice_parameters, Mapping):
+                raise fail(["slices", i, "parameters"], "parameters must be a mapping")
+            slice_base = item.get("base_model")
+            if slice_base is not None and not isinstance(slice_base, str):
+                raise fail(["slices", i, "base_model"], "base_model must be a model reference")
+            if "residual_weight" in item:
+                if not isinstance(item["residual_weight"], (int, float)):
+                    raise fail(["slices", i, "residual_weight"], "residual_weight must be a number")
+                residual.append(
+                    f"slices[{i}].residual_weight: ignored, as mergekit 0.1.5 ignores it (it parses the key and"
+                    " never applies it)"
+                )
             if not isinstance(sources, list) or not sources:
                 raise fail(["slices", i], "each slice needs a non-empty 'sources' list")
             entries = []
@@ -213,7 +233,9 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
                     and 0 <= span[0] < span[1]
                 ):
                     raise fail(["slices", i, "sources", j, "layer_range"], "layer_range must be [first, end)")
-                entries.append(ModelEntry(entry.model, entry.parameters, (span[0], span[1])))
+                entries.append(
+                    ModelEntry(entry.model, entry.parameters, (span[0], span[1]), dict(slice_parameters), slice_base)
+                )
             lengths = {e.layer_range[1] - e.layer_range[0] for e in entries if e.layer_range}
             if len(lengths) != 1:
                 raise fail(["slices", i], "all sources of a slice must span the same number of layers")
@@ -236,7 +258,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     # Imported here: the vocabulary module raises this module's RecipeError.
     from .vocabulary import parse_spec
 
-    refs = {m.model for m in models} | ({base} if base else set())
+    refs = {m.model for m in models} | ({base} if base else set()) | {m.slice_base for m in models if m.slice_base}
     try:
         tokenizer = parse_spec(raw, refs)
     except RecipeError as error:
@@ -258,6 +280,8 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         out_format=out_format,
         adapter_rank=adapter_rank,
     )
+    if slices is not None:
+        config.ignored.extend(residual)
     _check_method(config, fail)
     return config
 
@@ -346,15 +370,23 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
 
 def _check_slices(config: MergeConfig, fail: Any) -> None:
     method = config.method
-    if method.needs_base and config.base_model is None:
+    every_slice_based = all(s[0].slice_base is not None for s in config.slices or ())
+    if method.needs_base and config.base_model is None and not every_slice_based:
         raise fail(["base_model"], f"{method.name} needs a base_model")
     for i, sources in enumerate(config.slices or ()):
         high = method.info.max_models
-        if high is not None and len(sources) > high:
+        based = (sources[0].slice_base or config.base_model) if method.base not in ("ignored", "input") else None
+        merged = [e for e in sources if e.model != based]
+        if high is not None and len(merged) > high:
             raise fail(["slices", i, "sources"], f"{method.name} takes at most {high} source(s) per slice")
+        base = sources[0].slice_base
+        if base is not None and method.base not in ("ignored", "input") and all(e.model != base for e in sources):
+            # mergekit: "Base input is not present in merge inputs".
+            raise fail(["slices", i, "base_model"], f"{base} is not among the slice's sources")
         for j, entry in enumerate(sources):
             for scope, params in (
                 (["slices", i, "sources", j, "parameters"], entry.parameters),
+                (["slices", i, "parameters"], entry.slice_parameters),
                 (["parameters"], config.parameters),
             ):
                 _check_names(fail, scope, method, params, config.ignored)
