@@ -167,3 +167,21 @@ def one_line_error(done: subprocess.CompletedProcess[str], *fragments: str) -> s
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+def strategy_specs(layer_granularity: int = 0, max_evals: int = 8) -> dict[str, dict[str, Any]]:
+    """Short topk, greedy-soup and CMA-ES configs (the pool and evaluator left to the caller), for
+    tests that run every strategy over one pool and another and compare."""
+    return {
+        "topk": {
+            "strategy": "topk",
+            "topk": {"k": 2, "generations": 2, "explore": "kinship", "metric": "pcc"},
+            "merge": {"merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32"},
+        },
+        "soup": {"strategy": "greedy_soup", "merge": {"merge_method": "linear", "dtype": "float32"}},
+        "cmaes": {
+            "strategy": "cmaes",
+            "genome": {"merge_method": "task_arithmetic", "layer_granularity": layer_granularity, "dtype": "float32"},
+            "cmaes": {"sigma0": 0.1667, "max_evals": max_evals, "seed": 0},
+        },
+    }

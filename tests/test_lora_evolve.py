@@ -14,23 +14,12 @@ import yaml
 
 import modelkin
 import modelkin.evolve as evo
+from evolve_support import strategy_specs
 from modelkin.evolve.family import ADAPTERS, write_task_family
 from modelkin.io.resident import AdaptedModel
 from modelkin.testing import run_cli
 
-SPECS: dict[str, dict[str, Any]] = {
-    "topk": {
-        "strategy": "topk",
-        "topk": {"k": 2, "generations": 2, "explore": "kinship", "metric": "pcc"},
-        "merge": {"merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32"},
-    },
-    "soup": {"strategy": "greedy_soup", "merge": {"merge_method": "linear", "dtype": "float32"}},
-    "cmaes": {
-        "strategy": "cmaes",
-        "genome": {"merge_method": "task_arithmetic", "layer_granularity": 0, "dtype": "float32"},
-        "cmaes": {"sigma0": 0.1667, "max_evals": 8, "seed": 0},
-    },
-}
+SPECS = strategy_specs(layer_granularity=0, max_evals=8)
 
 
 @pytest.fixture(scope="module")

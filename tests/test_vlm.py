@@ -18,6 +18,7 @@ import yaml
 from test_task_family import peer_python
 
 import modelkin
+from evolve_support import strategy_specs
 from modelkin.evolve.family import write_task_family
 from modelkin.io.safetensors import save_file
 from modelkin.testing import read_safetensors, run_cli, stored_dtypes
@@ -219,19 +220,8 @@ def test_transformers_loads_the_merged_vlm(tmp_path, family):
     assert loaded.returncode == 0, loaded.stderr[-2000:]
 
 
-EVOLVE: dict[str, dict[str, Any]] = {
-    "topk": {
-        "strategy": "topk",
-        "topk": {"k": 2, "generations": 2, "explore": "kinship", "metric": "pcc"},
-        "merge": {"merge_method": "slerp", "parameters": {"t": 0.5}, "dtype": "float32"},
-    },
-    "soup": {"strategy": "greedy_soup", "merge": {"merge_method": "linear", "dtype": "float32"}},
-    "cmaes": {
-        "strategy": "cmaes",
-        "genome": {"merge_method": "task_arithmetic", "layer_granularity": 1, "dtype": "float32"},
-        "cmaes": {"sigma0": 0.1667, "max_evals": 10, "seed": 0},
-    },
-}
+# Layer groups in the genome: the VLM's language layers weighed one by one.
+EVOLVE = strategy_specs(layer_granularity=1, max_evals=10)
 
 
 @pytest.mark.parametrize("strategy", list(EVOLVE))
