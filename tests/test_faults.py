@@ -65,11 +65,14 @@ def temporaries(out: Path) -> list[Path]:
 
 
 def start_merge(recipe: Path, out: Path) -> subprocess.Popen[str]:
+    # SIGHUP at its default, as a terminal's child has it: under nohup the merge would rightly
+    # ignore the hangup and run on.
     return subprocess.Popen(
         [sys.executable, "-c", CLI, "merge", str(recipe), str(out), "--threads", "1"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
 
 

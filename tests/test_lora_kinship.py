@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -144,31 +145,33 @@ def test_adapters_by_hub_id_from_a_fake_offline_cache(tmp_path, family):
 
     base_dir, _, base = family
     for name, variant, seed in (("a", "plain", 1), ("b", "rslora and patterns", 2)):
-        targets, config = VARIANTS[variant]
-        write_adapter(tmp_path / name, base, targets, {**config, "base_model_name_or_path": "org/base"}, seed=seed)
+        write_adapter(tmp_path / name, base, *VARIANTS[variant], seed=seed)
+
+    def linear(model: str) -> dict[str, Any]:
+        return {"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1}}]}
+
+    # The same adapters by path, before their configs name a base.
+    local = modelkin.kinship(tmp_path / "a", tmp_path / "b", base=base_dir)
+    want = modelkin.merge(linear(f"{base_dir}+{tmp_path / 'a'}"))
+    # On the Hub, each adapter's config names its base by Hub id.
+    for name in ("a", "b"):
+        config_file = tmp_path / name / "adapter_config.json"
+        named = {**json.loads(config_file.read_text()), "base_model_name_or_path": "org/base"}
+        config_file.write_text(json.dumps(named))
     cache = tmp_path / "hub"
     for repo, path in (("org/base", base_dir), ("org/lora-a", tmp_path / "a"), ("org/lora-b", tmp_path / "b")):
         fake_hub_cache(cache, repo, path)
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     done = run_cli("kinship", "org/lora-a", "org/lora-b", "--base", "org/base", "--json", env=env)
     assert done.returncode == 0, done.stderr
-    local = modelkin.kinship(tmp_path / "a", tmp_path / "b", base=base_dir)
     assert json.loads(done.stdout)["metrics"]["pcc"] == pytest.approx(local.pcc, rel=1e-12)
     # In a recipe: BASE+ADAPTER by Hub ids, and a bare adapter whose config names its base by Hub id.
     for model in ("org/base+org/lora-a", "org/lora-a"):
         recipe = tmp_path / "r.yml"
-        recipe.write_text(
-            json.dumps({"merge_method": "linear", "models": [{"model": model, "parameters": {"weight": 1}}]})
-        )
+        recipe.write_text(json.dumps(linear(model)))
         out = tmp_path / f"out-{model.replace('/', '_')}"
         done = run_cli("merge", str(recipe), str(out), env=env)
         assert done.returncode == 0, done.stderr
-        want = modelkin.merge(
-            {
-                "merge_method": "linear",
-                "models": [{"model": f"{base_dir}+{tmp_path / 'a'}", "parameters": {"weight": 1}}],
-            }
-        )
         got = read_safetensors(out)
         for name in want.tensor_names:
             np.testing.assert_array_equal(got[name], np.asarray(want[name], dtype=np.float64), err_msg=name)

@@ -26,6 +26,16 @@ def resolve(reference: str | os.PathLike[str], *, offline: bool = False) -> Path
     return _from_hub(match["repo"], match["revision"], offline or _env_offline())
 
 
+def _hub_cache() -> str:
+    """The Hugging Face cache as the environment names it now (huggingface_hub's own default is
+    frozen when it is imported, so a later change of HF_HUB_CACHE or HF_HOME would be missed)."""
+    named = os.environ.get("HF_HUB_CACHE")
+    if named:
+        return named
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
 def _env_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -42,7 +52,7 @@ def _from_hub(repo: str, revision: str | None, offline: bool) -> Path:
             allow_patterns=_PATTERNS,
             local_files_only=offline,
             # Read at call time: huggingface_hub freezes its own default at import.
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            cache_dir=_hub_cache(),
         )
     except Exception as error:  # huggingface_hub raises many unrelated types; all mean "not here"
         where = "in the local Hugging Face cache" if offline else "on the Hugging Face Hub"
