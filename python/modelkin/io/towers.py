@@ -48,6 +48,8 @@ class Vlm:
     language: dict[str, str]
     # the VLM's other tensors (vision tower, projector, ...)
     others: tuple[str, ...]
+    # (VLM prefix, text prefix) pairs of the naming its files use
+    naming: tuple[tuple[str, str], ...]
 
     @property
     def text_config_key(self) -> str:
@@ -60,7 +62,7 @@ class Vlm:
 
     def to_vlm_name(self, text_name: str) -> str:
         """The VLM's name of a language tensor (a stacked merge's new layers follow the naming)."""
-        for prefix_vlm, prefix_text in _naming(self):
+        for prefix_vlm, prefix_text in self.naming:
             if text_name.startswith(prefix_text):
                 return prefix_vlm + text_name[len(prefix_text) :]
         raise InvalidModelError(f"{self.path}: no VLM name for {text_name}")
@@ -69,13 +71,6 @@ class Vlm:
         """The language model as a model of the text architecture (a view: nothing is copied)."""
         handle = open_model(self.path)
         return compose_model([(handle, list(self.language.items()))], label or f"{self.path} (language model)")
-
-
-def _naming(vlm: Vlm) -> tuple[tuple[str, str], ...]:
-    for naming in TOWERS[vlm.architecture].namings:
-        if any(name.startswith(naming[0][0]) for name in vlm.language.values()):
-            return naming
-    return TOWERS[vlm.architecture].namings[0]
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -87,8 +82,12 @@ def _config(path: Path) -> dict[str, Any] | None:
     return loaded
 
 
-def _language(names: list[str], architecture: str) -> dict[str, str] | None:
-    """text name -> the VLM's name of every language tensor, under the naming ``names`` use."""
+Naming = tuple[tuple[str, str], ...]
+
+
+def _language(names: list[str], architecture: str) -> tuple[dict[str, str], Naming] | None:
+    """text name -> the VLM's name of every language tensor, under the naming ``names`` use, and
+    that naming."""
     for naming in TOWERS[architecture].namings:
         language: dict[str, str] = {}
         for name in names:
@@ -97,7 +96,7 @@ def _language(names: list[str], architecture: str) -> dict[str, str] | None:
                     language[prefix_text + name[len(prefix_vlm) :]] = name
                     break
         if any(text.startswith("model.layers.") for text in language):
-            return language
+            return language, naming
     return None
 
 
@@ -123,13 +122,12 @@ def read_vlm(path: str | os.PathLike[str]) -> Vlm | None:
     if architecture is None or config is None:
         return None
     names = [name for name, _, _ in open_model(folder).tensors()]
-    language = _language(names, architecture)
-    if language is None:
-        raise InvalidModelError(
-            f"{folder}: a {architecture} model with no language model tensors under its known names"
-        )
-    others = tuple(name for name in names if name not in set(language.values()))
-    return Vlm(folder, architecture, config, language, others)
+    found = _language(names, architecture)
+    if found is None:
+        raise InvalidModelError(f"{folder}: a {architecture} model with no language tensors under its known names")
+    language, naming = found
+    taken = set(language.values())
+    return Vlm(folder, architecture, config, language, tuple(n for n in names if n not in taken), naming)
 
 
 class LanguageModel(ResidentModel):
@@ -156,7 +154,7 @@ def language_model(model: ResidentModel) -> ResidentModel:
     architecture = _architecture(config, model.label)
     if architecture is None or config is None:
         return model
-    language = _language(list(model.tensor_names), architecture)
-    if language is None:
+    found = _language(list(model.tensor_names), architecture)
+    if found is None:
         raise InvalidModelError(f"{model.label}: a {architecture} model with no language model tensors")
-    return LanguageModel(model, dict(config.get(TOWERS[architecture].text_config) or {}), language)
+    return LanguageModel(model, dict(config.get(TOWERS[architecture].text_config) or {}), found[0])

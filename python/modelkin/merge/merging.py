@@ -23,7 +23,7 @@ from .adapter_output import write_adapter_merge
 from .chat_template import resolve_template, write_template
 from .output import check_output, model_dir, output_config, parse_size, publish, write_metadata
 from .planner import MergePlan, plan
-from .vlm_output import as_vlm, vlm_config, write_vlm_files
+from .vlm_output import as_vlm, vlm_config, vlm_metadata, write_processor_files
 from .vocabulary import VOCAB_TENSOR, OutputVocabulary, lay_out, write_tokenizer
 from .vocabulary import build as build_vocabulary
 
@@ -318,6 +318,7 @@ def _finish(planned: MergePlan, staging: Path, kinship: KinshipMatrix | None, ex
         options,
         kinship,
         planned.models,
+        **vlm_metadata(planned, extras.base_config),
     )
     if extras.vocabulary is not None:
         write_tokenizer(extras.vocabulary, staging, TOKENIZER_FILES)
@@ -326,7 +327,7 @@ def _finish(planned: MergePlan, staging: Path, kinship: KinshipMatrix | None, ex
     elif config.chat_template == "auto":
         print("warning: chat_template: auto found no template among the models; none written", file=sys.stderr)
     if planned.vlm is not None:
-        write_vlm_files(planned, staging, extras.base_config)
+        write_processor_files(planned, staging)
 
 
 def _lay_out_vocabulary(planned: MergePlan, scratch: Path) -> tuple[OutputVocabulary, dict[tuple[str, str], Path]]:

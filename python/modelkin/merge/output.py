@@ -91,12 +91,20 @@ def write_metadata(
     options: dict[str, Any],
     kinship: KinshipMatrix | None,
     parents: tuple[str, ...],
+    *,
+    written_config: dict[str, Any] | None = None,
+    tokenizer_from: Path | None = None,
+    provenance_extra: dict[str, Any] | None = None,
 ) -> None:
-    if base_config is not None:
-        (staging / "config.json").write_text(json.dumps(output_config(base_config, out_dtype), indent=2))
+    """Everything beside the tensors. ``written_config`` replaces the base's config (dtype keys
+    set), ``tokenizer_from`` the directory the tokenizer files come from (a VLM written as itself)."""
+    if written_config is None and base_config is not None:
+        written_config = output_config(base_config, out_dtype)
+    if written_config is not None:
+        (staging / "config.json").write_text(json.dumps(written_config, indent=2))
     if config.tokenizer is None:
         # No tokenizer request: the base's (else the first model's) files, as mergekit copies them.
-        tokenizer_dir = model_dir(paths[base_ref or inputs[0].model])
+        tokenizer_dir = tokenizer_from or model_dir(paths[base_ref or inputs[0].model])
         for file in tokenizer_dir.iterdir():
             if file.is_file() and TOKENIZER_FILES.match(file.name):
                 shutil.copyfile(file, staging / file.name)
@@ -113,6 +121,7 @@ def write_metadata(
         "kinship": kinship.to_dict()["metrics"] if kinship is not None else None,
         "ignored": list(config.ignored),
         "modelkin_version": __version__,
+        **(provenance_extra or {}),
     }
     (staging / "modelkin.json").write_text(json.dumps(provenance, indent=2, default=str))
     (staging / "README.md").write_text(

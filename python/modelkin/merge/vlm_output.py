@@ -4,7 +4,6 @@ the text config's layer count and dtype set from the merge, and its processor an
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 
 from .._core import ModelHandle, compose_model, open_model
 from ..io.dtypes import TORCH_NAMES
-from ..io.resident import TOKENIZER_FILES
 from ..io.towers import Vlm
 from .architecture import COUNT_KEYS
 from .planner import MergePlan
@@ -45,25 +43,27 @@ def vlm_config(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[s
     return {**vlm.config, vlm.text_config_key: text, "dtype": name, "torch_dtype": name}
 
 
-def write_vlm_files(planned: MergePlan, staging: Path, text_config: dict[str, Any] | None) -> None:
-    """The VLM's config (text config updated), processor and tokenizer files, and what was mapped
-    (modelkin.json and one line on stderr)."""
+def vlm_metadata(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[str, Any]:
+    """What :func:`..output.write_metadata` writes differently for a merge into a VLM: the VLM's
+    config, its tokenizer files, and what was mapped; nothing for another merge."""
+    vlm = planned.vlm
+    if vlm is None:
+        return {}
+    return {
+        "written_config": vlm_config(planned, text_config),
+        "tokenizer_from": vlm.path,
+        "provenance_extra": {"vlm": _mapped(planned, vlm)},
+    }
+
+
+def write_processor_files(planned: MergePlan, staging: Path) -> None:
+    """The VLM's processor files beside its tokenizer's, and one line on stderr."""
     vlm = planned.vlm
     assert vlm is not None
-    config = vlm_config(planned, text_config)
-    text = config[vlm.text_config_key]
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    for file in staging.iterdir():
-        if file.is_file() and TOKENIZER_FILES.match(file.name):
-            file.unlink()  # another model's tokenizer: the VLM's processor goes with its own
     for file in vlm.path.iterdir():
-        if file.is_file() and (TOKENIZER_FILES.match(file.name) or _PROCESSOR_FILES.match(file.name)):
+        if file.is_file() and _PROCESSOR_FILES.match(file.name):
             (staging / file.name).write_bytes(file.read_bytes())
-    mapped = _mapped(planned, vlm)
-    provenance_file = staging / "modelkin.json"
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
-    provenance["vlm"] = mapped
-    provenance_file.write_text(json.dumps(provenance, indent=2, default=str))
+    text = vlm.text_config
     print(
         f"merged into the {vlm.architecture} VLM {vlm.path}: its language model merged under the"
         f" {text.get('model_type', 'text')} names, {len(vlm.others)} other tensors copied from it",

@@ -10,25 +10,18 @@ use pyo3::prelude::*;
 use crate::errors::to_py;
 use crate::model::ModelHandle;
 
-fn layout(name: &str) -> PyResult<LoraLayout> {
-    match name {
-        "plain" => Ok(LoraLayout::Plain),
-        "transposed" => Ok(LoraLayout::Transposed),
-        other => {
-            Err(to_py(Error::InvalidArgument(format!("unknown LoRA layout '{other}' (plain, transposed)"))))
-        }
-    }
+/// One of an option's named values, or an error listing them.
+fn choice<T: Copy>(what: &str, name: &str, values: &[(&str, T)]) -> PyResult<T> {
+    values.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).ok_or_else(|| {
+        let known: Vec<&str> = values.iter().map(|(n, _)| *n).collect();
+        to_py(Error::InvalidArgument(format!("unknown {what} '{name}' ({})", known.join(", "))))
+    })
 }
 
-fn rounding(name: &str) -> PyResult<DeltaRounding> {
-    match name {
-        "sum" => Ok(DeltaRounding::Sum),
-        "delta_first" => Ok(DeltaRounding::DeltaFirst),
-        other => {
-            Err(to_py(Error::InvalidArgument(format!("unknown delta rounding '{other}' (sum, delta_first)"))))
-        }
-    }
-}
+const LAYOUTS: &[(&str, LoraLayout)] =
+    &[("plain", LoraLayout::Plain), ("transposed", LoraLayout::Transposed)];
+const ROUNDINGS: &[(&str, DeltaRounding)] =
+    &[("sum", DeltaRounding::Sum), ("delta_first", DeltaRounding::DeltaFirst)];
 
 /// A target as Python gives it: (tensor, A, B, scale, layout, rounding).
 type TargetArg = (String, String, String, f64, String, String);
@@ -48,7 +41,14 @@ pub fn apply_adapter(
     let targets = targets
         .into_iter()
         .map(|(tensor, a, b, scale, l, r)| {
-            Ok(LoraTarget { tensor, a, b, scale, layout: layout(&l)?, rounding: rounding(&r)? })
+            Ok(LoraTarget {
+                tensor,
+                a,
+                b,
+                scale,
+                layout: choice("LoRA layout", &l, LAYOUTS)?,
+                rounding: choice("delta rounding", &r, ROUNDINGS)?,
+            })
         })
         .collect::<PyResult<Vec<_>>>()?;
     let replacements: Vec<Replacement> =

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::io::dtype::{decode, FloatDtype};
+use crate::io::dtype::FloatDtype;
 use crate::io::encode::{encode, OutDtype};
 use crate::io::error::{Error, Result};
 use crate::io::model::Model;
@@ -98,17 +98,20 @@ fn weight_dtype(base: &Model, name: &str) -> Result<(FloatDtype, OutDtype, Vec<u
     Ok((dtype, out, entry.shape.clone()))
 }
 
-/// Rounds float32 values to `dtype` and back (torch's `.to(dtype)`, round to nearest even).
+/// Rounds values to `dtype` (torch's `.to(dtype)`: round to nearest even), in place. They are
+/// float32 numbers here (a float32 sum or delta), so rounding from f32 is the one rounding torch
+/// makes; nothing is encoded and decoded again.
 fn round_to(dtype: OutDtype, values: &mut [f64]) {
-    let mut bytes = Vec::with_capacity(values.len() * dtype.size());
-    encode(dtype, values, &mut bytes);
-    let stored = match dtype {
-        OutDtype::F64 => FloatDtype::F64,
-        OutDtype::F32 => FloatDtype::F32,
-        OutDtype::F16 => FloatDtype::F16,
-        OutDtype::BF16 => FloatDtype::BF16,
-    };
-    decode(stored, &bytes, values);
+    match dtype {
+        OutDtype::F64 => {}
+        OutDtype::F32 => values.iter_mut().for_each(|v| *v = f64::from(*v as f32)),
+        OutDtype::BF16 => {
+            values.iter_mut().for_each(|v| *v = f64::from(half::bf16::from_f32(*v as f32).to_f32()))
+        }
+        OutDtype::F16 => {
+            values.iter_mut().for_each(|v| *v = f64::from(half::f16::from_f32(*v as f32).to_f32()))
+        }
+    }
 }
 
 /// The weight with one adapter target applied, as f64 values of its dtype's numbers.
