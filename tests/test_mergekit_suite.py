@@ -345,3 +345,45 @@ def test_slice_level_parameters_base_model_and_residual_weight(tmp_path, models,
     out = run_and_check_merge(tmp_path, config)
     ignored = json.loads((out / "modelkin.json").read_text())["ignored"]
     assert any("residual_weight" in line for line in ignored), ignored
+
+
+@pytest.mark.parametrize("form", ["models", "slices"])
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "slerp"])
+def test_modules_recipe_form(tmp_path, models, form, method):
+    """mergekit's `modules:` on a text model: its one module `default`, with the module's
+    `parameters` looked up after the slice's and before the recipe's. Bit for bit with mergekit."""
+    a, b, c = models["a"], models["b"], models["c"]
+    merged = [a, b] if method == "slerp" else [a, b, c]
+    base = a if method == "slerp" else c
+    module_params = {"ties": {"weight": 0.3, "density": 0.5}, "task_arithmetic": {"weight": 0.3}, "slerp": {"t": 0.2}}
+    module: dict = {"parameters": module_params[method]}
+    if form == "models":
+        module["models"] = [{"model": m} for m in merged]
+        if method != "slerp":
+            module["models"][0]["parameters"] = {"weight": 0.7}
+    else:
+        first = [{"model": m, "layer_range": [0, 1]} for m in merged]
+        second = [{"model": m, "layer_range": [1, 2]} for m in merged]
+        if method != "slerp":
+            first[0]["parameters"] = {"weight": 0.7}
+        module["slices"] = [
+            {"sources": first},
+            {"sources": second, "parameters": {"t": 0.9}} if method == "slerp" else {"sources": second},
+        ]
+    config = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "bfloat16",
+        "parameters": {"density": 0.9, "weight": 0.5} if method == "ties" else {"t": 0.6} if method == "slerp" else {},
+        "modules": {"default": module},
+    }
+    out = run_and_check_merge(tmp_path, config)
+    # The module's parameters are applied: the same merge with them at the recipe's level.
+    flat = {k: v for k, v in config.items() if k != "modules"}
+    flat["parameters"] = {**config["parameters"], **module["parameters"]}
+    flat["models" if form == "models" else "slices"] = module[form]
+    (tmp_path / "flat.yml").write_text(yaml.safe_dump(flat))
+    merge(tmp_path / "flat.yml", tmp_path / "flat")
+    expected = read_safetensors(tmp_path / "flat")
+    for name, value in read_safetensors(out).items():
+        np.testing.assert_array_equal(value, expected[name], err_msg=name)

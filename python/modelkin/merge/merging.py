@@ -73,7 +73,7 @@ class MergedModel(ResidentModel):
     def config(self) -> dict[str, Any] | None:
         """The config.json the merge writes (dtype keys set to the output dtype)."""
         base = self._extras.base_config
-        if self.plan.vlm is not None:
+        if self.plan.written_vlm is not None:
             return vlm_config(self.plan, base)
         return None if base is None else output_config(base, self.plan.config_dtype_name)
 
@@ -85,8 +85,8 @@ class MergedModel(ResidentModel):
         config = self.plan.config
         if config.tokenizer is not None or config.chat_template is not None:
             return None
-        if self.plan.vlm is not None:
-            return self.plan.vlm.path
+        if self.plan.written_vlm is not None:
+            return self.plan.written_vlm.path
         return model_dir(self.plan.paths[self.plan.base or self.plan.entries[0].model])
 
     def __repr__(self) -> str:
@@ -326,7 +326,7 @@ def _finish(planned: MergePlan, staging: Path, kinship: KinshipMatrix | None, ex
         write_template(staging, extras.template)
     elif config.chat_template == "auto":
         print("warning: chat_template: auto found no template among the models; none written", file=sys.stderr)
-    if planned.vlm is not None:
+    if planned.written_vlm is not None:
         write_processor_files(planned, staging)
 
 

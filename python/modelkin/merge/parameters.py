@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
+
+from ..io.errors import RecipeError
 
 if TYPE_CHECKING:
     from .recipe import MergeConfig, ModelEntry
@@ -55,15 +57,16 @@ def lookup(
     tensor: str,
     t: float | None,
     default: object = None,
-    slice_parameters: Mapping[str, Any] | None = None,
+    shared: Sequence[Mapping[str, Any]] = (),
 ) -> Any:
-    """mergekit's order: the model's own parameters, then its slice's (``slice_parameters`` for a
-    parameter shared by the slice's models), then the global ones, then the default; the first
-    that yields a value wins."""
+    """mergekit's order: the model's own parameters, then its slice's, then its module's, then the
+    global ones, then the default; the first that yields a value wins. Without an entry, ``shared``
+    (the slice's and module's parameters) stands for the model's scopes: a parameter shared by the
+    slice's models."""
     scopes = (
-        (entry.parameters, entry.slice_parameters, config.parameters)
+        (entry.parameters, entry.slice_parameters, entry.module_parameters, config.parameters)
         if entry
-        else (slice_parameters or {}, config.parameters)
+        else (*shared, config.parameters)
     )
     for params in scopes:
         if key in params:
@@ -71,3 +74,23 @@ def lookup(
             if value is not None:
                 return value
     return default
+
+
+def global_options(config: MergeConfig) -> dict[str, Any]:
+    """The method's global options: one value for the whole merge (the engine takes them per job).
+    A slice or module may set one (mergekit looks them up per tensor) when every slice and module
+    agrees; different values are refused by name rather than applied to part of the merge."""
+    options: dict[str, Any] = {}
+    for key, default in config.method.global_defaults.items():
+        found: dict[str, tuple[str, Any]] = {}
+        for entry in config.models:
+            value = lookup(config, None, key, "", None, default, (entry.slice_parameters, entry.module_parameters))
+            found.setdefault(repr(value), (entry.model, value))
+        if len(found) > 1:
+            values = ", ".join(f"{v!r} ({model})" for model, v in found.values())
+            raise RecipeError(
+                f"parameters.{key}: {config.method.name} takes one {key} for the whole merge; the recipe's slices or"
+                f" modules give {values}"
+            )
+        options[key] = next(iter(found.values()))[1] if found else default
+    return options

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -21,11 +20,13 @@ from ..io.errors import ModelReferenceError
 from ..io.resolve import resolve
 from ..io.safetensors import Dtype, decode_tensor, read_tensor
 from ..io.towers import Vlm, read_vlm
-from .architecture import COUNT_KEYS, LayerNaming, layer_naming
+from .architecture import COUNT_KEYS, layer_naming
 from .job import ComputeName, MergeInput, MergeJob, OutDtypeName, RamOptions, SphericalOptions, TensorRecipe
+from .layout import PlannedOutput, merged_inputs, plan_models, plan_slices, text_stack
 from .mkl import mkl_library
+from .modules import plan_recipe_modules, whole_vlm_of
 from .output import model_dir, read_json
-from .parameters import gradient_position, layer_of, lookup
+from .parameters import global_options, layer_of, lookup
 from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
 
 # Memory magnitude pruning (ties, breadcrumbs) may use per tensor to split ties at its threshold
@@ -33,9 +34,6 @@ from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_conf
 # exercise the streamed rule.
 SORT_ORDER_BYTES: int | None = None
 
-# One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
-# name, and the tensor's position along parameter gradients.
-PlannedOutput = tuple[str, list[tuple[ModelEntry, str]], str | None, float | None]
 # (size, mtime in ns, inode) of a model file: a file replaced by a copy with the same size and
 # time (rsync, cp -p) is a new inode.
 Stamp = tuple[int, int, int]
@@ -91,6 +89,9 @@ class MergePlan:
     adapters: dict[str, AdapterLayout] = field(default_factory=dict)
     # Model reference → a VLM merged through its language model (the output is then that VLM).
     vlms: dict[str, Vlm] = field(default_factory=dict)
+    # A `modules:` recipe over VLMs alone: merged whole, module by module; its config, processor
+    # and tokenizer files are this VLM's (the base, else the first model).
+    whole_vlm: Vlm | None = None
 
     @property
     def config_dtype_name(self) -> OutDtypeName:
@@ -104,6 +105,11 @@ class MergePlan:
             if ref in self.vlms:
                 return self.vlms[ref]
         return next(iter(self.vlms.values()), None)
+
+    @property
+    def written_vlm(self) -> Vlm | None:
+        """The VLM whose config, processor and tokenizer files the output takes, if any."""
+        return self.vlm or self.whole_vlm
 
     @property
     def method(self) -> str:
@@ -180,7 +186,10 @@ class MergePlan:
             "spherical": cast(SphericalOptions, _options(options, _SPHERICAL_OPTIONS)),
             "tensors": self._redirected(redirect),
             # Provenance compares the parents tensor by tensor; slices mix parents per layer.
-            "kinship": self.config.slices is None,
+            # A VLM merged whole mixes towers modelkin's kinship leaves out.
+            "kinship": self.config.slices is None
+            and self.whole_vlm is None
+            and all(m.models is not None for m in self.config.modules or ()),
         }
         if SORT_ORDER_BYTES is not None:
             job["sort_order_bytes"] = SORT_ORDER_BYTES
@@ -236,20 +245,24 @@ def plan(
     # vectors when one is given; karcher averages it with the models (mergekit 0.1.5 gathers every
     # model of the recipe, base_model included, into the mean).
     base_ref = config.base_model if method.base in ("required", "optional") else None
-    inputs = list({m.model: m for m in config.models if m.model != base_ref}.values())
-    if method.base == "input" and config.base_model and all(m.model != config.base_model for m in inputs):
-        inputs.append(ModelEntry(config.base_model, {}))
-    # A VLM takes part through its language model, under the text architecture's names.
+    inputs = merged_inputs(config, config.models, base_ref)
+    # A VLM takes part through its language model, under the text architecture's names; a
+    # `modules:` recipe over VLMs alone merges them whole, module by module, as mergekit does.
     vlms = {ref: vlm for ref, path in paths.items() if ref not in adapters and (vlm := read_vlm(path)) is not None}
+    whole_vlm = whole_vlm_of(config, paths, vlms, adapters)
+    if whole_vlm is not None:
+        vlms = {}
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
     opened = {ref: _opened_model(ref, path, adapters, vlms, stamps) for ref, path in paths.items()}
-    if vlms and config.tokenizer is not None:
+    if (vlms or whole_vlm) and config.tokenizer is not None:
         raise RecipeError("a merge into a VLM takes no tokenizer or tokenizer_source (the VLM's tokenizer is kept)")
     listings = {ref: listing for ref, (_, listing) in opened.items()}
     reference = base_ref or inputs[0].model
     base_config = (
         dict(vlms[reference].text_config)
         if reference in vlms
+        else dict(whole_vlm.text_config)
+        if whole_vlm is not None
         else read_json(model_dir(paths[reference]) / "config.json")
     )
     tensors = listings[reference]
@@ -259,12 +272,19 @@ def plan(
     if not layers:
         found = [layer_of(n) for n in names]
         layers = max((x for x in found if x is not None), default=0) + 1
-    options = {k: lookup(config, None, k, "", None, v) for k, v in method.global_defaults.items()}
-    if config.slices is None:
-        outputs = _plan_models(names, base_ref, inputs, layers)
+    options = global_options(config)
+    if config.modules is not None:
+        outputs, base_config = plan_recipe_modules(config, names, base_ref, base_config, reference, whole_vlm)
+    elif config.slices is None:
+        outputs = plan_models(names, base_ref, inputs, layers)
     else:
         naming = layer_naming(base_config, names, reference)
-        outputs = _plan_slices(config, names, base_ref, naming)
+
+        def based(slice_sources: tuple[ModelEntry, ...]) -> str | None:
+            """The slice's base_model, else the recipe's (none for a method that ignores it)."""
+            return (slice_sources[0].slice_base or base_ref) if method.base in ("required", "optional") else None
+
+        outputs = plan_slices(config.slices, text_stack(names, naming), based)
         out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
         base_config = {**(base_config or {}), naming.count_key: out_layers}
     out_dtype = cast(OutDtypeName, out_dtype_name(config, base_config, tensors[0][2] if tensors else None))
@@ -293,6 +313,7 @@ def plan(
         adapters=adapters,
         vlms=vlms,
         config_dtype=config_dtype,
+        whole_vlm=whole_vlm,
     )
 
 
@@ -393,72 +414,6 @@ def _stamps(paths: Iterable[Path]) -> dict[Path, Stamps]:
     return stamps
 
 
-def _plan_models(
-    tensors: list[str], base_ref: str | None, inputs: list[ModelEntry], layers: int
-) -> list[PlannedOutput]:
-    """`models:` recipes: every tensor of the base (or first model) merged from all inputs."""
-    return [
-        (name, [(entry, name) for entry in inputs], name if base_ref else None, gradient_position(name, layers))
-        for name in tensors
-    ]
-
-
-def _plan_slices(
-    config: MergeConfig, tensors: list[str], base_ref: str | None, naming: LayerNaming
-) -> list[PlannedOutput]:
-    """`slices:` recipes (frankenmerges): output layers numbered in slice order under the
-    architecture's layer prefix; the tensors before the first layer (embeddings) come from the
-    first slice's sources and those after the last (final norm, head) from the last slice's, as in
-    mergekit."""
-    slices = config.slices or ()
-    prefix = naming.prefix
-    by_layer = [n for n in tensors if naming.layer_of(n) is not None]
-    layer_suffixes = list(
-        dict.fromkeys(n[len(prefix) :].partition(".")[2] for n in by_layer if naming.layer_of(n) == 0)
-    )
-    outputs: list[PlannedOutput] = []
-    # Stored order puts embeddings first in most files, not all: GPT-2 stores `wte`/`wpe` beside
-    # `ln_f`, so "embed"-like names (wte, wpe, embed_*) go first and the rest last.
-    non_layer = [n for n in tensors if naming.layer_of(n) is None]
-    pre = [n for n in non_layer if re.search(r"embed|(?:^|\.)wte\.|(?:^|\.)wpe\.", n)]
-    post = [n for n in non_layer if n not in pre]
-
-    uses_base = config.method.base in ("required", "optional")
-
-    def slice_base(slice_sources: tuple[ModelEntry, ...]) -> str | None:
-        """The slice's base_model, else the recipe's (none for a method that ignores it)."""
-        return (slice_sources[0].slice_base or base_ref) if uses_base else None
-
-    def sources(slice_sources: tuple[ModelEntry, ...], name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
-        based = slice_base(slice_sources)
-        inputs = [(e, name) for e in slice_sources if e.model != based]
-        return inputs, (name if based else None)
-
-    for name in pre:
-        inputs, base = sources(slices[0], name)
-        outputs.append((name, inputs, base, None))
-    out_layer = 0
-    for slice_sources in slices:
-        assert slice_sources[0].layer_range is not None
-        span = slice_sources[0].layer_range[1] - slice_sources[0].layer_range[0]
-        # A slice's own base_model stands for the recipe's in its layers (the engine reads it
-        # per tensor; see `_recipes`).
-        based = slice_base(slice_sources)
-        for offset in range(span):
-            t = offset / (span - 1) if span > 1 else 1.0
-            for suffix in layer_suffixes:
-                out_name = f"{prefix}{out_layer}.{suffix}"
-                named = [(e, f"{prefix}{(e.layer_range or (0, 0))[0] + offset}.{suffix}") for e in slice_sources]
-                inputs = [(e, n) for e, n in named if e.model != based]
-                base = next((n for e, n in named if e.model == based), inputs[0][1] if based else None)
-                outputs.append((out_name, inputs, base, t))
-            out_layer += 1
-    for name in post:
-        inputs, base = sources(slices[-1], name)
-        outputs.append((name, inputs, base, None))
-    return outputs
-
-
 def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput]) -> list[TensorRecipe]:
     """The engine's tensor recipes, every parameter looked up per tensor and checked against the
     method table's ranges."""
@@ -487,7 +442,7 @@ def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput])
                 )
             entries.append({"model": index[entry.model], "tensor": source_name, **values})  # type: ignore[typeddict-item]
         first = inputs[0][0] if inputs else None
-        shared = first.slice_parameters if first else None
+        shared = (first.slice_parameters, first.module_parameters) if first else ()
         # A slice's own base_model: read for this tensor instead of the job's base.
         base_model = index[first.slice_base] if first and first.slice_base and base_tensor else None
         tensors.append(
@@ -528,7 +483,7 @@ _TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}
 def _fixed(config: MergeConfig, entry: ModelEntry, key: str) -> float | None:
     """A per-model parameter's value when it is the same at every tensor (a plain number, or
     absent: the table's default), else None. A plain number was range-checked with the recipe."""
-    for params in (entry.parameters, entry.slice_parameters, config.parameters):
+    for params in (entry.parameters, entry.slice_parameters, entry.module_parameters, config.parameters):
         if key in params:
             value = params[key]
             return float(value) if isinstance(value, (int, float)) else None

@@ -15,11 +15,12 @@ import yaml
 from .. import _core
 from ..io.dtypes import RECIPE_DTYPES, TORCH_NAMES
 from ..io.errors import RecipeError
+from .sources import ModelEntry, ModuleSpec, parse_models, parse_modules, parse_slices
 
 if TYPE_CHECKING:
     from .vocabulary import TokenizerSpec
 
-__all__ = ["METHODS", "MergeConfig", "MethodSpec", "ModelEntry", "RecipeError", "load_config"]
+__all__ = ["METHODS", "MergeConfig", "MethodSpec", "ModelEntry", "ModuleSpec", "RecipeError", "load_config"]
 
 
 @dataclass(frozen=True)
@@ -74,18 +75,6 @@ METHODS: dict[str, MethodSpec] = {info.name: MethodSpec(info) for info in _core.
 
 
 @dataclass(frozen=True)
-class ModelEntry:
-    model: str
-    parameters: Mapping[str, Any]
-    # [first, end) layers taken from this model, in a `slices:` recipe.
-    layer_range: tuple[int, int] | None = None
-    # Its slice's `parameters` (looked up after the source's own, before the recipe's) and
-    # `base_model` (the slice's base instead of the recipe's), in a `slices:` recipe.
-    slice_parameters: Mapping[str, Any] = field(default_factory=dict)
-    slice_base: str | None = None
-
-
-@dataclass(frozen=True)
 class MergeConfig:
     method: MethodSpec
     models: tuple[ModelEntry, ...]
@@ -102,6 +91,9 @@ class MergeConfig:
     raw: Mapping[str, Any]
     # `slices:` recipes: the sources of each output slice, in order.
     slices: tuple[tuple[ModelEntry, ...], ...] | None = None
+    # `modules:` recipes (mergekit's form for models of several modules): each module's models or
+    # slices, in the recipe's order.
+    modules: tuple[ModuleSpec, ...] | None = None
     # modelkin's own keys: "adapter" writes a PEFT adapter (linear and task arithmetic of adapters),
     # optionally reduced to `adapter_rank`.
     out_format: str = "model"
@@ -171,6 +163,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         "merge_method",
         "models",
         "slices",
+        "modules",
         "base_model",
         "parameters",
         "dtype",
@@ -192,60 +185,20 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     template = raw.get("chat_template")
     if template is not None and not isinstance(template, str):
         raise fail(["chat_template"], "chat_template must be a name (chatml, llama3, ...), auto or a Jinja template")
-    slices: list[tuple[ModelEntry, ...]] | None = None
-    if "slices" in raw:
-        if "models" in raw:
-            raise fail(["slices"], "use either models: or slices:, not both")
-        slices = []
-        residual: list[str] = []
-        if not isinstance(raw["slices"], list) or not raw["slices"]:
-            raise fail(["slices"], "a non-empty list of slices is required")
-        for i, item in enumerate(raw["slices"]):
-            for key in item if isinstance(item, Mapping) else ():
-                if key not in ("sources", "parameters", "base_model", "residual_weight"):
-                    raise fail(
-                        ["slices", i, key], "unknown key (known here: sources, parameters, base_model, residual_weight)"
-                    )
-            sources = item.get("sources") if isinstance(item, Mapping) else None
-            slice_parameters = item.get("parameters") or {}
-            if not isinstance(slice_parameters, Mapping):
-                raise fail(["slices", i, "parameters"], "parameters must be a mapping")
-            slice_base = item.get("base_model")
-            if slice_base is not None and not isinstance(slice_base, str):
-                raise fail(["slices", i, "base_model"], "base_model must be a model reference")
-            if "residual_weight" in item:
-                if not isinstance(item["residual_weight"], (int, float)):
-                    raise fail(["slices", i, "residual_weight"], "residual_weight must be a number")
-                residual.append(
-                    f"slices[{i}].residual_weight: ignored, as mergekit 0.1.5 ignores it (it parses the key and"
-                    " never applies it)"
-                )
-            if not isinstance(sources, list) or not sources:
-                raise fail(["slices", i], "each slice needs a non-empty 'sources' list")
-            entries = []
-            for j, source in enumerate(sources):
-                entry = _model_entry(fail, ["slices", i, "sources", j], source)
-                span = source.get("layer_range")
-                if not (
-                    isinstance(span, list)
-                    and len(span) == 2
-                    and all(isinstance(v, int) for v in span)
-                    and 0 <= span[0] < span[1]
-                ):
-                    raise fail(["slices", i, "sources", j, "layer_range"], "layer_range must be [first, end)")
-                entries.append(
-                    ModelEntry(entry.model, entry.parameters, (span[0], span[1]), dict(slice_parameters), slice_base)
-                )
-            lengths = {e.layer_range[1] - e.layer_range[0] for e in entries if e.layer_range}
-            if len(lengths) != 1:
-                raise fail(["slices", i], "all sources of a slice must span the same number of layers")
-            slices.append(tuple(entries))
+    given = [key for key in ("models", "slices", "modules") if raw.get(key) is not None]
+    if len(given) > 1:
+        raise fail([given[1]], f"use one of models:, slices: or modules:, not {' and '.join(given)}")
+    ignored: list[str] = []
+    slices: tuple[tuple[ModelEntry, ...], ...] | None = None
+    modules: tuple[ModuleSpec, ...] | None = None
+    if "slices" in given:
+        slices = parse_slices(fail, ["slices"], raw["slices"], None, ignored)
         models = [e for s in slices for e in s]
+    elif "modules" in given:
+        modules = parse_modules(fail, raw["modules"], ignored)
+        models = [e for m in modules for e in m.entries]
     else:
-        models_raw = raw.get("models")
-        if not isinstance(models_raw, list) or not models_raw:
-            raise fail(["models"], "a non-empty list of models is required")
-        models = [_model_entry(fail, ["models", i], entry) for i, entry in enumerate(models_raw)]
+        models = list(parse_models(fail, ["models"], raw.get("models"), {}))
     base = raw.get("base_model")
     if base is not None and not isinstance(base, str):
         raise fail(["base_model"], "base_model must be a model reference")
@@ -276,12 +229,12 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         chat_template=template,
         source_text=text,
         raw=raw,
-        slices=tuple(slices) if slices is not None else None,
+        slices=slices,
+        modules=modules,
         out_format=out_format,
         adapter_rank=adapter_rank,
     )
-    if slices is not None:
-        config.ignored.extend(residual)
+    config.ignored.extend(ignored)
     _check_method(config, fail)
     return config
 
@@ -316,35 +269,8 @@ def _out_format(raw: Mapping[str, Any], method: MethodSpec, fail: Any) -> tuple[
     return out_format, rank
 
 
-def _model_entry(fail: Any, path: list[str | int], entry: Any) -> ModelEntry:
-    if isinstance(entry, str):
-        entry = {"model": entry}
-    if not isinstance(entry, Mapping) or not isinstance(entry.get("model"), str):
-        raise fail(path, "each entry needs a 'model' string")
-    allowed = ("model", "parameters", "layer_range") if "sources" in path else ("model", "parameters")
-    for key in entry:
-        if key not in allowed:
-            raise fail([*path, key], f"unknown key (known here: {', '.join(allowed)})")
-    params = entry.get("parameters") or {}
-    if not isinstance(params, Mapping):
-        raise fail([*path, "parameters"], "parameters must be a mapping")
-    return ModelEntry(entry["model"], dict(params))
-
-
 def _check_method(config: MergeConfig, fail: Any) -> None:
-    if config.slices is not None:
-        _check_slices(config, fail)
-        return
     method = config.method
-    others = [m.model for m in config.models if method.base in ("ignored", "input") or m.model != config.base_model]
-    if method.needs_base and config.base_model is None:
-        raise fail(["base_model"], f"{method.name} needs a base_model")
-    low, high = method.info.min_models, method.info.max_models
-    if len(others) < low or (high is not None and len(others) > high):
-        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
-        besides = " besides the base_model" if method.base not in ("ignored", "input") else ""
-        plural = "" if low == high == 1 else "s"
-        raise fail(["models"], f"{method.name} merges {count} model{plural}{besides}; the recipe gives {len(others)}")
     if (
         method.name == "nuslerp"
         and config.parameters.get("nuslerp_row_wise")
@@ -353,45 +279,75 @@ def _check_method(config: MergeConfig, fail: Any) -> None:
         config.ignored.append(
             "parameters.nuslerp_row_wise: ignored while nuslerp_flatten is true, as mergekit ignores it"
         )
+    if config.modules is not None:
+        # mergekit checks each module as a recipe of its own, with the module's parameters
+        # between its slices' and the recipe's.
+        for module in config.modules:
+            path: list[str | int] = ["modules", module.name]
+            _check_params(config, fail, [*path, "parameters"], module.parameters)
+            if module.models is not None:
+                _check_models(config, fail, module.models, [*path, "models"], module.parameters)
+            else:
+                _check_slices(config, fail, module.slices or (), [*path, "slices"])
+    elif config.slices is not None:
+        _check_slices(config, fail, config.slices, ["slices"])
+    else:
+        _check_models(config, fail, config.models, ["models"], {})
+
+
+def _check_params(config: MergeConfig, fail: Any, scope: list[str | int], params: Mapping[str, Any]) -> None:
+    _check_names(fail, scope, config.method, params, config.ignored)
+    for key, value in params.items():
+        _check_value(fail, [*scope, key], config.method, key, value)
+
+
+def _check_models(
+    config: MergeConfig, fail: Any, models: Sequence[ModelEntry], path: list[str | int], module: Mapping[str, Any]
+) -> None:
+    method = config.method
+    others = [m.model for m in models if method.base in ("ignored", "input") or m.model != config.base_model]
+    if method.needs_base and config.base_model is None:
+        raise fail(["base_model"], f"{method.name} needs a base_model")
+    low, high = method.info.min_models, method.info.max_models
+    if len(others) < low or (high is not None and len(others) > high):
+        count = f"exactly {low}" if low == high else f"at least {low}" if high is None else f"{low} to {high}"
+        besides = " besides the base_model" if method.base not in ("ignored", "input") else ""
+        plural = "" if low == high == 1 else "s"
+        raise fail(path, f"{method.name} merges {count} model{plural}{besides}; the recipe gives {len(others)}")
     for key in method.required_global:
-        if key not in config.parameters:
+        if key not in config.parameters and key not in module:
             raise fail(["parameters"], f"{method.name} needs the parameter '{key}'")
-    for i, entry in enumerate(config.models):
+    _check_params(config, fail, ["parameters"], config.parameters)
+    for i, entry in enumerate(models):
         if entry.model == config.base_model and method.base not in ("ignored", "input"):
             continue
         for key in method.required_tensor:
-            if key not in entry.parameters and key not in config.parameters:
-                raise fail(["models", i], f"{method.name} needs '{key}' for {entry.model}")
-        for scope, params in ((["models", i, "parameters"], entry.parameters), (["parameters"], config.parameters)):
-            _check_names(fail, scope, method, params, config.ignored)
-            for key, value in params.items():
-                _check_value(fail, [*scope, key], method, key, value)
+            if key not in entry.parameters and key not in module and key not in config.parameters:
+                raise fail([*path, i], f"{method.name} needs '{key}' for {entry.model}")
+        _check_params(config, fail, [*path, i, "parameters"], entry.parameters)
 
 
-def _check_slices(config: MergeConfig, fail: Any) -> None:
+def _check_slices(
+    config: MergeConfig, fail: Any, slices: Sequence[tuple[ModelEntry, ...]], path: list[str | int]
+) -> None:
     method = config.method
-    every_slice_based = all(s[0].slice_base is not None for s in config.slices or ())
+    every_slice_based = all(s[0].slice_base is not None for s in slices)
     if method.needs_base and config.base_model is None and not every_slice_based:
         raise fail(["base_model"], f"{method.name} needs a base_model")
-    for i, sources in enumerate(config.slices or ()):
+    _check_params(config, fail, ["parameters"], config.parameters)
+    for i, sources in enumerate(slices):
         high = method.info.max_models
         based = (sources[0].slice_base or config.base_model) if method.base not in ("ignored", "input") else None
         merged = [e for e in sources if e.model != based]
         if high is not None and len(merged) > high:
-            raise fail(["slices", i, "sources"], f"{method.name} takes at most {high} source(s) per slice")
+            raise fail([*path, i, "sources"], f"{method.name} takes at most {high} source(s) per slice")
         base = sources[0].slice_base
         if base is not None and method.base not in ("ignored", "input") and all(e.model != base for e in sources):
             # mergekit: "Base input is not present in merge inputs".
-            raise fail(["slices", i, "base_model"], f"{base} is not among the slice's sources")
+            raise fail([*path, i, "base_model"], f"{base} is not among the slice's sources")
+        _check_params(config, fail, [*path, i, "parameters"], sources[0].slice_parameters)
         for j, entry in enumerate(sources):
-            for scope, params in (
-                (["slices", i, "sources", j, "parameters"], entry.parameters),
-                (["slices", i, "parameters"], entry.slice_parameters),
-                (["parameters"], config.parameters),
-            ):
-                _check_names(fail, scope, method, params, config.ignored)
-                for key, value in params.items():
-                    _check_value(fail, [*scope, key], method, key, value)
+            _check_params(config, fail, [*path, i, "sources", j, "parameters"], entry.parameters)
 
 
 def known_parameters(method: MethodSpec) -> tuple[str, ...]:

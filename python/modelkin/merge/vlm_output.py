@@ -32,7 +32,7 @@ def as_vlm(planned: MergePlan, merged: ModelHandle, label: str) -> ModelHandle:
 
 def vlm_config(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[str, Any]:
     """The VLM's config with its text config's layer count (a stacked merge) and dtype the merge's."""
-    vlm = planned.vlm
+    vlm = planned.written_vlm
     assert vlm is not None
     name = TORCH_NAMES[planned.config_dtype_name]
     text = dict(vlm.text_config)
@@ -46,7 +46,7 @@ def vlm_config(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[s
 def vlm_metadata(planned: MergePlan, text_config: dict[str, Any] | None) -> dict[str, Any]:
     """What :func:`..output.write_metadata` writes differently for a merge into a VLM: the VLM's
     config, its tokenizer files, and what was mapped; nothing for another merge."""
-    vlm = planned.vlm
+    vlm = planned.written_vlm
     if vlm is None:
         return {}
     return {
@@ -58,11 +58,19 @@ def vlm_metadata(planned: MergePlan, text_config: dict[str, Any] | None) -> dict
 
 def write_processor_files(planned: MergePlan, staging: Path) -> None:
     """The VLM's processor files beside its tokenizer's, and one line on stderr."""
-    vlm = planned.vlm
+    vlm = planned.written_vlm
     assert vlm is not None
     for file in vlm.path.iterdir():
         if file.is_file() and _PROCESSOR_FILES.match(file.name):
             (staging / file.name).write_bytes(file.read_bytes())
+    if planned.whole_vlm is not None:
+        modules = ", ".join(m.name for m in planned.config.modules or ())
+        print(
+            f"merged {len(planned.paths)} {vlm.architecture} VLMs whole, module by module ({modules}); config,"
+            f" processor and tokenizer files from {vlm.path}",
+            file=sys.stderr,
+        )
+        return
     text = vlm.text_config
     print(
         f"merged into the {vlm.architecture} VLM {vlm.path}: its language model merged under the"
@@ -72,6 +80,13 @@ def write_processor_files(planned: MergePlan, staging: Path) -> None:
 
 
 def _mapped(planned: MergePlan, vlm: Vlm) -> dict[str, Any]:
+    if planned.whole_vlm is not None:
+        return {
+            "written_as": str(vlm.path),
+            "architecture": vlm.architecture,
+            "merged_whole": True,
+            "modules": [m.name for m in planned.config.modules or ()],
+        }
     return {
         "written_as": str(vlm.path),
         "architecture": vlm.architecture,
