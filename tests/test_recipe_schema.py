@@ -180,7 +180,7 @@ def test_unknown_method_parameters_are_refused(trio, tmp_path):
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({"modules": {"text": {"models": []}}}, "modules"),
+        ({"modules": {"text": {"models": []}}}, "not models and modules"),
         ({"slices": "bogus"}, "bogus"),
         ({"slices": "base_model"}, "base_model"),
         ({"slices": "parameters"}, "parameters"),
@@ -188,8 +188,9 @@ def test_unknown_method_parameters_are_refused(trio, tmp_path):
     ],
 )
 def test_unsupported_schema_keys_are_refused(trio, tmp_path, change, key):
-    """mergekit's `modules`, an unknown slice-level key, and slice-level base_model and parameters
-    of the wrong type: refused by name (the slice-level keys themselves run: test_mergekit_suite)."""
+    """`modules:` beside `models:`, an unknown slice-level key, and slice-level base_model and
+    parameters of the wrong type: refused by name (the slice-level keys and `modules:` themselves
+    run: test_mergekit_suite, test_modules)."""
     config: dict = {"merge_method": "linear", "dtype": "float32"}
     if "slices" in change:
         config["slices"] = [{"sources": [{"model": trio[1], "layer_range": [0, 2]}], key: 0.5}]

@@ -26,6 +26,10 @@ class Tower:
     # (VLM prefix, text prefix) pairs, one list per tensor naming the architecture has had.
     namings: tuple[tuple[tuple[str, str], ...], ...]
     text_config: str = "text_config"
+    # (older prefix, transformers 5 prefix) of every tensor, as transformers converts checkpoints
+    # saved in the older naming (its checkpoint conversion mapping): mergekit names modules by the
+    # transformers 5 names whatever the files use.
+    renamed: tuple[tuple[str, str], ...] = ()
 
 
 # transformers 5 names LLaVA's language model `model.language_model.…` with `lm_head` on top; older
@@ -34,7 +38,17 @@ _LLAVA_NAMINGS = (
     (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
     (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
 )
-TOWERS: dict[str, Tower] = {"llava": Tower(_LLAVA_NAMINGS), "llava_next": Tower(_LLAVA_NAMINGS)}
+_LLAVA_RENAMED = (
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("image_newline", "model.image_newline"),
+)
+TOWERS: dict[str, Tower] = {
+    "llava": Tower(_LLAVA_NAMINGS, renamed=_LLAVA_RENAMED),
+    "llava_next": Tower(_LLAVA_NAMINGS, renamed=_LLAVA_RENAMED),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,13 @@ class Vlm:
             if text_name.startswith(prefix_text):
                 return prefix_vlm + text_name[len(prefix_text) :]
         raise InvalidModelError(f"{self.path}: no VLM name for {text_name}")
+
+    def current_name(self, name: str) -> str:
+        """A tensor's name in transformers 5's naming (the name itself in files that use it)."""
+        for old, new in TOWERS[self.architecture].renamed:
+            if name.startswith(old):
+                return new + name[len(old) :]
+        return name
 
     def language_model(self, label: str | None = None) -> ModelHandle:
         """The language model as a model of the text architecture (a view: nothing is copied)."""

@@ -50,10 +50,12 @@ def text_stack(tensors: Sequence[str], naming: LayerNaming) -> Stack:
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def inferred_modules(tensors: Sequence[str]) -> dict[str, Stack]:
+def inferred_modules(tensors: Sequence[str], named: Callable[[str], str] = str) -> dict[str, Stack]:
     """The modules mergekit 0.1.5 infers for an architecture it has no definition for (LLaVA,
     LLaVA-NeXT): one per layer stack, named by the tensor-name prefix before the first ``.N.``
-    (``model.language_model.layers``), and ``default`` holding every tensor outside the stacks."""
+    (``model.language_model.layers``) as ``named`` gives it (mergekit names them by transformers'
+    names of the tensors, whatever the files use), and ``default`` holding every tensor outside the
+    stacks."""
     layers: dict[str, int] = {}
     members: dict[str, list[str]] = {}
     suffixes: dict[str, dict[str, None]] = {}
@@ -67,7 +69,7 @@ def inferred_modules(tensors: Sequence[str]) -> dict[str, Stack]:
         layers[prefix] = max(layers.get(prefix, 0), int(match[1]) + 1)
         members.setdefault(prefix, []).append(name)
         suffixes.setdefault(prefix, {})[name[match.end() :]] = None
-    modules = {p: Stack(tuple(members[p]), f"{p}.", layers[p], tuple(suffixes[p]), (), ()) for p in layers}
+    modules = {named(p): Stack(tuple(members[p]), f"{p}.", layers[p], tuple(suffixes[p]), (), ()) for p in layers}
     if loose:
         modules["default"] = Stack(tuple(loose), "", 0, (), tuple(loose), ())
     return modules

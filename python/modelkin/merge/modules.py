@@ -54,9 +54,9 @@ def plan_recipe_modules(
         if "default" in counts and counts["default"] != naming.layers:
             base_config = {**(base_config or {}), naming.count_key: counts["default"]}
         return outputs, base_config
-    modules = inferred_modules(names)
+    modules = inferred_modules(names, whole_vlm.current_name)
     outputs, counts = plan_modules(config, modules, base_ref, f"the {whole_vlm.architecture} VLM {whole_vlm.path}")
-    language = whole_vlm.to_vlm_name("model.layers.")[:-1]
+    language = whole_vlm.current_name(whole_vlm.to_vlm_name("model.layers."))[:-1]
     for name, count in counts.items():
         if count == modules[name].layers:
             continue
