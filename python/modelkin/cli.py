@@ -1,7 +1,12 @@
-"""The `modelkin` command line."""
+"""The `modelkin` command line.
+
+Every command is declared here; what a command needs (numpy and the kinship pass, the merge
+planner, YAML, the evolve layer, rich for tables) is imported when it runs, so that `modelkin
+--help` and each command pay only for their own imports (benches/bench_startup.py measures it)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -10,16 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from .evolve.cli import evolve_command, runs_app
 from .io.console import run_cli
 from .io.progress import PassProgress
-from .kinship.measure import METRICS, KinshipMatrix, KinshipResult, kinship, kinship_matrix
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from ._core import ParameterInfo
+    from .kinship.measure import KinshipMatrix, KinshipResult
 
 app = typer.Typer(
     name="modelkin",
@@ -28,8 +32,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     no_args_is_help=True,
 )
-out = Console()
-console = out  # for commands whose OUT argument shadows `out`
+
+
+@functools.cache
+def _out() -> Console:
+    """The console of the tables on stdout, made on first use (rich is imported only then)."""
+    from rich.console import Console
+
+    return Console()
 
 
 class Metric(str, Enum):
@@ -58,6 +68,8 @@ PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG pictur
 
 
 def _metrics(metric: list[Metric] | None) -> list[str]:
+    from .kinship.measure import METRICS
+
     return [m.value for m in metric] if metric else list(METRICS)
 
 
@@ -82,6 +94,8 @@ def kinship_command(
     offline: OfflineOpt = False,
 ) -> None:
     """Kinship of two fine-tunes of one base: pcc, cs and ed of their deltas."""
+    from .kinship.measure import kinship
+
     with PassProgress("kinship") as progress:
         result = kinship(
             model_a,
@@ -119,6 +133,9 @@ def _short(reference: str) -> str:
 
 
 def _print_kinship(result: KinshipResult, per_tensor: bool) -> None:
+    from rich.table import Table
+
+    out = _out()
     # Short names in the title (long paths wrapped it word by word); the full references below.
     a, b = result.models
     title = f"kinship of {_short(a)} and {_short(b)} (base {_short(result.base)})"
@@ -157,6 +174,8 @@ def matrix_command(
     offline: OfflineOpt = False,
 ) -> None:
     """N x N kinship of several fine-tunes of one base, from one pass over the files."""
+    from .kinship.measure import kinship_matrix
+
     with PassProgress("matrix") as progress:
         result = kinship_matrix(
             models,
@@ -184,6 +203,9 @@ def matrix_command(
 
 
 def _print_matrix(result: KinshipMatrix) -> None:
+    from rich.table import Table
+
+    out = _out()
     labels = [Path(n).name or n for n in result.names]
     for name, values in result.metrics.items():
         table = Table(title=f"{name} ({result.mode}), base {_short(result.base)}")
@@ -230,6 +252,10 @@ def merge_command(
         )
     print(f"wrote {result.path} ({result.method}, {result.bytes_written / 1e6:.1f} MB of tensors)")
     if result.kinship is not None and len(result.parents) > 1:
+        from rich.table import Table
+
+        from .kinship.measure import METRICS
+
         table = Table(title=f"kinship of the parents (base {_short(result.base or '')})")
         for column in ("model A", "model B", "pcc", "cs", "ed"):
             table.add_column(column, justify="right" if column in METRICS else "left")
@@ -237,7 +263,7 @@ def merge_command(
             for j in range(i + 1, len(result.parents)):
                 values = [float(result.kinship[m][i, j]) for m in METRICS]
                 table.add_row(_short(a), _short(result.parents[j]), *(_fmt(v) for v in values))
-        console.print(table)
+        _out().print(table)
 
 
 @app.command("methods")
@@ -251,6 +277,8 @@ def methods_command(
     if as_json:
         print(json.dumps([method_dict(info) for info in table_rows.values()], indent=2))
         return
+    from rich.table import Table
+
     table = Table(title="merge methods (mergekit 0.1.5 definitions)")
     for column in ("method", "what it does", "base_model", "models", "global parameters", "per-model parameters"):
         table.add_column(column)
@@ -271,7 +299,7 @@ def methods_command(
             ", ".join(described(p) for p in info.parameters if p.scope == "global"),
             ", ".join(described(p) for p in info.parameters if p.scope == "per_model"),
         )
-    out.print(table)
+    _out().print(table)
 
 
 @app.command("example")
@@ -304,7 +332,87 @@ def example_command(
         print(f"{name}: {path}")
 
 
-app.command("evolve")(evolve_command)
+# The evolution commands: declared here (so that listing and parsing them loads nothing of the
+# evolve layer), done by modelkin.evolve.cli, imported when one of them runs.
+
+
+@app.command("evolve")
+def evolve_command(
+    config: Annotated[Path, typer.Argument(help="The evolution config (evolve.yml).")],
+    run_dir: Annotated[Path, typer.Argument(help="The run directory (created, or resumed).")],
+    force: Annotated[bool, typer.Option("--force", help="Start over a run directory holding another config.")] = False,
+    threads: Annotated[int, typer.Option("--threads", "-j", min=0, help="Merge threads (0: all cores).")] = 0,
+    offline: Annotated[bool, typer.Option("--offline", help="Resolve Hub ids from the local cache only.")] = False,
+    workers: Annotated[
+        int | None, typer.Option("--workers", "-w", min=1, help="Evaluate this many candidates at once, locally.")
+    ] = None,
+    ray: Annotated[
+        str | None, typer.Option("--ray", help="Run evaluations as Ray tasks: ADDRESS, auto, or local.")
+    ] = None,
+    task_search_path: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--task-search-path",
+            metavar="DIR",
+            help="A directory of lm-eval task YAMLs, added to the lm_eval evaluator's include_path (repeatable).",
+        ),
+    ] = None,
+) -> None:
+    """Run an evolution (topk with kinship, greedy soup, CMA-ES recipe search); re-run to resume."""
+    from .evolve import cli
+
+    cli.evolve_command(
+        config,
+        run_dir,
+        force=force,
+        threads=threads,
+        offline=offline,
+        workers=workers,
+        ray=ray,
+        task_search_path=task_search_path or (),
+    )
+
+
+runs_app = typer.Typer(name="runs", help="Inspect evolution runs.", no_args_is_help=True, add_completion=False)
+RunArg = Annotated[Path, typer.Argument(help="A run directory (made by modelkin evolve).")]
+
+
+@runs_app.command("show")
+def show_command(
+    run_dir: RunArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a score-by-generation PNG.")] = None,
+) -> None:
+    """Every candidate of a run: parents, recipe, kinship, scores, status, time."""
+    from .evolve import cli
+
+    cli.show_command(run_dir, as_json=as_json, plot=plot)
+
+
+@runs_app.command("tree")
+def tree_command(
+    run_dir: RunArg,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the lineage as a PNG.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print nodes and edges as JSON.")] = False,
+) -> None:
+    """The lineage: models as nodes (score), merges as edges (kinship)."""
+    from .evolve import cli
+
+    cli.tree_command(run_dir, plot=plot, as_json=as_json)
+
+
+@runs_app.command("best")
+def best_command(
+    run_dir: RunArg,
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the best model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = False,
+) -> None:
+    """Write the run's best model with a card listing its whole lineage."""
+    from .evolve import cli
+
+    cli.best_command(run_dir, out_dir, overwrite=overwrite)
+
+
 app.add_typer(runs_app, name="runs")
 
 

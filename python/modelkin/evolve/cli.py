@@ -1,12 +1,16 @@
-"""The evolution commands: ``modelkin evolve`` and the ``modelkin runs`` group."""
+"""The evolution commands' work: ``modelkin evolve`` and the ``modelkin runs`` group.
+
+The commands themselves (their arguments, options and help) are declared with the others in
+``modelkin.cli``, which imports this module only when one of them runs: the other commands and
+``modelkin --help`` never load the evolve layer."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console, Group
@@ -18,12 +22,9 @@ from .faults import MachineFault
 from .run import Run
 from .store import Candidate, Store
 
-runs_app = typer.Typer(name="runs", help="Inspect evolution runs.", no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
 out = Console()
 RECENT = 12
-
-RunArg = Annotated[Path, typer.Argument(help="A run directory (made by modelkin evolve).")]
 
 
 class LiveTable:
@@ -97,25 +98,15 @@ class LiveTable:
 
 
 def evolve_command(
-    config: Annotated[Path, typer.Argument(help="The evolution config (evolve.yml).")],
-    run_dir: Annotated[Path, typer.Argument(help="The run directory (created, or resumed).")],
-    force: Annotated[bool, typer.Option("--force", help="Start over a run directory holding another config.")] = False,
-    threads: Annotated[int, typer.Option("--threads", "-j", min=0, help="Merge threads (0: all cores).")] = 0,
-    offline: Annotated[bool, typer.Option("--offline", help="Resolve Hub ids from the local cache only.")] = False,
-    workers: Annotated[
-        int | None, typer.Option("--workers", "-w", min=1, help="Evaluate this many candidates at once, locally.")
-    ] = None,
-    ray: Annotated[
-        str | None, typer.Option("--ray", help="Run evaluations as Ray tasks: ADDRESS, auto, or local.")
-    ] = None,
-    task_search_path: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--task-search-path",
-            metavar="DIR",
-            help="A directory of lm-eval task YAMLs, added to the lm_eval evaluator's include_path (repeatable).",
-        ),
-    ] = None,
+    config: Path,
+    run_dir: Path,
+    *,
+    force: bool,
+    threads: int,
+    offline: bool,
+    workers: int | None,
+    ray: str | None,
+    task_search_path: Sequence[Path],
 ) -> None:
     """Run an evolution (topk with kinship, greedy soup, CMA-ES recipe search); re-run to resume."""
     from .report import candidates_table
@@ -132,7 +123,7 @@ def evolve_command(
                 threads=threads,
                 workers=workers,
                 ray=ray,
-                task_search_path=task_search_path or (),
+                task_search_path=task_search_path,
             )
     except MachineFault as fault:
         # Exit 1, not 2: nothing is wrong with the input; the run resumes once the machine is mended.
@@ -167,12 +158,7 @@ def best_table(run: Run, best: Candidate) -> Table:
     return table
 
 
-@runs_app.command("show")
-def show_command(
-    run_dir: RunArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a score-by-generation PNG.")] = None,
-) -> None:
+def show_command(run_dir: Path, *, as_json: bool, plot: Path | None) -> None:
     """Every candidate of a run: parents, recipe, kinship, scores, status, time."""
     from .report import candidates_table, plot_progress
     from .run import open_run
@@ -211,12 +197,7 @@ def print_faults(run: Run) -> None:
         print(f"worker processes restarted: {run.worker_restarts}")
 
 
-@runs_app.command("tree")
-def tree_command(
-    run_dir: RunArg,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write the lineage as a PNG.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print nodes and edges as JSON.")] = False,
-) -> None:
+def tree_command(run_dir: Path, *, plot: Path | None, as_json: bool) -> None:
     """The lineage: models as nodes (score), merges as edges (kinship)."""
     from rich.tree import Tree
 
@@ -258,12 +239,7 @@ def tree_command(
     out.print(root)
 
 
-@runs_app.command("best")
-def best_command(
-    run_dir: RunArg,
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the best model.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT_DIR.")] = False,
-) -> None:
+def best_command(run_dir: Path, out_dir: Path, *, overwrite: bool) -> None:
     """Write the run's best model with a card listing its whole lineage."""
     from .report import write_best
     from .run import open_run

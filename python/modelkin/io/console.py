@@ -5,7 +5,6 @@ signal's number (130, 143, 129). Shared by `modelkin` and the `merge_cal` shim."
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import sys
 from typing import Any
 
@@ -49,7 +48,12 @@ def _run(command: Any, args: list[str] | None, interrupts: Interrupts) -> int:
             return _interrupted(interrupts)
         _say(f"error: {error}")
         return 2
-    except sqlite3.Error as error:  # the run store (a full disk, a damaged file)
+    except Exception as error:
+        # The run store (a full disk, a damaged file). sqlite3 is looked up, not imported: only the
+        # commands that open a store load it, and where it is not loaded, none of its errors exist.
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is None or not isinstance(error, sqlite3.Error):
+            raise
         _say(f"error: run store: {error}")
         return 2
     if result == INTERRUPTED:  # typer turns KeyboardInterrupt into this exit code

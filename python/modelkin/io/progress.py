@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 # Passes shorter than this finish before a bar would be worth drawing.
 SHOW_AFTER_S = 1.0
@@ -36,6 +29,17 @@ class PassProgress:
         if self._bar is None:
             if time.monotonic() - self._started < SHOW_AFTER_S:
                 return
+            # rich is imported here, by the first pass long enough for a bar, not by every command.
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
             self._bar = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
