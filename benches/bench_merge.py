@@ -5,8 +5,13 @@
 Generates a Llama-shaped bf16 family (base + 3 fine-tunes, with config.json) under bench-data/,
 runs the same TIES recipe (`dtype: bfloat16` by default) with modelkin and (when found) mergekit on
 the CPU, and prints wall time,
-peak RSS and the speed ratio. Then, on a small family, it runs several methods with both tools
-(`dtype: float32`, `out_dtype: bfloat16`) and prints the share of bit-identical elements.
+peak RSS and the speed ratio. Then the floor of a merge on this machine, measured in the same run:
+reading every input byte once from the page cache on all cores (the rust example read_floor) plus
+writing the output's bytes once (one write of a ready buffer into a new file in the same folder),
+and TIES, linear and task_arithmetic over the same models timed inside one process (the plan and
+the merge to disk, interpreter start-up left out, as the floor has none), each as a ratio to it.
+Then, on a small family, it runs several methods with both tools (`dtype: float32`,
+`out_dtype: bfloat16`) and prints the share of bit-identical elements.
 """
 
 from __future__ import annotations
@@ -115,6 +120,63 @@ def memory_vs_disk(path: Path, work: Path) -> None:
     print(f"in memory   {'bit-identical' if same else 'DIFFERENT'} to the disk output ({len(merged)} tensors)")
 
 
+# One merge to disk timed inside the process: the plan and the merge, not the interpreter's start.
+IN_PROCESS = (
+    "import sys, time, modelkin; t = time.perf_counter(); modelkin.merge(modelkin.plan(sys.argv[1]), sys.argv[2]);"
+    " print(time.perf_counter() - t)"
+)
+
+
+def floor_and_methods(base: Path, models: list[Path], ties: dict, work: Path, repeats: int = 3) -> None:
+    """The read-and-write floor of a merge of these models, and TIES, linear and task_arithmetic
+    (the TIES recipe's dtype) as ratios to it; rounds alternate, medians of ``repeats``."""
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "read_floor"], cwd=ROOT, check=True)
+    files = [str((p / "model.safetensors").resolve()) for p in [base, *models]]
+    weights = [{"weight": w} for w in (1.0, 0.6, 0.5)]
+    specs = {"ties": ties}
+    for method in ("linear", "task_arithmetic"):
+        spec = {**ties, "merge_method": method}
+        spec["models"] = [{"model": m["model"], "parameters": w} for m, w in zip(ties["models"], weights, strict=True)]
+        if method == "linear":
+            spec.pop("base_model")
+        specs[method] = spec
+    paths = {}
+    for method, spec in specs.items():
+        paths[method] = work / f"floor-{method}.yml"
+        paths[method].write_text(json.dumps(spec))
+    out_bytes = sum(f.stat().st_size for f in (work / "ours").glob("*.safetensors"))
+    buffer = bytes(out_bytes)
+    times: dict[str, list[float]] = {k: [] for k in ("read", "write", *specs)}
+    for _ in range(repeats):
+        exe = ROOT / "target" / "release" / "examples" / "read_floor"
+        times["read"].append(
+            float(subprocess.run([exe, *files], capture_output=True, text=True, check=True).stdout.split()[1])
+        )
+        target = work / "floor.bin"
+        start = time.perf_counter()
+        with open(target, "wb") as f:
+            f.write(buffer)
+        times["write"].append(time.perf_counter() - start)
+        target.unlink()
+        for method, path in paths.items():
+            out = work / f"floor-{method}"
+            done = subprocess.run(
+                [sys.executable, "-c", IN_PROCESS, str(path), str(out)], capture_output=True, text=True, check=True
+            )
+            times[method].append(float(done.stdout.split()[-1]))
+            shutil.rmtree(out, ignore_errors=True)
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    floor = median["read"] + median["write"]
+    read_gb = sum(Path(f).stat().st_size for f in files) / 1e9
+    print(f"\n# floor of this merge (medians of {repeats}, rounds alternating)")
+    print(
+        f"floor       {floor:8.2f} s   read {read_gb:.2f} GB once {median['read']:.2f} s"
+        f" + write {out_bytes / 1e9:.2f} GB once {median['write']:.2f} s"
+    )
+    for method in specs:
+        print(f"{method:16s} {median[method]:8.2f} s   {median[method] / floor:6.1f}x the floor   (in the process)")
+
+
 def identical_share(ours: Path, theirs: Path) -> tuple[float, int]:
     a, b = read_safetensors(ours), read_safetensors(theirs)
     same = total = worst = 0
@@ -169,6 +231,7 @@ def main() -> None:
         print(f"identical   {share * 100:8.4f}% of elements, max {worst} bf16 ulp apart")
     else:
         print("mergekit    not found (pass --mergekit or install mergekit==0.1.5 in a separate venv)")
+    floor_and_methods(base, models, ties, work)
 
     if args.mergekit:
         print("\n# compatibility per method (small bf16 family)", flush=True)

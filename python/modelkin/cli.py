@@ -67,6 +67,17 @@ OfflineOpt = Annotated[bool, typer.Option("--offline", help="Resolve Hub ids fro
 PlotOpt = Annotated[Path | None, typer.Option("--plot", help="Write a PNG picture of the result.")]
 
 
+def _nothing_to_finalize() -> None:
+    """For a command that only reads and prints: the interpreter's last garbage collection at exit
+    finds nothing such a command needs finalized (no store, no output file), yet costs about a
+    tenth of a second over typer's, pydantic's and numpy's objects (benches/bench_startup.py).
+    Freezing every object at exit (atexit runs before that collection) skips it."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)
+
+
 def _metrics(metric: list[Metric] | None) -> list[str]:
     from .kinship.measure import METRICS
 
@@ -95,6 +106,8 @@ def kinship_command(
 ) -> None:
     """Kinship of two fine-tunes of one base: pcc, cs and ed of their deltas."""
     from .kinship.measure import kinship
+
+    _nothing_to_finalize()
 
     with PassProgress("kinship") as progress:
         result = kinship(
@@ -175,6 +188,8 @@ def matrix_command(
 ) -> None:
     """N x N kinship of several fine-tunes of one base, from one pass over the files."""
     from .kinship.measure import kinship_matrix
+
+    _nothing_to_finalize()
 
     with PassProgress("matrix") as progress:
         result = kinship_matrix(
