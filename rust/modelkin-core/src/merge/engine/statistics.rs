@@ -102,17 +102,48 @@ pub(super) fn value_free_mask(
         Keep::Mask(ref kept) => {
             // Magnitude pruning's blocks are BLOCK long, so each starts on a word of the mask.
             debug_assert!(first.is_multiple_of(64));
-            let mut mask = vec![false; len];
-            for (chunk, word) in mask.chunks_mut(64).zip(&kept[first / 64..]) {
-                chunk.iter_mut().enumerate().for_each(|(j, m)| *m = word >> j & 1 == 1);
-            }
-            Some(Some(mask))
+            Some(Some(expand_bits(&kept[first / 64..], len)))
         }
         Keep::Random { density } => Some(Some(
             (0..len).map(|e| uniform(job.seed, tensor_index, input, first + e) < density).collect(),
         )),
         Keep::Range { .. } | Keep::Della { .. } => None,
     }
+}
+
+/// Bit j of a byte as the j-th of eight booleans, for every byte value.
+const SPREAD: [[bool; 8]; 256] = {
+    let mut table = [[false; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut bit = 0;
+        while bit < 8 {
+            table[byte][bit] = byte >> bit & 1 == 1;
+            bit += 1;
+        }
+        byte += 1;
+    }
+    table
+};
+
+/// The first `len` bits of `words` (bit j of word w is element 64·w + j) as booleans, eight at a
+/// time from a table: the merge reads a magnitude mask once per block and input, and a bit-by-bit
+/// loop over a freshly zeroed vector cost more than the merge's arithmetic on it.
+fn expand_bits(words: &[u64], len: usize) -> Vec<bool> {
+    let mut mask = vec![false; len];
+    let bytes = words.iter().flat_map(|w| w.to_le_bytes());
+    let mut chunks = mask.chunks_exact_mut(8);
+    // Whole bytes as one eight-byte store each.
+    for (chunk, byte) in (&mut chunks).zip(bytes.clone()) {
+        let chunk: &mut [bool; 8] = chunk.try_into().expect("eight");
+        *chunk = SPREAD[usize::from(byte)];
+    }
+    let tail = chunks.into_remainder();
+    if let Some(byte) = bytes.clone().nth(len / 8) {
+        let n = tail.len();
+        tail.copy_from_slice(&SPREAD[usize::from(byte)][..n]);
+    }
+    mask
 }
 
 /// Which entries of a block of one input survive pruning; `None` keeps all.
@@ -502,4 +533,18 @@ fn l1_rescale(
             sums
         })?;
     Ok(if before < 1e-7 || after < 1e-7 { 1.0 } else { before / after })
+}
+
+#[cfg(test)]
+mod expand_tests {
+    use super::expand_bits;
+
+    #[test]
+    fn bits_expand_to_their_elements() {
+        let words = [0x8000_0000_0000_0001u64, 0x0123_4567_89ab_cdef, u64::MAX];
+        for len in [0, 1, 7, 8, 63, 64, 65, 130, 192] {
+            let expected: Vec<bool> = (0..len).map(|e| words[e / 64] >> (e % 64) & 1 == 1).collect();
+            assert_eq!(expand_bits(&words, len), expected, "len {len}");
+        }
+    }
 }
