@@ -11,7 +11,8 @@ bench-data/, then measures, for one pair of fine-tunes against their base:
   cli        `modelkin kinship A B --base C --json`, timed as a subprocess (interpreter start-up,
              imports and the pass)
   torch      a float64 torch streaming loop (safetensors safe_open + .double()), when torch is installed
-and `kinship_matrix` over 8 fine-tunes against a single pair's pass, on a smaller family.
+and `kinship_matrix` over 8 fine-tunes against a single pair's pass, on a smaller family, and over 4 of
+them against the floor of reading their five models.
 Rounds alternate the measurements, so a drift in the machine's speed shows in every column alike.
 `--modelkin DIR` imports modelkin (and runs the CLI) from DIR instead of this checkout's python/,
 for A/B runs against another build.
@@ -284,6 +285,19 @@ def main() -> None:
     print(
         f"8x8 matrix (28 pairs)       {statistics.median(matrices):8.3f} s   ratio to one pair {ratio:5.2f}x"
         "  (median of alternating rounds; 28 pair passes: 28x)"
+    )
+    # Four fine-tunes against the floor of reading their five models, rounds alternating.
+    five = [base, *fts[:4]]
+    warm(five)
+    floors, fours = [], []
+    for _ in range(max(args.repeats, 5)):
+        floors.append(example_seconds("read_floor", [str(p) for p in five]))
+        fours.append(median_time(lambda: modelkin.kinship_matrix(fts[:4], base=base), 1))
+    floor = statistics.median(floors)
+    print(f"floor, its 5 models         {floor:8.3f} s")
+    print(
+        f"4x4 matrix (6 pairs)        {statistics.median(fours):8.3f} s   "
+        f"{statistics.median(f / r for r, f in zip(floors, fours, strict=True)):5.2f}x the floor"
     )
 
 
