@@ -34,18 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
 # Where modelkin is imported from (and the CLI run from): this checkout, or --modelkin DIR.
-PACKAGE_DIR = ROOT / "python"
-for i, arg in enumerate(sys.argv):
-    if arg == "--modelkin" and i + 1 < len(sys.argv):
-        PACKAGE_DIR = Path(sys.argv[i + 1]).resolve()
-    elif arg.startswith("--modelkin="):
-        PACKAGE_DIR = Path(arg.split("=", 1)[1]).resolve()
-sys.path.insert(0, str(PACKAGE_DIR))
+from package_dir import PACKAGE_DIR, ROOT  # puts PACKAGE_DIR first on sys.path
 
-from modelkin.example import llama_shapes as llama_layout  # noqa: E402
-from modelkin.io.safetensors import bf16_bits  # noqa: E402
+from modelkin.example import llama_shapes as llama_layout
+from modelkin.io.safetensors import bf16_bits
 
 
 def llama_shapes(params: float) -> dict[str, tuple[int, ...]]:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
 sys.path.insert(0, str(ROOT / "benches"))
 
-from bench_kinship import family, llama_shapes  # noqa: E402
+from bench_kinship import build_examples, example_seconds, family, llama_shapes  # noqa: E402
 from modelkin.example import llama_config  # noqa: E402
 from modelkin.testing import read_safetensors  # noqa: E402
 
@@ -130,7 +130,7 @@ IN_PROCESS = (
 def floor_and_methods(base: Path, models: list[Path], ties: dict, work: Path, repeats: int = 3) -> None:
     """The read-and-write floor of a merge of these models, and TIES, linear and task_arithmetic
     (the TIES recipe's dtype) as ratios to it; rounds alternate, medians of ``repeats``."""
-    subprocess.run(["cargo", "build", "--release", "--quiet", "--example", "read_floor"], cwd=ROOT, check=True)
+    build_examples()
     files = [str((p / "model.safetensors").resolve()) for p in [base, *models]]
     weights = [{"weight": w} for w in (1.0, 0.6, 0.5)]
     specs = {"ties": ties}
@@ -148,10 +148,7 @@ def floor_and_methods(base: Path, models: list[Path], ties: dict, work: Path, re
     buffer = bytes(out_bytes)
     times: dict[str, list[float]] = {k: [] for k in ("read", "write", *specs)}
     for _ in range(repeats):
-        exe = ROOT / "target" / "release" / "examples" / "read_floor"
-        times["read"].append(
-            float(subprocess.run([exe, *files], capture_output=True, text=True, check=True).stdout.split()[1])
-        )
+        times["read"].append(example_seconds("read_floor", files))
         target = work / "floor.bin"
         start = time.perf_counter()
         with open(target, "wb") as f:

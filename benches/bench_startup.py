@@ -39,14 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIR = ROOT / "python"
-for i, arg in enumerate(sys.argv):
-    if arg == "--modelkin" and i + 1 < len(sys.argv):
-        PACKAGE_DIR = Path(sys.argv[i + 1]).resolve()
-    elif arg.startswith("--modelkin="):
-        PACKAGE_DIR = Path(arg.split("=", 1)[1]).resolve()
-sys.path.insert(0, str(PACKAGE_DIR))
+from package_dir import PACKAGE_DIR  # puts PACKAGE_DIR first on sys.path
+
 # The subprocesses read and write their bytecode under a temporary prefix (out of the tree), as an
 # installed package has its .pyc files: with PYTHONDONTWRITEBYTECODE set, every start would compile
 # the package's sources again. `--compile` measures that instead.

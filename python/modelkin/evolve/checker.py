@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..merge.recipe import RecipeError, _Lines, _where
+from ..merge.recipe import RecipeError, _Lines
+from ..merge.sources import key_path
 
 
 class Checker:
@@ -17,7 +18,7 @@ class Checker:
         self.lines = _Lines(text)
 
     def fail(self, path: Sequence[str | int], message: str) -> RecipeError:
-        return RecipeError(f"{self.source}: {_where(path)}{self.lines.line(path)}: {message}")
+        return RecipeError(f"{self.source}: {key_path(path)}{self.lines.line(path)}: {message}")
 
     def keys(self, path: list[str | int], value: Any, known: Sequence[str]) -> Mapping[str, Any]:
         if value is None:

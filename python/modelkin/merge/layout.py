@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .architecture import LayerNaming
 from .parameters import gradient_position
 from .recipe import MergeConfig, ModelEntry, RecipeError
-from .sources import ModuleSpec, Slice
+from .sources import ModuleSpec, Slice, stacked_layers
 
 # One output tensor: its name, the (entry, tensor name) of each merged input, the base's tensor
 # name, and the tensor's position along parameter gradients.
@@ -85,11 +85,17 @@ def plan_models(
     ]
 
 
-def plan_slices(slices: Sequence[Slice], stack: Stack, based: Callable[[Slice], str | None]) -> list[PlannedOutput]:
+def plan_slices(
+    config: MergeConfig, slices: Sequence[Slice], stack: Stack, base_ref: str | None
+) -> list[PlannedOutput]:
     """`slices:` (frankenmerges): output layers numbered in slice order under the stack's prefix; the
     loose tensors before the layers come from the first slice's sources and those after from the
-    last's, as in mergekit. ``based(slice)`` is the slice's base model (None when the method reads
-    none): its tensors are the base's, not merged inputs."""
+    last's, as in mergekit. A slice's base (its own base_model, else ``base_ref``; none for a method
+    that reads no base) gives the base's tensors, not merged inputs."""
+    uses_base = config.method.base in ("required", "optional")
+
+    def based(slice_sources: Slice) -> str | None:
+        return (slice_sources[0].slice_base or base_ref) if uses_base else None
 
     def sources(slice_sources: Slice, name: str) -> tuple[list[tuple[ModelEntry, str]], str | None]:
         base = based(slice_sources)
@@ -138,7 +144,6 @@ def plan_modules(
     each module's output layer count. ``layout`` names the architecture's modules for messages."""
     outputs: list[PlannedOutput] = []
     counts: dict[str, int] = {}
-    uses_base = config.method.base in ("required", "optional")
     for module in config.modules or ():
         stack = modules.get(module.name)
         if stack is None:
@@ -151,13 +156,9 @@ def plan_modules(
             counts[module.name] = stack.layers
             continue
         _check_spans(module, stack)
-
-        def based(slice_sources: Slice) -> str | None:
-            return (slice_sources[0].slice_base or base_ref) if uses_base else None
-
         slices = module.slices or ()
-        outputs.extend(plan_slices(slices, stack, based))
-        counts[module.name] = sum((s[0].layer_range or (0, 0))[1] - (s[0].layer_range or (0, 0))[0] for s in slices)
+        outputs.extend(plan_slices(config, slices, stack, base_ref))
+        counts[module.name] = stacked_layers(slices)
     return outputs, counts
 
 

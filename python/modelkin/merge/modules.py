@@ -8,26 +8,24 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..io.adapter import AdapterLayout
 from ..io.towers import Vlm
 from .architecture import COUNT_KEYS, layer_naming
 from .layout import PlannedOutput, inferred_modules, plan_modules, text_stack
 from .recipe import MergeConfig, RecipeError
 
 
-def whole_vlm_of(
-    config: MergeConfig, paths: Mapping[str, Path], vlms: Mapping[str, Vlm], adapters: Mapping[str, AdapterLayout]
-) -> Vlm | None:
+def whole_vlm_of(config: MergeConfig, paths: Mapping[str, Path], vlms: Mapping[str, Vlm]) -> Vlm | None:
     """The VLM a `modules:` recipe writes when every model is a VLM of one architecture (merged
     whole, as mergekit merges it); None for another recipe. A `modules:` recipe mixing VLMs with
     LLMs is refused: a merge into a VLM's language model is written with `models:` or `slices:`."""
     if config.modules is None or not vlms:
         return None
+    # An adapted model is never among `vlms`: it counts among the others.
     others = [ref for ref in paths if ref not in vlms]
-    if others or adapters:
+    if others:
         raise RecipeError(
-            f"modules: {others[0] if others else next(iter(adapters))} is not a VLM: a recipe merging a VLM's language"
-            " model with LLMs takes models: or slices: (modules: merges VLMs of one architecture whole)"
+            f"modules: {others[0]} is not a VLM: a recipe merging a VLM's language model with LLMs takes models: or"
+            " slices: (modules: merges VLMs of one architecture whole)"
         )
     kinds = {vlm.architecture for vlm in vlms.values()}
     if len(kinds) > 1:

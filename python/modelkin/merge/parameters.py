@@ -63,12 +63,7 @@ def lookup(
     global ones, then the default; the first that yields a value wins. Without an entry, ``shared``
     (the slice's and module's parameters) stands for the model's scopes: a parameter shared by the
     slice's models."""
-    scopes = (
-        (entry.parameters, entry.slice_parameters, entry.module_parameters, config.parameters)
-        if entry
-        else (*shared, config.parameters)
-    )
-    for params in scopes:
+    for params in (*(entry.scopes if entry else shared), config.parameters):
         if key in params:
             value = evaluate(params[key], tensor, t)
             if value is not None:
@@ -84,7 +79,7 @@ def global_options(config: MergeConfig) -> dict[str, Any]:
     for key, default in config.method.global_defaults.items():
         found: dict[str, tuple[str, Any]] = {}
         for entry in config.models:
-            value = lookup(config, None, key, "", None, default, (entry.slice_parameters, entry.module_parameters))
+            value = lookup(config, None, key, "", None, default, entry.shared)
             found.setdefault(repr(value), (entry.model, value))
         if len(found) > 1:
             values = ", ".join(f"{v!r} ({model})" for model, v in found.values())

@@ -28,6 +28,7 @@ from .modules import plan_recipe_modules, whole_vlm_of
 from .output import model_dir, read_json
 from .parameters import global_options, layer_of, lookup
 from .recipe import MergeConfig, ModelEntry, RecipeError, check_range, load_config, out_dtype_name
+from .sources import stacked_layers
 
 # Memory magnitude pruning (ties, breadcrumbs) may use per tensor to split ties at its threshold
 # exactly as torch's sort does; None leaves the engine's default (512 MiB). Tests lower it to
@@ -249,7 +250,7 @@ def plan(
     # A VLM takes part through its language model, under the text architecture's names; a
     # `modules:` recipe over VLMs alone merges them whole, module by module, as mergekit does.
     vlms = {ref: vlm for ref, path in paths.items() if ref not in adapters and (vlm := read_vlm(path)) is not None}
-    whole_vlm = whole_vlm_of(config, paths, vlms, adapters)
+    whole_vlm = whole_vlm_of(config, paths, vlms)
     if whole_vlm is not None:
         vlms = {}
     # Every model's header, read once: the reference's tensor names, and each model's stored dtype.
@@ -279,14 +280,8 @@ def plan(
         outputs = plan_models(names, base_ref, inputs, layers)
     else:
         naming = layer_naming(base_config, names, reference)
-
-        def based(slice_sources: tuple[ModelEntry, ...]) -> str | None:
-            """The slice's base_model, else the recipe's (none for a method that ignores it)."""
-            return (slice_sources[0].slice_base or base_ref) if method.base in ("required", "optional") else None
-
-        outputs = plan_slices(config.slices, text_stack(names, naming), based)
-        out_layers = sum(s[0].layer_range[1] - s[0].layer_range[0] for s in config.slices if s[0].layer_range)
-        base_config = {**(base_config or {}), naming.count_key: out_layers}
+        outputs = plan_slices(config, config.slices, text_stack(names, naming), base_ref)
+        base_config = {**(base_config or {}), naming.count_key: stacked_layers(config.slices)}
     out_dtype = cast(OutDtypeName, out_dtype_name(config, base_config, tensors[0][2] if tensors else None))
     compute: ComputeName = (
         "float64" if precise else arithmetic_dtype(config.dtype, [_stored_dtype(t) for t in listings.values()])
@@ -442,7 +437,7 @@ def _recipes(config: MergeConfig, refs: list[str], outputs: list[PlannedOutput])
                 )
             entries.append({"model": index[entry.model], "tensor": source_name, **values})  # type: ignore[typeddict-item]
         first = inputs[0][0] if inputs else None
-        shared = (first.slice_parameters, first.module_parameters) if first else ()
+        shared = first.shared if first else ()
         # A slice's own base_model: read for this tensor instead of the job's base.
         base_model = index[first.slice_base] if first and first.slice_base and base_tensor else None
         tensors.append(
@@ -483,7 +478,7 @@ _TENSOR_DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.0, "epsilon": 0.0}
 def _fixed(config: MergeConfig, entry: ModelEntry, key: str) -> float | None:
     """A per-model parameter's value when it is the same at every tensor (a plain number, or
     absent: the table's default), else None. A plain number was range-checked with the recipe."""
-    for params in (entry.parameters, entry.slice_parameters, entry.module_parameters, config.parameters):
+    for params in (*entry.scopes, config.parameters):
         if key in params:
             value = params[key]
             return float(value) if isinstance(value, (int, float)) else None

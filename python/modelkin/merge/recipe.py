@@ -15,7 +15,7 @@ import yaml
 from .. import _core
 from ..io.dtypes import RECIPE_DTYPES, TORCH_NAMES
 from ..io.errors import RecipeError
-from .sources import ModelEntry, ModuleSpec, parse_models, parse_modules, parse_slices
+from .sources import ModelEntry, ModuleSpec, key_path, parse_models, parse_modules, parse_slices
 
 if TYPE_CHECKING:
     from .vocabulary import TokenizerSpec
@@ -130,10 +130,6 @@ class _Lines:
         return f" (line {found.start_mark.line + 1})" if found is not None else ""
 
 
-def _where(path: Sequence[str | int]) -> str:
-    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
-
-
 def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
     """Reads a mergekit YAML file (or a dict with the same keys) and validates it."""
     if isinstance(recipe, Mapping):
@@ -155,7 +151,7 @@ def load_config(recipe: str | Path | Mapping[str, Any]) -> MergeConfig:
         lines = _Lines(text)
 
     def fail(path: Sequence[str | int], message: str) -> RecipeError:
-        return RecipeError(f"{source}: {_where(path)}{lines.line(path)}: {message}")
+        return RecipeError(f"{source}: {key_path(path)}{lines.line(path)}: {message}")
 
     if not isinstance(raw, Mapping):
         raise RecipeError(f"{source}: a merge recipe is a mapping with merge_method and models")

@@ -5,7 +5,7 @@ method's rules are checked by :mod:`.recipe`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +13,11 @@ from ..io.errors import RecipeError
 
 # fail(path, message): the RecipeError naming the key path and its line.
 Fail = Callable[[list[str | int], str], RecipeError]
+
+
+def key_path(path: Sequence[str | int]) -> str:
+    """A key path as the recipe writes it: ``slices[0].residual_weight``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else p) for i, p in enumerate(path))
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,17 @@ class ModelEntry:
     slice_base: str | None = None
     # Its module's `parameters` (after the slice's, before the recipe's), in a `modules:` recipe.
     module_parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+        """The parameters it shares with the other models of its slice and module, in mergekit's
+        lookup order (the slice's, then the module's)."""
+        return (self.slice_parameters, self.module_parameters)
+
+    @property
+    def scopes(self) -> tuple[Mapping[str, Any], ...]:
+        """Where its parameters are looked up before the recipe's: its own, then the shared ones."""
+        return (self.parameters, *self.shared)
 
 
 # One output slice: its sources, in order.
@@ -94,10 +110,9 @@ def parse_slices(
         if "residual_weight" in item:
             if not isinstance(item["residual_weight"], (int, float)):
                 raise fail([*here, "residual_weight"], "residual_weight must be a number")
-            where = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in [*here, "residual_weight"])
             ignored.append(
-                f"{where.replace('.[', '[')}: ignored, as mergekit 0.1.5 ignores it (it parses the key and never"
-                " applies it)"
+                f"{key_path([*here, 'residual_weight'])}: ignored, as mergekit 0.1.5 ignores it (it parses the key"
+                " and never applies it)"
             )
         if not isinstance(sources, list) or not sources:
             raise fail(here, "each slice needs a non-empty 'sources' list")
@@ -155,3 +170,8 @@ def parse_modules(fail: Fail, raw: Any, ignored: list[str]) -> tuple[ModuleSpec,
             slices = parse_slices(fail, [*path, "slices"], item["slices"], parameters, ignored)
             modules.append(ModuleSpec(str(name), None, slices, parameters))
     return tuple(modules)
+
+
+def stacked_layers(slices: Sequence[Slice]) -> int:
+    """How many layers slices stack: the sum of their spans."""
+    return sum(end - first for first, end in (s[0].layer_range or (0, 0) for s in slices))

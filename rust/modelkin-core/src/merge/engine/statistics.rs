@@ -130,18 +130,19 @@ const SPREAD: [[bool; 8]; 256] = {
 /// time from a table: the merge reads a magnitude mask once per block and input, and a bit-by-bit
 /// loop over a freshly zeroed vector cost more than the merge's arithmetic on it.
 fn expand_bits(words: &[u64], len: usize) -> Vec<bool> {
+    // Byte b of the mask: bits 8b..8b + 8, in word b / 8.
+    let byte = |b: usize| usize::from((words[b / 8] >> (8 * (b % 8))) as u8);
     let mut mask = vec![false; len];
-    let bytes = words.iter().flat_map(|w| w.to_le_bytes());
     let mut chunks = mask.chunks_exact_mut(8);
-    // Whole bytes as one eight-byte store each.
-    for (chunk, byte) in (&mut chunks).zip(bytes.clone()) {
+    for (b, chunk) in (&mut chunks).enumerate() {
+        // A whole byte as one eight-byte store.
         let chunk: &mut [bool; 8] = chunk.try_into().expect("eight");
-        *chunk = SPREAD[usize::from(byte)];
+        *chunk = SPREAD[byte(b)];
     }
     let tail = chunks.into_remainder();
-    if let Some(byte) = bytes.clone().nth(len / 8) {
+    if !tail.is_empty() {
         let n = tail.len();
-        tail.copy_from_slice(&SPREAD[usize::from(byte)][..n]);
+        tail.copy_from_slice(&SPREAD[byte(len / 8)][..n]);
     }
     mask
 }
