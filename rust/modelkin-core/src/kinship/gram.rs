@@ -46,7 +46,7 @@ impl Gram {
         assert!(
             len.is_multiple_of(LANES) && len <= stride && rows.len() >= (self.k.max(1) - 1) * stride + len
         );
-        add_products(&Rows { data: rows, stride, len }, self.k, &mut self.products);
+        add_products(&Rows { data: rows, stride, len, first: 0 }, self.k, &mut self.products);
     }
 
     /// (Σxᵢ, Σxᵢxⱼ as a full symmetric k×k matrix).
@@ -92,16 +92,20 @@ fn add_products(rows: &Rows, k: usize, products: &mut [Lanes]) {
     unsafe { tiles::<Lanes, 2>(rows, k, products) }
 }
 
+/// Rows `first..k` of the k×k pair matrix, row i at `data[(i − first) · stride..]`: the pairs of
+/// rows below `first` are someone else's (the fused AVX2 sweep makes them while decoding).
 struct Rows<'a> {
     data: &'a [f64],
     stride: usize,
     len: usize,
+    first: usize,
 }
 
 impl Rows<'_> {
     #[inline(always)]
     fn row(&self, i: usize) -> &[f64] {
-        &self.data[i * self.stride..i * self.stride + self.len]
+        let at = (i - self.first) * self.stride;
+        &self.data[at..at + self.len]
     }
 }
 
@@ -125,13 +129,14 @@ mod x86 {
     }
 }
 
-/// Covers the upper triangle of the k×k pair matrix with tiles of at most T×T.
+/// Covers the upper triangle of the k×k pair matrix from row `rows.first` with tiles of at most
+/// T×T.
 ///
 /// # Safety
 /// The CPU must have `A`'s features.
 #[inline(always)]
 unsafe fn tiles<A: Accumulator, const T: usize>(rows: &Rows, k: usize, products: &mut [Lanes]) {
-    for i0 in (0..k).step_by(T) {
+    for i0 in (rows.first..k).step_by(T) {
         for j0 in (i0..k).step_by(T) {
             let (r, c) = (T.min(k - i0), T.min(k - j0));
             let diagonal = i0 == j0;
@@ -228,7 +233,7 @@ mod tests {
         for k in 1..=9 {
             let (stride, len) = (72, 64);
             let rows: Vec<f64> = (0..k * stride).map(|_| value()).collect();
-            let rows = Rows { data: &rows, stride, len };
+            let rows = Rows { data: &rows, stride, len, first: 0 };
             let mut dispatched = vec![[0.0; LANES]; k * k];
             let mut scalar = vec![[0.0; LANES]; k * k];
             add_products(&rows, k, &mut dispatched);
