@@ -145,6 +145,13 @@ def example_seconds(name: str, args: list[str]) -> float:
     return float(subprocess.run([exe, *args], capture_output=True, text=True, check=True).stdout.split()[1])
 
 
+def floor_seconds(files: list[str]) -> tuple[float, float]:
+    """The floor's (read, read + unmapping) seconds in one run of ``read_floor``."""
+    exe = ROOT / "target" / "release" / "examples" / "read_floor"
+    fields = subprocess.run([exe, *files], capture_output=True, text=True, check=True).stdout.split()
+    return float(fields[1]), float(fields[3])
+
+
 def cli_seconds(a: Path, b: Path, base: Path) -> float:
     """`modelkin kinship A B --base C --json` as a subprocess, from the imported package."""
     env = {**os.environ, "PYTHONPATH": str(PACKAGE_DIR)}
@@ -219,9 +226,15 @@ def main() -> None:
     print(f"modelkin from {PACKAGE_DIR}; {os.cpu_count()} cores")
     # Rounds alternate every measurement (after one untimed pass of each), so a drift in the
     # machine's speed moves every column alike; medians over the rounds.
-    columns: dict[str, list[float]] = {"floor": [], "reference": [], "python": [], "cli": []}
+    columns: dict[str, list[float]] = {"floor": [], "unmap": [], "reference": [], "python": [], "cli": []}
+
+    def floor() -> float:
+        read, with_unmap = floor_seconds([str(p) for p in files])
+        columns["unmap"].append(with_unmap)
+        return read
+
     measure = {
-        "floor": lambda: example_seconds("read_floor", [str(p) for p in files]),
+        "floor": floor,
         "reference": lambda: example_seconds(
             "reference_loop", [str(fts[0]), str(fts[1]), str(base), "--dtype", args.dtype]
         ),
@@ -230,12 +243,14 @@ def main() -> None:
     }
     for fn in measure.values():
         fn()
+    columns["unmap"].clear()
     for _ in range(args.repeats):
         for name, fn in measure.items():
             columns[name].append(fn())
     print(f"input bytes                 {size_gb:8.2f} GB")
     for name, label in [
         ("floor", "floor (read every byte)"),
+        ("unmap", "floor + dropping the maps"),
         ("reference", "reference loop (kernel)"),
         ("python", "modelkin.kinship (Python)"),
         ("cli", "modelkin kinship (CLI)"),
@@ -246,8 +261,10 @@ def main() -> None:
     ours = statistics.median(columns["python"])
     cli_over = statistics.median(c - p for c, p in zip(columns["cli"], columns["python"], strict=True))
     print(f"CLI minus Python API        {cli_over:8.3f} s")
+    with_unmap = statistics.median(p / u for p, u in zip(columns["python"], columns["unmap"], strict=True))
+    print(f"Python over the floor with its unmapping (the pass drops its pages inside its time) {with_unmap:5.2f}x")
     print(
-        "rounds (floor, reference, python, cli): "
+        "rounds (floor, unmap, reference, python, cli): "
         + "; ".join(", ".join(f"{columns[n][r]:.3f}" for n in columns) for r in range(args.repeats))
     )
     code = f"import modelkin; modelkin.kinship({str(fts[0])!r}, {str(fts[1])!r}, base={str(base)!r})"
@@ -282,15 +299,21 @@ def main() -> None:
     # Four fine-tunes against the floor of reading their five models, rounds alternating.
     five = [base, *fts[:4]]
     warm(five)
-    floors, fours = [], []
+    floors, unmapped, fours = [], [], []
     for _ in range(max(args.repeats, 5)):
-        floors.append(example_seconds("read_floor", [str(p) for p in five]))
+        read, with_unmap = floor_seconds([str(p) for p in five])
+        floors.append(read)
+        unmapped.append(with_unmap)
         fours.append(median_time(lambda: modelkin.kinship_matrix(fts[:4], base=base), 1))
     floor = statistics.median(floors)
     print(f"floor, its 5 models         {floor:8.3f} s")
     print(
         f"4x4 matrix (6 pairs)        {statistics.median(fours):8.3f} s   "
         f"{statistics.median(f / r for r, f in zip(floors, fours, strict=True)):5.2f}x the floor"
+    )
+    print(
+        "4x4 over the floor with its unmapping        "
+        f"{statistics.median(f / u for u, f in zip(unmapped, fours, strict=True)):5.2f}x"
     )
 
 

@@ -13,7 +13,66 @@ pub(super) mod fused;
 
 use multiversion::multiversion;
 
+use crate::io::dtype::FloatDtype;
+use crate::kinship::kernel;
 use crate::kinship::simd::{Accumulator, Lanes, LANES};
+
+/// Elements per block of the all-pairs sweep: the base's and k deltas' blocks stay in L1.
+pub(crate) const BLOCK: usize = 256;
+
+/// Raw all-pairs sums of the deltas of one chunk of stored sources (the base first, each slice
+/// holding `len` elements of its dtype): (Σxᵢ, Σxᵢxⱼ as a full k×k matrix). With no `scales`
+/// and formats the fused sweep takes, the fine-tunes are widened and multiplied in registers;
+/// otherwise, and for the chunk's last few (under eight) elements, each block of every source is
+/// decoded, turned into deltas (quantised to int8 with `scales`) and fed to the tiles. `buffer`
+/// holds (k + 1)·[`BLOCK`] values. The sums do not depend on which path made them.
+pub(crate) fn stored_chunk_sums(
+    sources: &[(FloatDtype, &[u8])],
+    len: usize,
+    scales: Option<&[f64]>,
+    buffer: &mut [f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let k = sources.len() - 1;
+    let mut gram = Gram::new(k);
+    let (base, rows) = buffer[..(k + 1) * BLOCK].split_at_mut(BLOCK);
+    let mut widened = 0;
+    let format = if scales.is_none() { fused::fused_format(k, sources.iter().map(|s| s.0)) } else { None };
+    if let Some(format) = format {
+        let mut stored: [&[u8]; fused::MAX_MODELS + 1] = [&[]; fused::MAX_MODELS + 1];
+        for (bytes, source) in stored.iter_mut().zip(sources) {
+            *bytes = source.1;
+        }
+        widened = gram.add_stored(format, &stored[..=k], len, rows);
+    }
+    for start in (widened..len).step_by(BLOCK) {
+        let count = BLOCK.min(len - start);
+        let padded = count.next_multiple_of(LANES);
+        let (dtype, stored) = sources[0];
+        crate::io::dtype::decode(dtype, elements(dtype, stored, start, count), &mut base[..count]);
+        for (i, (&(dtype, stored), delta)) in sources[1..].iter().zip(rows.chunks_mut(BLOCK)).enumerate() {
+            kernel::stored_delta_and_sum(
+                dtype,
+                elements(dtype, stored, start, count),
+                &base[..count],
+                &mut delta[..count],
+            );
+            if let Some(scales) = scales {
+                kernel::quantize_int8(&mut delta[..count], scales[i]);
+            }
+            delta[count..padded].fill(0.0);
+        }
+        // Summed lane by lane from the rows, in the fused sweep's order: the sums do not depend on
+        // which path (or CPU level) made the chunk.
+        gram.add_row_sums(rows, BLOCK, padded);
+        gram.add_products(rows, BLOCK, padded);
+    }
+    gram.totals()
+}
+
+/// The bytes of `count` elements of a stored slice from element `start`.
+fn elements(dtype: FloatDtype, bytes: &[u8], start: usize, count: usize) -> &[u8] {
+    &bytes[start * dtype.size()..(start + count) * dtype.size()]
+}
 
 /// Raw sums of k vectors over the blocks added so far.
 #[derive(Debug, Clone)]

@@ -32,22 +32,6 @@ pub fn sum(x: &[f64]) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// Σ (x − m)², a diagonal entry of the co-moment matrix.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-pub fn centred_sum_squares(x: &[f64], m: f64) -> f64 {
-    let mut acc = [0.0f64; SUM_LANES];
-    let chunks = x.chunks_exact(SUM_LANES);
-    let tail: f64 = chunks.remainder().iter().map(|v| (v - m) * (v - m)).sum();
-    for c in chunks {
-        let c: &[f64; SUM_LANES] = c.try_into().expect("exact chunk");
-        for l in 0..SUM_LANES {
-            let d = c[l] - m;
-            acc[l] += d * d;
-        }
-    }
-    acc.iter().sum::<f64>() + tail
-}
-
 /// (Σ (x − mx)(y − my), Σ ((x − mx) − (y − my))²) in one sweep over both slices: the centred
 /// co-moment and the centred squared distance, without a separate centring pass.
 pub fn centred_dot_and_squared_distance(x: &[f64], y: &[f64], mx: f64, my: f64) -> (f64, f64) {
@@ -275,9 +259,6 @@ mod tests {
         assert!((dot - naive_dot).abs() < 1e-12);
         assert!((dist - naive_dist).abs() < 1e-12);
         assert!((sum(&x) - x.iter().sum::<f64>()).abs() < 1e-12);
-        let m = 0.25;
-        let naive_centred: f64 = x.iter().map(|v| (v - m) * (v - m)).sum();
-        assert!((centred_sum_squares(&x, m) - naive_centred).abs() < 1e-12);
         let mut z = x.clone();
         let total = subtract_and_sum(&mut z, &y);
         assert!((total - (x.iter().sum::<f64>() - y.iter().sum::<f64>())).abs() < 1e-12);

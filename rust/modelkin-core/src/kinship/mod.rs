@@ -5,7 +5,7 @@
 //! parents' kinship while it reads them).
 
 pub mod family;
-mod gram;
+pub(crate) mod gram;
 pub mod kernel;
 pub mod options;
 pub mod pass;

@@ -9,13 +9,11 @@ use crate::io::error::{Error, Result};
 use crate::io::progress::Progress;
 use crate::io::threads::with_threads;
 use crate::kinship::family::{release, Family, Plan, PlannedTensor};
-use crate::kinship::gram::fused::{fused_format, MAX_MODELS as MAX_FUSED_MODELS};
-use crate::kinship::gram::Gram;
+use crate::kinship::gram::stored_chunk_sums;
 use crate::kinship::kernel;
 use crate::kinship::options::PassOptions;
 use crate::kinship::report::{KinshipReport, SkippedTensor, TensorStats};
-use crate::kinship::simd::LANES;
-use crate::kinship::stats::{Mode, Moments};
+use crate::kinship::stats::{raw_sum_relative_error, Mode, Moments};
 
 /// Elements per work item: large enough to amortise scheduling, small enough that k+1 decoded
 /// buffers of it stay in a core's L2 cache.
@@ -24,13 +22,6 @@ const CHUNK: usize = 16 * 1024;
 /// Elements per work item of the two-model pass over stored bytes. Its raw sums keep 32 partial
 /// sums (see `kernel::pair`), so each adds PAIR_CHUNK / 32 terms: as many as a CHUNK's eight did.
 const PAIR_CHUNK: usize = 4 * CHUNK;
-
-/// Elements per block of the all-pairs sweep: the base's and k deltas' blocks stay in L1.
-const GRAM_BLOCK: usize = 256;
-
-/// Worst relative rounding error of a chunk's raw sums: each of the `LANES` partial sums adds
-/// CHUNK / LANES terms, then the lanes and the distance identity add a few roundings more.
-const RAW_SUM_RELATIVE_ERROR: f64 = (CHUNK / LANES + LANES + 4) as f64 * f64::EPSILON / 2.0;
 
 enum ChunkOutcome {
     Moments(Moments),
@@ -63,14 +54,6 @@ pub fn kinship_pass(
             Some(Ok(scale)) => Some(scale.as_slice()),
             _ => None,
         };
-        let fused: Vec<Option<FloatDtype>> = plan
-            .iter()
-            .enumerate()
-            .map(|(t, tensor)| match scale_of(t) {
-                None => fused_format(tensor.sources.len() - 1, tensor.sources.iter().map(|s| s.dtype)),
-                Some(_) => None,
-            })
-            .collect();
         let mut sums: Vec<std::result::Result<Moments, usize>> =
             plan.iter().map(|tensor| Ok(Moments::empty(tensor.sources.len() - 1))).collect();
         par_tensor_chunks(
@@ -84,7 +67,7 @@ pub fn kinship_pass(
                 if pair_path(tensor, scale_of(t)) {
                     pair_chunk(family, tensor, first, len, buffer)
                 } else {
-                    gram_chunk(family, tensor, first, len, scale_of(t), fused[t], buffer)
+                    gram_chunk(family, tensor, first, len, scale_of(t), buffer)
                 }
             },
             // Chunk by chunk in order, so the merged moments do not depend on the scheduling.
@@ -319,7 +302,7 @@ fn recheck_distances(
     let k = tensor.sources.len() - 1;
     for i in 0..k {
         for j in i + 1..k {
-            if moments.distance_may_have_cancelled(i, j, RAW_SUM_RELATIVE_ERROR) {
+            if moments.distance_may_have_cancelled(i, j, raw_sum_relative_error(CHUNK)) {
                 let direct = direct_squared_distance(family, tensor, (i, j), scales, progress)?;
                 moments.set_squared_distance(i, j, direct);
             }
@@ -328,48 +311,18 @@ fn recheck_distances(
     Ok(())
 }
 
-/// Raw all-pairs sums of one chunk: with a `fused` format (from [`fused_format`]) the fine-tunes
-/// are widened and multiplied in registers; otherwise, and for the chunk's last few (under eight)
-/// elements, each block of every source is decoded, turned into deltas (quantised when `scales`
-/// is given) and fed to the tiled pair kernel.
+/// The moments of one chunk of the all-pairs path (see [`stored_chunk_sums`]).
 fn gram_chunk(
     family: &Family,
     tensor: &PlannedTensor,
     first: usize,
     len: usize,
     scales: Option<&[f64]>,
-    fused: Option<FloatDtype>,
     buffer: &mut [f64],
 ) -> ChunkOutcome {
-    let k = tensor.sources.len() - 1;
-    let mut gram = Gram::new(k);
-    let (base, rows) = buffer[..(k + 1) * GRAM_BLOCK].split_at_mut(GRAM_BLOCK);
-    let mut widened = 0;
-    if let Some(format) = fused {
-        let mut stored: [&[u8]; MAX_FUSED_MODELS + 1] = [&[]; MAX_FUSED_MODELS + 1];
-        for (bytes, source) in stored.iter_mut().zip(&tensor.sources) {
-            *bytes = family.raw_bytes(source, first, len);
-        }
-        widened = gram.add_stored(format, &stored[..=k], len, rows);
-    }
-    // The chunk's tail (or all of it, without a fused sweep) is decoded into rows first.
-    for start in (first + widened..first + len).step_by(GRAM_BLOCK) {
-        let count = GRAM_BLOCK.min(first + len - start);
-        let padded = count.next_multiple_of(LANES);
-        family.read_f64(&tensor.sources[0], start, &mut base[..count]);
-        for (i, (source, delta)) in tensor.sources[1..].iter().zip(rows.chunks_mut(GRAM_BLOCK)).enumerate() {
-            family.read_delta(source, start, &base[..count], &mut delta[..count]);
-            if let Some(scales) = scales {
-                kernel::quantize_int8(&mut delta[..count], scales[i]);
-            }
-            delta[count..padded].fill(0.0);
-        }
-        // Summed lane by lane from the rows, in the fused sweep's order: the sums do not depend on
-        // which path (or CPU level) made the chunk.
-        gram.add_row_sums(rows, GRAM_BLOCK, padded);
-        gram.add_products(rows, GRAM_BLOCK, padded);
-    }
-    let (sums, products) = gram.totals();
+    let sources: Vec<(FloatDtype, &[u8])> =
+        tensor.sources.iter().map(|s| (s.dtype, family.raw_bytes(s, first, len))).collect();
+    let (sums, products) = stored_chunk_sums(&sources, len, scales, buffer);
     if sums.iter().chain(&products).all(|v| v.is_finite()) {
         return ChunkOutcome::Moments(Moments::from_raw_sums(len, &sums, &products));
     }

@@ -3,8 +3,7 @@
 //! Moments are kept centred (means and co-moments, merged with Chan et al.'s pairwise update)
 //! because raw sums lose the Pearson correlation to cancellation when a delta has a large mean.
 
-/// Elements per block of the all-pairs sweep: k blocks of f64 fit in a core's L1 cache.
-const PAIR_BLOCK: usize = 512;
+use crate::kinship::simd::LANES;
 
 /// A kinship metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,39 +62,6 @@ impl Moments {
     /// Number of vectors.
     pub fn k(&self) -> usize {
         self.mean.len()
-    }
-
-    /// Statistics of one chunk of k vectors whose means are already known.
-    pub(crate) fn from_chunk(vectors: &[&[f64]], means: &[f64]) -> Self {
-        let k = vectors.len();
-        let n = vectors.first().map_or(0, |c| c.len());
-        let mut moments = Moments { n: n as u64, mean: means.to_vec(), ..Moments::empty(k) };
-        // Sweep the chunk in L1-sized blocks so each model's block is loaded from L2 once and then
-        // reused by all of its k − 1 pairs; sweeping whole chunks pair by pair is L2-bound.
-        for start in (0..n).step_by(PAIR_BLOCK) {
-            let end = (start + PAIR_BLOCK).min(n);
-            for i in 0..k {
-                let x = &vectors[i][start..end];
-                moments.comoment[i * k + i] += crate::kinship::kernel::centred_sum_squares(x, means[i]);
-                for j in i + 1..k {
-                    let y = &vectors[j][start..end];
-                    let (dot, dist) =
-                        crate::kinship::kernel::centred_dot_and_squared_distance(x, y, means[i], means[j]);
-                    moments.comoment[i * k + j] += dot;
-                    moments.sqdist[i * k + j] += dist;
-                }
-            }
-        }
-        for i in 0..k {
-            for j in i + 1..k {
-                // Centring shifted xᵢ − xⱼ by a constant; add that shift's share back exactly.
-                let shift = means[i] - means[j];
-                moments.sqdist[i * k + j] += n as f64 * shift * shift;
-                moments.comoment[j * k + i] = moments.comoment[i * k + j];
-                moments.sqdist[j * k + i] = moments.sqdist[i * k + j];
-            }
-        }
-        moments
     }
 
     /// Statistics of one chunk of two vectors from their raw sums
@@ -201,6 +167,13 @@ impl Moments {
     }
 }
 
+/// Worst relative rounding error of raw sums over a chunk of `len` elements: each of the
+/// [`LANES`] partial sums adds len / LANES terms, then the lanes and the distance identity add a
+/// few roundings more. See [`Moments::distance_may_have_cancelled`].
+pub(crate) fn raw_sum_relative_error(len: usize) -> f64 {
+    (len / LANES + LANES + 4) as f64 * f64::EPSILON / 2.0
+}
+
 fn ratio(numerator: f64, squared_denominator: f64) -> f64 {
     if squared_denominator > 0.0 && squared_denominator.is_finite() {
         numerator / squared_denominator.sqrt()
@@ -232,10 +205,23 @@ pub fn split_matrix<'a>(
 mod tests {
     use super::*;
 
+    /// Two-pass moments of one sample, plainly.
     fn moments_of(vectors: &[Vec<f64>]) -> Moments {
-        let means: Vec<f64> = vectors.iter().map(|v| v.iter().sum::<f64>() / v.len() as f64).collect();
-        let refs: Vec<&[f64]> = vectors.iter().map(|v| v.as_slice()).collect();
-        Moments::from_chunk(&refs, &means)
+        let k = vectors.len();
+        let n = vectors[0].len();
+        let mean: Vec<f64> = vectors.iter().map(|v| v.iter().sum::<f64>() / n as f64).collect();
+        let mut moments = Moments { n: n as u64, mean: mean.clone(), ..Moments::empty(k) };
+        for i in 0..k {
+            for j in 0..k {
+                let (x, y) = (&vectors[i], &vectors[j]);
+                moments.comoment[i * k + j] =
+                    x.iter().zip(y).map(|(a, b)| (a - mean[i]) * (b - mean[j])).sum();
+                if i != j {
+                    moments.sqdist[i * k + j] = x.iter().zip(y).map(|(a, b)| (a - b) * (a - b)).sum();
+                }
+            }
+        }
+        moments
     }
 
     #[test]

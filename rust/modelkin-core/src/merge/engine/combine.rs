@@ -14,12 +14,13 @@ use crate::io::writer::TensorSink;
 use crate::kinship::stats::Moments;
 use crate::merge::engine::job::{Compute, MergeJob};
 use crate::merge::engine::method::Method;
+use crate::merge::engine::moments::{block_moments, recheck_distances};
 use crate::merge::engine::scratch::Scratch;
 use crate::merge::engine::source::{with_block, Resolved, Source};
 use crate::merge::engine::statistics::{value_free_mask, vector_of, Keep, TensorStatistics};
 use crate::merge::methods::ram::ram_block;
 use crate::merge::methods::task_vectors::{task_vector_block, task_vector_half_block, task_vector_rounded};
-use crate::merge::torch::half_ops::{Bf16Rounding, F16Rounding, Half, Rounding};
+use crate::merge::torch::half_ops::{Bf16Rounding, F16Rounding, Half, NoRounding, Rounding};
 
 /// Blocks computed in parallel before their bytes are written in order.
 const BLOCKS_IN_FLIGHT: usize = 32;
@@ -58,6 +59,9 @@ pub(super) fn write_tensor(
             }
         }
     }
+    if let Some(moments) = moments.as_mut() {
+        recheck_distances(tensor, moments);
+    }
     Ok(moments)
 }
 
@@ -69,10 +73,11 @@ fn merge_block(
     first: usize,
     len: usize,
 ) -> (Vec<u8>, Option<Moments>) {
-    if let (Some(half), Some(base)) = (job.compute.half(), &tensor.base) {
-        if job.method.task_vectors() && !stats.keep.iter().any(Keep::reads_values) {
-            return task_vector_half_f32(job, index, tensor, stats, base, first, len, half);
-        }
+    let f32_task_vectors = job.compute != Compute::Float64
+        && job.method.task_vectors()
+        && !stats.keep.iter().any(Keep::reads_values);
+    if let (true, Some(base)) = (f32_task_vectors, &tensor.base) {
+        return task_vector_f32(job, index, tensor, stats, base, first, len, job.compute.half());
     }
     with_block(&tensor.sources(), first, len, |views| {
         let (base, inputs) =
@@ -235,30 +240,16 @@ fn combine_block<const F32: bool>(
     }
     let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
     encode(job.out_dtype, merged, &mut bytes);
-    let moments = base.map(|z| block_moments(tensor, first, z));
+    let moments = base.map(|_| block_moments(tensor, first, len));
     (bytes, moments)
 }
 
-/// The moments of the parents' deltas against the base over one block, from the stored input
-/// bytes and the decoded base.
-fn block_moments(tensor: &Resolved, first: usize, z: &[f64]) -> Moments {
-    let len = z.len();
-    let mut scratch = Scratch::take::<f64>(tensor.inputs.len(), len);
-    let mut deltas = scratch.views::<f64>(len);
-    let mut means = Vec::with_capacity(tensor.inputs.len());
-    for (delta, x) in deltas.iter_mut().zip(&tensor.inputs) {
-        let bytes = x.model.raw_bytes(x.entry, x.dtype, first, len);
-        means.push(crate::kinship::kernel::stored_delta_and_sum(x.dtype, bytes, z, delta) / len as f64);
-    }
-    let views: Vec<&[f64]> = deltas.iter().map(|d| &**d).collect();
-    Moments::from_chunk(&views, &means)
-}
-
-/// The GTA family in half arithmetic when no pruning rule needs the values (kept whole, a
-/// replayed-sort mask, random): the inputs are decoded straight to f32 (exact for a half type),
-/// which halves the decoding and lets the arithmetic run twice as wide as from f64.
+/// The GTA family in float32 or half arithmetic (`half`) when no pruning rule needs the values
+/// (kept whole, a replayed-sort mask, random): the inputs are decoded straight to f32 (exact for
+/// bf16, f16 and f32, and the float32 arithmetic's own load of the others), which halves the
+/// decoding and lets the arithmetic run twice as wide as from f64.
 #[allow(clippy::too_many_arguments)]
-fn task_vector_half_f32(
+fn task_vector_f32(
     job: &MergeJob,
     index: usize,
     tensor: &Resolved,
@@ -266,7 +257,7 @@ fn task_vector_half_f32(
     base: &Source,
     first: usize,
     len: usize,
-    half: Half,
+    half: Option<Half>,
 ) -> (Vec<u8>, Option<Moments>) {
     let masks: Vec<Option<Vec<bool>>> = stats
         .keep
@@ -281,17 +272,16 @@ fn task_vector_half_f32(
     }
     let (z, inputs) = buffers.split_first().expect("base");
     let inputs: Vec<&[f32]> = inputs.iter().map(|b| &**b).collect();
-    // The merged values, then (for the kinship moments) the base decoded to f64.
-    let mut wide = Scratch::take::<f64>(2, len);
-    let [merged, z64] = &mut wide.views::<f64>(len)[..] else { unreachable!("two buffers") };
+    let mut wide = Scratch::take::<f64>(1, len);
+    let merged = wide.one::<f64>(len);
     match half {
-        Half::Bf16 => task_vector_rounded::<Bf16Rounding>(job, stats, &inputs, z, &masks, merged),
-        Half::F16 => task_vector_rounded::<F16Rounding>(job, stats, &inputs, z, &masks, merged),
+        Some(Half::Bf16) => task_vector_rounded::<Bf16Rounding>(job, stats, &inputs, z, &masks, merged),
+        Some(Half::F16) => task_vector_rounded::<F16Rounding>(job, stats, &inputs, z, &masks, merged),
+        None => task_vector_rounded::<NoRounding>(job, stats, &inputs, z, &masks, merged),
     }
     let mut bytes = Vec::with_capacity(len * job.out_dtype.size());
     encode(job.out_dtype, merged, &mut bytes);
-    base.read(first, z64);
-    (bytes, Some(block_moments(tensor, first, z64)))
+    (bytes, Some(block_moments(tensor, first, len)))
 }
 
 /// Decodes a block of a source to f32, rounded to the half type on load where mergekit's load
