@@ -2,7 +2,7 @@
 
 What a fresh interpreter has in sys.modules after each, never how long it took (the timings are
 benches/bench_startup.py's): rich, typer's rich help, YAML, the evolve layer and the merge planner
-(and for the imports, numpy) are loaded by the commands that need them, on use.
+(and for the imports and `kinship`, numpy) are loaded by the commands that need them, on use.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def test_help_loads_no_command_it_lists(tmp_path):
     assert [m for m in modules if m.startswith("modelkin.merge.")] == []
 
 
-def test_kinship_command_loads_no_merge_or_evolve(tmp_path):
+def test_kinship_command_loads_no_merge_evolve_or_numpy(tmp_path):
     from modelkin.example import write_example_family
 
     family = write_example_family(tmp_path / "family")
@@ -66,6 +66,8 @@ def test_kinship_command_loads_no_merge_or_evolve(tmp_path):
     assert "modelkin.kinship.measure" in modules
     # rich is left out: a pass that ran past a second (a loaded machine) draws its bar with it.
     assert among(modules, ("typer.rich_utils", "yaml", "modelkin.evolve", "modelkin.merge.planner")) == []
+    # A pair's kinship comes back as floats: numpy (and the adapter path that needs it) load on use.
+    assert among(modules, ("numpy", "modelkin.kinship.lora", "modelkin.io.safetensors")) == []
 
 
 def test_every_public_name_resolves_lazily():

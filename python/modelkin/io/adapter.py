@@ -18,21 +18,24 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._core import ModelHandle, open_model
 from .._core import apply_adapter as _core_apply
 from .errors import InvalidModelError, ModelReferenceError
 from .resolve import resolve
-from .safetensors import load_file
+
+if TYPE_CHECKING:
+    # numpy loads when an adapter's factors are read, not with the module (see `load_adapter`):
+    # `modelkin kinship` checks whether a path is an adapter without it.
+    import numpy as np
+    import numpy.typing as npt
+
+    Array = npt.NDArray[np.float64]
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-Array = npt.NDArray[np.float64]
 
 
 def is_adapter(path: str | os.PathLike[str]) -> bool:
@@ -171,6 +174,10 @@ def read_layout(path: str | Path) -> AdapterLayout:
 
 def load_adapter(path: str | Path) -> Adapter:
     """Reads a PEFT LoRA adapter directory with its factors in float64 (see the module's docs)."""
+    import numpy as np
+
+    from .safetensors import load_file
+
     layout = read_layout(path)
     tensors = load_file(layout.weights)
     low_rank: dict[str, LowRank] = {}

@@ -12,30 +12,29 @@ import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from .._core import ModelHandle, open_model
 from .adapter import apply_adapter, resolve_adapted
 from .errors import InvalidModelError
 
-_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-}
+if TYPE_CHECKING:
+    # numpy loads when a tensor is read, not with the module: `modelkin kinship` never needs it.
+    import numpy as np
+    import numpy.typing as npt
 
 
 def numpy_dtype(name: str) -> np.dtype[Any]:
     """The numpy dtype of a safetensors dtype name (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    import numpy as np
+
     if name == "BF16":
         import ml_dtypes  # only needed for bf16 tensors
 
         bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
         return bfloat16
-    return _NUMPY_DTYPES[name]
+    dtype: np.dtype[Any] = np.dtype({"F64": np.float64, "F32": np.float32, "F16": np.float16}[name])
+    return dtype
 
 
 # The files a model directory's tokenizer (and generation config) is made of: copied with a model.
@@ -48,7 +47,7 @@ TOKENIZER_FILES = re.compile(
 TORCH_VIEWS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "int16"}
 
 
-class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
+class ResidentModel(Mapping[str, "npt.NDArray[Any]"], ABC):
     """Tensors the engine holds (a :class:`ModelHandle`), read without a copy."""
 
     def __init__(self, tensors: ModelHandle) -> None:
@@ -98,7 +97,7 @@ class ResidentModel(Mapping[str, npt.NDArray[Any]], ABC):
         shape, dtype = self._tensors.info(name)
         if dtype not in TORCH_VIEWS:
             raise TypeError(f"tensor {name}: {dtype} has no torch view")
-        raw = self._tensors.raw(name).view(np.dtype(TORCH_VIEWS[dtype]))
+        raw = self._tensors.raw(name).view(TORCH_VIEWS[dtype])
         with warnings.catch_warnings():
             # torch warns that the array is not writable: the tensor shares read-only memory.
             warnings.simplefilter("ignore", UserWarning)

@@ -7,10 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any, Literal
 
 from .._core import KinshipPlan, KinshipStats, ModelHandle
 from ..io.adapter import is_adapter, named_base, read_layout
@@ -18,7 +15,14 @@ from ..io.errors import ModelReferenceError
 from ..io.resident import ResidentModel
 from ..io.resolve import resolve
 from ..io.towers import read_vlm
-from . import lora
+
+if TYPE_CHECKING:
+    # numpy and the adapter path load on use: a pass over stored models needs neither, and
+    # `modelkin kinship` starts faster without them.
+    import numpy as np
+    import numpy.typing as npt
+
+    from . import lora
 
 MetricName = Literal["pcc", "cs", "ed"]
 METRICS: tuple[MetricName, ...] = ("pcc", "cs", "ed")
@@ -226,7 +230,7 @@ def kinship(
         offline=offline,
         progress=progress,
     )
-    values = {m: float(stats.matrix(m, mode)[0, 1]) for m in names}
+    values = {m: stats.value(m, mode, 0, 1) for m in names}
     breakdown = None
     if per_tensor:
         columns = {m: stats.per_tensor(m)[:, 0, 1] for m in METRICS}
@@ -257,6 +261,8 @@ def _adapter_sides(
     """The models of an adapter kinship, read once, and the base's path; the options the factor
     path has no use for are refused, and so is an adapter whose config names another base that is
     on this machine."""
+    from . import lora
+
     if low_precision or device is not None:
         asked = "low_precision" if low_precision else "device"
         raise ValueError(f"{asked}: adapter kinship is computed exactly from the factors (leave {asked} unset)")
@@ -286,6 +292,8 @@ def _adapter_kinship(
     offline: bool,
 ) -> KinshipResult:
     """A pair with a LoRA adapter in it: exact from the factors (see :mod:`.lora`)."""
+    from . import lora
+
     (side_a, side_b), base_path = _adapter_sides([model_a, model_b], base, low_precision, device, offline)
     sums = lora.pair_sums(side_a, side_b, base_path)
     breakdown = None
@@ -312,6 +320,10 @@ def _adapter_matrix(
     offline: bool,
 ) -> KinshipMatrix:
     """An N x N matrix with LoRA adapters among the models: every pair exact from the factors."""
+    import numpy as np
+
+    from . import lora
+
     sides, base_path = _adapter_sides(models, base, low_precision, device, offline)
     count = len(sides)
     matrices = {m: np.zeros((count, count)) for m in names}

@@ -259,6 +259,15 @@ impl KinshipStats {
         Ok(PyArray1::from_vec(py, values).reshape([k, k])?.into_any())
     }
 
+    /// One entry (i, j) of [`Self::matrix`], as a float: a pair's kinship without numpy.
+    fn value(&self, metric: &str, mode: &str, i: usize, j: usize) -> PyResult<f64> {
+        let k = self.report.k;
+        if i >= k || j >= k {
+            return Err(PyValueError::new_err(format!("model index out of range: ({i}, {j}) of {k}")));
+        }
+        Ok(self.report.matrix(parse_metric(metric)?, parse_mode(mode)?)[i * k + j])
+    }
+
     /// The metric for every tensor: an array of shape (tensors, k, k); NaN where undefined.
     fn per_tensor<'py>(&self, py: Python<'py>, metric: &str) -> PyResult<Bound<'py, PyAny>> {
         let metric = parse_metric(metric)?;
