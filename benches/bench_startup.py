@@ -68,8 +68,7 @@ BREAKDOWN = textwrap.dedent("""
     phase("import modelkin.cli (typer)", "import modelkin.cli as cli")
     phase("typer builds the command tree", "import typer.main; typer.main.get_command(cli.app)")
     phase("pydantic (typer's value coercion)", "import typer._adapters")
-    phase("numpy", "import numpy")
-    phase("modelkin.kinship.measure (after numpy)", "import modelkin.kinship.measure")
+    phase("modelkin.kinship.measure (no numpy)", "import modelkin.kinship.measure")
     import contextlib, io
     sys.argv = ["modelkin", "kinship", a, b, "--base", base, "--json"]
     def run():
