@@ -36,26 +36,9 @@ pub(crate) fn task_vector_block<T>(
     // The scratch is taken here, outside the multiversioned body: a closure inside it
     // would be compiled without its target features.
     let mut scratch = Scratch::take::<f64>(inputs.len() + 4, ROUNDED_CHUNK.min(merged.len()));
-    // Every step is elementwise, so the block goes through in chunks whose intermediates stay in
-    // the core's cache (as in `task_vector_rounded`).
-    let mut views: Vec<&[f64]> = Vec::with_capacity(inputs.len());
-    let mut chunk_masks: Vec<Option<&[bool]>> = Vec::with_capacity(inputs.len());
-    for start in (0..merged.len()).step_by(ROUNDED_CHUNK) {
-        let end = (start + ROUNDED_CHUNK).min(merged.len());
-        views.clear();
-        views.extend(inputs.iter().map(|x| &x[start..end]));
-        chunk_masks.clear();
-        chunk_masks.extend(masks.iter().map(|m| m.as_ref().map(|m| &m[start..end])));
-        task_vector_block_in::<T>(
-            job,
-            stats,
-            &views,
-            &z[start..end],
-            &chunk_masks,
-            &mut merged[start..end],
-            &mut scratch,
-        );
-    }
+    in_chunks(inputs, z, &masks, merged, |views, z, masks, merged| {
+        task_vector_block_in::<T>(job, stats, views, z, masks, merged, &mut scratch)
+    });
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx512vl+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -186,9 +169,23 @@ pub(crate) fn task_vector_rounded<R: Rounding>(
     // The scratch is taken here, outside the multiversioned body: a closure inside it
     // would be compiled without its target features.
     let mut scratch = Scratch::take::<f32>(inputs.len() + 4, ROUNDED_CHUNK.min(merged.len()));
-    // Every step is elementwise, so the block goes through in chunks whose intermediates stay in
-    // the core's cache instead of a dozen passes over block-long buffers.
-    let mut views: Vec<&[f32]> = Vec::with_capacity(inputs.len());
+    in_chunks(inputs, z, masks, merged, |views, z, masks, merged| {
+        task_vector_rounded_in::<R>(job, stats, views, z, masks, merged, &mut scratch)
+    });
+}
+
+/// Runs `step` over the block [`ROUNDED_CHUNK`] elements at a time, with each input, the base,
+/// each mask and the output cut to the chunk. Every step of the task-vector arithmetic is
+/// elementwise, so chunks whose intermediates stay in the core's cache give the same values as
+/// a dozen passes over block-long buffers, faster.
+fn in_chunks<T>(
+    inputs: &[&[T]],
+    z: &[T],
+    masks: &[Option<Vec<bool>>],
+    merged: &mut [f64],
+    mut step: impl FnMut(&[&[T]], &[T], &[Option<&[bool]>], &mut [f64]),
+) {
+    let mut views: Vec<&[T]> = Vec::with_capacity(inputs.len());
     let mut chunk_masks: Vec<Option<&[bool]>> = Vec::with_capacity(inputs.len());
     for start in (0..merged.len()).step_by(ROUNDED_CHUNK) {
         let end = (start + ROUNDED_CHUNK).min(merged.len());
@@ -196,15 +193,7 @@ pub(crate) fn task_vector_rounded<R: Rounding>(
         views.extend(inputs.iter().map(|x| &x[start..end]));
         chunk_masks.clear();
         chunk_masks.extend(masks.iter().map(|m| m.as_ref().map(|m| &m[start..end])));
-        task_vector_rounded_in::<R>(
-            job,
-            stats,
-            &views,
-            &z[start..end],
-            &chunk_masks,
-            &mut merged[start..end],
-            &mut scratch,
-        );
+        step(&views, &z[start..end], &chunk_masks, &mut merged[start..end]);
     }
 }
 
