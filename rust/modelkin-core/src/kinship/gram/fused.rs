@@ -101,6 +101,26 @@ impl Gram {
     }
 }
 
+/// `sweep::<W, K, R0>(args…)` for a block's stored format (bf16, f16, f32: the types given in
+/// that order) and its k, with the R0 each k takes on the calling level: the one dispatch table
+/// of every level's fused sweep.
+macro_rules! sweep_for {
+    ($format:expr, $k:expr, $sweep:ident::<[$bf16:ty, $f16:ty, $f32:ty]>, $r0:tt, $args:tt) => {
+        match $format {
+            FloatDtype::BF16 => sweep_for!(@k $k, $sweep, $bf16, $r0, $args),
+            FloatDtype::F16 => sweep_for!(@k $k, $sweep, $f16, $r0, $args),
+            FloatDtype::F32 => sweep_for!(@k $k, $sweep, $f32, $r0, $args),
+            _ => unreachable!("fused_format admits bf16, f16 and f32 only"),
+        }
+    };
+    (@k $k:expr, $sweep:ident, $w:ty, [$($kk:literal => $r0:literal),*], $args:tt) => {
+        match $k {
+            $($kk => $sweep::<$w, $kk, $r0> $args,)*
+            _ => unreachable!("k is at most MAX_MODELS"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 
@@ -174,31 +194,17 @@ mod x86 {
         sums: &mut [Lanes],
         products: &mut [Lanes],
     ) {
-        macro_rules! by_k {
-            ($w:ty) => {
-                // R0 rows ride along with the decode: as many as keep their accumulators and sums,
-                // the base and the deltas within AVX-512's 32 registers (R0 = 4 of 8 spills).
-                // SAFETY: the caller's guarantees, passed on.
-                unsafe {
-                    match k {
-                        1 => sweep::<$w, 1, 1>(sources, len, scratch, sums, products),
-                        2 => sweep::<$w, 2, 2>(sources, len, scratch, sums, products),
-                        3 => sweep::<$w, 3, 3>(sources, len, scratch, sums, products),
-                        4 => sweep::<$w, 4, 4>(sources, len, scratch, sums, products),
-                        5 => sweep::<$w, 5, 5>(sources, len, scratch, sums, products),
-                        6 => sweep::<$w, 6, 3>(sources, len, scratch, sums, products),
-                        7 => sweep::<$w, 7, 3>(sources, len, scratch, sums, products),
-                        8 => sweep::<$w, 8, 3>(sources, len, scratch, sums, products),
-                        _ => unreachable!("k is at most MAX_MODELS"),
-                    }
-                }
-            };
-        }
-        match format {
-            FloatDtype::BF16 => by_k!(Bf16),
-            FloatDtype::F16 => by_k!(F16),
-            FloatDtype::F32 => by_k!(F32),
-            _ => unreachable!("fused_format admits bf16, f16 and f32 only"),
+        // R0 rows ride along with the decode: as many as keep their accumulators and sums, the
+        // base and the deltas within AVX-512's 32 registers (R0 = 4 of 8 spills).
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe {
+            sweep_for!(
+                format,
+                k,
+                sweep::<[Bf16, F16, F32]>,
+                [1 => 1, 2 => 2, 3 => 3, 4 => 4, 5 => 5, 6 => 3, 7 => 3, 8 => 3],
+                (sources, len, scratch, sums, products)
+            )
         }
     }
 

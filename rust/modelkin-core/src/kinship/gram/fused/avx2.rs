@@ -27,36 +27,22 @@ pub(super) unsafe fn dispatch(
     sums: &mut [Lanes],
     products: &mut [Lanes],
 ) {
-    macro_rules! by_k {
-        ($w:ty) => {
-            // R0 rows ride along with the decode: as many as keep their accumulators and sums, the
-            // base, their deltas and the delta in hand within AVX2's 16 registers.
-            // SAFETY: the caller's guarantees, passed on.
-            unsafe {
-                match k {
-                    1 => sweep::<$w, 1, 1>(sources, len, scratch, sums, products),
-                    2 => sweep::<$w, 2, 2>(sources, len, scratch, sums, products),
-                    3 => sweep::<$w, 3, 3>(sources, len, scratch, sums, products),
-                    4 => sweep::<$w, 4, 2>(sources, len, scratch, sums, products),
-                    5 => sweep::<$w, 5, 2>(sources, len, scratch, sums, products),
-                    6 => sweep::<$w, 6, 1>(sources, len, scratch, sums, products),
-                    7 => sweep::<$w, 7, 1>(sources, len, scratch, sums, products),
-                    8 => sweep::<$w, 8, 1>(sources, len, scratch, sums, products),
-                    _ => unreachable!("k is at most MAX_MODELS"),
-                }
-            }
-        };
-    }
-    match format {
-        FloatDtype::BF16 => by_k!(Bf16),
-        FloatDtype::F16 => by_k!(F16),
-        FloatDtype::F32 => by_k!(F32),
-        _ => unreachable!("fused_format admits bf16, f16 and f32 only"),
+    // R0 rows ride along with the decode: as many as keep their accumulators and sums, the base,
+    // their deltas and the delta in hand within AVX2's 16 registers.
+    // SAFETY: the caller's guarantees, passed on.
+    unsafe {
+        sweep_for!(
+            format,
+            k,
+            sweep::<[Bf16, F16, F32]>,
+            [1 => 1, 2 => 2, 3 => 3, 4 => 2, 5 => 2, 6 => 1, 7 => 1, 8 => 1],
+            (sources, len, scratch, sums, products)
+        )
     }
 }
 
 /// Every pair (i, j ≥ i) of K rows, a [`STEP`] at a time: rows below R0 during the decode, the
-/// rest stored and then added by the tiles.
+/// rest stored, then swept: two together with their sums (`stored_rows`), more by the tiles.
 ///
 /// # Safety
 /// As [`dispatch`].
