@@ -245,7 +245,12 @@ fn combine_block<const F32: bool>(
 /// float32), encoded, and the parents' moments measured from the stored bytes when there is a
 /// base. Inlined into its multiversioned callers, so its loops get their vector width.
 #[inline(always)]
-fn finish_block(job: &MergeJob, tensor: &Resolved, first: usize, merged: &mut [f64]) -> (Vec<u8>, Option<Moments>) {
+fn finish_block(
+    job: &MergeJob,
+    tensor: &Resolved,
+    first: usize,
+    merged: &mut [f64],
+) -> (Vec<u8>, Option<Moments>) {
     let len = merged.len();
     match job.compute.half().filter(|_| !matches!(job.method, Method::RamplusTl | Method::ArceeFusion)) {
         Some(Half::Bf16) => merged.iter_mut().for_each(|v| *v = f64::from(Bf16Rounding::round(*v as f32))),
